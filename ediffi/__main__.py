@@ -1,0 +1,5 @@
+import sys
+
+from ediffi.cli import main
+
+sys.exit(main())

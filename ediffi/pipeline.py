@@ -1,0 +1,300 @@
+"""One request end to end: encode -> sample every cascade stage -> images.
+
+The request's work is a state machine (`RequestRun`) that asks for one
+denoiser evaluation at a time: `pending()` returns the stage, the expert and
+the rows (conditional and unconditional rows of classifier-free guidance
+together); `advance()` takes the denoised rows. The reference pipeline
+(`generate`) runs one such machine alone; the serving engine interleaves
+many, batching their evaluations per expert. Both share this code, so the
+engine's image equals the reference pipeline's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ediffi.encoders import ENCODER_NAMES
+from ediffi.model import EDiffIModel
+from ediffi.paint import Region, build_pww_inputs
+from ediffi.samplers import SAMPLERS, Sampler, classifier_free_guidance, karras_sigmas, make_sampler
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 32
+    guidance_scale: float = 3.0
+    seed: int = 0
+    sampler: str = "heun"
+    n: int = 1
+    style_image: Image.Image | None = None
+    color_map: Image.Image | None = None
+    regions: list[Region] = field(default_factory=list)
+    # Which conditioning embeddings are used (any subset works, as trained
+    # with embedding dropout).
+    encoders: frozenset[str] = frozenset(ENCODER_NAMES)
+
+    def validate(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler: unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.steps < 1:
+            raise ValueError("steps: must be >= 1")
+        if self.n < 1:
+            raise ValueError("n: must be >= 1")
+        if bool(self.regions) != (self.color_map is not None):
+            raise ValueError("paint_with_words: a colour map and at least one region go together")
+        unknown = set(self.encoders) - set(ENCODER_NAMES)
+        if unknown:
+            raise ValueError(f"encoders: unknown {sorted(unknown)}; choose from {ENCODER_NAMES}")
+
+    @property
+    def image_seeds(self) -> list[int]:
+        return [self.seed + k for k in range(self.n)]
+
+
+@dataclass
+class DenoiserInputs:
+    """Rows of one denoiser call (DESIGN §3). SR stages fill low_res*."""
+
+    x: torch.Tensor
+    sigma: torch.Tensor
+    context: torch.Tensor
+    context_mask: torch.Tensor
+    pooled: torch.Tensor
+    pww_mask: torch.Tensor
+    pww_strength: torch.Tensor
+    low_res: torch.Tensor | None = None
+    low_res_sigma: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def as_kwargs(self) -> dict[str, torch.Tensor]:
+        kwargs = {k: getattr(self, k) for k in ("x", "sigma", "context", "context_mask", "pooled", "pww_mask", "pww_strength")}
+        if self.low_res is not None:
+            kwargs["low_res"], kwargs["low_res_sigma"] = self.low_res, self.low_res_sigma
+        return kwargs
+
+    @staticmethod
+    def cat(parts: list[DenoiserInputs]) -> DenoiserInputs:
+        def join(name):
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return DenoiserInputs(**{name: join(name) for name in DenoiserInputs.__dataclass_fields__})
+
+
+@dataclass
+class Conditioning:
+    """Per-request conditioning rows: `cond` for the prompt (n rows), and
+    `uncond` for the negative/empty prompt when guidance needs it."""
+
+    context: torch.Tensor  # [R, L, D] R = n (cond) [+ n (uncond)]
+    context_mask: torch.Tensor
+    pooled: torch.Tensor
+    pww_masks: dict[str, torch.Tensor]  # per stage: [R, L, H, W]
+    pww_strength: torch.Tensor  # [R]
+    guidance_scale: torch.Tensor  # [n]
+    guided: bool
+
+
+def encode_request(model: EDiffIModel, request: GenerationRequest, text_cache: Callable | None = None) -> Conditioning:
+    """Text, style and paint-with-words conditioning for one request.
+
+    Unconditional rows (classifier-free guidance) use the negative prompt if
+    one is given, else all-null embeddings; they never get a style embedding
+    or paint-with-words (A = 0 for unconditional rows, DESIGN §1).
+    """
+    request.validate()
+    enc = model.encoders
+    encode_text = text_cache or enc.encode_text
+    use_t5, use_clip = "t5" in request.encoders, "clip_text" in request.encoders
+    text = encode_text([request.prompt], use_t5, use_clip)
+    pooled_image = torch.zeros(1, enc.pooled_image_dim, device=enc.device)
+    if request.style_image is not None and "clip_image" in request.encoders:
+        pooled_image = enc.encode_image([request.style_image])
+    cond_pooled = torch.cat([text.pooled_text, pooled_image], dim=1)
+
+    n = request.n
+    guided = request.guidance_scale != 1.0
+    contexts, masks, pooled = [text.context], [text.context_mask], [cond_pooled]
+    if guided:
+        if request.negative_prompt:
+            neg = encode_text([request.negative_prompt], use_t5, use_clip)
+            contexts.append(neg.context)
+            masks.append(neg.context_mask)
+            pooled.append(torch.cat([neg.pooled_text, torch.zeros_like(pooled_image)], dim=1))
+        else:
+            contexts.append(torch.zeros_like(text.context))
+            masks.append(torch.zeros_like(text.context_mask))
+            pooled.append(torch.zeros_like(cond_pooled))
+    rows = lambda parts: torch.cat([p.expand(n, *p.shape[1:]) for p in parts])  # noqa: E731
+
+    pww_masks: dict[str, torch.Tensor] = {}
+    strength = 0.0
+    length = enc.context_length
+    for stage in model.config.stages:
+        size = stage.image_size
+        if request.regions:
+            mask, strength = build_pww_inputs(
+                request.prompt, request.regions, request.color_map,
+                text.t5_offsets[0], text.clip_offsets[0], size, size,
+            )
+            if not use_t5:
+                mask[: enc.t5_length] = 0
+            if not use_clip:
+                mask[enc.t5_length :] = 0
+            mask = mask.to(enc.device)[None]
+        else:
+            mask = torch.zeros(1, length, size, size, device=enc.device)
+        parts = [mask] + ([torch.zeros_like(mask)] if guided else [])
+        pww_masks[stage.name] = rows(parts)
+    strengths = [torch.full((n,), strength)] + ([torch.zeros(n)] if guided else [])
+    return Conditioning(
+        context=rows(contexts), context_mask=rows(masks), pooled=rows(pooled), pww_masks=pww_masks,
+        pww_strength=torch.cat(strengths).to(enc.device),
+        guidance_scale=torch.full((n,), float(request.guidance_scale), device=enc.device), guided=guided,
+    )
+
+
+@dataclass(frozen=True)
+class PendingEvaluation:
+    stage: str
+    expert: str
+    inputs: DenoiserInputs
+
+
+class RequestRun:
+    """The sampling state machine of one request across all cascade stages.
+
+    Randomness is per image: image k uses its own `torch.Generator` seeded
+    with seed + k, drawn on the CPU, so an image never depends on the other
+    rows of its batch or on the device.
+    """
+
+    def __init__(self, model: EDiffIModel, request: GenerationRequest, conditioning: Conditioning):
+        self.model = model
+        self.request = request
+        self.cond = conditioning
+        self.generators = [torch.Generator().manual_seed(s) for s in request.image_seeds]
+        self.stage_index = 0
+        self.evaluations_done = 0
+        self.evaluations_total = sum(
+            make_sampler(request.sampler, torch.zeros(1), self._sigmas(stage)).total_evaluations
+            for stage in model.config.stages
+        )
+        self._low_res: torch.Tensor | None = None
+        self._low_res_sigma: torch.Tensor | None = None
+        self._images: torch.Tensor | None = None
+        self.sampler: Sampler = self._start_stage()
+
+    def _sigmas(self, stage) -> torch.Tensor:
+        return karras_sigmas(self.request.steps, stage.sigma_min, stage.sigma_max, stage.rho)
+
+    def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.cat([torch.randn((1, *shape), generator=g) for g in self.generators])
+
+    @property
+    def stage(self):
+        return self.model.config.stages[self.stage_index]
+
+    def _start_stage(self) -> Sampler:
+        stage = self.stage
+        device, dtype = self.model.device, self.model.dtype
+        sigmas = self._sigmas(stage)
+        x = self._noise((stage.channels, stage.image_size, stage.image_size)) * sigmas[0]
+        if stage.is_super_resolution:
+            # Cascaded diffusion: condition on the upsampled previous image,
+            # noise-augmented at a level the network is told about.
+            up = F.interpolate(self._images, size=(stage.image_size,) * 2, mode="bilinear", align_corners=False)
+            aug = stage.low_res_aug_sigma
+            noise = self._noise(tuple(up.shape[1:])).to(up)
+            self._low_res = (up + aug * noise).to(device, dtype)
+            self._low_res_sigma = torch.full((up.shape[0],), aug, device=device, dtype=dtype)
+        return make_sampler(self.request.sampler, x.to(device, dtype), sigmas)
+
+    @property
+    def done(self) -> bool:
+        return self.stage_index >= len(self.model.config.stages)
+
+    def pending(self) -> PendingEvaluation | None:
+        if self.done:
+            return None
+        evaluation = self.sampler.pending()
+        stage = self.stage
+        ensemble = self.model.stages[stage.name]
+        cond = self.cond
+        reps = 2 if cond.guided else 1
+        x = evaluation.x.repeat(reps, 1, 1, 1)
+        rows = x.shape[0]
+        dtype = x.dtype
+        inputs = DenoiserInputs(
+            x=x,
+            sigma=torch.full((rows,), evaluation.sigma, device=x.device, dtype=dtype),
+            context=cond.context.to(dtype),
+            context_mask=cond.context_mask,
+            pooled=cond.pooled.to(dtype),
+            pww_mask=cond.pww_masks[stage.name].to(dtype),
+            pww_strength=cond.pww_strength.to(dtype),
+            low_res=None if self._low_res is None else self._low_res.repeat(reps, 1, 1, 1),
+            low_res_sigma=None if self._low_res_sigma is None else self._low_res_sigma.repeat(reps),
+        )
+        return PendingEvaluation(stage.name, ensemble.route(evaluation.sigma), inputs)
+
+    def advance(self, denoised: torch.Tensor) -> None:
+        n = self.request.n
+        if self.cond.guided:
+            denoised = classifier_free_guidance(denoised[:n], denoised[n:], self.cond.guidance_scale.to(denoised))
+        self.sampler.advance(denoised)
+        self.evaluations_done += 1
+        if self.sampler.done:
+            self._images = self.sampler.x.float().cpu()
+            self.stage_index += 1
+            if not self.done:
+                self.sampler = self._start_stage()
+
+    def images(self) -> list[Image.Image]:
+        if not self.done:
+            raise RuntimeError("the request has not finished sampling")
+        return tensor_to_images(self._images)
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] float [B,3,H,W] -> 8-bit RGB images."""
+    array = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB image -> [-1, 1] float [3,H,W]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+
+
+def evaluate(model: EDiffIModel, pending: PendingEvaluation) -> torch.Tensor:
+    expert = model.stages[pending.stage].experts[pending.expert]
+    return expert(**pending.inputs.as_kwargs())
+
+
+@torch.no_grad()
+def generate(
+    model: EDiffIModel,
+    request: GenerationRequest,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Image.Image]:
+    """The reference pipeline: one request, alone, start to finish."""
+    run = RequestRun(model, request, encode_request(model, request))
+    while (pending := run.pending()) is not None:
+        run.advance(evaluate(model, pending))
+        if progress is not None:
+            progress(run.evaluations_done, run.evaluations_total)
+    return run.images()
+
+
