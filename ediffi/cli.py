@@ -74,6 +74,35 @@ def cmd_generate(args, settings) -> int:
     return 0
 
 
+def cmd_train(args, settings) -> int:
+    import dataclasses
+    import json
+
+    from ediffi.train import TrainConfig, export_model_dir, run_training
+
+    cfg = TrainConfig()
+    if args.config:
+        overrides = json.loads(Path(args.config).read_text())
+        cfg = dataclasses.replace(cfg, **overrides)
+    run_dir = Path(args.run_dir)
+    if args.export:
+        note = {
+            "command": "ediffi train --run-dir " + str(run_dir) + (f" --config {args.config}" if args.config else ""),
+            "train_config": dataclasses.asdict(cfg),
+        }
+        log = run_dir / "train.log.jsonl"
+        if log.is_file():
+            records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            note["phases"] = {r["phase"]: {"steps": r["step"], "final_loss": r["loss"]} for r in records}
+            note["wall_s_by_phase"] = {r["phase"]: r["elapsed_s"] for r in records}
+        path = export_model_dir(cfg, run_dir, Path(args.export), experts=not args.baseline, ckpt=__import__(
+            "ediffi.train", fromlist=["Checkpoints"]).Checkpoints(run_dir), note=note)
+        print(path)
+        return 0
+    run_training(cfg, run_dir, args.chains, log=lambda m: print(m, flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ediffi", description="eDiff-I text-to-image: generate, serve, export, train, bench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu, cuda, cuda:N (default: EDIFFI_DEVICE)")
     gen.add_argument("--out", default="out.png")
     gen.set_defaults(func=cmd_generate)
+
+    train = sub.add_parser("train", help="train the shapes-world eDiff-I (resumable)")
+    train.add_argument("--run-dir", default="runs/shapes", help="checkpoints and logs (resumes from here)")
+    train.add_argument("--config", help="JSON file of TrainConfig overrides")
+    train.add_argument("--chains", nargs="*", default=["base", "sr", "baseline"], choices=["base", "sr", "baseline"],
+                       help="phase chains to run after the encoders (none: encoders only)")
+    train.add_argument("--export", metavar="MODEL_DIR", help="write a model directory from finished phases and exit")
+    train.add_argument("--baseline", action="store_true", help="with --export: the single-model baseline")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -45,6 +45,10 @@ T5_SPECIALS = ["<pad>", "</s>", "<unk>"]
 CLIP_SPECIALS = ["<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"]
 
 
+# Neither T5 nor CLIP takes token_type_ids.
+_INPUT_NAMES = ["input_ids", "attention_mask"]
+
+
 def build_word_tokenizer(words: list[str], kind: str) -> PreTrainedTokenizerFast:
     """A word-level tokenizer (lower-cased, split on whitespace/punctuation)
     with T5- or CLIP-style special tokens, built with `tokenizers`."""
@@ -60,13 +64,16 @@ def build_word_tokenizer(words: list[str], kind: str) -> PreTrainedTokenizerFast
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
     if kind == "t5":
         tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token=unk)
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token=unk, model_input_names=_INPUT_NAMES
+        )
     tok.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>",
         special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])],
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token=unk
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token=unk,
+        model_input_names=_INPUT_NAMES,
     )
 
 

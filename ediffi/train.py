@@ -1,0 +1,425 @@
+"""Training a small eDiff-I on the shapes world (`ediffi train`).
+
+Phases, each resumable from its own periodic checkpoint under the run folder:
+
+1. `encoders`: word-level tokenizers; a small T5 encoder and a small CLIP
+   (text and vision towers) trained contrastively on (caption, image) pairs.
+   The contrastive captions also name the background style, as a real CLIP's
+   web captions describe style, so the image embedding carries it. The
+   diffusion captions never name the style: only the image embedding can.
+2. `base_root`: one base-stage denoiser on all noise levels.
+3. Expert splitting as in eDiff-I §3.2 (a binary tree, each child initialised
+   from its parent, fine-tuned on its own interval): `base_high` and
+   `base_lowmid` from the root; `base_mid` and `base_low` from `base_lowmid`.
+4. `sr_root`, then `sr_high` and `sr_low`: the 32 -> 64 px SR stage.
+5. `baseline`: the root continued on all noise levels for as many updates as
+   the splits took, so the single model gets the same number of updates.
+
+Denoisers use the EDM loss (Karras et al. 2022, eq. 2 with Table 1's
+lambda(sigma) and ln(sigma) ~ N(P_mean, P_std^2), truncated to the expert's
+interval), embedding dropout per encoder, and an EMA of the weights.
+The style embedding of a training image comes from *another* image of the
+same style, so the model learns style, not content, from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ediffi.config import EncodersConfig, ModelConfig, StageConfig, TextEncoderConfig, UNetConfig, VisionEncoderConfig
+from ediffi.edm import P_MEAN, P_STD, EDMDenoiser, edm_loss_weight
+from ediffi.encoders import Encoders, TinyEncoderSpec, build_tiny_encoders
+from ediffi.model import experts_for, save_expert
+from ediffi.world import COLORS, POSITIONS, SHAPES, STYLES, render, sample_scene
+
+STYLE_WORDS = {"plain": "plain style", "night": "night style", "stripes": "striped style", "gradient": "gradient style"}
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    threads: int = 2
+    batch: int = 24
+    encoder_steps: int = 800
+    encoder_batch: int = 128
+    base_root_steps: int = 2400
+    base_split1_steps: int = 600
+    base_split2_steps: int = 400
+    sr_root_steps: int = 1200
+    sr_split_steps: int = 300
+    lr: float = 5e-4
+    finetune_lr: float = 2e-4
+    ema_decay: float = 0.999
+    checkpoint_every: int = 200
+    # Embedding dropout (per sample, per encoder) and the all-null rate that
+    # trains the unconditional model for classifier-free guidance.
+    drop_t5: float = 0.15
+    drop_clip_text: float = 0.15
+    drop_image: float = 0.2
+    drop_all: float = 0.1
+    base_boundaries: tuple[float, float] = (2.5, 0.4)  # high|mid, mid|low
+    sr_boundary: float = 1.0
+    sr_train_aug_max: float = 0.2
+    sr_infer_aug: float = 0.05
+    text_length: int = 24
+    encoder: TinyEncoderSpec = field(
+        default_factory=lambda: TinyEncoderSpec(width=64, layers=2, heads=4, projection_dim=64, image_size=32, patch_size=8)
+    )
+    base_net: dict = field(
+        default_factory=lambda: dict(
+            model_channels=48, channel_mult=[1, 2, 2], num_res_blocks=1, attention_resolutions=[16, 8],
+            num_heads=4, embedding_dim=192, groups=8,
+        )
+    )
+    sr_net: dict = field(
+        default_factory=lambda: dict(
+            model_channels=24, channel_mult=[1, 2, 2], num_res_blocks=1, attention_resolutions=[16],
+            num_heads=4, embedding_dim=128, groups=8, low_res_channels=3,
+        )
+    )
+
+
+def world_vocabulary() -> list[str]:
+    """Every word the shapes world's captions (and CLIP's style phrases) use."""
+    rng = np.random.default_rng(1234)
+    words: set[str] = set()
+    for _ in range(4000):
+        words.update(re.findall(r"\w+|[^\w\s]", sample_scene(rng, exclude_heldout=False).caption.lower()))
+    for phrase in [*COLORS, *SHAPES, *POSITIONS, *STYLE_WORDS.values(), "middle", "center", "an", "and"]:
+        words.update(phrase.split())
+    return sorted(words)
+
+
+def encoders_config(cfg: TrainConfig) -> EncodersConfig:
+    return EncodersConfig(
+        t5=TextEncoderConfig(path="encoders/t5", max_length=cfg.text_length),
+        clip_text=TextEncoderConfig(path="encoders/clip_text", max_length=cfg.text_length),
+        clip_vision=VisionEncoderConfig(path="encoders/clip_vision"),
+    )
+
+
+# ---------------------------------------------------------------- data
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B,H,W,3] -> float [-1,1] [B,3,H,W]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def batch_of_scenes(rng: np.random.Generator, n: int):
+    """Scenes, their 64 px renders, and a same-style reference render each."""
+    scenes = [sample_scene(rng) for _ in range(n)]
+    images = np.stack([render(s, jitter_rng=rng) for s in scenes])
+    references = []
+    for s in scenes:
+        while True:
+            other = sample_scene(rng)
+            if other.style == s.style:
+                break
+        references.append(render(other, jitter_rng=rng))
+    return scenes, images, np.stack(references)
+
+
+def phase_rng(seed: int, phase: str, step: int) -> np.random.Generator:
+    """A generator per (phase, step): resuming replays exactly the same data."""
+    return np.random.default_rng([seed, sum(map(ord, phase)) * 7919 + len(phase), step])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+class Checkpoints:
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir / "checkpoints"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = run_dir / "train.log.jsonl"
+
+    def path(self, phase: str) -> Path:
+        return self.dir / f"{phase}.pt"
+
+    def done(self, phase: str) -> bool:
+        p = self.path(phase)
+        return p.is_file() and torch.load(p, map_location="cpu", weights_only=False).get("finished", False)
+
+    def load(self, phase: str) -> dict | None:
+        p = self.path(phase)
+        return torch.load(p, map_location="cpu", weights_only=False) if p.is_file() else None
+
+    def save(self, phase: str, state: dict) -> None:
+        tmp = self.path(phase).with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path(phase))  # atomic: a kill mid-save leaves the old checkpoint
+
+    def log(self, record: dict) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------- encoders
+
+
+def train_encoders(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoints) -> Path:
+    """Contrastive training of the T5 and CLIP towers (CLIP's InfoNCE loss);
+    T5 learns through a mean-pooled projection head discarded afterwards."""
+    enc_dir = run_dir / "encoders_model"
+    enc_cfg = encoders_config(cfg)
+    if ckpt.done("encoders"):
+        return enc_dir
+    if not (enc_dir / enc_cfg.t5.path).is_dir():
+        build_tiny_encoders(enc_dir, world_vocabulary(), enc_cfg, cfg.encoder, seed=cfg.seed)
+    enc = Encoders(enc_dir, enc_cfg)
+    enc.train()
+    t5_head = torch.nn.Linear(enc.t5_dim, cfg.encoder.projection_dim)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = [*enc.t5.parameters(), *enc.clip_text.parameters(), *enc.clip_vision.parameters(), *t5_head.parameters(), logit_scale]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    start = 0
+    state = ckpt.load("encoders")
+    if state:
+        enc.load_state_dict(state["encoders"])
+        t5_head.load_state_dict(state["t5_head"])
+        logit_scale.data.copy_(state["logit_scale"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    t0 = time.time()
+    for step in range(start, cfg.encoder_steps):
+        rng = phase_rng(cfg.seed, "encoders", step)
+        scenes = [sample_scene(rng) for _ in range(cfg.encoder_batch)]
+        images = [Image.fromarray(render(s, jitter_rng=rng)) for s in scenes]
+        texts = [f"{s.caption}, {STYLE_WORDS[s.style]}" for s in scenes]
+        pixels = enc.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        image_emb = F.normalize(enc.clip_vision(pixel_values=pixels).image_embeds, dim=-1)
+        clip_ids = enc.clip_tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.text_length, return_tensors="pt")
+        text_emb = F.normalize(enc.clip_text(**clip_ids).text_embeds, dim=-1)
+        t5_ids = enc.t5_tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.text_length, return_tensors="pt")
+        hidden = enc.t5(**t5_ids).last_hidden_state
+        pooled = (hidden * t5_ids["attention_mask"][..., None]).sum(1) / t5_ids["attention_mask"].sum(1, keepdim=True)
+        t5_emb = F.normalize(t5_head(pooled), dim=-1)
+        scale = logit_scale.exp().clamp(max=100)
+        # Captions repeat within a batch: targets are all images whose text matches.
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+        targets = same / same.sum(1, keepdim=True)
+        loss = 0.0
+        for emb in (text_emb, t5_emb):
+            logits = scale * emb @ image_emb.T
+            loss = loss + 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0 or step + 1 == cfg.encoder_steps:
+            ckpt.log({"phase": "encoders", "step": step + 1, "loss": float(loss), "elapsed_s": time.time() - t0})
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.encoder_steps:
+            finished = step + 1 == cfg.encoder_steps
+            ckpt.save("encoders", dict(encoders=enc.state_dict(), t5_head=t5_head.state_dict(),
+                                       logit_scale=logit_scale.data, opt=opt.state_dict(), step=step + 1, finished=finished))
+    enc.eval()
+    enc.t5.save_pretrained(enc_dir / enc_cfg.t5.path, safe_serialization=True)
+    enc.clip_text.save_pretrained(enc_dir / enc_cfg.clip_text.path, safe_serialization=True)
+    enc.clip_vision.save_pretrained(enc_dir / enc_cfg.clip_vision.path, safe_serialization=True)
+    return enc_dir
+
+
+# ---------------------------------------------------------------- denoisers
+
+
+def sample_sigma(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
+    """ln(sigma) ~ N(P_mean, P_std^2) truncated to [lo, hi) by inverse CDF."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    a = normal.cdf(torch.tensor((math.log(lo) - P_MEAN) / P_STD)) if lo > 0 else torch.tensor(0.0)
+    b = normal.cdf(torch.tensor((math.log(hi) - P_MEAN) / P_STD)) if math.isfinite(hi) else torch.tensor(1.0)
+    u = a + (b - a) * torch.rand(n, generator=generator)
+    z = normal.icdf(u.clamp(1e-6, 1 - 1e-6))
+    return (P_MEAN + P_STD * z).exp()
+
+
+@dataclass
+class PhaseSpec:
+    name: str
+    stage: str  # "base" | "sr"
+    steps: int
+    sigma_lo: float
+    sigma_hi: float
+    parent: str | None
+    lr: float
+
+
+def conditioning_batch(enc: Encoders, cfg: TrainConfig, scenes, references: np.ndarray, generator: torch.Generator):
+    """Context, mask and pooled vectors with per-sample embedding dropout."""
+    b = len(scenes)
+    keep = lambda p: torch.rand(b, generator=generator) >= p  # noqa: E731
+    keep_all = keep(cfg.drop_all)
+    keep_t5, keep_clip, keep_image = keep(cfg.drop_t5) & keep_all, keep(cfg.drop_clip_text) & keep_all, keep(cfg.drop_image) & keep_all
+    with torch.no_grad():
+        text = enc.encode_text([s.caption for s in scenes])
+        image = enc.encode_image([Image.fromarray(r) for r in references])
+    context, mask = text.context.clone(), text.context_mask.clone()
+    t5_rows, t5_cols = slice(0, enc.t5_length), slice(0, enc.t5_dim)
+    clip_rows = slice(enc.t5_length, enc.context_length)
+    context[~keep_t5, t5_rows, t5_cols] = 0
+    mask[~keep_t5, t5_rows] = False
+    context[~keep_clip, clip_rows] = 0
+    mask[~keep_clip, clip_rows] = False
+    pooled_text = text.pooled_text * keep_clip[:, None]
+    pooled_image = image * keep_image[:, None]
+    return context, mask, torch.cat([pooled_text, pooled_image], dim=1)
+
+
+def network_config(cfg: TrainConfig, stage: str, enc: Encoders) -> UNetConfig:
+    net = cfg.base_net if stage == "base" else cfg.sr_net
+    return UNetConfig(**net, context_dim=enc.context_dim, pooled_dim=enc.pooled_dim)
+
+
+def train_denoiser(cfg: TrainConfig, phase: PhaseSpec, enc: Encoders, ckpt: Checkpoints) -> None:
+    if ckpt.done(phase.name):
+        return
+    image_size = 32 if phase.stage == "base" else 64
+    net = EDMDenoiser(network_config(cfg, phase.stage, enc), image_size)
+    state = ckpt.load(phase.name)
+    start = 0
+    if state is None and phase.parent is not None:
+        parent = ckpt.load(phase.parent)
+        if parent is None or not parent.get("finished"):
+            raise RuntimeError(f"phase {phase.name} needs its parent {phase.parent} finished first")
+        # A child starts from its parent's (EMA) weights (eDiff-I §3.2).
+        net.load_state_dict(parent["ema"])
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=phase.lr, weight_decay=0.0)
+    if state is not None:
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    generator = torch.Generator()
+    t0, losses = time.time(), []
+    for step in range(start, phase.steps):
+        rng = phase_rng(cfg.seed, phase.name, step)
+        generator.manual_seed(int(rng.integers(2**62)))
+        scenes, images, references = batch_of_scenes(rng, cfg.batch)
+        x64 = to_tensor(images)
+        x_low = F.avg_pool2d(x64, 2)  # the 32 px area-downsampled image
+        context, mask, pooled = conditioning_batch(enc, cfg, scenes, references, generator)
+        target = x_low if phase.stage == "base" else x64
+        b = target.shape[0]
+        sigma = sample_sigma(b, phase.sigma_lo, phase.sigma_hi, generator)
+        noisy = target + sigma[:, None, None, None] * torch.randn(target.shape, generator=generator)
+        extra = {}
+        if phase.stage == "sr":
+            up = F.interpolate(x_low, size=(64, 64), mode="bilinear", align_corners=False)
+            aug = torch.rand(b, generator=generator) * cfg.sr_train_aug_max
+            extra = dict(low_res=up + aug[:, None, None, None] * torch.randn(up.shape, generator=generator), low_res_sigma=aug)
+        l_ctx = context.shape[1]
+        pww = torch.zeros(b, l_ctx, image_size, image_size)
+        denoised = net(noisy, sigma, context, mask, pooled, pww, torch.zeros(b), **extra)
+        # EDM eq. 2 with lambda(sigma) from Table 1.
+        loss = (edm_loss_weight(sigma, net.sigma_data)[:, None, None, None] * (denoised - target) ** 2).mean()
+        warmup = min(1.0, (step + 1) / 100)
+        for group in opt.param_groups:
+            group["lr"] = phase.lr * warmup
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        losses.append(float(loss))
+        if (step + 1) % 25 == 0 or step + 1 == phase.steps:
+            ckpt.log({"phase": phase.name, "step": step + 1, "loss": float(np.mean(losses)), "elapsed_s": round(time.time() - t0, 1)})
+            losses = []
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == phase.steps:
+            ckpt.save(phase.name, dict(net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                       step=step + 1, finished=step + 1 == phase.steps, wall_s=time.time() - t0 + (state or {}).get("wall_s", 0)))
+
+
+def phases(cfg: TrainConfig) -> dict[str, list[PhaseSpec]]:
+    """The expert-splitting tree per chain; `baseline` gets the same number
+    of updates as the root plus both splits."""
+    b_hi, b_lo = cfg.base_boundaries
+    inf = math.inf
+    split_updates = 2 * cfg.base_split1_steps + 2 * cfg.base_split2_steps
+    return {
+        "base": [
+            PhaseSpec("base_root", "base", cfg.base_root_steps, 0.0, inf, None, cfg.lr),
+            PhaseSpec("base_high", "base", cfg.base_split1_steps, b_hi, inf, "base_root", cfg.finetune_lr),
+            PhaseSpec("base_lowmid", "base", cfg.base_split1_steps, 0.0, b_hi, "base_root", cfg.finetune_lr),
+            PhaseSpec("base_mid", "base", cfg.base_split2_steps, b_lo, b_hi, "base_lowmid", cfg.finetune_lr),
+            PhaseSpec("base_low", "base", cfg.base_split2_steps, 0.0, b_lo, "base_lowmid", cfg.finetune_lr),
+        ],
+        "sr": [
+            PhaseSpec("sr_root", "sr", cfg.sr_root_steps, 0.0, inf, None, cfg.lr),
+            PhaseSpec("sr_high", "sr", cfg.sr_split_steps, cfg.sr_boundary, inf, "sr_root", cfg.finetune_lr),
+            PhaseSpec("sr_low", "sr", cfg.sr_split_steps, 0.0, cfg.sr_boundary, "sr_root", cfg.finetune_lr),
+        ],
+        # Continues the root for the splits' updates: equal total updates.
+        "baseline": [PhaseSpec("baseline", "base", split_updates, 0.0, inf, "base_root", cfg.finetune_lr)],
+    }
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_model_dir(cfg: TrainConfig, run_dir: Path, out_dir: Path, experts: bool, ckpt: Checkpoints, note: dict) -> Path:
+    """Write a model directory (fp16 expert weights) from finished phases."""
+    enc_dir = run_dir / "encoders_model"
+    enc_cfg = encoders_config(cfg)
+    enc = Encoders(enc_dir, enc_cfg)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(enc_dir / "encoders", out_dir / "encoders")
+    b_hi, b_lo = cfg.base_boundaries
+    base_net, sr_net = network_config(cfg, "base", enc), network_config(cfg, "sr", enc)
+    if experts:
+        base_experts = experts_for((b_hi, b_lo), 3, "base", base_net, "stages/base")
+        base_phases = ["base_high", "base_mid", "base_low"]
+    else:
+        base_experts = experts_for((), 1, "base", base_net, "stages/base")
+        base_phases = ["baseline"]
+    sr_experts = experts_for((cfg.sr_boundary,), 2, "sr", sr_net, "stages/sr")
+    stages = [
+        StageConfig(name="base", image_size=32, experts=base_experts),
+        StageConfig(name="sr", image_size=64, low_res_aug_sigma=cfg.sr_infer_aug, experts=sr_experts),
+    ]
+    for stage, phase_names in ((stages[0], base_phases), (stages[1], ["sr_high", "sr_low"])):
+        for expert, phase in zip(stage.experts, phase_names):
+            state = ckpt.load(phase)
+            if state is None or not state.get("finished"):
+                raise RuntimeError(f"phase {phase} has not finished; cannot export {out_dir}")
+            net = EDMDenoiser(expert.network, stage.image_size)
+            net.load_state_dict(state["ema"])
+            save_expert(net, out_dir / expert.weights, dtype=torch.float16)
+    config = ModelConfig(
+        name="shapes-ediffi" if experts else "shapes-single-model-baseline",
+        encoders=enc_cfg, stages=stages, training=note,
+    )
+    config.save(out_dir)
+    return out_dir
+
+
+def run_training(cfg: TrainConfig, run_dir: Path, chains: list[str], log=print) -> None:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=list))
+    ckpt = Checkpoints(run_dir)
+    log(f"encoders: training ({cfg.encoder_steps} steps)")
+    enc_dir = train_encoders(cfg, run_dir, ckpt)
+    enc = Encoders(enc_dir, encoders_config(cfg))
+    enc.requires_grad_(False)
+    tree = phases(cfg)
+    for chain in chains:
+        for phase in tree[chain]:
+            log(f"{phase.name}: {phase.steps} steps on sigma in [{phase.sigma_lo}, {phase.sigma_hi})")
+            train_denoiser(cfg, phase, enc, ckpt)

@@ -1,0 +1,65 @@
+"""Job queue: the interface, its two implementations, and the factory that picks one."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from server.queue.base import (
+    TERMINAL_STATUSES,
+    ClaimedJob,
+    EventType,
+    JobEvent,
+    JobProgress,
+    JobQueue,
+    JobRecord,
+    JobStatus,
+    QueueCounters,
+    QueueError,
+    QueueFull,
+    QueueUnavailable,
+    max_deliveries_reason,
+)
+from server.queue.memory import InProcessQueue
+from server.queue.redis_streams import RedisStreamsQueue
+
+if TYPE_CHECKING:
+    from server.settings import Settings
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "ClaimedJob",
+    "EventType",
+    "InProcessQueue",
+    "JobEvent",
+    "JobProgress",
+    "JobQueue",
+    "JobRecord",
+    "JobStatus",
+    "QueueCounters",
+    "QueueError",
+    "QueueFull",
+    "QueueUnavailable",
+    "RedisStreamsQueue",
+    "make_queue",
+    "max_deliveries_reason",
+]
+
+
+def make_queue(settings: "Settings", *, key_prefix: str | None = None) -> JobQueue:
+    """The queue the settings ask for: Redis Streams if ``redis_url`` is set, else in process.
+
+    Call it inside the event loop that will use the queue (once per process);
+    ``key_prefix`` overrides the default Redis key prefix (tests, shared Redis).
+    """
+    limits = dict(
+        max_queue=settings.max_queue,
+        claim_timeout_s=settings.claim_timeout_s,
+        max_deliveries=settings.max_deliveries,
+        result_ttl_s=settings.result_ttl_s,
+        heartbeat_ttl_s=settings.heartbeat_ttl_s,
+    )
+    if settings.redis_url:
+        if key_prefix is not None:
+            limits["prefix"] = key_prefix
+        return RedisStreamsQueue.from_url(settings.redis_url, **limits)
+    return InProcessQueue(**limits)

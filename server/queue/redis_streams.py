@@ -1,0 +1,732 @@
+"""The production job queue: Redis Streams with one consumer group of workers.
+
+Layout (key names in :mod:`server.keys`):
+
+* ``jobs`` stream: one entry per job carrying only ``job_id``; params live in
+  the job hash as JSON and large inputs in their own keys, never inline.
+  Workers read it through the consumer group (``XREADGROUP``), acknowledge
+  after the outcome is stored (``XACK``) and take over entries idle on a
+  silent worker (``XAUTOCLAIM``).
+* An acknowledged entry is also deleted (``XDEL``), so the stream holds exactly
+  the unfinished jobs and **queue depth is ``XLEN``**: not yet delivered plus
+  pending on a worker. (``XINFO GROUPS`` lag+pending was the alternative; it
+  needs the group to exist and its lag becomes unknown after deletions.)
+* ``job:{id}`` hash: status, params, progress, timestamps, worker, deliveries.
+  Every status change is one Lua script that checks the current status and
+  writes the hash, the event and the result keys together, so concurrent
+  transitions (a cancel racing a completion, a duplicate completion after a
+  redelivery) cannot interleave: the first terminal transition wins.
+* Delivery counting uses the hash's ``deliveries`` field, incremented once per
+  delivery by the same script that decides whether the delivery may run; it
+  is visible in the job record, and a release does not count.
+* Graceful release moves the entry (``XCLAIM ... IDLE <30 days> JUSTID``) to
+  the well-known consumer ``released``: it keeps its place in the stream and
+  is taken over by the very next ``claim`` of any worker, because it looks
+  idle for longer than ``claim_timeout_s``. A ``released`` flag in the hash
+  keeps that take-over from counting as a delivery or a reclaim.
+
+Redis restarts: the client reconnects by itself (one immediate retry per
+command covers a pooled connection that died); connection errors surface as
+:class:`QueueUnavailable`; a missing consumer group (``NOGROUP`` after an
+empty restart) is recreated on first use; scripts are reloaded by redis-py.
+Requires Redis >= 7 (``XAUTOCLAIM`` reporting deleted entries).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server.keys import DEFAULT_PREFIX, RedisKeys
+from server.queue.base import (
+    ClaimedJob,
+    EventType,
+    JobEvent,
+    JobProgress,
+    JobQueue,
+    JobRecord,
+    JobStatus,
+    QueueCounters,
+    QueueFull,
+    QueueUnavailable,
+    max_deliveries_reason,
+)
+
+T = TypeVar("T")
+
+# An event stream id as Redis writes it ("1700000000000-0") or a bare millisecond part.
+_STREAM_ID = re.compile(r"^\d+(-\d+)?$")
+# Idle time given to a released entry: far above any claim timeout, far below
+# "now" in epoch milliseconds (Redis clamps a delivery time in the future to now).
+_RELEASED_IDLE_MS = 30 * 24 * 3600 * 1000
+_UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+# Enqueue a job atomically: idempotency check, depth check, inputs, hash, stream entry, first event.
+# Checking and then setting the idempotency key inside one script is the SET NX
+# of the design with the depth check and the enqueue folded in, so a rejected
+# submission leaves nothing behind and two submissions under one key create one job.
+_SUBMIT_LUA = """
+-- KEYS[1] jobs stream, KEYS[2] job hash, KEYS[3] job events, KEYS[4] idempotency key,
+-- KEYS[5 .. 4+n] input keys
+-- ARGV[1] job id, ARGV[2] max_queue, ARGV[3] idempotency ttl ms ("0": no idempotency key),
+-- ARGV[4] queued event data, ARGV[5] n inputs, ARGV[6 .. 5+n] input bytes, then hash field/value pairs
+if ARGV[3] ~= '0' then
+  local existing = redis.call('GET', KEYS[4])
+  if existing then return {'existing', existing} end
+end
+local depth = redis.call('XLEN', KEYS[1])
+if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
+local n = tonumber(ARGV[5])
+for i = 1, n do redis.call('SET', KEYS[4 + i], ARGV[5 + i]) end
+redis.call('HSET', KEYS[2], unpack(ARGV, 6 + n, #ARGV))
+local message_id = redis.call('XADD', KEYS[1], '*', 'job_id', ARGV[1])
+redis.call('HSET', KEYS[2], 'message_id', message_id)
+redis.call('XADD', KEYS[3], '*', 'type', 'queued', 'data', ARGV[4])
+if ARGV[3] ~= '0' then redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[3]) end
+return {'created', message_id}
+"""
+
+# Change a job's status if it is in one of the allowed states; write everything that goes with it.
+_TRANSITION_LUA = """
+-- KEYS[1] job hash, KEYS[2] job events, then n_set keys to SET, then n_delete keys to DEL
+-- ARGV[1] allowed current statuses, space separated and padded (" queued running ")
+-- ARGV[2] ttl ms for the hash, the events and the set keys ("0": leave TTLs alone)
+-- ARGV[3] event type ("" for none), ARGV[4] event data JSON; events are trimmed to about
+--   10000 per job, far above steps * stages
+-- ARGV[5] n_set, ARGV[6] n_delete, ARGV[7 .. 6+n_set] values of the set keys,
+-- then hash field/value pairs
+-- Returns false for an unknown job, else {applied 0|1, previous status, idempotency key or ''}.
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+local idem = redis.call('HGET', KEYS[1], 'idempotency_key') or ''
+if not string.find(ARGV[1], ' ' .. status .. ' ', 1, true) then return {0, status, idem} end
+local ttl = tonumber(ARGV[2])
+local n_set, n_delete = tonumber(ARGV[5]), tonumber(ARGV[6])
+for i = 1, n_set do
+  if ttl > 0 then
+    redis.call('SET', KEYS[2 + i], ARGV[6 + i], 'PX', ttl)
+  else
+    redis.call('SET', KEYS[2 + i], ARGV[6 + i])
+  end
+end
+local first_field = 7 + n_set
+if #ARGV >= first_field then redis.call('HSET', KEYS[1], unpack(ARGV, first_field, #ARGV)) end
+if ARGV[3] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*', 'type', ARGV[3], 'data', ARGV[4])
+end
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+for i = 1, n_delete do redis.call('DEL', KEYS[2 + n_set + i]) end
+return {1, status, idem}
+"""
+
+# Decide what to do with one delivery of a job, counting it if it may run.
+_DELIVER_LUA = """
+-- KEYS[1] job hash, KEYS[2] cancel key; ARGV[1] max deliveries
+-- Returns {'missing'} | {'finished'} | {'cancel'} | {'exceeded', n}
+--       | {'deliver', deliveries, released 0|1, params, n_images, input_names}
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing'} end
+if status ~= 'queued' and status ~= 'running' then return {'finished'} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'cancel'} end
+local deliveries
+local released = redis.call('HDEL', KEYS[1], 'released')
+if released == 1 then
+  deliveries = tonumber(redis.call('HGET', KEYS[1], 'deliveries') or '0')
+else
+  deliveries = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+end
+if deliveries > tonumber(ARGV[1]) then return {'exceeded', deliveries} end
+local fields = redis.call('HMGET', KEYS[1], 'params', 'n_images', 'input_names')
+return {'deliver', deliveries, released, fields[1], fields[2], fields[3]}
+"""
+
+# Delete an idempotency key only if it still names the given (expired) job.
+_DELETE_IF_EQUAL_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _translate_redis_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn connection-level Redis failures into :class:`QueueUnavailable` (the API's 503)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: "RedisStreamsQueue", *args: Any, **kwargs: Any) -> T:
+        try:
+            return await method(self, *args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            # The group may be gone when Redis comes back (restart without persistence).
+            self._group_ready = False
+            raise QueueUnavailable(f"redis unavailable: {exc}") from exc
+
+    return wrapper
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _float_or_none(value: bytes | None) -> float | None:
+    text = _text(value)
+    return float(text) if text else None
+
+
+def _record_from_hash(fields: dict[bytes, bytes]) -> JobRecord:
+    """Build a :class:`JobRecord` from a job hash as HGETALL returns it."""
+    get = lambda name: fields.get(name.encode())  # noqa: E731 - a local shorthand
+    return JobRecord(
+        id=_text(get("id")) or "",
+        status=JobStatus(_text(get("status"))),
+        params=json.loads(get("params") or b"{}"),
+        progress=JobProgress(step=int(get("progress_step") or 0), total=int(get("progress_total") or 0)),
+        error=_text(get("error")) or None,
+        queued_at=_float_or_none(get("queued_at")),
+        started_at=_float_or_none(get("started_at")),
+        finished_at=_float_or_none(get("finished_at")),
+        worker=_text(get("worker")) or None,
+        deliveries=int(get("deliveries") or 0),
+        n_images=int(get("n_images") or 0),
+        image_seeds=json.loads(get("image_seeds") or b"[]"),
+        timings=json.loads(get("timings") or b"{}"),
+    )
+
+
+@dataclass(frozen=True)
+class _TransitionOutcome:
+    applied: bool
+    previous: JobStatus | None  # None: the job does not exist (never did, or expired)
+
+
+class RedisStreamsQueue(JobQueue):
+    """:class:`JobQueue` on Redis Streams; safe to share between API replicas and many workers."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        max_queue: int,
+        claim_timeout_s: float,
+        max_deliveries: int,
+        result_ttl_s: float,
+        heartbeat_ttl_s: float,
+        prefix: str = DEFAULT_PREFIX,
+    ) -> None:
+        """Use ``client`` (created with ``decode_responses=False``: images are bytes)."""
+        self._redis = client
+        self._keys = RedisKeys(prefix)
+        self._max_queue = max_queue
+        self._claim_timeout_ms = max(1, int(claim_timeout_s * 1000))
+        self._max_deliveries = max_deliveries
+        self._result_ttl_ms = max(1, int(result_ttl_s * 1000))
+        self._heartbeat_ttl_ms = max(1, int(heartbeat_ttl_s * 1000))
+        self._group_ready = False
+        self._submit_script = client.register_script(_SUBMIT_LUA)
+        self._transition_script = client.register_script(_TRANSITION_LUA)
+        self._deliver_script = client.register_script(_DELIVER_LUA)
+        self._delete_if_equal_script = client.register_script(_DELETE_IF_EQUAL_LUA)
+        self.counters = QueueCounters()
+
+    @classmethod
+    def from_url(cls, url: str, **limits: Any) -> "RedisStreamsQueue":
+        """Connect to ``url`` lazily (nothing is sent before the first call)."""
+        client = aioredis.Redis.from_url(
+            url,
+            decode_responses=False,
+            protocol=2,
+            socket_connect_timeout=2.0,
+            # No socket_timeout: XREAD/XREADGROUP block for as long as asked.
+            # One immediate retry re-opens a pooled connection that died with a
+            # Redis restart; more retries would only delay the 503.
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=30,
+        )
+        return cls(client, **limits)
+
+    @property
+    def keys(self) -> RedisKeys:
+        """The key names this queue uses."""
+        return self._keys
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The underlying Redis client (tests inspect raw keys with it)."""
+        return self._redis
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    # ------------------------------------------------------------ client side
+
+    @_translate_redis_errors
+    async def submit(
+        self,
+        params: dict[str, Any],
+        inputs: dict[str, bytes],
+        n_images: int,
+        idempotency_key: str | None = None,
+    ) -> JobRecord:
+        for _ in range(3):  # the retry only happens when an idempotency key names an expired job
+            job_id = uuid.uuid4().hex
+            now = time.time()
+            input_names = sorted(inputs)
+            hash_fields: dict[str, str] = {
+                "id": job_id,
+                "status": JobStatus.QUEUED.value,
+                "params": json.dumps(params),
+                "input_names": json.dumps(input_names),
+                "n_images": str(n_images),
+                "queued_at": repr(now),
+                "deliveries": "0",
+                "progress_step": "0",
+                "progress_total": "0",
+            }
+            if idempotency_key is not None:
+                hash_fields["idempotency_key"] = idempotency_key
+            idem_key = self._keys.idempotency(idempotency_key or "")
+            keys = [
+                self._keys.jobs_stream,
+                self._keys.job(job_id),
+                self._keys.job_events(job_id),
+                idem_key,
+                *(self._keys.job_input(job_id, name) for name in input_names),
+            ]
+            args: list[Any] = [
+                job_id,
+                self._max_queue,
+                self._result_ttl_ms if idempotency_key is not None else 0,
+                json.dumps({}),
+                len(input_names),
+                *(inputs[name] for name in input_names),
+                *(item for pair in hash_fields.items() for item in pair),
+            ]
+            outcome, detail = await self._submit_script(keys=keys, args=args)
+            outcome, detail = _text(outcome), _text(detail)
+            if outcome == "full":
+                raise QueueFull(int(detail or 0), self._max_queue)
+            if outcome == "created":
+                record = await self.get(job_id)
+                assert record is not None, "job hash written by the submit script"
+                return record
+            existing = await self.get(detail or "")
+            if existing is not None:
+                return existing
+            # The key outlived its job (eviction, crash before its TTL refresh): forget it, retry.
+            await self._delete_if_equal_script(keys=[idem_key], args=[detail])
+        raise RuntimeError("idempotency key kept naming an expired job")
+
+    @_translate_redis_errors
+    async def get(self, job_id: str) -> JobRecord | None:
+        fields = await self._redis.hgetall(self._keys.job(job_id))
+        return _record_from_hash(fields) if fields else None
+
+    @_translate_redis_errors
+    async def get_image(self, job_id: str, index: int) -> bytes | None:
+        if index < 0:
+            return None
+        return await self._redis.get(self._keys.job_image(job_id, index))
+
+    @_translate_redis_errors
+    async def events(self, job_id: str, after: str | None = None, block_ms: int = 0) -> list[JobEvent]:
+        if after is not None and not _STREAM_ID.match(after):
+            raise ValueError(f"not an event id: {after!r}")
+        response = await self._redis.xread(
+            {self._keys.job_events(job_id): after or "0-0"},
+            block=block_ms if block_ms > 0 else None,
+        )
+        events: list[JobEvent] = []
+        for _stream, entries in response or []:
+            for entry_id, fields in entries:
+                events.append(
+                    JobEvent(
+                        id=_text(entry_id) or "",
+                        type=EventType(_text(fields[b"type"])),
+                        data=json.loads(fields.get(b"data") or b"{}"),
+                    )
+                )
+        return events
+
+    @_translate_redis_errors
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        record_fields = await self._redis.hgetall(self._keys.job(job_id))
+        if not record_fields:
+            return None
+        input_names = json.loads(record_fields.get(b"input_names") or b"[]")
+        outcome = await self._transition(
+            job_id,
+            allowed=(JobStatus.QUEUED,),
+            fields={"status": JobStatus.CANCELED.value, "finished_at": repr(time.time())},
+            event=(EventType.CANCELED, {}),
+            finish=True,
+            input_names=input_names,
+        )
+        if outcome.applied:
+            # Drop the stream entry so no worker ever receives it and depth shrinks now.
+            # If a worker already holds it, it acks it when it sees the status.
+            message_id = _text(record_fields.get(b"message_id"))
+            if message_id:
+                await self._redis.xdel(self._keys.jobs_stream, message_id)
+        elif outcome.previous == JobStatus.RUNNING:
+            # The worker checks this flag every tick; the TTL bounds a stray flag's life.
+            await self._redis.set(self._keys.job_cancel(job_id), b"1", px=self._result_ttl_ms)
+        return await self.get(job_id)
+
+    @_translate_redis_errors
+    async def depth(self) -> int:
+        return int(await self._redis.xlen(self._keys.jobs_stream))
+
+    @_translate_redis_errors
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    @_translate_redis_errors
+    async def workers_alive(self) -> int:
+        count = 0
+        async for _key in self._redis.scan_iter(match=self._keys.worker_heartbeat_pattern, count=200):
+            count += 1
+        return count
+
+    @_translate_redis_errors
+    async def rate_limit(self, key: str, per_minute: int) -> bool:
+        window_key = self._keys.rate(key, int(time.time() // 60))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(window_key)
+            pipe.expire(window_key, 120)  # outlives its minute, then disappears
+            count, _ = await pipe.execute()
+        return int(count) <= per_minute
+
+    # ------------------------------------------------------------ worker side
+
+    @_translate_redis_errors
+    async def claim(self, worker_id: str, max_jobs: int, block_ms: int = 0) -> list[ClaimedJob]:
+        if max_jobs <= 0:
+            return []
+        claimed: list[ClaimedJob] = []
+        for message_id, job_id in await self._take_over_idle(worker_id, max_jobs):
+            job = await self._accept_delivery(message_id, job_id, taken_over=True)
+            if job is not None:
+                claimed.append(job)
+        remaining = max_jobs - len(claimed)
+        if remaining > 0:
+            # Block only when there is nothing to hand out yet; taken-over jobs go out at once.
+            block = block_ms if block_ms > 0 and not claimed else None
+            response = await self._with_group(
+                lambda: self._redis.xreadgroup(
+                    self._keys.consumer_group,
+                    worker_id,
+                    {self._keys.jobs_stream: ">"},
+                    count=remaining,
+                    block=block,
+                )
+            )
+            for _stream, entries in response or []:
+                for message_id, fields in entries:
+                    job = await self._accept_delivery(
+                        _text(message_id) or "", _text((fields or {}).get(b"job_id")) or "", taken_over=False
+                    )
+                    if job is not None:
+                        claimed.append(job)
+        return claimed
+
+    @_translate_redis_errors
+    async def load_input(self, job_id: str, name: str) -> bytes | None:
+        return await self._redis.get(self._keys.job_input(job_id, name))
+
+    @_translate_redis_errors
+    async def mark_running(self, job: ClaimedJob, worker_id: str) -> bool:
+        outcome = await self._transition(
+            job.job_id,
+            allowed=_UNFINISHED,
+            fields={"status": JobStatus.RUNNING.value, "worker": worker_id, "started_at": repr(time.time())},
+            event=(EventType.RUNNING, {"worker": worker_id, "deliveries": job.deliveries}),
+            finish=False,
+        )
+        return outcome.applied
+
+    @_translate_redis_errors
+    async def keep_alive(self, worker_id: str, jobs: Sequence[ClaimedJob]) -> list[ClaimedJob]:
+        if not jobs:
+            return []
+
+        async def pending_owners() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    pipe.xpending_range(
+                        self._keys.jobs_stream, self._keys.consumer_group, job.message_id, job.message_id, 1
+                    )
+                return await pipe.execute()
+
+        owners = await self._with_group(pending_owners)
+        held = [job for job, rows in zip(jobs, owners) if rows and _text(rows[0]["consumer"]) == worker_id]
+        if held:
+            # XCLAIM by the owner itself resets the idle time; JUSTID leaves the delivery count alone.
+            await self._with_group(
+                lambda: self._redis.xclaim(
+                    self._keys.jobs_stream,
+                    self._keys.consumer_group,
+                    worker_id,
+                    0,
+                    [job.message_id for job in held],
+                    justid=True,
+                )
+            )
+        held_ids = {job.message_id for job in held}
+        return [job for job in jobs if job.message_id not in held_ids]
+
+    @_translate_redis_errors
+    async def progress(self, job_id: str, step: int, total: int) -> None:
+        await self._transition(
+            job_id,
+            allowed=(JobStatus.RUNNING,),
+            fields={"progress_step": str(step), "progress_total": str(total)},
+            event=(EventType.PROGRESS, {"step": step, "total": total}),
+            finish=False,
+        )
+
+    @_translate_redis_errors
+    async def is_canceled(self, job_id: str) -> bool:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self._keys.job_cancel(job_id))
+            pipe.hget(self._keys.job(job_id), "status")
+            cancel_flag, status = await pipe.execute()
+        # A vanished job (expired, or Redis restarted empty) has nobody waiting for it: stop too.
+        return bool(cancel_flag) or status is None or _text(status) == JobStatus.CANCELED.value
+
+    @_translate_redis_errors
+    async def complete(
+        self, job: ClaimedJob, images: list[bytes], seeds: list[int], timings: dict[str, float]
+    ) -> bool:
+        outcome = await self._transition(
+            job.job_id,
+            allowed=_UNFINISHED,
+            fields={
+                "status": JobStatus.SUCCEEDED.value,
+                "finished_at": repr(time.time()),
+                "n_images": str(len(images)),
+                "image_seeds": json.dumps(list(seeds)),
+                "timings": json.dumps(timings),
+            },
+            event=(EventType.SUCCEEDED, {"n_images": len(images), "seeds": list(seeds), "timings": timings}),
+            finish=True,
+            input_names=job.input_names,
+            set_values={self._keys.job_image(job.job_id, k): image for k, image in enumerate(images)},
+        )
+        await self._ack(job.message_id)  # only now: the result is stored
+        return outcome.applied
+
+    @_translate_redis_errors
+    async def fail(self, job: ClaimedJob, reason: str) -> bool:
+        applied = await self._fail(job.job_id, job.input_names, reason)
+        await self._ack(job.message_id)
+        return applied
+
+    @_translate_redis_errors
+    async def finish_canceled(self, job: ClaimedJob) -> bool:
+        applied = await self._finish_canceled(job.job_id, job.input_names)
+        await self._ack(job.message_id)
+        return applied
+
+    @_translate_redis_errors
+    async def release(self, job: ClaimedJob) -> None:
+        outcome = await self._transition(
+            job.job_id,
+            allowed=_UNFINISHED,
+            fields={"status": JobStatus.QUEUED.value, "worker": "", "released": "1"},
+            event=(EventType.QUEUED, {"released": True}),
+            finish=False,
+        )
+        if not outcome.applied:
+            await self._ack(job.message_id)  # finished or gone: nothing to hand back
+            return
+        await self._with_group(
+            lambda: self._redis.xclaim(
+                self._keys.jobs_stream,
+                self._keys.consumer_group,
+                self._keys.released_consumer,
+                0,
+                [job.message_id],
+                idle=max(_RELEASED_IDLE_MS, 2 * self._claim_timeout_ms),
+                justid=True,
+            )
+        )
+
+    @_translate_redis_errors
+    async def heartbeat(self, worker_id: str, info: dict[str, Any]) -> None:
+        payload = json.dumps({**info, "worker_id": worker_id, "at": time.time()})
+        await self._redis.set(self._keys.worker_heartbeat(worker_id), payload, px=self._heartbeat_ttl_ms)
+
+    # --------------------------------------------------------------- helpers
+
+    async def _ensure_group(self) -> None:
+        """Create the consumer group (and the stream) unless it exists.
+
+        Starting at id 0 delivers entries added before the group existed, e.g.
+        jobs submitted right after an empty Redis restart, before any worker.
+        """
+        try:
+            await self._redis.xgroup_create(self._keys.jobs_stream, self._keys.consumer_group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def _with_group(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a consumer-group command, (re)creating the group if Redis lost it."""
+        if not self._group_ready:
+            await self._ensure_group()
+        try:
+            return await call()
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._group_ready = False
+            await self._ensure_group()
+            return await call()
+
+    async def _take_over_idle(self, worker_id: str, max_jobs: int) -> list[tuple[str, str]]:
+        """XAUTOCLAIM up to ``max_jobs`` entries idle longer than the claim timeout: (message id, job id)."""
+        taken: list[tuple[str, str]] = []
+        cursor = "0-0"
+        for _ in range(10):  # each call scans at most 10*count PEL entries; bound the total work
+            next_cursor, entries, *_deleted = await self._with_group(
+                lambda: self._redis.xautoclaim(
+                    self._keys.jobs_stream,
+                    self._keys.consumer_group,
+                    worker_id,
+                    self._claim_timeout_ms,
+                    start_id=cursor,
+                    count=max_jobs - len(taken),
+                )
+            )
+            for message_id, fields in entries:
+                if fields is None:  # entry deleted (canceled while held); Redis drops it from the PEL
+                    continue
+                taken.append((_text(message_id) or "", _text(fields.get(b"job_id")) or ""))
+            cursor = _text(next_cursor) or "0-0"
+            if cursor == "0-0" or len(taken) >= max_jobs:
+                break
+        return taken
+
+    async def _accept_delivery(self, message_id: str, job_id: str, *, taken_over: bool) -> ClaimedJob | None:
+        """Count a delivery and return the job if it may run; otherwise settle and ack it."""
+        verdict, *rest = await self._deliver_script(
+            keys=[self._keys.job(job_id), self._keys.job_cancel(job_id)], args=[self._max_deliveries]
+        )
+        verdict = _text(verdict)
+        if verdict == "deliver":
+            deliveries, released, params, n_images, input_names = rest
+            reclaimed = taken_over and not int(released)
+            if reclaimed:
+                self.counters.reclaimed += 1
+            return ClaimedJob(
+                job_id=job_id,
+                message_id=message_id,
+                params=json.loads(params or b"{}"),
+                n_images=int(n_images or 0),
+                input_names=tuple(json.loads(input_names or b"[]")),
+                deliveries=int(deliveries),
+                reclaimed=reclaimed,
+            )
+        input_names = tuple(json.loads(await self._redis.hget(self._keys.job(job_id), "input_names") or b"[]"))
+        if verdict == "exceeded":
+            await self._fail(job_id, input_names, max_deliveries_reason(self._max_deliveries))
+            self.counters.failed_max_deliveries += 1
+        elif verdict == "cancel":
+            await self._finish_canceled(job_id, input_names)
+            self.counters.canceled_on_claim += 1
+        else:  # "finished" or "missing": a redelivery after the outcome was stored, or an expired job
+            self.counters.skipped_finished += 1
+        await self._ack(message_id)
+        return None
+
+    async def _fail(self, job_id: str, input_names: Iterable[str], reason: str) -> bool:
+        outcome = await self._transition(
+            job_id,
+            allowed=_UNFINISHED,
+            fields={"status": JobStatus.FAILED.value, "error": reason, "finished_at": repr(time.time())},
+            event=(EventType.FAILED, {"error": reason}),
+            finish=True,
+            input_names=input_names,
+        )
+        return outcome.applied
+
+    async def _finish_canceled(self, job_id: str, input_names: Iterable[str]) -> bool:
+        outcome = await self._transition(
+            job_id,
+            allowed=_UNFINISHED,
+            fields={"status": JobStatus.CANCELED.value, "finished_at": repr(time.time())},
+            event=(EventType.CANCELED, {}),
+            finish=True,
+            input_names=input_names,
+        )
+        return outcome.applied
+
+    async def _ack(self, message_id: str) -> None:
+        """Acknowledge a delivery and delete its entry (the stream holds only unfinished jobs)."""
+        async def ack_and_delete() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xack(self._keys.jobs_stream, self._keys.consumer_group, message_id)
+                pipe.xdel(self._keys.jobs_stream, message_id)
+                await pipe.execute()
+
+        await self._with_group(ack_and_delete)
+
+    async def _transition(
+        self,
+        job_id: str,
+        *,
+        allowed: Iterable[JobStatus],
+        fields: dict[str, str],
+        event: tuple[EventType, dict[str, Any]] | None,
+        finish: bool,
+        input_names: Iterable[str] = (),
+        set_values: dict[str, bytes] | None = None,
+    ) -> _TransitionOutcome:
+        """Run the transition script.
+
+        ``finish`` (a terminal transition) gives the hash, the events and the
+        ``set_values`` keys a TTL of ``result_ttl_s``, deletes the inputs and
+        the cancel flag, and refreshes the idempotency key's TTL to match.
+        """
+        set_values = set_values or {}
+        delete_keys = (
+            [self._keys.job_input(job_id, name) for name in input_names] + [self._keys.job_cancel(job_id)]
+            if finish
+            else []
+        )
+        keys = [self._keys.job(job_id), self._keys.job_events(job_id), *set_values, *delete_keys]
+        event_type, event_data = event if event else ("", {})
+        args: list[Any] = [
+            " " + " ".join(status.value for status in allowed) + " ",
+            self._result_ttl_ms if finish else 0,
+            event_type.value if isinstance(event_type, EventType) else event_type,
+            json.dumps(event_data),
+            len(set_values),
+            len(delete_keys),
+            *set_values.values(),
+            *(item for pair in fields.items() for item in pair),
+        ]
+        result = await self._transition_script(keys=keys, args=args)
+        if result is None:
+            return _TransitionOutcome(applied=False, previous=None)
+        applied, previous, idempotency_key = int(result[0]), _text(result[1]), _text(result[2])
+        if applied and finish and idempotency_key:
+            # Remember the key as long as the finished job itself (it was set at submit time).
+            await self._redis.pexpire(self._keys.idempotency(idempotency_key), self._result_ttl_ms)
+        return _TransitionOutcome(applied=bool(applied), previous=JobStatus(previous))

@@ -1,0 +1,128 @@
+"""Service settings: one pydantic-settings class, read from ``EDIFFI_*`` variables.
+
+Build it once at the process edge (``Settings()`` in the CLI) and pass it, or
+the values it holds, down. Nothing else in the code base reads ``os.environ``:
+that keeps every component testable with explicit arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every tunable of the API, the worker and the embedded server."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDIFFI_",
+        env_file=None,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- Queue backend -------------------------------------------------------
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL for the job queue (redis://host:port/db). "
+        "Unset: the in-process queue (embedded `ediffi serve` only).",
+    )
+
+    # --- Model and runtime ---------------------------------------------------
+    model_dir: Path | None = Field(
+        default=None,
+        description="Model directory (model.json, safetensors, tokenizers). "
+        "Unset: the caller resolves the repository's models/default.",
+    )
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = Field(
+        default="torch", description="Runtime that executes the denoisers."
+    )
+    device: str = Field(
+        default="cpu",
+        pattern=r"^(cpu|cuda(:\d+)?)$",
+        description='Device: "cpu", "cuda" or "cuda:N".',
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="Compute dtype of the denoisers."
+    )
+    onnx_dir: Path | None = Field(
+        default=None, description="Directory of exported ONNX graphs and their manifest."
+    )
+    tensorrt_dir: Path | None = Field(
+        default=None, description="Directory of built TensorRT engines and their manifest."
+    )
+    intra_op_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads per operator (torch/onnxruntime); unset: runtime default."
+    )
+
+    # --- Engine and batching -------------------------------------------------
+    max_batch: int = Field(default=16, ge=1, description="Largest batch of denoiser rows per forward pass.")
+    max_active_requests: int = Field(
+        default=32, ge=1, description="Most requests the engine keeps in flight at once."
+    )
+    batching_policy: Literal["step", "request", "none"] = Field(
+        default="step",
+        description="step: regroup per denoiser evaluation; request: whole requests; none: one at a time.",
+    )
+    worker_slots: int = Field(default=8, ge=1, description="Most jobs one worker holds (claims) at once.")
+
+    # --- Access control and limits ------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys; empty: no authentication. "
+        'The variable may be a comma-separated list or a JSON array.',
+    )
+    rate_limit_per_minute: int = Field(default=60, ge=1, description="Requests per minute per API key.")
+    max_queue: int = Field(
+        default=256, ge=1, description="Queue depth (queued + in flight) at which submissions get 429."
+    )
+    sync_timeout_s: float = Field(
+        default=300, gt=0, description="How long a synchronous POST /generate waits for its job."
+    )
+    max_prompt_chars: int = Field(default=500, ge=1, description="Longest accepted prompt.")
+    max_n: int = Field(default=8, ge=1, description="Most images per request.")
+    max_steps: int = Field(default=100, ge=1, description="Most sampling steps per request.")
+    max_image_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1, description="Largest decoded upload (style image, color map), bytes."
+    )
+    max_image_pixels: int = Field(default=1024 * 1024, ge=1, description="Largest upload, width*height.")
+    max_regions: int = Field(default=8, ge=1, description="Most paint-with-words regions per request.")
+
+    # --- Job lifecycle -------------------------------------------------------
+    result_ttl_s: float = Field(
+        default=3600, gt=0, description="How long a finished job, its images and events are kept."
+    )
+    claim_timeout_s: float = Field(
+        default=60,
+        gt=0,
+        description="A claimed job idle this long (its worker stopped renewing it) is reclaimed by another worker.",
+    )
+    max_deliveries: int = Field(
+        default=3, ge=1, description="Deliveries of one job before it is failed instead of retried."
+    )
+    heartbeat_interval_s: float = Field(default=2.0, gt=0, description="How often a worker reports it is alive.")
+    heartbeat_ttl_s: float = Field(
+        default=10, gt=0, description="A worker whose heartbeat is older than this counts as gone."
+    )
+
+    # --- Network -------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Address the HTTP API binds.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port of the HTTP API.")
+    metrics_port: int = Field(
+        default=9100, ge=0, le=65535, description="Port of a standalone worker's /metrics endpoint."
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value: object) -> object:
+        """Accept ``"k1,k2"`` and ``'["k1","k2"]'`` from the environment, and lists from code."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
