@@ -78,12 +78,9 @@ def cmd_train(args, settings) -> int:
     import dataclasses
     import json
 
-    from ediffi.train import TrainConfig, export_model_dir, run_training
+    from ediffi.train import Checkpoints, export_model_dir, run_training, train_config_from_overrides
 
-    cfg = TrainConfig()
-    if args.config:
-        overrides = json.loads(Path(args.config).read_text())
-        cfg = dataclasses.replace(cfg, **overrides)
+    cfg = train_config_from_overrides(json.loads(Path(args.config).read_text()) if args.config else {})
     run_dir = Path(args.run_dir)
     if args.export:
         note = {
@@ -95,12 +92,35 @@ def cmd_train(args, settings) -> int:
             records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             note["phases"] = {r["phase"]: {"steps": r["step"], "final_loss": r["loss"]} for r in records}
             note["wall_s_by_phase"] = {r["phase"]: r["elapsed_s"] for r in records}
-        path = export_model_dir(cfg, run_dir, Path(args.export), experts=not args.baseline, ckpt=__import__(
-            "ediffi.train", fromlist=["Checkpoints"]).Checkpoints(run_dir), note=note)
+        path = export_model_dir(cfg, run_dir, Path(args.export), experts=not args.baseline,
+                                ckpt=Checkpoints(run_dir), note=note)
         print(path)
         return 0
     run_training(cfg, run_dir, args.chains, log=lambda m: print(m, flush=True))
     return 0
+
+
+def cmd_eval(args, settings) -> int:
+    from ediffi.evaluate import EvalConfig, format_table, run_eval, write_result
+
+    cfg = EvalConfig(n_prompts=args.prompts, n_paint=args.paint, steps=args.steps, sampler=args.sampler,
+                     guidance=args.guidance, paint_strength=args.paint_strength, batch=args.batch)
+    models = {"experts": resolve_model_dir(args.model_dir, settings)}
+    if args.baseline_dir:
+        models["baseline"] = Path(args.baseline_dir)
+    result = run_eval(models, cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_table(result["rows"]))
+    a = result["analyser"]
+    print(f"\nanalyser on real renders: scene accuracy {a['analyser_scene_acc']:.1%}, style {a['analyser_style_acc']:.1%}")
+    if args.json_out:
+        write_result(result, Path(args.json_out))
+    return 0
+
+
+def cmd_bench_engine(args, settings) -> int:
+    from engines.bench import main as bench_main
+
+    return bench_main(args, settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +152,40 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--export", metavar="MODEL_DIR", help="write a model directory from finished phases and exit")
     train.add_argument("--baseline", action="store_true", help="with --export: the single-model baseline")
     train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="held-out evaluation table (shapes world)")
+    ev.add_argument("--model-dir", help="model to evaluate (default: EDIFFI_MODEL_DIR, else models/default)")
+    ev.add_argument("--baseline-dir", help="also evaluate this model (e.g. the single-model baseline)")
+    ev.add_argument("--prompts", type=int, default=256, help="held-out prompts (max 256)")
+    ev.add_argument("--paint", type=int, default=128, help="paint-with-words cases")
+    ev.add_argument("--steps", type=int, default=32)
+    ev.add_argument("--sampler", choices=["heun", "euler", "dpmpp_2m"], default="heun")
+    ev.add_argument("--guidance", type=float, default=3.0)
+    ev.add_argument("--paint-strength", type=float, default=0.4)
+    ev.add_argument("--batch", type=int, default=32, help="requests sampled together")
+    ev.add_argument("--json-out", help="also write the results as JSON here")
+    ev.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="benchmarks: engine (in process) | http")
+    bench_sub = bench.add_subparsers(dest="bench_target", required=True)
+    be = bench_sub.add_parser("engine", help="synthetic load through each batching policy of the engine")
+    be.add_argument("--clients", type=int, default=16, help="closed loop: concurrent clients")
+    be.add_argument("--requests", type=int, default=32, help="requests per policy (and per rate)")
+    be.add_argument("--rates", help="open loop instead: comma-separated Poisson arrival rates, requests/s")
+    be.add_argument("--policies", default="step,request,none", help="comma-separated: step, request, none")
+    be.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
+    be.add_argument("--device", help="cpu, cuda, cuda:N (default: EDIFFI_DEVICE)")
+    be.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    be.add_argument("--max-batch", type=int, default=16, help="rows per denoiser call")
+    be.add_argument("--max-active", type=int, default=32, help="most requests in flight")
+    be.add_argument("--min-steps", type=int, default=8)
+    be.add_argument("--max-steps", type=int, default=16)
+    be.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--model-dir", help="default: EDIFFI_MODEL_DIR, else models/default, else a random model of its shape")
+    be.add_argument("--scratch-dir", default="/tmp/ediffi-bench", help="where a random bench model is built")
+    be.add_argument("--json", action="store_true", help="print a JSON list, one object per policy")
+    be.set_defaults(func=cmd_bench_engine)
     return parser
 
 

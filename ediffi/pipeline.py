@@ -298,3 +298,25 @@ def generate(
     return run.images()
 
 
+
+
+@torch.no_grad()
+def generate_batch(model: EDiffIModel, requests: list[GenerationRequest]) -> list[list[Image.Image]]:
+    """Several requests at once: each round, the pending evaluations of all
+    unfinished requests are grouped by (stage, expert) and run as one call
+    per group. Used for offline evaluation; the serving engine (engines/)
+    adds scheduling policy, admission and cancellation on top of the same
+    `RequestRun` machines."""
+    runs = [RequestRun(model, r, encode_request(model, r)) for r in requests]
+    while True:
+        groups: dict[tuple[str, str], list[tuple[RequestRun, PendingEvaluation]]] = {}
+        for run in runs:
+            if (pending := run.pending()) is not None:
+                groups.setdefault((pending.stage, pending.expert), []).append((run, pending))
+        if not groups:
+            return [run.images() for run in runs]
+        for (stage, expert), members in groups.items():
+            inputs = DenoiserInputs.cat([p.inputs for _, p in members])
+            denoised = model.stages[stage].experts[expert](**inputs.as_kwargs())
+            for (run, pending), rows in zip(members, denoised.split([len(p.inputs) for _, p in members])):
+                run.advance(rows)

@@ -25,6 +25,7 @@ same style, so the model learns style, not content, from it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -89,6 +90,16 @@ class TrainConfig:
             num_heads=4, embedding_dim=128, groups=8, low_res_channels=3,
         )
     )
+
+
+def train_config_from_overrides(overrides: dict) -> TrainConfig:
+    """TrainConfig with JSON overrides (nested `encoder` as a dict)."""
+    overrides = dict(overrides)
+    if isinstance(overrides.get("encoder"), dict):
+        overrides["encoder"] = TinyEncoderSpec(**overrides["encoder"])
+    if "base_boundaries" in overrides:
+        overrides["base_boundaries"] = tuple(overrides["base_boundaries"])
+    return dataclasses.replace(TrainConfig(), **overrides)
 
 
 def world_vocabulary() -> list[str]:
