@@ -62,7 +62,7 @@ def cmd_generate(args, settings) -> int:
 
         images = generate(model, request, progress)
         bar.close()
-    except (FileNotFoundError, ValueError, PaintWithWordsError) as exc:
+    except (OSError, ValueError, PaintWithWordsError) as exc:  # OSError: unreadable image files too
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)

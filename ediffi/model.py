@@ -91,7 +91,12 @@ def load_expert(model_dir: Path, stage: StageConfig, expert: ExpertConfig, sigma
         )
     net = EDMDenoiser(expert.network, stage.image_size, sigma_data)
     state = load_file(str(path))
-    missing, unexpected = net.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    except RuntimeError as exc:  # same names, wrong shapes
+        raise ValueError(
+            f"weights {path} do not match the network config of expert {expert.name!r}: {str(exc)[:500]}"
+        ) from None
     if missing or unexpected:
         raise ValueError(
             f"weights {path} do not match the network config of expert {expert.name!r}: "
