@@ -123,6 +123,27 @@ def cmd_bench_engine(args, settings) -> int:
     return bench_main(args, settings)
 
 
+def cmd_api(args, settings) -> int:
+    from server.main import run_api
+
+    run_api(settings, resolve_model_dir(None, settings), args.host or settings.host, args.port or settings.port)
+    return 0
+
+
+def cmd_worker(args, settings) -> int:
+    from server.main import run_worker
+
+    run_worker(settings, resolve_model_dir(None, settings), args.metrics_port or settings.metrics_port)
+    return 0
+
+
+def cmd_serve(args, settings) -> int:
+    from server.main import run_serve
+
+    run_serve(settings, resolve_model_dir(None, settings), args.host or settings.host, args.port or settings.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ediffi", description="eDiff-I text-to-image: generate, serve, export, train, bench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu, cuda, cuda:N (default: EDIFFI_DEVICE)")
     gen.add_argument("--out", default="out.png")
     gen.set_defaults(func=cmd_generate)
+
+    for name, func, text in (
+        ("serve", cmd_serve, "API and worker in one process (Redis if EDIFFI_REDIS_URL is set, else in-process)"),
+        ("api", cmd_api, "the HTTP API alone (no model loaded; needs EDIFFI_REDIS_URL for workers to reach it)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--host", help="bind address (default: EDIFFI_HOST, 127.0.0.1)")
+        p.add_argument("--port", type=int, help="port (default: EDIFFI_PORT, 8000)")
+        p.set_defaults(func=func)
+    wk = sub.add_parser("worker", help="engine + queue consumer (needs EDIFFI_REDIS_URL)")
+    wk.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: EDIFFI_METRICS_PORT, 9100)")
+    wk.set_defaults(func=cmd_worker)
 
     train = sub.add_parser("train", help="train the shapes-world eDiff-I (resumable)")
     train.add_argument("--run-dir", default="runs/shapes", help="checkpoints and logs (resumes from here)")
@@ -178,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     be.add_argument("--max-batch", type=int, default=16, help="rows per denoiser call")
     be.add_argument("--max-active", type=int, default=32, help="most requests in flight")
+    be.add_argument("--max-rows-per-tick", type=int, help="step policy: row budget per tick (default: every pending row)")
     be.add_argument("--min-steps", type=int, default=8)
     be.add_argument("--max-steps", type=int, default=16)
     be.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -194,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     from server.settings import Settings
 
     settings = Settings()
+    if args.command in ("serve", "api", "worker"):
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args, settings)
 
 

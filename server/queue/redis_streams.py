@@ -251,7 +251,9 @@ class RedisStreamsQueue(JobQueue):
             decode_responses=False,
             protocol=2,
             socket_connect_timeout=2.0,
-            # No socket_timeout: XREAD/XREADGROUP block for as long as asked.
+            # XREAD/XREADGROUP block for as long as asked: the timeout must be
+            # off explicitly (redis-py otherwise applies its own default).
+            socket_timeout=None,
             # One immediate retry re-opens a pooled connection that died with a
             # Redis restart; more retries would only delay the 503.
             retry=Retry(NoBackoff(), 1),

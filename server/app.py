@@ -1,0 +1,217 @@
+"""The HTTP API: ``create_app(settings, queue=None)`` builds the FastAPI application.
+
+No model is loaded and no torch is imported here: the API validates
+requests, queues them (:mod:`server.queue`) and relays results; workers do
+the generation.
+
+Endpoints (DESIGN.md §4; OpenAPI at ``/docs`` and ``/openapi.json``):
+
+* ``POST /generate``: sync by default (200 with images), ``Prefer: respond-async`` -> 202
+  ``{id, status, links}``; ``Idempotency-Key`` honoured.
+* ``GET /jobs/{id}``, ``GET /jobs/{id}/images/{k}.png``, ``GET /jobs/{id}/events`` (SSE),
+  ``POST /jobs/{id}/cancel``.
+* ``POST /v1/images/generations``: the OpenAI-compatible subset.
+* ``GET /healthz``, ``GET /readyz``, ``GET /metrics``; ``GET /`` serves ``server/static/``
+  when that folder exists (the web UI).
+
+Errors: 422/413 field-level (``{"detail": [{"loc", "msg", "type"}]}``), 401/403
+API keys, 404 unknown job, 429 with ``Retry-After`` (queue full, rate limit),
+503 with ``Retry-After`` when the queue backend is down (``{"detail": "job
+queue unavailable: ..."}``); the queue reconnects by itself, so the API
+recovers without a restart. Bad input never yields a 500.
+
+Usage::
+
+    app = create_app(Settings())                    # opens make_queue(settings) in its lifespan
+    app = create_app(settings, queue=queue)         # embedded serve: share the worker's queue
+    app = create_app(settings, queue=q, metrics=m)  # and its Metrics (one registry per process)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from server.metrics import Metrics
+from server.middleware import HTTPMetricsMiddleware, RequestBodyGuard
+from server.queue import JobQueue, QueueFull, QueueUnavailable, make_queue
+from server.routes import generate, jobs, ops
+from server.settings import Settings
+from server.validation import PayloadTooLarge
+
+#: The shipped model's output canvas (square); pass ``canvas_size`` for another model.
+DEFAULT_CANVAS_SIZE = 64
+STATIC_DIR = Path(__file__).parent / "static"
+#: ``Retry-After`` of a 503 while the queue backend is down, seconds.
+UNAVAILABLE_RETRY_AFTER_S = 5
+_MAX_ECHOED_INPUT_CHARS = 200
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON rendered ASCII-only and without NaN: any text (lone surrogates included) can be echoed."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return str(value)
+
+
+def sanitize_errors(errors: Any) -> list[dict[str, Any]]:
+    """FastAPI-format errors made safe to echo: short scalar inputs only, JSON-able ctx."""
+    clean: list[dict[str, Any]] = []
+    for error in errors:
+        item: dict[str, Any] = {
+            "loc": [part if isinstance(part, (int, str)) else str(part) for part in error.get("loc", ())],
+            "msg": str(error.get("msg", "")),
+            "type": str(error.get("type", "")),
+        }
+        if "input" in error:
+            value = error["input"]
+            if isinstance(value, str):
+                if len(value) <= _MAX_ECHOED_INPUT_CHARS:
+                    item["input"] = value
+            elif value is None or isinstance(value, (bool, int, float)):
+                item["input"] = _scalar(value)
+        ctx = error.get("ctx")
+        if isinstance(ctx, dict) and ctx:
+            item["ctx"] = {str(key): _scalar(value) for key, value in ctx.items()}
+        clean.append(item)
+    return clean
+
+
+def max_body_bytes(settings: Settings) -> int:
+    """Largest accepted request body: two base64 images at the limit plus room for the JSON around them."""
+    per_image = 4 * (settings.max_image_bytes // 3 + 1) + 1024
+    return 2 * per_image + 64 * 1024 + 16 * settings.max_prompt_chars
+
+
+def _register_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return SafeJSONResponse({"detail": sanitize_errors(exc.errors())}, status_code=422)
+
+    @app.exception_handler(PayloadTooLarge)
+    async def payload_too_large(_request: Request, exc: PayloadTooLarge) -> JSONResponse:
+        return SafeJSONResponse({"detail": sanitize_errors(exc.errors())}, status_code=413)
+
+    @app.exception_handler(QueueUnavailable)
+    async def queue_unavailable(_request: Request, exc: QueueUnavailable) -> JSONResponse:
+        return SafeJSONResponse(
+            {"detail": f"job queue unavailable: {exc}"},
+            status_code=503,
+            headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
+        )
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_request: Request, exc: QueueFull) -> JSONResponse:
+        return SafeJSONResponse(
+            {"detail": f"{exc}; retry later"},
+            status_code=429,
+            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+        )
+
+
+def _limits_in_openapi(app: FastAPI, settings: Settings, canvas_size: int) -> None:
+    """Show the configured limits (max n, steps, prompt length, regions) in ``/openapi.json``."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        components = schema.get("components", {}).get("schemas", {})
+        bounds = {
+            "prompt": {"maxLength": settings.max_prompt_chars},
+            "negative_prompt": {"maxLength": settings.max_prompt_chars},
+            "n": {"maximum": settings.max_n},
+            "steps": {"maximum": settings.max_steps},
+        }
+        for name in ("GenerateRequest", "OpenAIImagesRequest"):
+            properties = components.get(name, {}).get("properties", {})
+            for field_name, extra in bounds.items():
+                if field_name in properties:
+                    properties[field_name].update(extra)
+        regions = components.get("PaintWithWords", {}).get("properties", {}).get("regions")
+        if regions is not None:
+            regions["maxItems"] = settings.max_regions
+        size = components.get("OpenAIImagesRequest", {}).get("properties", {}).get("size")
+        if size is not None:
+            size["description"] = f"Must be {canvas_size}x{canvas_size} (the model's canvas)."
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(
+    settings: Settings,
+    queue: JobQueue | None = None,
+    *,
+    metrics: Metrics | None = None,
+    canvas_size: int = DEFAULT_CANVAS_SIZE,
+    key_prefix: str | None = None,
+    static_dir: Path | None = STATIC_DIR,
+) -> FastAPI:
+    """Build the API.
+
+    ``queue``: use this queue (not closed on shutdown); None: the lifespan opens
+    ``make_queue(settings, key_prefix=key_prefix)`` and closes it at shutdown.
+    ``metrics``: share a :class:`Metrics` (embedded serve); None: a fresh registry.
+    ``canvas_size``: the model's square output size (OpenAI ``size`` must be
+    ``{canvas_size}x{canvas_size}``). ``static_dir``: mounted at ``/`` if it exists.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = app.state.queue is None
+        if owned:
+            app.state.queue = make_queue(settings, key_prefix=key_prefix)
+        try:
+            yield
+        finally:
+            if owned and app.state.queue is not None:
+                await app.state.queue.close()
+                app.state.queue = None
+
+    app = FastAPI(
+        title="eDiff-I serving",
+        version="0.1.0",
+        description="Text-to-image generation with an ensemble of expert denoisers (eDiff-I). "
+        "Jobs are queued and run by workers; see /docs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.queue = queue
+    app.state.metrics = metrics if metrics is not None else Metrics()
+    app.state.canvas_size = canvas_size
+
+    _register_error_handlers(app)
+    app.include_router(generate.router)
+    app.include_router(jobs.router)
+    app.include_router(ops.router)
+    if static_dir is not None and Path(static_dir).is_dir():
+        app.mount("/", StaticFiles(directory=static_dir, html=True), name="static")
+
+    # Outermost last: metrics see every response, the body guard's 413s included.
+    app.add_middleware(
+        RequestBodyGuard,
+        max_body_bytes=max_body_bytes(settings),
+        json_paths=("/generate", "/v1/images/generations"),
+    )
+    app.add_middleware(HTTPMetricsMiddleware, metrics=app.state.metrics)
+    _limits_in_openapi(app, settings, canvas_size)
+    return app

@@ -1,0 +1,101 @@
+"""Process entry points: `ediffi api`, `ediffi worker`, `ediffi serve`.
+
+Each builds what it needs from the one `Settings` object the CLI made.
+`api` loads no model; `worker` loads the engine and serves its own /metrics
+port; `serve` runs both in one process and one event loop (the in-process
+queue unless EDIFFI_REDIS_URL is set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import uvicorn
+
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def canvas_size(model_dir: Path) -> int:
+    """The model's square output size, read from model.json (no torch)."""
+    from ediffi.config import ModelConfig
+
+    return ModelConfig.load(model_dir).image_size
+
+
+def build_engine(settings: Settings, model_dir: Path):
+    from engines.engine import Engine
+
+    return Engine.from_settings(settings, model_dir=model_dir).start()
+
+
+def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
+            pass
+
+
+def run_api(settings: Settings, model_dir: Path, host: str, port: int) -> None:
+    from server.app import create_app
+
+    app = create_app(settings, canvas_size=canvas_size(model_dir))
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+async def _worker_main(settings: Settings, model_dir: Path, host: str, metrics_port: int) -> None:
+    from prometheus_client import start_http_server
+
+    from server.queue import make_queue
+    from server.worker import Worker
+
+    metrics = Metrics()
+    start_http_server(metrics_port, addr=host, registry=metrics.registry)
+    log.info("worker metrics on http://%s:%d/metrics", host, metrics_port)
+    engine = await asyncio.to_thread(build_engine, settings, model_dir)
+    queue = make_queue(settings)
+    worker = Worker(settings, queue, engine, metrics)
+    _install_signal_handlers(asyncio.get_running_loop(), worker.stop)
+    log.info("worker %s ready (engine %s)", worker.worker_id, engine.name)
+    try:
+        await worker.run()
+    finally:
+        engine.stop(drain=False)
+        await queue.close()
+
+
+def run_worker(settings: Settings, model_dir: Path, metrics_port: int) -> None:
+    if not settings.redis_url:
+        raise SystemExit("error: `ediffi worker` needs EDIFFI_REDIS_URL (use `ediffi serve` for one process without Redis)")
+    asyncio.run(_worker_main(settings, model_dir, settings.host, metrics_port))
+
+
+async def _serve_main(settings: Settings, model_dir: Path, host: str, port: int) -> None:
+    from server.app import create_app
+    from server.queue import make_queue
+    from server.worker import Worker
+
+    metrics = Metrics()
+    engine = await asyncio.to_thread(build_engine, settings, model_dir)
+    queue = make_queue(settings)
+    worker = Worker(settings, queue, engine, metrics)
+    app = create_app(settings, queue=queue, metrics=metrics, canvas_size=engine.model.config.image_size)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    worker_task = asyncio.create_task(worker.run())
+    try:
+        await server.serve()  # returns on SIGINT/SIGTERM (uvicorn's handlers)
+    finally:
+        worker.stop()
+        await worker_task
+        engine.stop(drain=False)
+        await queue.close()
+
+
+def run_serve(settings: Settings, model_dir: Path, host: str, port: int) -> None:
+    asyncio.run(_serve_main(settings, model_dir, host, port))

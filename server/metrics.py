@@ -1,0 +1,223 @@
+"""Every Prometheus metric of the service, defined once (DESIGN.md §4).
+
+Naming: prefix ``ediffi_``, base units (seconds, bytes), ``_total`` counters,
+``_seconds`` histograms, and no per-request labels (no job ids, prompts or
+raw paths: the HTTP ``endpoint`` label is the route *template*, e.g.
+``/jobs/{job_id}``). Every label takes a bounded set of values.
+
+One :class:`Metrics` per process, on its own registry, so tests build fresh
+ones and the embedded ``ediffi serve`` shares one instance between its API
+and its worker. Who updates what:
+
+=========================================== ========== ============================================
+metric                                      labels     updated by
+=========================================== ========== ============================================
+ediffi_http_requests_total                  endpoint,  API (middleware), every request
+                                            method,
+                                            status
+ediffi_http_request_duration_seconds        endpoint   API (middleware), until the response ends
+ediffi_jobs_submitted_total                            API, each newly queued job (not replays)
+ediffi_queue_depth                                     API on every /metrics scrape (and on submit)
+ediffi_workers_alive                                   API on every /metrics scrape and /readyz
+ediffi_queue_up                                        API: 1 if the queue answered the last check
+ediffi_job_latency_seconds                             worker: finished_at - queued_at of a job
+ediffi_queue_wait_seconds                              worker: started_at - queued_at of a job
+ediffi_active_requests                                 worker: jobs it holds in its engine now
+ediffi_batch_size                           stage,     worker: rows of each denoiser forward pass
+                                            expert
+ediffi_denoiser_forward_seconds             stage,     worker: wall time of each forward pass
+                                            expert
+ediffi_images_generated_total                          worker: images stored by ``complete``
+ediffi_jobs_completed_total                 status     worker: terminal transitions it made
+                                                       (succeeded, failed, canceled)
+ediffi_jobs_failed_total                    reason     worker: failures, ``reason`` in
+                                                       :data:`FAILURE_REASONS`
+ediffi_jobs_reclaimed_total                            worker: jobs taken over from a dead worker
+ediffi_worker_heartbeats_total                         worker: heartbeats sent
+=========================================== ========== ============================================
+
+Helpers for the worker: :meth:`Metrics.observe_job_finished`,
+:meth:`Metrics.job_failed` (maps any reason text to a bounded label) and
+:meth:`Metrics.sync_queue_counters` (turns :class:`~server.queue.QueueCounters`
+into counter increments).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from server.queue import JobRecord, QueueCounters
+
+__all__ = ["CONTENT_TYPE_LATEST", "FAILURE_REASONS", "Metrics", "failure_reason_label"]
+
+#: The only values of ``ediffi_jobs_failed_total{reason}``.
+FAILURE_REASONS = ("max_deliveries", "invalid_input", "timeout", "internal")
+
+# Seconds: from a fast 64 px job to a long wait in a full queue.
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+_HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_FORWARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def failure_reason_label(reason: str | None) -> str:
+    """Map a job's failure text to one of :data:`FAILURE_REASONS` (bounded label values).
+
+    Workers should fail jobs with texts starting with ``"invalid_input:"`` or
+    ``"timeout:"`` where that applies; the queue's own delivery-limit text
+    (``"exceeded max deliveries (N)"``) maps to ``max_deliveries``; anything
+    else is ``internal``.
+    """
+    text = (reason or "").strip().lower()
+    if text in FAILURE_REASONS:
+        return text
+    if text.startswith("exceeded max deliveries") or text.startswith("max_deliveries"):
+        return "max_deliveries"
+    if text.startswith("invalid_input") or text.startswith("invalid input"):
+        return "invalid_input"
+    if text.startswith("timeout") or "timed out" in text:
+        return "timeout"
+    return "internal"
+
+
+class Metrics:
+    """All service metrics on one registry (a fresh one unless ``registry`` is given)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+
+        # --- API ------------------------------------------------------------
+        self.http_requests = Counter(
+            "ediffi_http_requests_total",
+            "HTTP requests by route template, method and status code.",
+            ["endpoint", "method", "status"],
+            registry=r,
+        )
+        self.http_request_duration = Histogram(
+            "ediffi_http_request_duration_seconds",
+            "Time from request start to the end of the response, by route template.",
+            ["endpoint"],
+            buckets=_HTTP_BUCKETS,
+            registry=r,
+        )
+        self.jobs_submitted = Counter(
+            "ediffi_jobs_submitted_total", "Jobs newly queued by the API (idempotent replays excluded).", registry=r
+        )
+        self.queue_depth = Gauge(
+            "ediffi_queue_depth", "Unfinished jobs in the queue (waiting plus held by workers).", registry=r
+        )
+        self.workers_alive = Gauge("ediffi_workers_alive", "Workers whose heartbeat has not expired.", registry=r)
+        self.queue_up = Gauge("ediffi_queue_up", "1 if the queue backend answered the last check, else 0.", registry=r)
+
+        # --- Worker ---------------------------------------------------------
+        self.job_latency = Histogram(
+            "ediffi_job_latency_seconds",
+            "End-to-end job latency, queued_at to finished_at.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "ediffi_queue_wait_seconds",
+            "Time a job waited for a worker, queued_at to started_at.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.active_requests = Gauge(
+            "ediffi_active_requests", "Requests (jobs) the worker's engine holds right now.", registry=r
+        )
+        self.batch_size = Histogram(
+            "ediffi_batch_size",
+            "Rows per denoiser forward pass, by stage and expert.",
+            ["stage", "expert"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.denoiser_forward = Histogram(
+            "ediffi_denoiser_forward_seconds",
+            "Wall time of one denoiser forward pass, by stage and expert.",
+            ["stage", "expert"],
+            buckets=_FORWARD_BUCKETS,
+            registry=r,
+        )
+        self.images_generated = Counter("ediffi_images_generated_total", "Result images stored.", registry=r)
+        self.jobs_completed = Counter(
+            "ediffi_jobs_completed_total",
+            "Jobs that reached a terminal state, by status (succeeded, failed, canceled).",
+            ["status"],
+            registry=r,
+        )
+        self.jobs_failed = Counter(
+            "ediffi_jobs_failed_total",
+            "Failed jobs by reason (max_deliveries, invalid_input, timeout, internal).",
+            ["reason"],
+            registry=r,
+        )
+        self.jobs_reclaimed = Counter(
+            "ediffi_jobs_reclaimed_total", "Jobs taken over from a worker that stopped renewing them.", registry=r
+        )
+        self.worker_heartbeats = Counter("ediffi_worker_heartbeats_total", "Worker heartbeats sent.", registry=r)
+
+        # Label values known up front show as 0 instead of being absent.
+        for reason in FAILURE_REASONS:
+            self.jobs_failed.labels(reason=reason)
+        for status in ("succeeded", "failed", "canceled"):
+            self.jobs_completed.labels(status=status)
+        self._synced_counters: dict[str, int] = {}
+
+    # ------------------------------------------------------------- helpers
+
+    def job_failed(self, reason: str | None) -> None:
+        """Count one failed job (terminal transition made by this process)."""
+        self.jobs_failed.labels(reason=failure_reason_label(reason)).inc()
+        self.jobs_completed.labels(status="failed").inc()
+
+    def observe_job_finished(self, record: "JobRecord") -> None:
+        """Observe a job this process finished: latency histograms, status, images.
+
+        Call once per terminal transition the worker applied (``complete`` /
+        ``fail`` / ``finish_canceled`` returned True), with the record read
+        back from the queue (it carries ``queued_at``/``started_at``/``finished_at``).
+        """
+        status = record.status.value
+        if record.queued_at is not None and record.finished_at is not None:
+            self.job_latency.observe(max(0.0, record.finished_at - record.queued_at))
+        if status == "succeeded":
+            self.images_generated.inc(record.n_images)
+            self.jobs_completed.labels(status="succeeded").inc()
+        elif status == "failed":
+            self.job_failed(record.error)
+        elif status == "canceled":
+            self.jobs_completed.labels(status="canceled").inc()
+
+    def observe_job_started(self, record: "JobRecord") -> None:
+        """Observe a job's queue wait when the worker marks it running."""
+        if record.queued_at is not None and record.started_at is not None:
+            self.queue_wait.observe(max(0.0, record.started_at - record.queued_at))
+
+    def sync_queue_counters(self, counters: "QueueCounters") -> None:
+        """Add what the queue's own counters gained since the last call (worker side).
+
+        ``reclaimed`` -> ``ediffi_jobs_reclaimed_total``; ``failed_max_deliveries``
+        -> ``ediffi_jobs_failed_total{reason="max_deliveries"}`` (and
+        ``jobs_completed_total{status="failed"}``); ``canceled_on_claim`` ->
+        ``jobs_completed_total{status="canceled"}``.
+        """
+        snapshot = counters.snapshot()
+        delta = {name: value - self._synced_counters.get(name, 0) for name, value in snapshot.items()}
+        self._synced_counters = snapshot
+        if delta.get("reclaimed", 0) > 0:
+            self.jobs_reclaimed.inc(delta["reclaimed"])
+        if delta.get("failed_max_deliveries", 0) > 0:
+            self.jobs_failed.labels(reason="max_deliveries").inc(delta["failed_max_deliveries"])
+            self.jobs_completed.labels(status="failed").inc(delta["failed_max_deliveries"])
+        if delta.get("canceled_on_claim", 0) > 0:
+            self.jobs_completed.labels(status="canceled").inc(delta["canceled_on_claim"])
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,323 @@
+"""Creating jobs: ``POST /generate`` and the OpenAI-compatible ``POST /v1/images/generations``.
+
+Both validate the request (:mod:`server.validation`), put it on the queue as
+:class:`~server.schemas.JobParams` plus byte inputs, and by default wait for
+the job (up to ``sync_timeout_s``). ``POST /generate`` with
+``Prefer: respond-async`` answers 202 at once instead.
+
+Outcomes of a synchronous wait:
+
+========================= ===================== =================================
+job                       /generate             /v1/images/generations
+========================= ===================== =================================
+succeeded                 200 images            200 ``{created, data}``
+canceled (by a cancel)    200 status canceled   409
+failed, ``invalid_input`` 422 naming the field  422 naming the field
+failed, other reason      500 with the reason   500 with the reason
+still running at timeout  202 with links        504 with the job's URL
+========================= ===================== =================================
+
+A synchronous client that disconnects cancels its job, unless it sent an
+``Idempotency-Key`` (it may come back for the result).
+
+``Idempotency-Key`` (1-255 visible ASCII characters, scoped to the API key):
+a repeat returns the same job (header ``Idempotent-Replayed: true``); reusing
+a key with a different request is a 422 naming the header.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import time
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from server.auth import Principal, SubmitterDep
+from server.deps import CanvasDep, MetricsDep, QueueDep, SettingsDep
+from server.metrics import Metrics, failure_reason_label
+from server.queue import JobQueue, JobRecord, JobStatus
+from server.routes.jobs import (
+    AUTH_ERRORS,
+    UNAVAILABLE,
+    ClientDisconnected,
+    image_path,
+    image_seeds,
+    job_links,
+    job_timings,
+    wait_for_terminal,
+)
+from server.schemas import (
+    ErrorMessage,
+    FieldErrors,
+    GenerateRequest,
+    GenerateResponse,
+    GenerationOptions,
+    ImageOut,
+    JobAccepted,
+    JobClient,
+    OpenAIImage,
+    OpenAIImagesRequest,
+    OpenAIImagesResponse,
+)
+from server.settings import Settings
+from server.validation import ValidatedJob, field_error, parse_size, raise_invalid, validate_generation
+
+router = APIRouter(tags=["generation"], responses={**AUTH_ERRORS})
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+# "invalid_input: paint_with_words.regions[0].phrase: message"
+_INVALID_INPUT = re.compile(r"^invalid[_ ]input:\s*([A-Za-z_][\w.\[\]]*)\s*:\s*(.*)$", re.DOTALL)
+
+COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": FieldErrors, "description": "An image or the body is too large"},
+    422: {"model": FieldErrors, "description": "Invalid input; loc names the field"},
+    429: {"model": ErrorMessage, "description": "Queue full or rate limit exceeded; see Retry-After"},
+    500: {"model": ErrorMessage, "description": "The job failed on the worker"},
+    **UNAVAILABLE,
+}
+
+PreferHeader = Annotated[
+    str | None,
+    Header(alias="Prefer", description="respond-async: answer 202 at once; wait=N: wait at most N seconds"),
+]
+IdempotencyHeader = Annotated[
+    str | None, Header(alias="Idempotency-Key", description="Repeat-safe key: the same job for a repeated request")
+]
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def parse_prefer(prefer: str | None) -> tuple[bool, float | None]:
+    """(respond-async asked, wait seconds asked) from an RFC 7240 ``Prefer`` header."""
+    if not prefer:
+        return False, None
+    respond_async, wait = False, None
+    for part in re.split(r"[,;]", prefer):
+        token, _, value = part.strip().partition("=")
+        token = token.strip().lower()
+        if token == "respond-async":
+            respond_async = True
+        elif token == "wait":
+            try:
+                wait = max(0.0, float(value.strip().strip('"')))
+            except ValueError:
+                pass
+    return respond_async, wait
+
+
+def scoped_idempotency_key(key: str | None, principal: Principal) -> str | None:
+    """The queue-side key: the client's key scoped to its API key, hashed to a fixed length."""
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise_invalid(
+            [field_error(("header", "idempotency-key"), "must be 1-255 visible ASCII characters", "idempotency_key")]
+        )
+    return hashlib.sha256(f"{principal.key_id or ''}\n{key}".encode()).hexdigest()
+
+
+async def submit_job(
+    body: GenerationOptions,
+    *,
+    api: str,
+    principal: Principal,
+    queue: JobQueue,
+    settings: Settings,
+    metrics: Metrics,
+    idempotency_key: str | None,
+) -> tuple[JobRecord, bool]:
+    """Validate and enqueue; returns (record, replayed)."""
+    queue_key = scoped_idempotency_key(idempotency_key, principal)
+    heavy = body.style_image is not None or body.paint_with_words is not None
+    if heavy:  # image decoding: off the event loop
+        validated: ValidatedJob = await run_in_threadpool(validate_generation, body, settings)
+    else:
+        validated = validate_generation(body, settings)
+    client = JobClient(
+        owner=principal.key_id, submission_id=uuid.uuid4().hex, request_hash=validated.request_hash, api=api
+    )
+    params = {**validated.params, "client": client.model_dump(mode="json")}
+    record = await queue.submit(params, validated.inputs, validated.n, idempotency_key=queue_key)
+    stored_client = record.params.get("client") or {}
+    replayed = stored_client.get("submission_id") != client.submission_id
+    if replayed and stored_client.get("request_hash") != validated.request_hash:
+        raise_invalid(
+            [
+                field_error(
+                    ("header", "idempotency-key"),
+                    "this Idempotency-Key was used for a different request",
+                    "idempotency_key_reused",
+                )
+            ]
+        )
+    if not replayed:
+        metrics.jobs_submitted.inc()
+    return record, replayed
+
+
+def failed_job_error(record: JobRecord) -> Exception:
+    """422 naming the field for ``invalid_input`` failures, else 500 with the reason."""
+    reason = record.error or "unknown error"
+    match = _INVALID_INPUT.match(reason)
+    if match and failure_reason_label(reason) == "invalid_input":
+        loc: list[str | int] = ["body"]
+        for part in re.findall(r"[A-Za-z_]\w*|\[\d+\]", match.group(1)):
+            loc.append(int(part[1:-1]) if part.startswith("[") else part)
+        return RequestValidationError([{"loc": loc, "msg": match.group(2).strip(), "type": "invalid_input"}])
+    return HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, detail=f"job {record.id} failed: {reason}")
+
+
+async def wait_or_cancel(
+    queue: JobQueue, record: JobRecord, timeout_s: float, request: Request, cancel_on_disconnect: bool
+) -> JobRecord | None:
+    try:
+        return await wait_for_terminal(queue, record.id, timeout_s, request)
+    except ClientDisconnected:
+        if cancel_on_disconnect:
+            await queue.cancel(record.id)
+        raise HTTPException(499, detail="client closed the request") from None
+
+
+def accepted(record: JobRecord, *, replayed: bool, preference_applied: bool) -> JSONResponse:
+    body = JobAccepted(id=record.id, status=record.status.value, links=job_links(record.id))
+    headers = {"Location": f"/jobs/{record.id}"}
+    if preference_applied:
+        headers["Preference-Applied"] = "respond-async"
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(body.model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED, headers=headers)
+
+
+async def load_images(queue: JobQueue, record: JobRecord) -> list[bytes]:
+    images = []
+    for k in range(record.n_images):
+        data = await queue.get_image(record.id, k)
+        if data is None:
+            raise HTTPException(status.HTTP_410_GONE, detail=f"result image {k} of job {record.id} expired")
+        images.append(data)
+    return images
+
+
+# --------------------------------------------------------------------- routes
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    response_model_exclude_none=True,
+    responses={
+        202: {"model": JobAccepted, "description": "Accepted (Prefer: respond-async, or the sync wait timed out)"},
+        **COMMON_ERRORS,
+    },
+)
+async def generate(
+    body: GenerateRequest,
+    request: Request,
+    principal: SubmitterDep,
+    queue: QueueDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    prefer: PreferHeader = None,
+    idempotency_key: IdempotencyHeader = None,
+) -> JSONResponse:
+    """Generate images. Waits for them by default; ``Prefer: respond-async`` answers 202 at once."""
+    record, replayed = await submit_job(
+        body,
+        api="generate",
+        principal=principal,
+        queue=queue,
+        settings=settings,
+        metrics=metrics,
+        idempotency_key=idempotency_key,
+    )
+    respond_async, wait_s = parse_prefer(prefer)
+    if respond_async:
+        return accepted(record, replayed=replayed, preference_applied=True)
+    timeout_s = settings.sync_timeout_s if wait_s is None else min(wait_s, settings.sync_timeout_s)
+    final = await wait_or_cancel(queue, record, timeout_s, request, cancel_on_disconnect=idempotency_key is None)
+    if final is None or final.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED):
+        return accepted(final or record, replayed=replayed, preference_applied=False)
+    if final.status == JobStatus.FAILED:
+        raise failed_job_error(final)
+    seeds = image_seeds(final)
+    images: list[ImageOut] = []
+    if final.status == JobStatus.SUCCEEDED:
+        if body.response_format == "b64_json":
+            blobs = await load_images(queue, final)
+            images = [
+                ImageOut(b64_json=base64.b64encode(blob).decode("ascii"), seed=seeds[k] if k < len(seeds) else 0)
+                for k, blob in enumerate(blobs)
+            ]
+        else:
+            images = [
+                ImageOut(url=image_path(final.id, k), seed=seeds[k] if k < len(seeds) else 0)
+                for k in range(final.n_images)
+            ]
+    response = GenerateResponse(id=final.id, status=final.status.value, images=images, timings=job_timings(final))
+    headers = {"Idempotent-Replayed": "true"} if replayed else {}
+    return JSONResponse(response.model_dump(mode="json", exclude_none=True), headers=headers)
+
+
+@router.post(
+    "/v1/images/generations",
+    response_model=OpenAIImagesResponse,
+    response_model_exclude_none=True,
+    responses={
+        409: {"model": ErrorMessage, "description": "The job was canceled"},
+        504: {"model": ErrorMessage, "description": "The job did not finish within sync_timeout_s"},
+        **COMMON_ERRORS,
+    },
+    tags=["openai"],
+)
+async def openai_images(
+    body: OpenAIImagesRequest,
+    request: Request,
+    principal: SubmitterDep,
+    queue: QueueDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    canvas: CanvasDep,
+    idempotency_key: IdempotencyHeader = None,
+) -> JSONResponse:
+    """OpenAI-compatible image generation (prompt, n, size, response_format; /generate fields as extensions)."""
+    raise_invalid(parse_size(body.size, canvas))
+    record, replayed = await submit_job(
+        body,
+        api="openai",
+        principal=principal,
+        queue=queue,
+        settings=settings,
+        metrics=metrics,
+        idempotency_key=idempotency_key,
+    )
+    final = await wait_or_cancel(
+        queue, record, settings.sync_timeout_s, request, cancel_on_disconnect=idempotency_key is None
+    )
+    if final is None or final.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED):
+        raise HTTPException(
+            status.HTTP_504_GATEWAY_TIMEOUT,
+            detail=f"job {record.id} did not finish within {settings.sync_timeout_s:g} s; poll /jobs/{record.id}",
+            headers={"Location": f"/jobs/{record.id}"},
+        )
+    if final.status == JobStatus.FAILED:
+        raise failed_job_error(final)
+    if final.status == JobStatus.CANCELED:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {final.id} was canceled")
+    if body.response_format == "b64_json":
+        data = [OpenAIImage(b64_json=base64.b64encode(blob).decode("ascii")) for blob in await load_images(queue, final)]
+    else:
+        base = str(request.base_url).rstrip("/")
+        data = [OpenAIImage(url=base + image_path(final.id, k)) for k in range(final.n_images)]
+    created = int(final.finished_at or time.time())
+    headers = {"Idempotent-Replayed": "true"} if replayed else {}
+    return JSONResponse(
+        OpenAIImagesResponse(created=created, data=data).model_dump(mode="json", exclude_none=True), headers=headers
+    )

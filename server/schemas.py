@@ -1,0 +1,337 @@
+"""HTTP request/response models (pydantic v2), exactly the public interface of DESIGN.md §4,
+and :class:`JobParams`, the JSON the API puts on the queue for the worker.
+
+The static bounds here are the hard ones (types, enums, ranges that never
+change). Limits that come from :class:`~server.settings.Settings` (prompt
+length, ``n``, ``steps``, regions, image bytes and pixels) are enforced by
+:mod:`server.validation` with the same field-level error format, and are
+patched into the OpenAPI schema by :func:`server.app.create_app`.
+
+Numbers are strict: ``"n": "2"``, ``"n": 2.0`` or ``"n": true`` are rejected,
+not coerced; floats must be finite. ``/generate`` rejects unknown fields (a
+typo such as ``"stpes"`` is a 422, not silently ignored);
+``/v1/images/generations`` ignores unknown fields, as OpenAI clients send
+``model``, ``quality``, ``style``, ``user`` and the like.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+Sampler = Literal["heun", "euler", "dpmpp_2m"]
+ResponseFormat = Literal["b64_json", "url"]
+
+DEFAULT_STEPS = 32
+DEFAULT_GUIDANCE = 3.0
+DEFAULT_SAMPLER: Sampler = "heun"
+DEFAULT_STRENGTH = 0.4  # ediffi.paint.DEFAULT_STRENGTH (not imported: it pulls in torch)
+MAX_STRENGTH = 10.0
+MAX_SEED = 2**32 - 1
+MAX_GUIDANCE = 50.0
+
+
+def _utf8_text(value: str) -> str:
+    """Reject strings that cannot be encoded as UTF-8 (lone surrogates such as ``"\\ud800"``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, Field(strict=True), AfterValidator(_utf8_text)]
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return value
+
+
+# --------------------------------------------------------------------- requests
+
+
+class PaintRegion(BaseModel):
+    """One painted region: pixels of ``color`` in the colour map are where ``phrase`` goes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    color: Annotated[
+        str,
+        Field(
+            strict=True,
+            pattern=r"^#[0-9a-fA-F]{6}$",
+            description='Exact colour of the region in the colour map, "#rrggbb".',
+            examples=["#ff0000"],
+        ),
+    ]
+    phrase: Annotated[
+        Text,
+        AfterValidator(_non_blank),
+        Field(min_length=1, description="Words of the prompt painted in this region (whole words, any case)."),
+    ]
+    strength: Annotated[
+        float,
+        Field(
+            strict=True,
+            ge=0.0,
+            le=MAX_STRENGTH,
+            allow_inf_nan=False,
+            description="Paint-with-words strength w' of this region, in [0, 10].",
+        ),
+    ] = DEFAULT_STRENGTH
+
+
+class PaintWithWords(BaseModel):
+    """Paint-with-words (eDiff-I §4.3): a colour map and the regions painted on it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    color_map: Annotated[
+        str,
+        Field(
+            strict=True,
+            min_length=1,
+            description="Base64 PNG (optionally a data: URL), square like the canvas; regions are exact colours.",
+        ),
+    ]
+    regions: Annotated[list[PaintRegion], Field(min_length=1, description="Regions, each a distinct colour.")]
+
+
+class GenerationOptions(BaseModel):
+    """Fields shared by ``POST /generate`` and ``POST /v1/images/generations`` (where most are extensions)."""
+
+    prompt: Annotated[Text, AfterValidator(_non_blank), Field(min_length=1, description="What to draw.")]
+    n: Annotated[int, Field(strict=True, ge=1, description="Number of images.")] = 1
+    negative_prompt: Annotated[Text, Field(description="Text the image should not show (guidance's negative).")] = ""
+    steps: Annotated[int, Field(strict=True, ge=1, description="Sampling steps.")] = DEFAULT_STEPS
+    guidance_scale: Annotated[
+        float,
+        Field(strict=True, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance scale."),
+    ] = DEFAULT_GUIDANCE
+    seed: Annotated[
+        int | None,
+        Field(
+            strict=True,
+            ge=0,
+            le=MAX_SEED,
+            description="Seed of the first image; image k uses seed + k. Absent: the server picks one.",
+        ),
+    ] = None
+    sampler: Annotated[Sampler, Field(description="ODE solver on the Karras sigma schedule.")] = DEFAULT_SAMPLER
+    style_image: Annotated[
+        str | None,
+        Field(strict=True, min_length=1, description="Base64 PNG or JPEG (optionally a data: URL) used as style."),
+    ] = None
+    paint_with_words: PaintWithWords | None = None
+    response_format: Annotated[
+        ResponseFormat, Field(description="b64_json: images inline; url: links to /jobs/{id}/images/{k}.png.")
+    ] = "b64_json"
+
+
+class GenerateRequest(GenerationOptions):
+    """Body of ``POST /generate``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prompt": "a red circle on the left", "n": 1, "seed": 7}]},
+    )
+
+
+
+class OpenAIImagesRequest(GenerationOptions):
+    """Body of ``POST /v1/images/generations``: the OpenAI subset plus the /generate fields as extensions."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"prompt": "a red circle on the left", "n": 1, "size": "64x64"}]},
+    )
+
+    size: Annotated[
+        str | None, Field(strict=True, description="Must be the model's canvas, e.g. 64x64 for the shipped model.")
+    ] = None
+    response_format: Annotated[
+        ResponseFormat, Field(description="url (the OpenAI default): absolute links; b64_json: images inline.")
+    ] = "url"
+    model: Annotated[str | None, Field(description="Accepted and ignored (one model per deployment).")] = None
+
+
+# -------------------------------------------------------------------- job params
+
+
+class JobRegion(BaseModel):
+    color: str  # lower-case "#rrggbb", present in the colour map
+    phrase: str  # occurs in the prompt as whole words (case-insensitive)
+    strength: float  # [0, 10]
+
+
+class JobPaintWithWords(BaseModel):
+    regions: list[JobRegion]  # the colour map itself is the input "color_map" (PNG bytes)
+
+
+class JobClient(BaseModel):
+    """API bookkeeping; the worker ignores it."""
+
+    owner: str | None = None  # hash of the API key that submitted the job (None without keys)
+    submission_id: str  # unique per accepted HTTP submission (tells a new job from an idempotent replay)
+    request_hash: str  # fingerprint of the request (an Idempotency-Key reused with another body is a 422)
+    api: Literal["generate", "openai"] = "generate"
+
+
+class JobParams(BaseModel):
+    """What the API puts on the queue for each job (``JobRecord.params``): the validated request.
+
+    Schema version 1, exact keys::
+
+        {
+          "version": 1,
+          "prompt": str,                    # non-blank, <= max_prompt_chars
+          "negative_prompt": str,           # "" when absent
+          "n": int,                         # 1..max_n images
+          "steps": int,                     # 1..max_steps
+          "guidance_scale": float,          # finite, [0, 50]
+          "seed": int,                      # always set (picked by the API if the client sent none);
+                                            # image k must use seed + k (GenerationRequest.image_seeds)
+          "sampler": "heun" | "euler" | "dpmpp_2m",
+          "inputs": ["color_map"?, "style_image"?],   # names of the job's byte inputs, sorted
+          "paint_with_words": null | {"regions": [{"color": "#rrggbb", "phrase": str, "strength": float}]},
+          "response_format": "b64_json" | "url",      # how the API will answer; not the worker's concern
+          "client": {"owner": str | null, "submission_id": str, "request_hash": str,
+                     "api": "generate" | "openai"}     # API bookkeeping; the worker ignores it
+        }
+
+    Byte inputs (``JobQueue.load_input(job_id, name)``; names also in ``ClaimedJob.input_names``):
+
+    * ``"style_image"``: the client's PNG or JPEG bytes, already checked to decode
+      and to be within ``max_image_bytes`` / ``max_image_pixels``;
+    * ``"color_map"``: PNG bytes, square, every region colour present in it
+      (exact RGB match after ``convert("RGB")``), colours distinct.
+
+    The worker builds ``ediffi.pipeline.GenerationRequest(prompt=..., negative_prompt=...,
+    steps=..., guidance_scale=..., seed=..., sampler=..., n=..., style_image=PIL image or None,
+    color_map=PIL image or None, regions=[Region(color, phrase, strength), ...])`` and reports
+    the seeds it used (``seed + k``) to ``JobQueue.complete``. Input that passes the API
+    but that the model still rejects (e.g. a phrase the tokenizer truncated away) should be
+    failed with a reason starting ``"invalid_input: <field>: <message>"``: the synchronous
+    endpoints turn that into a 422 naming the field.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: Literal[1] = 1
+    prompt: str
+    negative_prompt: str = ""
+    n: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    sampler: Sampler
+    inputs: list[str] = Field(default_factory=list)
+    paint_with_words: JobPaintWithWords | None = None
+    response_format: ResponseFormat = "b64_json"
+    client: JobClient | None = None
+
+    @property
+    def image_seeds(self) -> list[int]:
+        return [self.seed + k for k in range(self.n)]
+
+
+# -------------------------------------------------------------------- responses
+
+
+class ImageOut(BaseModel):
+    b64_json: str | None = Field(default=None, description="Base64 PNG (response_format b64_json).")
+    url: str | None = Field(default=None, description="Where to GET the PNG (response_format url).")
+    seed: int = Field(description="Seed this image was sampled with.")
+
+
+class ImageLink(BaseModel):
+    url: str = Field(description="Where to GET the PNG.")
+    seed: int = Field(description="Seed this image was sampled with.")
+
+
+class GenerateResponse(BaseModel):
+    """200 body of a synchronous ``POST /generate``."""
+
+    id: str
+    status: Literal["succeeded", "canceled"]
+    images: list[ImageOut]
+    timings: dict[str, float] = Field(
+        description="queued_at/started_at/finished_at (epoch s), queue_wait_s, run_s, total_s, worker timings."
+    )
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str
+    cancel: str
+
+
+class JobAccepted(BaseModel):
+    """202 body of ``POST /generate`` with ``Prefer: respond-async`` (or a sync wait that timed out)."""
+
+    id: str
+    status: str
+    links: JobLinks
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class JobView(BaseModel):
+    """``GET /jobs/{id}``."""
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    progress: Progress
+    n: int
+    error: str | None = None
+    images: list[ImageLink] = Field(default_factory=list, description="Links to the images once succeeded.")
+    timings: dict[str, float]
+    links: JobLinks
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+
+
+class ErrorMessage(BaseModel):
+    """Body of the non-validation errors (401, 403, 404, 409, 429, 500, 503, 504)."""
+
+    detail: str
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+    input: Any | None = None
+    ctx: dict[str, Any] | None = None
+
+
+class FieldErrors(BaseModel):
+    """Body of 413 and 422: FastAPI's field-level format, ``loc`` names the field."""
+
+    detail: list[FieldError]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    workers_alive: int | None = None
+    queue_depth: int | None = None
+    reason: str | None = None

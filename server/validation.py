@@ -1,0 +1,366 @@
+"""Request validation beyond the static schema: every limit of :class:`~server.settings.Settings`,
+base64 and image checks, and the paint-with-words rules.
+
+Errors use FastAPI's field-level format so a client can show each next to its
+field: ``{"detail": [{"loc": ["body", "paint_with_words", "regions", 0, "color"],
+"msg": ..., "type": ...}]}``. Invalid values are 422
+(:class:`fastapi.exceptions.RequestValidationError`); sizes beyond the limits
+are 413 (:class:`PayloadTooLarge`, same body format).
+
+Images are never trusted: the encoded length is checked before decoding the
+base64, the format (PNG/JPEG; colour maps PNG only) and the pixel count are
+read from the header before any pixel is decoded (the decompression-bomb
+guard, per call from the settings; PIL's global ``MAX_IMAGE_PIXELS`` is left
+alone), and only then is the image decoded in full so truncated or corrupt
+files are a 422 here rather than a failed job later.
+
+This module imports no torch: the paint-with-words checks that
+``ediffi.paint`` does on the worker (phrase lookup, colour parsing, aspect)
+are repeated here with ``re``, PIL and numpy, with the same rules.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from fastapi.exceptions import RequestValidationError
+from PIL import Image
+
+from server.schemas import GenerationOptions, JobPaintWithWords, JobParams, JobRegion
+from server.settings import Settings
+
+Loc = tuple[str | int, ...]
+
+#: Relative tolerance of the colour-map aspect check (as ``ediffi.paint.check_aspect``).
+ASPECT_TOLERANCE = 0.02
+#: Server-picked seeds stay below 2**31 (safe in every client language and in seed + k).
+AUTO_SEED_LIMIT = 2**31
+_DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+
+class PayloadTooLarge(Exception):
+    """A field (or the body) is larger than the limits allow: 413 with field-level detail."""
+
+    def __init__(self, errors: Sequence[dict[str, Any]]) -> None:
+        super().__init__("payload too large")
+        self._errors = list(errors)
+
+    def errors(self) -> list[dict[str, Any]]:
+        return self._errors
+
+
+def field_error(loc: Loc, msg: str, type_: str, *, ctx: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One error in FastAPI's format."""
+    error: dict[str, Any] = {"loc": list(loc), "msg": msg, "type": type_}
+    if ctx:
+        error["ctx"] = ctx
+    return error
+
+
+def raise_invalid(errors: Iterable[dict[str, Any]]) -> None:
+    """Raise a 422 with ``errors`` if there are any."""
+    errors = list(errors)
+    if errors:
+        raise RequestValidationError(errors)
+
+
+@dataclass
+class ValidatedJob:
+    """A request that passed every check: the queue's params, byte inputs and image count."""
+
+    params: dict[str, Any]  # JobParams without "client"
+    inputs: dict[str, bytes] = field(default_factory=dict)
+    n: int = 1
+    request_hash: str = ""
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.params["seed"] + k for k in range(self.n)]
+
+
+# --------------------------------------------------------------------- limits
+
+
+def check_limits(request: GenerationOptions, settings: Settings) -> list[dict[str, Any]]:
+    """The cheap checks that depend on the settings (lengths and counts)."""
+    body: Loc = ("body",)
+    prompt, n = request.prompt, request.n
+    errors: list[dict[str, Any]] = []
+    for name, text in (("prompt", prompt), ("negative_prompt", request.negative_prompt)):
+        if len(text) > settings.max_prompt_chars:
+            errors.append(
+                field_error(
+                    body + (name,),
+                    f"String should have at most {settings.max_prompt_chars} characters",
+                    "string_too_long",
+                    ctx={"max_length": settings.max_prompt_chars},
+                )
+            )
+    if n > settings.max_n:
+        errors.append(
+            field_error(
+                body + ("n",),
+                f"Input should be less than or equal to {settings.max_n}",
+                "less_than_equal",
+                ctx={"le": settings.max_n},
+            )
+        )
+    if request.steps > settings.max_steps:
+        errors.append(
+            field_error(
+                body + ("steps",),
+                f"Input should be less than or equal to {settings.max_steps}",
+                "less_than_equal",
+                ctx={"le": settings.max_steps},
+            )
+        )
+    pww = request.paint_with_words
+    if pww is not None:
+        regions_loc = body + ("paint_with_words", "regions")
+        if len(pww.regions) > settings.max_regions:
+            # Per-region checks only once the count is sane (each one scans the prompt).
+            errors.append(
+                field_error(
+                    regions_loc,
+                    f"List should have at most {settings.max_regions} items",
+                    "too_long",
+                    ctx={"max_length": settings.max_regions},
+                )
+            )
+            return errors
+        prompt_ok = len(prompt) <= settings.max_prompt_chars
+        seen: dict[str, int] = {}
+        for i, region in enumerate(pww.regions):
+            color = region.color.lower()
+            if color in seen:
+                errors.append(
+                    field_error(
+                        regions_loc + (i, "color"),
+                        f"colour {color} is already used by regions[{seen[color]}]; each region needs its own colour",
+                        "duplicate_color",
+                    )
+                )
+            else:
+                seen[color] = i
+            if prompt_ok and (len(region.phrase) > len(prompt) or phrase_span(prompt, region.phrase) is None):
+                errors.append(
+                    field_error(
+                        regions_loc + (i, "phrase"),
+                        f"phrase {_clip(region.phrase)!r} does not occur in the prompt (whole words, any case)",
+                        "phrase_not_in_prompt",
+                    )
+                )
+    return errors
+
+
+def phrase_span(prompt: str, phrase: str) -> tuple[int, int] | None:
+    """Span of the first whole-word, case-insensitive occurrence (``ediffi.paint.phrase_span``'s rule)."""
+    words = phrase.strip()
+    if not words:
+        return None
+    match = re.search(r"(?<!\w)" + re.escape(words) + r"(?!\w)", prompt, flags=re.IGNORECASE)
+    return match.span() if match else None
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --------------------------------------------------------------------- images
+
+
+def decode_base64_image(value: str, loc: Loc, max_bytes: int) -> bytes:
+    """Bytes of a base64 (or ``data:...;base64,``) string; 413 if they would exceed ``max_bytes``."""
+    text = _DATA_URL.sub("", value, count=1) if value[:5].lower() == "data:" else value
+    # Cheap bound first (no copy): 4 base64 characters carry 3 bytes; whitespace only inflates it.
+    if len(text) > 4 * (max_bytes // 3 + 1) + 4:
+        compact = _WHITESPACE.sub("", text)
+        if (len(compact) // 4) * 3 > max_bytes + 2:
+            raise PayloadTooLarge(
+                [
+                    field_error(
+                        loc,
+                        f"image is about {len(compact) * 3 // 4} bytes; the limit is {max_bytes} bytes",
+                        "too_large",
+                        ctx={"max_bytes": max_bytes},
+                    )
+                ]
+            )
+        text = compact
+    else:
+        text = _WHITESPACE.sub("", text)
+    text += "=" * (-len(text) % 4)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise_invalid([field_error(loc, "not valid base64", "base64_decode")])
+    if not data:
+        raise_invalid([field_error(loc, "image is empty", "image_empty")])
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(
+            [
+                field_error(
+                    loc,
+                    f"image is {len(data)} bytes; the limit is {max_bytes} bytes",
+                    "too_large",
+                    ctx={"max_bytes": max_bytes},
+                )
+            ]
+        )
+    return data
+
+
+def open_image(data: bytes, loc: Loc, max_pixels: int, formats: Sequence[str]) -> Image.Image:
+    """Open, check the header size against ``max_pixels``, then decode fully.
+
+    The pixel count comes from the header (``Image.open`` reads no pixels), so
+    a small file claiming a huge canvas is refused before any allocation.
+    """
+    names = "/".join(formats)
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(formats))
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge([field_error(loc, "image has too many pixels", "too_many_pixels")]) from None
+    except Exception:  # PIL raises many types for hostile bytes; none of them is our fault
+        raise_invalid([field_error(loc, f"not a {names} image", "image_format")])
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise_invalid([field_error(loc, f"image has no pixels ({width}x{height})", "image_empty")])
+    if width * height > max_pixels:
+        image.close()
+        raise PayloadTooLarge(
+            [
+                field_error(
+                    loc,
+                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels",
+                    "too_many_pixels",
+                    ctx={"max_pixels": max_pixels},
+                )
+            ]
+        )
+    try:
+        image.load()
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge([field_error(loc, "image has too many pixels", "too_many_pixels")]) from None
+    except Exception:
+        raise_invalid([field_error(loc, f"{names} image is truncated or corrupt", "image_decode")])
+    return image
+
+
+def image_colors(image: Image.Image, loc: Loc) -> set[str]:
+    """The distinct ``#rrggbb`` colours of ``image`` after ``convert("RGB")`` (as the worker sees it)."""
+    try:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.uint32)
+    except Exception:
+        raise_invalid([field_error(loc, "colour map cannot be converted to RGB", "image_mode")])
+    packed = (pixels[..., 0] << 16) | (pixels[..., 1] << 8) | pixels[..., 2]
+    return {f"#{int(value):06x}" for value in np.unique(packed)}
+
+
+# ------------------------------------------------------------------- requests
+
+
+def validate_generation(request: GenerationOptions, settings: Settings) -> ValidatedJob:
+    """Check a request against every limit and rule; return the queue params and inputs.
+
+    Raises ``RequestValidationError`` (422) or :class:`PayloadTooLarge` (413).
+    Cheap checks run first and report together; images are decoded last.
+    CPU-bound (image decoding): call it from a thread pool when images are present.
+    """
+    body: Loc = ("body",)
+    raise_invalid(check_limits(request, settings))
+
+    inputs: dict[str, bytes] = {}
+    if request.style_image is not None:
+        loc = body + ("style_image",)
+        data = decode_base64_image(request.style_image, loc, settings.max_image_bytes)
+        open_image(data, loc, settings.max_image_pixels, ("PNG", "JPEG")).close()
+        inputs["style_image"] = data
+
+    pww_params: JobPaintWithWords | None = None
+    pww = request.paint_with_words
+    if pww is not None:
+        loc = body + ("paint_with_words", "color_map")
+        data = decode_base64_image(pww.color_map, loc, settings.max_image_bytes)
+        color_map = open_image(data, loc, settings.max_image_pixels, ("PNG",))
+        width, height = color_map.size
+        if abs(width / height - 1.0) > ASPECT_TOLERANCE:  # the canvas is square for this model family
+            raise_invalid(
+                [
+                    field_error(
+                        loc,
+                        f"colour map is {width}x{height} (aspect {width / height:.3f}); "
+                        f"it must be square like the canvas",
+                        "aspect_ratio",
+                    )
+                ]
+            )
+        present = image_colors(color_map, loc)
+        color_map.close()
+        errors = [
+            field_error(
+                body + ("paint_with_words", "regions", i, "color"),
+                f"colour {region.color.lower()} does not occur in the colour map",
+                "color_not_in_map",
+            )
+            for i, region in enumerate(pww.regions)
+            if region.color.lower() not in present
+        ]
+        raise_invalid(errors)
+        inputs["color_map"] = data
+        pww_params = JobPaintWithWords(
+            regions=[
+                JobRegion(color=region.color.lower(), phrase=region.phrase.strip(), strength=region.strength)
+                for region in pww.regions
+            ]
+        )
+
+    seed = request.seed if request.seed is not None else secrets.randbelow(AUTO_SEED_LIMIT)
+    params = JobParams(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        n=request.n,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        seed=seed,
+        sampler=request.sampler,
+        inputs=sorted(inputs),
+        paint_with_words=pww_params,
+        response_format=request.response_format,
+    ).model_dump(mode="json", exclude={"client"})
+    return ValidatedJob(
+        params=params, inputs=inputs, n=request.n, request_hash=request_fingerprint(params, request, inputs)
+    )
+
+
+def request_fingerprint(params: dict[str, Any], request: GenerationOptions, inputs: dict[str, bytes]) -> str:
+    """Hash of what the client asked for (a server-picked seed excluded), for Idempotency-Key reuse checks."""
+    canonical = {key: value for key, value in params.items() if key != "response_format"}
+    if request.seed is None:
+        canonical["seed"] = None
+    canonical["inputs"] = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(inputs.items())}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def parse_size(size: str | None, canvas: int) -> list[dict[str, Any]]:
+    """Errors for an OpenAI ``size`` other than the model's ``{canvas}x{canvas}``."""
+    if size is None or size == f"{canvas}x{canvas}":
+        return []
+    return [
+        field_error(
+            ("body", "size"),
+            f"size must be {canvas}x{canvas} (the model's canvas)",
+            "literal_error",
+            ctx={"expected": f"'{canvas}x{canvas}'"},
+        )
+    ]

@@ -1,0 +1,280 @@
+"""The worker: pulls jobs from the queue into the engine and stores results.
+
+One asyncio loop owns the queue client; the engine runs on its own thread
+and hands progress and outcomes back with `loop.call_soon_threadsafe`. The
+worker makes no batching decision (that is the engine scheduler's job):
+it only claims new jobs while it has free slots, so work spreads across
+workers, and it acknowledges a job only after its result is stored (the
+queue's `complete`).
+
+Per job: claim -> mark_running -> inputs -> engine.submit -> progress events
+(at most every 250 ms) -> complete | fail | finish_canceled. A heartbeat
+keeps the worker visible (/readyz) and keeps its jobs from being reclaimed
+(`keep_alive`); a job another worker took over is dropped from the engine.
+On SIGTERM the worker stops claiming, gives running jobs a grace period to
+finish, then releases the rest back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from ediffi.paint import Region
+from ediffi.pipeline import GenerationRequest
+from engines.engine import Engine, EngineHooks
+from engines.request import RequestOutcome
+from server.metrics import Metrics
+from server.queue import ClaimedJob, JobQueue, QueueUnavailable
+from server.schemas import JobParams
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.25
+CANCEL_POLL_INTERVAL_S = 0.5
+# Errors raised while the model reads a request's inputs: the client's fault.
+_INPUT_ERRORS = ("PaintWithWordsError: ", "ValueError: ")
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class ActiveJob:
+    job: ClaimedJob
+    done: asyncio.Future
+    last_progress_sent: float = 0.0
+    pending_progress: tuple[int, int] | None = None
+    engine_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def build_request(params: JobParams, inputs: dict[str, bytes]) -> GenerationRequest:
+    """The model-side request of a validated job (DESIGN §4 fields)."""
+    open_image = lambda name: Image.open(io.BytesIO(inputs[name])) if name in inputs else None  # noqa: E731
+    pww = params.paint_with_words
+    return GenerationRequest(
+        prompt=params.prompt, negative_prompt=params.negative_prompt, steps=params.steps,
+        guidance_scale=params.guidance_scale, seed=params.seed, sampler=params.sampler, n=params.n,
+        style_image=open_image("style_image"), color_map=open_image("color_map") if pww else None,
+        regions=[Region(r.color, r.phrase, r.strength) for r in pww.regions] if pww else [],
+    )
+
+
+def failure_reason(outcome_error: str | None) -> str:
+    """Queue failure text; input errors become 'invalid_input: <field>: <msg>'
+    so the API can answer 422 naming the field."""
+    text = outcome_error or "internal: unknown error"
+    for prefix in _INPUT_ERRORS:
+        if text.startswith(prefix):
+            return "invalid_input: " + text[len(prefix):]
+    return text if text.startswith(("internal", "timeout")) else f"internal: {text}"
+
+
+def engine_metric_hooks(metrics: Metrics) -> EngineHooks:
+    return EngineHooks(
+        on_batch=lambda t: (
+            metrics.batch_size.labels(stage=t.stage, expert=t.expert).observe(t.rows),
+            metrics.denoiser_forward.labels(stage=t.stage, expert=t.expert).observe(t.seconds),
+        ),
+    )
+
+
+class Worker:
+    def __init__(self, settings: Settings, queue: JobQueue, engine: Engine, metrics: Metrics,
+                 worker_id: str | None = None, shutdown_grace_s: float = 10.0):
+        self.settings = settings
+        self.queue = queue
+        self.engine = engine
+        self.metrics = metrics
+        self.worker_id = worker_id or new_worker_id()
+        self.shutdown_grace_s = shutdown_grace_s
+        self.active: dict[str, ActiveJob] = {}
+        # Jobs given back (shutdown) or taken over by another worker: their
+        # engine cancellation must not mark them canceled in the queue.
+        self._released: set[str] = set()
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        engine.add_hooks(engine_metric_hooks(metrics))
+
+    def stop(self) -> None:
+        """Ask the worker to stop claiming and shut down (signal-safe)."""
+        self._stop.set()
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.settings.worker_slots - len(self.active))
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        tasks = {asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._cancel_loop())}
+        try:
+            await self._claim_loop()
+        finally:
+            await self._shutdown()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- claiming ------------------------------------------------------------
+    async def _claim_loop(self) -> None:
+        while not self._stop.is_set():
+            if self.free_slots == 0:
+                await asyncio.sleep(0.05)
+                continue
+            # Block briefly only when idle, so a busy worker keeps its loop responsive.
+            block_ms = 500 if not self.active else 50
+            try:
+                claimed = await self.queue.claim(self.worker_id, self.free_slots, block_ms=block_ms)
+            except QueueUnavailable as exc:
+                log.warning("queue unavailable, retrying: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            self.metrics.sync_queue_counters(self.queue.counters)
+            for job in claimed:
+                active = ActiveJob(job, self._loop.create_future())
+                self.active[job.job_id] = active
+                asyncio.create_task(self._run_job(active))
+            self.metrics.active_requests.set(len(self.active))
+
+    async def _run_job(self, active: ActiveJob) -> None:
+        job = active.job
+        try:
+            if not await self.queue.mark_running(job, self.worker_id):
+                await self._finish(job, "canceled")
+                return
+            record = await self.queue.get(job.job_id)
+            if record is not None:
+                self.metrics.observe_job_started(record)
+            params = JobParams.model_validate(job.params)
+            inputs = {}
+            for name in job.input_names:
+                data = await self.queue.load_input(job.job_id, name)
+                if data is not None:
+                    inputs[name] = data
+            try:
+                request = build_request(params, inputs)
+                self.engine.submit(
+                    request, on_progress=lambda done, total: self._from_engine(self._on_progress, active, done, total),
+                    on_done=lambda outcome: self._from_engine(self._on_done, active, outcome),
+                    request_id=active.engine_id,
+                )
+            except ValueError as exc:
+                await self._finish(job, "failed", failure_reason(f"ValueError: {exc}"))
+                return
+            outcome: RequestOutcome = await active.done
+            await self._flush_progress(active)
+            if outcome.ok:
+                pngs = await asyncio.to_thread(outcome.png_bytes)
+                timings = {k: v for k, v in outcome.timings.items() if v is not None}
+                await self._finish(job, "succeeded", images=pngs, seeds=outcome.seeds, timings=timings)
+            elif outcome.status in ("canceled", "expired") and active.job.job_id not in self._released:
+                await self._finish(job, "canceled")
+            elif outcome.status == "failed":
+                await self._finish(job, "failed", failure_reason(outcome.error))
+        except QueueUnavailable as exc:
+            # The job stays pending in the queue and is reclaimed later: nothing is lost.
+            log.warning("job %s: queue unavailable (%s); it will be reclaimed", job.job_id, exc)
+            self.engine.cancel(active.engine_id)
+        except Exception as exc:  # a bug must fail the job, not hang it
+            log.exception("job %s failed", job.job_id)
+            try:
+                await self._finish(job, "failed", f"internal: {type(exc).__name__}: {exc}")
+            except QueueUnavailable:
+                pass
+        finally:
+            self.active.pop(job.job_id, None)
+            self.metrics.active_requests.set(len(self.active))
+
+    async def _finish(self, job: ClaimedJob, status: str, reason: str | None = None, *,
+                      images: list[bytes] | None = None, seeds: list[int] | None = None,
+                      timings: dict | None = None) -> None:
+        if status == "succeeded":
+            applied = await self.queue.complete(job, images or [], seeds or [], timings or {})
+        elif status == "failed":
+            applied = await self.queue.fail(job, reason or "internal")
+        else:
+            applied = await self.queue.finish_canceled(job)
+        if applied:
+            record = await self.queue.get(job.job_id)
+            if record is not None:
+                self.metrics.observe_job_finished(record)
+
+    # -- engine callbacks (engine thread -> loop) ----------------------------
+    def _from_engine(self, fn, *args) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _on_done(self, active: ActiveJob, outcome: RequestOutcome) -> None:
+        if not active.done.done():
+            active.done.set_result(outcome)
+
+    def _on_progress(self, active: ActiveJob, done: int, total: int) -> None:
+        active.pending_progress = (done, total)
+        if time.monotonic() - active.last_progress_sent >= PROGRESS_INTERVAL_S:
+            asyncio.create_task(self._flush_progress(active))
+
+    async def _flush_progress(self, active: ActiveJob) -> None:
+        progress, active.pending_progress = active.pending_progress, None
+        if progress is None:
+            return
+        active.last_progress_sent = time.monotonic()
+        try:
+            await self.queue.progress(active.job.job_id, *progress)
+        except QueueUnavailable:
+            pass  # progress is advisory; the result is what must not be lost
+
+    # -- background loops ----------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self.queue.heartbeat(self.worker_id, {"slots": self.settings.worker_slots,
+                                                            "active": len(self.active), "engine": self.engine.name})
+                self.metrics.worker_heartbeats.inc()
+                lost = await self.queue.keep_alive(self.worker_id, [a.job for a in self.active.values()])
+                for job in lost:  # another worker took it over: stop spending compute on it
+                    active = self.active.get(job.job_id)
+                    if active is not None:
+                        self._released.add(job.job_id)
+                        self.engine.cancel(active.engine_id)
+            except QueueUnavailable as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def _cancel_loop(self) -> None:
+        """Client cancellations reach the engine within one poll interval;
+        the engine drops the request before its next tick's compute."""
+        while True:
+            for job_id, active in list(self.active.items()):
+                try:
+                    if await self.queue.is_canceled(job_id):
+                        self.engine.cancel(active.engine_id)
+                except QueueUnavailable:
+                    break
+            await asyncio.sleep(CANCEL_POLL_INTERVAL_S)
+
+    async def _shutdown(self) -> None:
+        """Graceful stop: let running jobs finish for a grace period, then
+        release the rest so another worker picks them up at once."""
+        deadline = time.monotonic() + self.shutdown_grace_s
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for job_id, active in list(self.active.items()):
+            self._released.add(job_id)
+            self.engine.cancel(active.engine_id)
+            try:
+                await self.queue.release(active.job)
+            except QueueUnavailable:
+                pass  # unacknowledged: reclaimed after the claim timeout
+        while self.active and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.05)
