@@ -144,6 +144,12 @@ def cmd_serve(args, settings) -> int:
     return 0
 
 
+def cmd_export(args, settings) -> int:
+    from export.cli import run_export
+
+    return run_export(args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ediffi", description="eDiff-I text-to-image: generate, serve, export, train, bench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,19 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json-out", help="also write the results as JSON here")
     ev.set_defaults(func=cmd_eval)
 
+    from export.cli import add_export_parser
+
+    add_export_parser(sub, cmd_export)
+
     bench = sub.add_parser("bench", help="benchmarks: engine (in process) | http")
     bench_sub = bench.add_subparsers(dest="bench_target", required=True)
     be = bench_sub.add_parser("engine", help="synthetic load through each batching policy of the engine")
     be.add_argument("--clients", type=int, default=16, help="closed loop: concurrent clients")
     be.add_argument("--requests", type=int, default=32, help="requests per policy (and per rate)")
     be.add_argument("--rates", help="open loop instead: comma-separated Poisson arrival rates, requests/s")
-    be.add_argument("--policies", default="step,request,none", help="comma-separated: step, request, none")
+    be.add_argument("--policies", default="step,request,none",
+                    help="comma-separated: step, request, none; step:N / step:none / step:auto set its tick budget")
     be.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
     be.add_argument("--device", help="cpu, cuda, cuda:N (default: EDIFFI_DEVICE)")
     be.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     be.add_argument("--max-batch", type=int, default=16, help="rows per denoiser call")
     be.add_argument("--max-active", type=int, default=32, help="most requests in flight")
-    be.add_argument("--max-rows-per-tick", type=int, help="step policy: row budget per tick (default: every pending row)")
+    be.add_argument("--max-rows-per-tick", default="auto",
+                    help="step policy's row budget per tick: auto (batch while it pays), none (every pending row) or N")
     be.add_argument("--min-steps", type=int, default=8)
     be.add_argument("--max-steps", type=int, default=16)
     be.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -219,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--model-dir", help="default: EDIFFI_MODEL_DIR, else models/default, else a random model of its shape")
     be.add_argument("--scratch-dir", default="/tmp/ediffi-bench", help="where a random bench model is built")
     be.add_argument("--json", action="store_true", help="print a JSON list, one object per policy")
+    be.add_argument("--profile", action="store_true", help="only print each expert's CPU time per row at each batch size")
     be.set_defaults(func=cmd_bench_engine)
     return parser
 

@@ -1,0 +1,148 @@
+"""The runtime interface every backend implements (PyTorch now; ONNX Runtime
+and TensorRT behind the same interface later).
+
+A backend holds every expert of every stage resident on one device and runs
+one batched denoiser call at a time, with the DESIGN §3 call contract:
+`run(stage, expert, inputs)` takes the rows of a `DenoiserInputs` (per-row
+sigma, context, pooled, paint-with-words mask and strength, and for SR stages
+the low-res image) and returns `denoised [B, C, H, W]`. It makes no policy:
+the scheduler decides what runs together; the backend only declares how
+large a batch it takes (`max_batch`) and which batch sizes it is tuned for
+(`buckets`).
+
+The backend also exposes the `EDiffIModel` the engine uses for everything
+that is not a denoiser call (encoders, the cascade config, sigma routing).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+from ediffi.model import EDiffIModel
+from ediffi.pipeline import DenoiserInputs
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Powers of two up to max_batch, and max_batch itself: the batch sizes
+    a backend warms up (and, with static-shape runtimes, pads to)."""
+    if max_batch < 1:
+        raise ValueError("max_batch must be >= 1")
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b *= 2
+    buckets.append(max_batch)
+    return buckets
+
+
+def bucket_for(rows: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds `rows` (the largest if none does)."""
+    for b in buckets:
+        if rows <= b:
+            return b
+    return buckets[-1]
+
+
+class Backend(ABC):
+    """One runtime on one device, all experts resident."""
+
+    name: str = "abstract"
+    # Seconds of one call per (stage, expert) and batch bucket, measured by
+    # `warmup` (empty until then); the engine's automatic tick budget uses it.
+    profile: dict[tuple[str, str], dict[int, float]] = {}
+
+    def batch_profile(self) -> dict[int, float]:
+        """Seconds of one call per batch bucket, summed over experts."""
+        total: dict[int, float] = {}
+        for timings in self.profile.values():
+            for rows, seconds in timings.items():
+                total[rows] = total.get(rows, 0.0) + seconds
+        return total
+
+    @abstractmethod
+    def load(self, model: EDiffIModel | str | Path) -> None:
+        """Load (or adopt) a model and make every expert resident."""
+
+    @property
+    @abstractmethod
+    def model(self) -> EDiffIModel:
+        """The loaded model: encoders, config and sigma routing."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype: ...
+
+    @abstractmethod
+    def max_batch(self, stage: str, expert: str) -> int:
+        """Most rows one call of this expert takes."""
+
+    def buckets(self, stage: str, expert: str) -> list[int]:
+        return batch_buckets(self.max_batch(stage, expert))
+
+    @abstractmethod
+    def warmup(self) -> None:
+        """Run every expert once at each batch bucket (allocator, kernels)."""
+
+    @abstractmethod
+    def run(self, stage: str, expert: str, inputs: DenoiserInputs) -> torch.Tensor:
+        """One batched denoiser call; rows beyond max_batch are chunked."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timing); a no-op on CPU."""
+
+    def experts(self) -> list[tuple[str, str]]:
+        """Every (stage, expert) pair of the loaded model, in cascade order."""
+        return [(s.name, e.name) for s in self.model.config.stages for e in s.experts]
+
+    def dummy_inputs(self, stage: str, rows: int, sigma: float = 1.0) -> DenoiserInputs:
+        """Valid denoiser inputs of `rows` rows (warmup, benchmarks)."""
+        model = self.model
+        cfg = model.config.stage(stage)
+        enc = model.encoders
+        device, dtype = self.device, self.dtype
+        size, ch = cfg.image_size, cfg.channels
+        g = torch.Generator().manual_seed(rows)
+        length = enc.context_length
+        sr = cfg.is_super_resolution
+        return DenoiserInputs(
+            x=(torch.randn(rows, ch, size, size, generator=g) * sigma).to(device, dtype),
+            sigma=torch.full((rows,), sigma, device=device, dtype=dtype),
+            context=torch.randn(rows, length, enc.context_dim, generator=g).to(device, dtype),
+            context_mask=torch.ones(rows, length, dtype=torch.bool, device=device),
+            pooled=torch.randn(rows, enc.pooled_dim, generator=g).to(device, dtype),
+            pww_mask=torch.zeros(rows, length, size, size, device=device, dtype=dtype),
+            pww_strength=torch.zeros(rows, device=device, dtype=dtype),
+            low_res=torch.randn(rows, ch, size, size, generator=g).to(device, dtype) if sr else None,
+            low_res_sigma=torch.full((rows,), cfg.low_res_aug_sigma, device=device, dtype=dtype) if sr else None,
+        )
+
+    def describe(self) -> str:
+        return f"{self.name}:{self.device}:{str(self.dtype).removeprefix('torch.')}"
+
+
+def slice_rows(inputs: DenoiserInputs, start: int, stop: int) -> DenoiserInputs:
+    """Rows [start, stop) of every tensor of a call."""
+    return DenoiserInputs(
+        **{
+            name: (None if (v := getattr(inputs, name)) is None else v[start:stop])
+            for name in DenoiserInputs.__dataclass_fields__
+        }
+    )

@@ -1,0 +1,421 @@
+"""The step scheduler: every batching decision, and nothing else.
+
+It sees requests only through a small abstract view (DESIGN §2, vLLM v1's
+scheduler/worker split): an id, an arrival time, an optional deadline, and
+the request's *pending evaluation* as a group key (stage, expert, shape) plus
+its row count (n conditional + n unconditional rows under classifier-free
+guidance). It never touches tensors or a model, so it is tested on CPU with
+no model at all.
+
+One tick, as the engine drives it:
+
+1. ``admit(now)``: drop cancelled and expired requests (waiting or active)
+   before any compute, then move waiting requests into the active set as the
+   policy and the admission limit allow. Returns an `Admission`.
+2. The engine prepares the admitted requests (encoding) and reports each
+   one's first pending evaluation with ``set_pending``.
+3. ``schedule()``: group the pending evaluations of active requests by
+   (stage, expert, shape), split each group at the backend's max batch
+   (a request's rows are never split), order the groups fairly and emit a
+   plain `StepPlan`.
+4. The executor runs the plan; the engine reports back with
+   ``complete(plan, updates)`` each served request's next pending
+   evaluation (or ``None`` when it finished).
+
+Policies:
+
+- ``step`` (default): regroup every tick; requests join and leave between
+  ticks; a Heun correction that lands in another expert simply joins that
+  expert's group next tick.
+- ``request``: request-level dynamic batching, the baseline of
+  request-level servers: when the engine is idle, a batch of whole requests
+  is formed (up to ``cohort_rows`` rows) and runs to completion before any
+  new request is admitted. Within the cohort evaluations are still grouped
+  per expert.
+- ``none``: one request at a time.
+
+Fairness: with no per-tick row budget every active request advances one
+evaluation per tick, so no request ever waits (the engine's "auto" budget,
+`auto_row_budget`, picks no budget where batching pays, as on a GPU). With a budget
+(``max_rows_per_tick``), batches run oldest request first (which keeps tail
+latency close to first-come-first-served), and a request left unserved for
+``max_wait_ticks`` ticks in a row jumps ahead of every younger one, so no
+request waits more than ``max_wait_ticks`` plus the ticks it takes to serve
+the other starved requests once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+POLICIES = ("step", "request", "none")
+
+
+@dataclass(frozen=True, order=True)
+class GroupKey:
+    """What a batch shares: one expert of one stage, at one input shape."""
+
+    stage: str
+    expert: str
+    shape: tuple[int, ...] = ()
+
+    def __str__(self) -> str:  # pragma: no cover - cosmetic
+        return f"{self.stage}/{self.expert}{list(self.shape)}"
+
+
+@dataclass(frozen=True)
+class PendingView:
+    """A request's next denoiser evaluation, as the scheduler sees it."""
+
+    key: GroupKey
+    rows: int
+
+
+@dataclass(frozen=True)
+class Group:
+    """One batched call: the requests (oldest first) and their row counts."""
+
+    key: GroupKey
+    request_ids: tuple[str, ...]
+    rows: tuple[int, ...]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The scheduler's output for one tick: batched calls, in order."""
+
+    tick: int
+    groups: tuple[Group, ...]
+
+    @property
+    def request_ids(self) -> tuple[str, ...]:
+        return tuple(i for g in self.groups for i in g.request_ids)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(g.total_rows for g in self.groups)
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What happened at the start of a tick: requests that became active
+    (to be prepared), and requests dropped before any compute, with why
+    ("canceled" or "expired")."""
+
+    admitted: tuple[str, ...] = ()
+    dropped: tuple[tuple[str, str], ...] = ()
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its limit; the caller should answer 429."""
+
+
+@dataclass
+class SchedulerConfig:
+    policy: str = "step"
+    # Most requests in flight (holding sampler state) at once.
+    max_active_requests: int = 32
+    # Most requests waiting for admission; None: unbounded.
+    max_waiting: int | None = None
+    # Row budget of one tick (summed over its batches); None: every pending
+    # evaluation runs every tick. At least one batch always runs.
+    max_rows_per_tick: int | None = None
+    # Under a budget, batches go oldest request first; a request that went
+    # this many ticks in a row unserved jumps ahead of every younger one.
+    max_wait_ticks: int = 64
+    # `request` policy: most rows of one cohort of whole requests.
+    cohort_rows: int = 16
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown batching policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.max_active_requests < 1:
+            raise ValueError("max_active_requests must be >= 1")
+        if self.max_rows_per_tick is not None and self.max_rows_per_tick < 1:
+            raise ValueError("max_rows_per_tick must be >= 1 or None")
+        if self.cohort_rows < 1:
+            raise ValueError("cohort_rows must be >= 1")
+        if self.max_wait_ticks < 1:
+            raise ValueError("max_wait_ticks must be >= 1")
+
+
+@dataclass
+class _Entry:
+    id: str
+    seq: int
+    arrival: float
+    rows: int
+    deadline: float | None = None
+    pending: PendingView | None = None
+    cancelled: bool = False
+    waited: int = 0  # ticks in a row with a pending evaluation but not served
+    max_waited: int = 0
+
+
+@dataclass
+class SchedulerStats:
+    ticks: int = 0
+    admitted: int = 0
+    finished: int = 0
+    dropped: int = 0
+    # The longest any request went with a pending evaluation unserved.
+    max_wait_ticks: int = 0
+    batches: int = 0
+    rows: int = 0
+
+
+MaxBatch = Callable[[GroupKey], int]
+
+
+class StepScheduler:
+    """Owns the queue and active set; decides admission, drops and batches.
+
+    Single-threaded by design: the engine calls it from its loop only.
+    """
+
+    def __init__(self, config: SchedulerConfig | None = None, max_batch: MaxBatch | int = 16):
+        self.config = config or SchedulerConfig()
+        self._max_batch: MaxBatch = (lambda key, m=max_batch: m) if isinstance(max_batch, int) else max_batch
+        self._waiting: OrderedDict[str, _Entry] = OrderedDict()
+        self._active: OrderedDict[str, _Entry] = OrderedDict()
+        self._seq = itertools.count()
+        self._tick = 0
+        self._cohort_open = False
+        self.stats = SchedulerStats()
+
+    # -- queue state -------------------------------------------------------
+    @property
+    def policy(self) -> str:
+        return self.config.policy
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting_ids(self) -> list[str]:
+        return list(self._waiting)
+
+    @property
+    def active_ids(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_rows(self) -> int:
+        return sum(e.rows for e in self._active.values())
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._waiting or request_id in self._active
+
+    def add(self, request_id: str, arrival: float, rows: int, deadline: float | None = None) -> None:
+        """Queue a request. Raises `QueueFull` at the waiting limit."""
+        if request_id in self:
+            raise ValueError(f"request {request_id!r} is already scheduled")
+        if rows < 1:
+            raise ValueError("rows must be >= 1")
+        limit = self.config.max_waiting
+        if limit is not None and len(self._waiting) >= limit:
+            raise QueueFull(f"{len(self._waiting)} requests are waiting (limit {limit})")
+        self._waiting[request_id] = _Entry(request_id, next(self._seq), arrival, rows, deadline)
+
+    def cancel(self, request_id: str) -> bool:
+        """Mark a request cancelled; it is dropped at the next `admit` before
+        any compute. Returns whether the request was known."""
+        entry = self._waiting.get(request_id) or self._active.get(request_id)
+        if entry is None:
+            return False
+        entry.cancelled = True
+        return True
+
+    def remove(self, request_id: str) -> None:
+        """Forget a request at once (it failed while being prepared or run)."""
+        self._waiting.pop(request_id, None)
+        self._active.pop(request_id, None)
+
+    def max_waited(self, request_id: str) -> int:
+        entry = self._waiting.get(request_id) or self._active.get(request_id)
+        return 0 if entry is None else entry.max_waited
+
+    # -- one tick ----------------------------------------------------------
+    def admit(self, now: float) -> Admission:
+        """Drop cancelled/expired requests, then admit per the policy."""
+        dropped: list[tuple[str, str]] = []
+        for queue in (self._waiting, self._active):
+            for rid, entry in list(queue.items()):
+                reason = None
+                if entry.cancelled:
+                    reason = "canceled"
+                elif entry.deadline is not None and now >= entry.deadline:
+                    reason = "expired"
+                if reason is not None:
+                    del queue[rid]
+                    dropped.append((rid, reason))
+        self.stats.dropped += len(dropped)
+
+        admitted: list[str] = []
+        policy = self.config.policy
+        limit = self.config.max_active_requests
+        if policy == "step":
+            while self._waiting and len(self._active) < limit:
+                admitted.append(self._activate())
+        elif policy == "none":
+            if not self._active and self._waiting:
+                admitted.append(self._activate())
+        else:  # request-level: a cohort forms only when the engine is idle
+            if not self._active and self._waiting:
+                rows = 0
+                while self._waiting and len(self._active) < limit:
+                    nxt = next(iter(self._waiting.values()))
+                    if admitted and rows + nxt.rows > self.config.cohort_rows:
+                        break
+                    rows += nxt.rows
+                    admitted.append(self._activate())
+        self.stats.admitted += len(admitted)
+        return Admission(tuple(admitted), tuple(dropped))
+
+    def _activate(self) -> str:
+        rid, entry = self._waiting.popitem(last=False)
+        self._active[rid] = entry
+        return rid
+
+    def set_pending(self, request_id: str, view: PendingView | None) -> None:
+        """Report an active request's next evaluation (None: it finished)."""
+        if view is None:
+            self._finish(request_id)
+            return
+        entry = self._active[request_id]
+        entry.pending = view
+        entry.rows = view.rows
+
+    def _finish(self, request_id: str) -> None:
+        if self._active.pop(request_id, None) is not None:
+            self.stats.finished += 1
+
+    def schedule(self) -> StepPlan:
+        """Group pending evaluations into batches for this tick."""
+        by_key: dict[GroupKey, list[_Entry]] = {}
+        for entry in self._active.values():
+            if entry.pending is not None and not entry.cancelled:
+                by_key.setdefault(entry.pending.key, []).append(entry)
+
+        batches: list[tuple[tuple[int, int, int], Group]] = []
+        for key, entries in by_key.items():
+            # Starved first, then oldest: a batch cut at max batch leaves
+            # the youngest behind, never the same request for long.
+            entries.sort(key=self._priority)
+            cap = max(1, int(self._max_batch(key)))
+            if self.config.max_rows_per_tick is not None:
+                cap = min(cap, self.config.max_rows_per_tick)
+            chunk: list[_Entry] = []
+            rows = 0
+            for entry in entries:
+                r = entry.pending.rows
+                if chunk and rows + r > cap:
+                    batches.append(self._group(key, chunk))
+                    chunk, rows = [], 0
+                chunk.append(entry)
+                rows += r
+            if chunk:
+                batches.append(self._group(key, chunk))
+
+        batches.sort(key=lambda item: item[0])
+        chosen: list[Group] = []
+        budget = self.config.max_rows_per_tick
+        used = 0
+        for _, group in batches:
+            if budget is not None and chosen and used + group.total_rows > budget:
+                continue
+            chosen.append(group)
+            used += group.total_rows
+        self._tick += 1
+        return StepPlan(self._tick, tuple(chosen))
+
+    def _priority(self, entry: _Entry) -> tuple[int, int, int]:
+        """Smaller runs first: starved requests (longest wait first), then
+        the rest oldest first."""
+        if entry.waited >= self.config.max_wait_ticks:
+            return (0, -entry.waited, entry.seq)
+        return (1, 0, entry.seq)
+
+    def _group(self, key: GroupKey, chunk: list[_Entry]) -> tuple[tuple[int, int, int], Group]:
+        priority = min(self._priority(e) for e in chunk)
+        group = Group(key, tuple(e.id for e in chunk), tuple(e.pending.rows for e in chunk))
+        return priority, group
+
+    def complete(self, plan: StepPlan, updates: Mapping[str, PendingView | None]) -> None:
+        """Take back a tick's outcome: each served request's next pending
+        evaluation, or None when it finished. Requests absent from
+        `updates` keep their pending evaluation (they will be retried)."""
+        served = set(plan.request_ids)
+        for rid, view in updates.items():
+            if rid in self._active:
+                self.set_pending(rid, view)
+        for entry in self._active.values():
+            if entry.id in served:
+                entry.waited = 0
+            elif entry.pending is not None:
+                entry.waited += 1
+                entry.max_waited = max(entry.max_waited, entry.waited)
+                self.stats.max_wait_ticks = max(self.stats.max_wait_ticks, entry.waited)
+        self.stats.ticks += 1
+        self.stats.batches += len(plan.groups)
+        self.stats.rows += plan.total_rows
+
+
+def auto_row_budget(seconds_per_call: Mapping[int, float], min_rows: int = 2, gain: float = 1.25) -> int | None:
+    """The tick budget that batches only while batching pays.
+
+    `seconds_per_call` maps batch sizes (buckets) to the time of one call
+    (summed over experts). Starting at the smallest bucket that holds
+    `min_rows` (one request's CFG pair), grow while the next bucket is at
+    least `gain` times cheaper per row. On a GPU, where a call of 16 rows
+    costs about as much as one of 2, that runs to the largest bucket and the
+    budget is None (every pending evaluation runs every tick). On a CPU,
+    where a row costs the same in any batch, it stops at once: a tick then
+    serves the oldest request first, and extra rows, which would only delay
+    it, wait (first-come-first-served keeps the tail latency low).
+    """
+    sizes = sorted(b for b in seconds_per_call if seconds_per_call[b] > 0)
+    if not sizes:
+        return None
+    start = next((i for i, b in enumerate(sizes) if b >= min_rows), len(sizes) - 1)
+    i = start
+    while i + 1 < len(sizes):
+        here = seconds_per_call[sizes[i]] / sizes[i]
+        there = seconds_per_call[sizes[i + 1]] / sizes[i + 1]
+        if here < gain * there:
+            return sizes[i]
+        i += 1
+    return None
+
+
+__all__ = [
+    "auto_row_budget",
+    "Admission",
+    "Group",
+    "GroupKey",
+    "PendingView",
+    "POLICIES",
+    "QueueFull",
+    "SchedulerConfig",
+    "SchedulerStats",
+    "StepPlan",
+    "StepScheduler",
+]
