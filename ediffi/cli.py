@@ -20,23 +20,13 @@ def resolve_model_dir(cli_value: str | None, settings) -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
 def cmd_generate(args, settings) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from ediffi.model import load_model
     from ediffi.paint import PaintWithWordsError, parse_region_arg
     from ediffi.pipeline import GenerationRequest, generate
 
-    if args.backend != "torch":
-        print(f"error: --backend {args.backend} is not available yet; use --backend torch", file=sys.stderr)
-        return 2
     try:
         regions = [parse_region_arg(r) for r in args.region]
     except ValueError as exc:
@@ -47,7 +37,14 @@ def cmd_generate(args, settings) -> int:
         return 2
     model_dir = resolve_model_dir(args.model_dir, settings)
     try:
-        model = load_model(model_dir, device=args.device or settings.device, dtype=_torch_dtype(settings.dtype))
+        from engines.engine import make_backend
+
+        # The same backends the server uses: torch, onnxruntime (exported graphs), tensorrt.
+        model = make_backend(
+            args.backend, model_dir, device=args.device or settings.device, dtype=settings.dtype,
+            max_batch=settings.max_batch, threads=settings.intra_op_threads, onnx_dir=settings.onnx_dir,
+            tensorrt_dir=settings.tensorrt_dir, compile_mode=settings.compile_mode,
+        ).model
         request = GenerationRequest(
             prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
             guidance_scale=args.guidance, seed=args.seed, sampler=args.sampler, n=args.n,
@@ -62,7 +59,7 @@ def cmd_generate(args, settings) -> int:
 
         images = generate(model, request, progress)
         bar.close()
-    except (OSError, ValueError, PaintWithWordsError) as exc:  # OSError: unreadable image files too
+    except (OSError, ValueError, RuntimeError, PaintWithWordsError) as exc:  # OSError: unreadable images too
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -119,6 +116,12 @@ def cmd_eval(args, settings) -> int:
 
 def cmd_bench_engine(args, settings) -> int:
     from engines.bench import main as bench_main
+
+    return bench_main(args, settings)
+
+
+def cmd_bench_http(args, settings) -> int:
+    from server.bench_http import main as bench_main
 
     return bench_main(args, settings)
 
@@ -233,6 +236,30 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true", help="print a JSON list, one object per policy")
     be.add_argument("--profile", action="store_true", help="only print each expert's CPU time per row at each batch size")
     be.set_defaults(func=cmd_bench_engine)
+    bh = bench_sub.add_parser("http", help="the same load through HTTP + Redis + worker processes (end to end)")
+    bh.add_argument("--clients", type=int, default=16, help="closed loop: concurrent HTTP clients")
+    bh.add_argument("--requests", type=int, default=32, help="requests per policy")
+    bh.add_argument("--url", help="drive this running API instead of starting redis, api and workers here")
+    bh.add_argument("--metrics-url", action="append", help="with --url: a worker's /metrics (repeatable)")
+    bh.add_argument("--workers", type=int, default=1, help="worker processes to start (without --url)")
+    bh.add_argument("--policies", default="step", help="comma-separated worker batching policies: step, request, none")
+    bh.add_argument("--compare-engine", action="store_true",
+                    help="then run `bench engine` on the same load in this process and report the ratios")
+    bh.add_argument("--no-calibrate", action="store_true", help="skip the compute-limit calibration (efficiency)")
+    bh.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
+    bh.add_argument("--device", help="cpu, cuda, cuda:N (default: EDIFFI_DEVICE)")
+    bh.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    bh.add_argument("--max-batch", type=int, default=16, help="rows per denoiser call")
+    bh.add_argument("--max-active", type=int, default=32, help="most requests in flight per worker (and its slots)")
+    bh.add_argument("--min-steps", type=int, default=8)
+    bh.add_argument("--max-steps", type=int, default=16)
+    bh.add_argument("--threads", type=int, default=2, help="torch intra-op threads (workers and calibration)")
+    bh.add_argument("--seed", type=int, default=0)
+    bh.add_argument("--timeout", type=float, default=600, help="per-request HTTP timeout, seconds")
+    bh.add_argument("--model-dir", help="default: EDIFFI_MODEL_DIR, else models/default, else a random model of its shape")
+    bh.add_argument("--scratch-dir", default="/tmp/ediffi-bench", help="where a random bench model is built")
+    bh.add_argument("--json", action="store_true", help="print a JSON list, one object per policy")
+    bh.set_defaults(func=cmd_bench_http)
     return parser
 
 

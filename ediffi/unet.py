@@ -25,8 +25,9 @@ class FourierEmbedding(nn.Module):
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()[:, None] * (2 * math.pi * self.freqs[None, :])
-        return torch.cat([x.cos(), x.sin()], dim=1)
+        # Phases reach ~100 rad: compute them in float32 even for a half-precision model.
+        x = x.float()[:, None] * (2 * math.pi * self.freqs.float()[None, :])
+        return torch.cat([x.cos(), x.sin()], dim=1).to(self.freqs.dtype)
 
 
 class ResBlock(nn.Module):

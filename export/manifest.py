@@ -82,7 +82,7 @@ class TensorRTInfo(BaseModel):
 
 
 class ArtifactManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     format_version: int = FORMAT_VERSION
     kind: Literal["denoiser", "encoder", "tensorrt_engine"]

@@ -270,6 +270,26 @@ def pin_output_shapes(model, shapes: dict[str, tuple[int, ...]]) -> None:
                 dim.dim_value = int(size)
 
 
+def toposort(graph) -> None:
+    """Reorder graph.node so every node follows the producers of its inputs."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise RuntimeError(f"graph has a cycle or a dangling input near node {pending[0].name!r}")
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
 def finalize_graph(path: Path, *, simplify: bool, dtype: str = "float32",
                    output_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
     """Pin the output shapes, optional onnxslim pass, optional float16
@@ -289,6 +309,7 @@ def finalize_graph(path: Path, *, simplify: bool, dtype: str = "float32",
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             model = convert_float_to_float16(model, keep_io_types=False)
+            toposort(model.graph)  # the converter appends its casts at the end
         elif dtype != "float32":
             raise ValueError(f"ONNX export supports float32 and float16 graphs, not {dtype}")
         tmp = path.with_suffix(".tmp.onnx")

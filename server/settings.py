@@ -68,7 +68,20 @@ class Settings(BaseSettings):
         default="step",
         description="step: regroup per denoiser evaluation; request: whole requests; none: one at a time.",
     )
+    max_rows_per_tick: Literal["auto"] | int | None = Field(
+        default="auto",
+        description="step policy: denoiser rows run per tick. auto: batch only while a bigger batch is clearly "
+        "cheaper per row (measured at warmup); unset/none: every pending row every tick.",
+    )
     worker_slots: int = Field(default=8, ge=1, description="Most jobs one worker holds (claims) at once.")
+    compile_mode: Literal["none", "cuda_graphs", "torch_compile"] = Field(
+        default="none",
+        description="torch backend on CUDA: a CUDA graph per batch bucket, or torch.compile per expert; none: eager.",
+    )
+    trt_batch_buckets: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="TensorRT batch buckets, e.g. 1,2,4,8,16 (largest = max_batch); empty: powers of two up to max_batch.",
+    )
 
     # --- Access control and limits ------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -115,6 +128,22 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         default=9100, ge=0, le=65535, description="Port of a standalone worker's /metrics endpoint."
     )
+
+    @field_validator("max_rows_per_tick", mode="before")
+    @classmethod
+    def _rows_per_tick(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("", "none"):
+            return None
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        return value
+
+    @field_validator("trt_batch_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [int(part) for part in value.replace(" ", "").split(",") if part]
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod
