@@ -1,0 +1,36 @@
+"""Regression test of the shipped weights (models/default): it is the trained
+shapes-world cascade and still draws what a simple prompt asks for at a
+fixed seed. If the weights are retrained, re-check the expectation below."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ediffi.model import load_model
+from ediffi.pipeline import GenerationRequest, generate
+from ediffi.world import analyse
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "default"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_model(SHIPPED)
+
+
+def test_shipped_model_is_the_trained_expert_cascade(shipped):
+    cfg = shipped.config
+    assert cfg.name == "shapes-ediffi"
+    assert [(s.name, s.image_size, len(s.experts)) for s in cfg.stages] == [("base", 32, 3), ("sr", 64, 2)]
+    assert cfg.training["phases"]["base_root"]["steps"] > 0
+    size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
+    assert size < 40 * 2**20
+
+
+def test_shipped_model_draws_a_red_circle_top_left(shipped):
+    image = generate(shipped, GenerationRequest(prompt="a red circle in the top left", seed=1, steps=16))[0]
+    analysis = analyse(np.asarray(image))
+    found = [(o.color, o.shape, o.cell) for o in analysis.objects]
+    assert ("red", "circle", 0) in found, found
+    assert all(color == "red" for color, _, _ in found), found
