@@ -1,0 +1,672 @@
+// eDiff-I web UI: paint words of the prompt on a canvas, generate, watch progress.
+// Plain browser JavaScript, no build step. Talks to the API of the same origin:
+// POST /generate (Prefer: respond-async), GET /jobs/{id}/events (SSE read with fetch,
+// so the API key header can be sent), GET /jobs/{id}, POST /jobs/{id}/cancel.
+"use strict";
+
+const N = 64; // the model's canvas (square); the colour map is sent at this size
+// Region colours (distinct, never the white of unpainted pixels). A phrase naming a colour gets that one.
+const PALETTE = {
+  red: "#e6194b", blue: "#4363d8", green: "#3cb44b", orange: "#f58231",
+  purple: "#911eb4", yellow: "#ffe119", cyan: "#42d4f4", magenta: "#f032e6",
+};
+const KEY_STORE = "ediffi.apiKey";
+const HISTORY_STORE = "ediffi.history";
+const HISTORY_MAX = 12;
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  words: [],          // [{text, start, end}] of the prompt
+  sel: null,          // {start, end, anchor}: selected word indices (inclusive)
+  regions: [],        // [{label, color, phrase, strength}]; label = value in `labels`
+  active: null,       // label being painted
+  labels: new Uint8Array(N * N), // per pixel: 0 = unpainted, else a region's label
+  nextLabel: 1,
+  style: null,        // {b64, dataUrl} of the style image
+  job: null,          // the running job: {id, body, sent, colorMap, started}
+  history: [],
+  retry: null,        // action to rerun once an API key is entered
+};
+
+// ------------------------------------------------------------------ API access
+
+class ApiError extends Error {
+  constructor(status, body, headers) {
+    super(typeof body?.detail === "string" ? body.detail : `HTTP ${status}`);
+    this.status = status;
+    this.body = body;
+    this.headers = headers;
+  }
+}
+
+function authHeaders() {
+  const key = localStorage.getItem(KEY_STORE);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function api(path, { method = "GET", body, headers = {} } = {}) {
+  const init = { method, headers: { ...authHeaders(), ...headers } };
+  if (body !== undefined) {
+    init.body = JSON.stringify(body);
+    init.headers["Content-Type"] = "application/json";
+  }
+  const res = await fetch(path, init);
+  if (!res.ok) {
+    let detail = null;
+    try { detail = await res.json(); } catch { /* not JSON */ }
+    throw new ApiError(res.status, detail, res.headers);
+  }
+  return res;
+}
+
+function needKey(err, retry) {
+  if (!(err instanceof ApiError) || (err.status !== 401 && err.status !== 403)) return false;
+  $("auth").hidden = false;
+  $("auth-error").textContent = err.status === 403 ? "That key was not accepted." : "";
+  $("api-key").focus();
+  state.retry = retry;
+  return true;
+}
+
+function saveKey() {
+  const key = $("api-key").value.trim();
+  if (key) localStorage.setItem(KEY_STORE, key); else localStorage.removeItem(KEY_STORE);
+  $("auth").hidden = true;
+  const retry = state.retry;
+  state.retry = null;
+  if (retry) retry();
+}
+
+// Server-Sent Events from a fetch() body: calls onEvent(type, data) per event.
+async function readEvents(res, onEvent) {
+  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += value.replace(/\r\n/g, "\n");
+    let end;
+    while ((end = buf.indexOf("\n\n")) >= 0) {
+      const block = buf.slice(0, end);
+      buf = buf.slice(end + 2);
+      let type = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (!line || line.startsWith(":")) continue; // comment / keep-alive
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const val = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "event") type = val;
+        else if (field === "data") data.push(val);
+      }
+      if (!data.length) continue;
+      let parsed = null;
+      try { parsed = JSON.parse(data.join("\n")); } catch { parsed = data.join("\n"); }
+      if (onEvent(type, parsed) === false) { reader.cancel(); return; }
+    }
+  }
+}
+
+// ------------------------------------------------------------ prompt and chips
+
+function tokenize(prompt) {
+  const words = [];
+  for (const m of prompt.matchAll(/[\p{L}\p{N}_]+(?:['’-][\p{L}\p{N}_]+)*/gu)) {
+    words.push({ text: m[0], start: m.index, end: m.index + m[0].length });
+  }
+  return words;
+}
+
+function escapeRegExp(s) { return s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"); }
+
+// First whole-word, case-insensitive occurrence, as the server locates phrases.
+function phraseSpan(prompt, phrase) {
+  const words = phrase.trim();
+  if (!words) return null;
+  const m = new RegExp(`(?<![\\p{L}\\p{N}_])${escapeRegExp(words)}(?![\\p{L}\\p{N}_])`, "iu").exec(prompt);
+  return m ? [m.index, m.index + m[0].length] : null;
+}
+
+function selectedPhrase() {
+  if (!state.sel) return "";
+  const prompt = $("prompt").value;
+  return prompt.slice(state.words[state.sel.start].start, state.words[state.sel.end].end);
+}
+
+function clickChip(i, shift) {
+  const s = state.sel;
+  if (s && shift) {
+    state.sel = { start: Math.min(s.anchor, i), end: Math.max(s.anchor, i), anchor: s.anchor };
+  } else if (s && (i === s.end + 1 || i === s.start - 1)) {
+    state.sel = { start: Math.min(s.start, i), end: Math.max(s.end, i), anchor: s.anchor };
+  } else if (s && s.start === i && s.end === i) {
+    state.sel = null;
+  } else {
+    state.sel = { start: i, end: i, anchor: i };
+  }
+  renderChips();
+}
+
+function renderChips() {
+  const prompt = $("prompt").value;
+  state.words = tokenize(prompt);
+  if (state.sel && state.sel.end >= state.words.length) state.sel = null;
+  const box = $("chips");
+  box.replaceChildren();
+  // colour each word covered by a region's phrase
+  const owner = new Array(state.words.length).fill(null);
+  for (const r of state.regions) {
+    const span = phraseSpan(prompt, r.phrase);
+    if (!span) continue;
+    state.words.forEach((w, k) => { if (w.start >= span[0] && w.end <= span[1]) owner[k] = r; });
+  }
+  state.words.forEach((w, k) => {
+    const chip = document.createElement("button");
+    chip.type = "button";
+    chip.className = "chip";
+    chip.textContent = w.text;
+    chip.dataset.index = k;
+    if (state.sel && k >= state.sel.start && k <= state.sel.end) chip.classList.add("selected");
+    if (owner[k]) { chip.classList.add("painted"); chip.style.setProperty("--region", owner[k].color); }
+    chip.addEventListener("click", (e) => clickChip(k, e.shiftKey));
+    box.append(chip);
+  });
+  const phrase = selectedPhrase();
+  const add = $("add-region");
+  add.disabled = !phrase;
+  add.textContent = phrase ? `Paint “${phrase}”` : "Select words to paint";
+  renderRegions();
+}
+
+// --------------------------------------------------------------------- regions
+
+function addRegion() {
+  const phrase = selectedPhrase();
+  if (!phrase) return;
+  let region = state.regions.find((r) => r.phrase.toLowerCase() === phrase.toLowerCase());
+  if (!region) {
+    const used = new Set(state.regions.map((r) => r.color));
+    const free = Object.entries(PALETTE).filter(([, c]) => !used.has(c));
+    const named = free.find(([name]) => new RegExp(`\\b${name}\\b`, "i").test(phrase));
+    const color = (named || free[0] || [])[1];
+    if (!color) { showFormError(`At most ${Object.keys(PALETTE).length} regions.`); return; }
+    region = { label: state.nextLabel++, color, phrase, strength: 0.4 };
+    state.regions.push(region);
+  }
+  state.active = region.label;
+  state.sel = null;
+  $("eraser").checked = false;
+  renderChips();
+}
+
+function removeRegion(label) {
+  state.regions = state.regions.filter((r) => r.label !== label);
+  for (let i = 0; i < state.labels.length; i++) if (state.labels[i] === label) state.labels[i] = 0;
+  if (state.active === label) state.active = state.regions.length ? state.regions[0].label : null;
+  renderChips();
+  drawCanvas();
+}
+
+function pixelCount(label) {
+  let n = 0;
+  for (const v of state.labels) if (v === label) n++;
+  return n;
+}
+
+function renderRegions() {
+  const list = $("regions");
+  list.replaceChildren();
+  const prompt = $("prompt").value;
+  for (const r of state.regions) {
+    const li = document.createElement("li");
+    li.className = "region" + (r.label === state.active ? " active" : "");
+    li.dataset.label = r.label;
+    li.dataset.phrase = r.phrase;
+    li.style.setProperty("--region", r.color);
+    const painted = pixelCount(r.label);
+    li.innerHTML = `
+      <label class="pick"><input type="radio" name="active-region"> <span class="swatch"></span>
+        <span class="phrase"></span></label>
+      <label class="strength">strength <input type="range" min="0" max="2" step="0.05">
+        <output></output></label>
+      <span class="count"></span>
+      <button type="button" class="remove" title="Remove region">×</button>
+      <p class="error" data-role="phrase"></p><p class="error" data-role="color"></p>
+      <p class="error" data-role="strength"></p>`;
+    li.querySelector(".phrase").textContent = r.phrase;
+    const radio = li.querySelector("input[type=radio]");
+    radio.checked = r.label === state.active;
+    radio.addEventListener("change", () => { state.active = r.label; $("eraser").checked = false; renderRegions(); });
+    const slider = li.querySelector("input[type=range]");
+    slider.value = r.strength;
+    li.querySelector("output").textContent = r.strength.toFixed(2);
+    slider.addEventListener("input", () => {
+      r.strength = Number(slider.value);
+      li.querySelector("output").textContent = r.strength.toFixed(2);
+    });
+    li.querySelector(".count").textContent = painted ? `${painted} px` : "not painted (not sent)";
+    li.querySelector(".remove").addEventListener("click", () => removeRegion(r.label));
+    if (!phraseSpan(prompt, r.phrase)) li.querySelector("[data-role=phrase]").textContent = "not in the prompt any more";
+    list.append(li);
+  }
+  $("regions-empty").hidden = state.regions.length > 0;
+}
+
+// ---------------------------------------------------------------------- canvas
+
+function hexRgb(hex) {
+  return [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
+}
+
+// The colour map as ImageData: exact region colours, `background` elsewhere.
+function colorMapData(background) {
+  const img = new ImageData(N, N);
+  const rgb = new Map(state.regions.map((r) => [r.label, hexRgb(r.color)]));
+  for (let i = 0; i < N * N; i++) {
+    const c = rgb.get(state.labels[i]);
+    const px = c ? [...c, 255] : background;
+    img.data.set(px, i * 4);
+  }
+  return img;
+}
+
+function drawCanvas() {
+  $("paint").getContext("2d").putImageData(colorMapData([0, 0, 0, 0]), 0, 0);
+}
+
+// A filled disc of `size` pixels across, centred at (cx, cy) in canvas pixels: no antialiasing.
+function stamp(cx, cy, size, value) {
+  const r = size / 2;
+  const x0 = Math.max(0, Math.floor(cx - r)), x1 = Math.min(N - 1, Math.ceil(cx + r));
+  const y0 = Math.max(0, Math.floor(cy - r)), y1 = Math.min(N - 1, Math.ceil(cy + r));
+  for (let y = y0; y <= y1; y++) {
+    for (let x = x0; x <= x1; x++) {
+      const dx = x + 0.5 - cx, dy = y + 0.5 - cy;
+      const inside = dx * dx + dy * dy <= r * r || (Math.floor(cx) === x && Math.floor(cy) === y);
+      if (inside) state.labels[y * N + x] = value;
+    }
+  }
+}
+
+function setupCanvas() {
+  const canvas = $("paint");
+  let last = null;
+  const toCanvas = (e) => {
+    const rect = canvas.getBoundingClientRect();
+    return [(e.clientX - rect.left) / rect.width * N, (e.clientY - rect.top) / rect.height * N];
+  };
+  const paintTo = (p) => {
+    const erase = $("eraser").checked;
+    if (!erase && state.active === null) return;
+    const value = erase ? 0 : state.active;
+    const size = Number($("brush-size").value);
+    const from = last || p;
+    const dist = Math.hypot(p[0] - from[0], p[1] - from[1]);
+    const steps = Math.max(1, Math.ceil(dist / Math.max(0.5, size / 4)));
+    for (let k = 1; k <= steps; k++) {
+      const t = k / steps;
+      stamp(from[0] + (p[0] - from[0]) * t, from[1] + (p[1] - from[1]) * t, size, value);
+    }
+    if (!last) stamp(p[0], p[1], size, value);
+    last = p;
+    drawCanvas();
+  };
+  canvas.addEventListener("pointerdown", (e) => {
+    if (!$("eraser").checked && state.active === null) {
+      showFormError("Select words of the prompt and press “Paint …” first.");
+      return;
+    }
+    canvas.setPointerCapture(e.pointerId);
+    last = null;
+    paintTo(toCanvas(e));
+    e.preventDefault();
+  });
+  canvas.addEventListener("pointermove", (e) => { if (last) paintTo(toCanvas(e)); });
+  const stop = () => { if (last) { last = null; renderRegions(); } };
+  canvas.addEventListener("pointerup", stop);
+  canvas.addEventListener("pointercancel", stop);
+  $("brush-size").addEventListener("input", () => { $("brush-size-value").textContent = $("brush-size").value; });
+  $("clear-canvas").addEventListener("click", () => { state.labels.fill(0); drawCanvas(); renderRegions(); });
+}
+
+function colorMapPng() {
+  const c = document.createElement("canvas");
+  c.width = c.height = N;
+  c.getContext("2d").putImageData(colorMapData([255, 255, 255, 255]), 0, 0);
+  return c.toDataURL("image/png");
+}
+
+// Restore a painting from a colour map PNG (history "reuse").
+function loadColorMap(dataUrl) {
+  return new Promise((resolve) => {
+    const img = new Image();
+    img.onload = () => {
+      const c = document.createElement("canvas");
+      c.width = c.height = N;
+      const ctx = c.getContext("2d");
+      ctx.imageSmoothingEnabled = false;
+      ctx.drawImage(img, 0, 0, N, N);
+      const px = ctx.getImageData(0, 0, N, N).data;
+      const byColor = new Map(state.regions.map((r) => [r.color, r.label]));
+      for (let i = 0; i < N * N; i++) {
+        const hex = "#" + [px[4 * i], px[4 * i + 1], px[4 * i + 2]].map((v) => v.toString(16).padStart(2, "0")).join("");
+        state.labels[i] = byColor.get(hex) || 0;
+      }
+      resolve();
+    };
+    img.src = dataUrl;
+  });
+}
+
+// ----------------------------------------------------------------- style image
+
+function setupStyleImage() {
+  const input = $("style-image");
+  input.addEventListener("change", () => {
+    const file = input.files[0];
+    if (!file) return;
+    const reader = new FileReader();
+    reader.onload = () => setStyle(reader.result);
+    reader.readAsDataURL(file);
+  });
+  $("clear-style").addEventListener("click", () => { input.value = ""; setStyle(null); });
+}
+
+function setStyle(dataUrl) {
+  state.style = dataUrl ? { dataUrl, b64: dataUrl.slice(dataUrl.indexOf(",") + 1) } : null;
+  $("style-preview").hidden = !dataUrl;
+  $("clear-style").hidden = !dataUrl;
+  if (dataUrl) $("style-preview").src = dataUrl; else $("style-preview").removeAttribute("src");
+}
+
+// ---------------------------------------------------------------------- errors
+
+function clearErrors() {
+  document.querySelectorAll(".error").forEach((el) => { if (el.id !== "auth-error") el.textContent = ""; });
+  document.querySelectorAll(".invalid").forEach((el) => el.classList.remove("invalid"));
+}
+
+function showFormError(msg) { $("form-error").textContent = msg; }
+
+// Put an error next to the field `loc` names (["body", "paint_with_words", "regions", 0, "phrase"]).
+// `sent` maps the index of a sent region back to its region.
+function showFieldError(loc, msg, sent) {
+  const path = loc[0] === "body" ? loc.slice(1) : loc;
+  if (path[0] === "paint_with_words" && path[1] === "regions" && Number.isInteger(path[2])) {
+    const region = sent[path[2]];
+    const li = region && document.querySelector(`#regions li[data-label="${region.label}"]`);
+    if (li) {
+      const slot = li.querySelector(`[data-role="${path[3]}"]`) || li.querySelector("[data-role=phrase]");
+      slot.textContent = msg;
+      li.classList.add("invalid");
+      return;
+    }
+  }
+  for (let n = path.length; n > 0; n--) {
+    const slot = document.querySelector(`[data-error-for="${path.slice(0, n).join(".")}"]`);
+    if (slot) {
+      slot.textContent = msg;
+      if (path[0] === "negative_prompt" || path[0] === "style_image") $("more").open = true;
+      return;
+    }
+  }
+  $("form-error").textContent += (loc.join(".") ? `${loc.join(".")}: ` : "") + msg + " ";
+}
+
+function showApiError(err, sent) {
+  if (err instanceof ApiError && Array.isArray(err.body?.detail)) {
+    for (const e of err.body.detail) showFieldError(e.loc || [], e.msg, sent);
+    return;
+  }
+  let msg = err.message || String(err);
+  const wait = err.headers?.get?.("Retry-After");
+  if (wait) msg += ` (retry in ${wait} s)`;
+  showFormError(msg);
+}
+
+// A failed job's reason: "invalid_input: paint_with_words.regions[0].phrase: message".
+function showJobFailure(reason, sent) {
+  const m = /^invalid[_ ]input:\s*([A-Za-z_][\w.[\]]*)\s*:\s*([\s\S]*)$/.exec(reason || "");
+  if (!m) { showFormError(`Generation failed: ${reason || "unknown error"}`); return; }
+  const loc = ["body"];
+  for (const part of m[1].match(/[A-Za-z_]\w*|\[\d+\]/g)) loc.push(part[0] === "[" ? Number(part.slice(1, -1)) : part);
+  showFieldError(loc, m[2], sent);
+}
+
+// ------------------------------------------------------------------ generation
+
+function buildRequest() {
+  const body = {
+    prompt: $("prompt").value,
+    n: 1,
+    steps: Number($("steps").value),
+    guidance_scale: Number($("guidance").value),
+    sampler: $("sampler").value,
+    response_format: "url",
+  };
+  const negative = $("negative-prompt").value;
+  if (negative) body.negative_prompt = negative;
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if (state.style) body.style_image = state.style.b64;
+  const sent = state.regions.filter((r) => pixelCount(r.label) > 0);
+  let colorMap = null;
+  if (sent.length) {
+    colorMap = colorMapPng();
+    body.paint_with_words = {
+      color_map: colorMap.slice(colorMap.indexOf(",") + 1),
+      regions: sent.map((r) => ({ color: r.color, phrase: r.phrase, strength: r.strength })),
+    };
+  }
+  return { body, sent, colorMap };
+}
+
+function setProgress(stateName, step, total, text) {
+  $("status").dataset.state = stateName;
+  const bar = $("progress");
+  bar.max = Math.max(1, total || 1);
+  bar.value = Math.min(step || 0, bar.max);
+  $("progress-text").textContent = text;
+}
+
+function setBusy(busy) {
+  $("generate").disabled = busy;
+  $("cancel").hidden = !busy;
+}
+
+async function generate() {
+  clearErrors();
+  if (state.job) return;
+  const { body, sent, colorMap } = buildRequest();
+  setBusy(true);
+  setProgress("submitting", 0, body.steps, "submitting…");
+  let accepted;
+  try {
+    const res = await api("/generate", { method: "POST", body, headers: { Prefer: "respond-async" } });
+    accepted = await res.json();
+  } catch (err) {
+    setBusy(false);
+    setProgress("idle", 0, 1, "idle");
+    if (!needKey(err, generate)) showApiError(err, sent);
+    return;
+  }
+  const job = { id: accepted.id, body, sent, colorMap, started: Date.now() };
+  state.job = job;
+  $("status").dataset.job = job.id;
+  setProgress("queued", 0, body.steps, "queued");
+  await follow(job);
+}
+
+// Follow the job's events until it ends, then fetch the result.
+async function follow(job) {
+  let terminal = false;
+  try {
+    const res = await api(`/jobs/${job.id}/events`, { headers: { Accept: "text/event-stream" } });
+    await readEvents(res, (type, data) => {
+      if (type === "progress") setProgress("running", data.step, data.total, `step ${data.step} / ${data.total}`);
+      else if (type === "running") setProgress("running", 0, job.body.steps, "running");
+      else if (type === "queued") setProgress("queued", 0, job.body.steps, "queued");
+      else if (["succeeded", "failed", "canceled"].includes(type)) { terminal = true; return false; }
+      return true;
+    });
+  } catch {
+    // no stream (or it broke): poll the job below
+  }
+  let view;
+  for (;;) {
+    try {
+      view = await (await api(`/jobs/${job.id}`)).json();
+    } catch (err) {
+      finishJob(job);
+      showApiError(err, job.sent);
+      return;
+    }
+    if (["succeeded", "failed", "canceled"].includes(view.status)) break;
+    setProgress(view.status, view.progress.step, view.progress.total, view.status === "running"
+      ? `step ${view.progress.step} / ${view.progress.total}` : view.status);
+    await new Promise((r) => setTimeout(r, terminal ? 200 : 1000));
+  }
+  await showResult(job, view);
+}
+
+function finishJob(job) {
+  if (state.job === job) state.job = null;
+  setBusy(false);
+}
+
+async function blobToDataUrl(blob) {
+  return new Promise((resolve) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.readAsDataURL(blob);
+  });
+}
+
+async function showResult(job, view) {
+  try {
+    if (view.status === "failed") {
+      setProgress("failed", 0, 1, "failed");
+      showJobFailure(view.error, job.sent);
+      return;
+    }
+    if (view.status === "canceled") {
+      setProgress("canceled", 0, 1, "canceled");
+      return;
+    }
+    const image = view.images[0];
+    const blob = await (await api(image.url)).blob();
+    const dataUrl = await blobToDataUrl(blob); // kept in the history (survives reloads, needs no key)
+    const seconds = view.timings?.total_s ?? (Date.now() - job.started) / 1000;
+    const entry = {
+      id: job.id, image: dataUrl, seed: image.seed, seconds,
+      prompt: job.body.prompt, negative_prompt: job.body.negative_prompt || "",
+      steps: job.body.steps, guidance_scale: job.body.guidance_scale, sampler: job.body.sampler,
+      regions: job.sent.map((r) => ({ color: r.color, phrase: r.phrase, strength: r.strength })),
+      color_map: job.colorMap, style: Boolean(job.body.style_image),
+    };
+    const result = $("result");
+    result.src = dataUrl;
+    result.dataset.job = job.id;
+    result.dataset.seed = image.seed;
+    result.hidden = false;
+    $("result-caption").textContent = describe(entry);
+    setProgress("succeeded", job.body.steps, job.body.steps, `done in ${seconds.toFixed(1)} s (seed ${image.seed})`);
+    state.history.unshift(entry);
+    state.history = state.history.slice(0, HISTORY_MAX);
+    saveHistory();
+    renderHistory();
+  } catch (err) {
+    setProgress("failed", 0, 1, "failed");
+    showApiError(err, job.sent);
+  } finally {
+    finishJob(job);
+  }
+}
+
+async function cancel() {
+  const job = state.job;
+  if (!job) return;
+  try {
+    await api(`/jobs/${job.id}/cancel`, { method: "POST" });
+    $("progress-text").textContent = "canceling…";
+  } catch (err) {
+    if (!needKey(err, cancel)) showApiError(err, job.sent);
+  }
+}
+
+// --------------------------------------------------------------------- history
+
+function describe(e) {
+  const regions = e.regions.map((r) => `“${r.phrase}” ${r.strength.toFixed(2)}`).join(", ");
+  return `${e.prompt} · steps ${e.steps} · guidance ${e.guidance_scale} · seed ${e.seed} · ${e.sampler}` +
+    (regions ? ` · painted: ${regions}` : "") + (e.style ? " · style image" : "") +
+    (e.negative_prompt ? ` · not: ${e.negative_prompt}` : "");
+}
+
+function saveHistory() {
+  try { localStorage.setItem(HISTORY_STORE, JSON.stringify(state.history)); } catch { /* storage full */ }
+}
+
+function renderHistory() {
+  const list = $("history");
+  list.replaceChildren();
+  for (const e of state.history) {
+    const li = document.createElement("li");
+    const img = document.createElement("img");
+    img.src = e.image;
+    img.alt = e.prompt;
+    img.width = img.height = 96;
+    const text = document.createElement("p");
+    text.textContent = describe(e);
+    const reuse = document.createElement("button");
+    reuse.type = "button";
+    reuse.textContent = "Reuse";
+    reuse.addEventListener("click", () => reuseEntry(e));
+    img.addEventListener("click", () => {
+      $("result").src = e.image;
+      $("result").hidden = false;
+      $("result-caption").textContent = describe(e);
+    });
+    li.append(img, text, reuse);
+    list.append(li);
+  }
+}
+
+async function reuseEntry(e) {
+  $("prompt").value = e.prompt;
+  $("negative-prompt").value = e.negative_prompt;
+  $("steps").value = e.steps;
+  $("guidance").value = e.guidance_scale;
+  $("seed").value = e.seed;
+  $("sampler").value = e.sampler;
+  state.regions = e.regions.map((r, k) => ({ ...r, label: k + 1 }));
+  state.nextLabel = state.regions.length + 1;
+  state.active = state.regions.length ? 1 : null;
+  state.labels.fill(0);
+  if (e.color_map) await loadColorMap(e.color_map);
+  state.sel = null;
+  renderChips();
+  drawCanvas();
+}
+
+// ------------------------------------------------------------------------ init
+
+function init() {
+  try { state.history = JSON.parse(localStorage.getItem(HISTORY_STORE) || "[]"); } catch { state.history = []; }
+  $("prompt").addEventListener("input", () => { state.sel = null; renderChips(); });
+  $("add-region").addEventListener("click", addRegion);
+  $("form").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
+  $("cancel").addEventListener("click", cancel);
+  $("save-key").addEventListener("click", saveKey);
+  $("api-key").addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); saveKey(); } });
+  $("key-button").addEventListener("click", () => {
+    $("auth").hidden = !$("auth").hidden;
+    $("api-key").value = localStorage.getItem(KEY_STORE) || "";
+  });
+  setupCanvas();
+  setupStyleImage();
+  renderChips();
+  renderHistory();
+  drawCanvas();
+}
+
+init();
