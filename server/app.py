@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.metrics import Metrics
 from server.middleware import HTTPMetricsMiddleware, RequestBodyGuard
@@ -103,6 +105,15 @@ def _register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return SafeJSONResponse({"detail": sanitize_errors(exc.errors())}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers 400 when a body is not decodable at all (e.g. not
+        # UTF-8); the API's contract for unreadable input is a field-level 422.
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            error = {"loc": ["body"], "msg": "the body is not valid JSON text (UTF-8)", "type": "json_invalid"}
+            return SafeJSONResponse({"detail": [error]}, status_code=422)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(PayloadTooLarge)
     async def payload_too_large(_request: Request, exc: PayloadTooLarge) -> JSONResponse:

@@ -80,6 +80,30 @@ def failure_reason(outcome_error: str | None) -> str:
     return text if text.startswith(("internal", "timeout")) else f"internal: {text}"
 
 
+def engine_timings(outcome: RequestOutcome) -> dict[str, float]:
+    """The engine's own durations of a job, seconds: ``engine_wait_s`` (submit to
+    admission), ``sampling_s`` (admission to done), ``engine_s`` (submit to done).
+
+    Durations, not the engine's epoch timestamps: those would reuse the job's own
+    ``queued_at``/``started_at``/``finished_at`` names and never reach the client."""
+    queued, started, finished = outcome.queued_at, outcome.started_at, outcome.finished_at
+    timings: dict[str, float] = {}
+    if queued is not None and started is not None:
+        timings["engine_wait_s"] = max(0.0, started - queued)
+    if started is not None and finished is not None:
+        timings["sampling_s"] = max(0.0, finished - started)
+    if queued is not None and finished is not None:
+        timings["engine_s"] = max(0.0, finished - queued)
+    return timings
+
+
+def _row_budget(engine: Engine) -> int | None:
+    """The engine scheduler's rows-per-tick budget ("auto" resolved from its warm-up; None:
+    unlimited), reported with the heartbeat so a benchmark can pin a reference engine to it."""
+    config = getattr(getattr(engine, "scheduler", None), "config", None)
+    return getattr(config, "max_rows_per_tick", None)
+
+
 def engine_metric_hooks(metrics: Metrics) -> EngineHooks:
     return EngineHooks(
         on_batch=lambda t: (
@@ -175,7 +199,7 @@ class Worker:
             await self._flush_progress(active)
             if outcome.ok:
                 pngs = await asyncio.to_thread(outcome.png_bytes)
-                timings = {k: v for k, v in outcome.timings.items() if v is not None}
+                timings = engine_timings(outcome)
                 await self._finish(job, "succeeded", images=pngs, seeds=outcome.seeds, timings=timings)
             elif outcome.status in ("canceled", "expired") and active.job.job_id not in self._released:
                 await self._finish(job, "canceled")
@@ -239,7 +263,8 @@ class Worker:
         while True:
             try:
                 await self.queue.heartbeat(self.worker_id, {"slots": self.settings.worker_slots,
-                                                            "active": len(self.active), "engine": self.engine.name})
+                                                            "active": len(self.active), "engine": self.engine.name,
+                                                            "row_budget": _row_budget(self.engine)})
                 self.metrics.worker_heartbeats.inc()
                 lost = await self.queue.keep_alive(self.worker_id, [a.job for a in self.active.values()])
                 for job in lost:  # another worker took it over: stop spending compute on it
