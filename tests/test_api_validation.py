@@ -88,7 +88,7 @@ CASES: list[tuple[str, Any, int, list | None]] = [
     ("body is a string", b'"a red fox"', 422, BODY),
     ("invalid JSON", b'{"prompt": ', 422, None),
     ("not JSON at all", b"prompt=a+red+fox", 422, None),
-    ("deeply nested JSON", b"[" * 100_000, 400, None),
+    ("deeply nested JSON", b"[" * 100_000, 422, ["body"]),
     ("style not base64", {"prompt": "a", "style_image": "not base64 !!"}, 422, BODY + ["style_image"]),
     ("style empty", {"prompt": "a", "style_image": ""}, 422, BODY + ["style_image"]),
     ("style not an image", {"prompt": "a", "style_image": b64(b"hello world")}, 422, BODY + ["style_image"]),
