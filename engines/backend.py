@@ -77,22 +77,38 @@ class Backend(ABC):
     def load(self, model: EDiffIModel | str | Path) -> None:
         """Load (or adopt) a model and make every expert resident."""
 
+    # Subclasses set these in __init__/load; the accessors below serve every runtime.
+    _model: EDiffIModel | None = None
+    _device: torch.device
+    _dtype: torch.dtype
+    _max_batch: int | dict[tuple[str, str], int] = 16
+
     @property
-    @abstractmethod
     def model(self) -> EDiffIModel:
         """The loaded model: encoders, config and sigma routing."""
+        if self._model is None:
+            raise RuntimeError("the backend has no model loaded; call load() first")
+        return self._model
 
     @property
-    @abstractmethod
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        return self._device
 
     @property
-    @abstractmethod
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self) -> torch.dtype:
+        return self._dtype
 
-    @abstractmethod
     def max_batch(self, stage: str, expert: str) -> int:
-        """Most rows one call of this expert takes."""
+        """Most rows one call of this expert takes (one cap, or one per expert)."""
+        if isinstance(self._max_batch, dict):
+            return int(self._max_batch.get((stage, expert), max(self._max_batch.values())))
+        return int(self._max_batch)
+
+    def _expert(self, stage: str, expert: str):
+        try:
+            return self.model.stages[stage].experts[expert]
+        except KeyError:
+            raise KeyError(f"no expert {expert!r} in stage {stage!r}") from None
 
     def buckets(self, stage: str, expert: str) -> list[int]:
         return batch_buckets(self.max_batch(stage, expert))

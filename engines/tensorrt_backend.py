@@ -165,16 +165,6 @@ class TensorRTBackend(Backend):
 
     # -- Backend interface -------------------------------------------------------------
     @property
-    def model(self) -> EDiffIModel:
-        if self._model is None:
-            raise RuntimeError("the backend has no model loaded; call load() first")
-        return self._model
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
     def dtype(self) -> torch.dtype:
         return torch.float32  # I/O; the engines compute in their precision
 

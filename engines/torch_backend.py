@@ -51,31 +51,6 @@ class TorchBackend(Backend):
             ensemble.eval()
         self._model.encoders.eval()
 
-    @property
-    def model(self) -> EDiffIModel:
-        if self._model is None:
-            raise RuntimeError("the backend has no model loaded; call load() first")
-        return self._model
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    def max_batch(self, stage: str, expert: str) -> int:
-        if isinstance(self._max_batch, dict):
-            return int(self._max_batch.get((stage, expert), max(self._max_batch.values())))
-        return int(self._max_batch)
-
-    def _expert(self, stage: str, expert: str) -> torch.nn.Module:
-        try:
-            return self.model.stages[stage].experts[expert]
-        except KeyError:
-            raise KeyError(f"no expert {expert!r} in stage {stage!r}") from None
-
     @torch.inference_mode()
     def warmup(self, repeats: int = 3) -> None:
         """Run each expert at each batch bucket; time the calls after the
