@@ -43,6 +43,11 @@ class UNetConfig(_Strict):
     fourier_scale: float = 16.0
     dropout: float = 0.0
     groups: int = 8
+    # Two extra input channels holding each pixel's (x, y) in [-1, 1]
+    # (CoordConv, Liu et al. 2018): the cross-attention queries then know
+    # where they are, so a small model learns "top left" and paint-with-words
+    # placement from far fewer updates than from zero padding alone.
+    coord_channels: bool = False
 
     @field_validator("channel_mult")
     @classmethod

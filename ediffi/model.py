@@ -160,6 +160,8 @@ class TinyModelSpec:
     base_boundaries: tuple[float, ...] = (1.0,)
     sr_boundaries: tuple[float, ...] = ()
     low_res_aug_sigma: float = 0.05
+    # As the shipped model: the base stage sees pixel coordinates, SR does not.
+    base_coord_channels: bool = True
 
 
 def experts_for(boundaries: tuple[float, ...], count: int, prefix: str, network: UNetConfig, stage_dir: str) -> list[ExpertConfig]:
@@ -189,7 +191,8 @@ def tiny_model_config(spec: TinyModelSpec, words: list[str] | None = None) -> Mo
     stages = [
         StageConfig(
             name="base", image_size=spec.base_size,
-            experts=experts_for(spec.base_boundaries, spec.base_experts, "base", UNetConfig(**net), "stages/base"),
+            experts=experts_for(spec.base_boundaries, spec.base_experts, "base",
+                                UNetConfig(**net, coord_channels=spec.base_coord_channels), "stages/base"),
         )
     ]
     if spec.sr_size:

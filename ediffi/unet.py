@@ -166,6 +166,15 @@ class _Level(nn.Module):
         return x
 
 
+def pixel_coordinates(x: torch.Tensor) -> torch.Tensor:
+    """[B, 2, H, W]: each pixel's (x, y) position in [-1, 1], like x's dtype and layout."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1.0, 1.0, h, dtype=x.dtype, device=x.device)
+    xs = torch.linspace(-1.0, 1.0, w, dtype=x.dtype, device=x.device)
+    grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)])
+    return grid[None].expand(b, 2, h, w)
+
+
 class UNet(nn.Module):
     """F_theta of EDM eq. 7; `EDMDenoiser` wraps it with the preconditioning."""
 
@@ -182,7 +191,8 @@ class UNet(nn.Module):
             self.aug_mlp = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
 
         ch = cfg.model_channels
-        self.input_conv = nn.Conv2d(cfg.in_channels + cfg.low_res_channels, ch, 3, padding=1)
+        coords = 2 if cfg.coord_channels else 0
+        self.input_conv = nn.Conv2d(cfg.in_channels + cfg.low_res_channels + coords, ch, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [ch]
         resolution = image_size
@@ -232,6 +242,8 @@ class UNet(nn.Module):
                 raise ValueError("a super-resolution expert needs low_res and its noise level")
             emb = emb + self.aug_mlp(self.aug_embed(low_res_noise_label))
             x = torch.cat([x, low_res], dim=1)
+        if self.cfg.coord_channels:
+            x = torch.cat([x, pixel_coordinates(x)], dim=1)
         emb = F.silu(emb)
         cond = (context, context_mask, sigma, pww_mask, pww_strength)
 
