@@ -103,11 +103,11 @@ def text_and_style_eval(model: EDiffIModel, cfg: EvalConfig) -> tuple[dict, list
     )
 
 
-def paint_scenes(cfg: EvalConfig) -> list[tuple[Scene, list[int]]]:
-    """Held-out objects without positions, each assigned a random cell to paint."""
-    rng = np.random.default_rng(cfg.seed + 99)
+def paint_scenes(scenes: list[Scene], seed: int) -> list[tuple[Scene, list[int]]]:
+    """The scenes' objects without positions, each assigned a random cell to paint."""
+    rng = np.random.default_rng(seed)
     out = []
-    for scene in heldout_scenes(cfg.n_paint):
+    for scene in scenes:
         cells = [int(c) for c in rng.choice(9, size=len(scene.objects), replace=False)]
         objects = tuple(ShapeObject(o.color, o.shape, c, False) for o, c in zip(scene.objects, cells))
         caption = " and ".join(("an" if o.color[0] in "aeiou" else "a") + f" {o.color} {o.shape}" for o in objects)
@@ -122,8 +122,10 @@ def color_map_for(cells: list[int], size: int = 64) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-def paint_eval(model: EDiffIModel, cfg: EvalConfig) -> dict:
-    cases = paint_scenes(cfg)
+def paint_eval(model: EDiffIModel, cfg: EvalConfig, cases: list[tuple[Scene, list[int]]] | None = None) -> dict:
+    """Held-out objects painted into random cells (or the given cases)."""
+    if cases is None:
+        cases = paint_scenes(heldout_scenes(cfg.n_paint), cfg.seed + 99)
     requests = [
         GenerationRequest(
             prompt=scene.caption, seed=20000 + i, steps=cfg.steps, sampler=cfg.sampler, guidance_scale=cfg.guidance,

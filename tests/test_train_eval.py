@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ediffi.evaluate import color_map_for, frechet_distance, paint_scenes, EvalConfig
+from ediffi.evaluate import color_map_for, frechet_distance, paint_scenes
 from ediffi.train import TrainConfig, phases, run_training, sample_sigma, world_vocabulary
-from ediffi.world import cell_mask, heldout_prompts, parse_caption
+from ediffi.world import cell_mask, heldout_prompts, heldout_scenes, parse_caption
 
 
 def test_sigma_sampling_stays_in_the_expert_interval():
@@ -21,6 +21,11 @@ def test_sigma_sampling_stays_in_the_expert_interval():
     # The untruncated distribution has the EDM median exp(P_mean).
     s = sample_sigma(20000, 0.0, math.inf, g)
     assert s.log().median().item() == pytest.approx(-1.2, abs=0.05)
+    # The shifted base-stage distribution (more layout-deciding high noise).
+    s = sample_sigma(20000, 0.0, math.inf, g, p_mean=0.0, p_std=1.5)
+    assert s.log().mean().item() == pytest.approx(0.0, abs=0.05)
+    assert s.log().std().item() == pytest.approx(1.5, abs=0.05)
+    assert (s > 2.5).float().mean().item() == pytest.approx(0.27, abs=0.02)
 
 
 def test_expert_tree_children_start_from_parents_and_baseline_matches_updates():
@@ -52,7 +57,7 @@ def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():
 
 
 def test_paint_eval_cases_paint_one_cell_per_object_without_positions():
-    for scene, cells in paint_scenes(EvalConfig(n_paint=20)):
+    for scene, cells in paint_scenes(heldout_scenes(20), seed=99):
         assert all(pos is None for _, _, pos in parse_caption(scene.caption))
         cmap = np.asarray(color_map_for(cells))
         assert (cmap[cell_mask(cells[0])] == [255, 0, 0]).all()
