@@ -417,7 +417,7 @@ def test_unused_text_encoder_gets_no_paint(tiny_model, color_map):
 def test_painted_request_changes_the_image(tiny_model, color_map):
     base = dict(prompt="a red circle and a blue square", steps=3, seed=5, sampler="euler")
     plain = np.asarray(generate(tiny_model, GenerationRequest(**base))[0])
-    painted_request = GenerationRequest(**base, color_map=color_map, regions=[Region("#ff0000", "red circle", 1.0)])
+    painted_request = GenerationRequest(**base, color_map=color_map, regions=[Region("#ff0000", "red circle", 2.0)])
     painted = np.asarray(generate(tiny_model, painted_request)[0])
     again = np.asarray(generate(tiny_model, painted_request)[0])
     assert painted.shape == plain.shape == (32, 32, 3)
