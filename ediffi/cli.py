@@ -101,7 +101,9 @@ def cmd_eval(args, settings) -> int:
     from ediffi.evaluate import EvalConfig, format_table, run_eval, write_result
 
     cfg = EvalConfig(n_prompts=args.prompts, n_paint=args.paint, steps=args.steps, sampler=args.sampler,
-                     guidance=args.guidance, paint_strength=args.paint_strength, batch=args.batch)
+                     guidance=args.guidance, batch=args.batch)
+    if args.paint_strength is not None:
+        cfg.paint_strength = args.paint_strength
     models = {"experts": resolve_model_dir(args.model_dir, settings)}
     if args.baseline_dir:
         models["baseline"] = Path(args.baseline_dir)
@@ -203,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=32)
     ev.add_argument("--sampler", choices=["heun", "euler", "dpmpp_2m"], default="heun")
     ev.add_argument("--guidance", type=float, default=3.0)
-    ev.add_argument("--paint-strength", type=float, default=0.4)
+    ev.add_argument("--paint-strength", type=float, help="paint-with-words w' (default: the API's default strength)")
     ev.add_argument("--batch", type=int, default=32, help="requests sampled together")
     ev.add_argument("--json-out", help="also write the results as JSON here")
     ev.set_defaults(func=cmd_eval)

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ediffi.model import EDiffIModel, load_model
-from ediffi.paint import Region
+from ediffi.paint import DEFAULT_STRENGTH, Region
 from ediffi.pipeline import GenerationRequest, generate, generate_batch
 from ediffi.world import (
     Scene,
@@ -52,7 +52,7 @@ class EvalConfig:
     steps: int = 32
     sampler: str = "heun"
     guidance: float = 3.0
-    paint_strength: float = 0.4
+    paint_strength: float = DEFAULT_STRENGTH
     batch: int = 32
     speed_requests: int = 3
     analyser_scenes: int = 300

@@ -58,6 +58,18 @@ MODEL_PX = 64
 # ------------------------------------------------------------------ static files
 
 
+def test_page_default_strength_is_the_api_default() -> None:
+    """A new region starts at the API's default w' (what `ediffi eval` measures),
+    and the slider reaches it."""
+    from ediffi.paint import DEFAULT_STRENGTH
+
+    js = (STATIC_DIR / "app.js").read_text()
+    start = float(re.search(r"phrase, strength: ([0-9.]+) }", js).group(1))
+    slider_max = float(re.search(r'class="strength">strength <input type="range" min="0" max="([0-9.]+)"', js).group(1))
+    assert start == DEFAULT_STRENGTH
+    assert slider_max >= DEFAULT_STRENGTH
+
+
 def _get(app, paths: list[str], headers: dict[str, str] | None = None) -> dict[str, httpx.Response]:
     async def run() -> dict[str, httpx.Response]:
         transport = httpx.ASGITransport(app=app)
