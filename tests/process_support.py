@@ -31,7 +31,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.keys import RedisKeys
-from tests.redis_server import free_port
+from tests.redis_server import free_port, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KEYS = RedisKeys()  # the processes use the default key prefix
@@ -105,12 +105,7 @@ class ChildProcess:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM, then SIGKILL if it lingers."""
-        if self.alive:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.process, timeout_s)
         self._log.close()
 
     def log_tail(self, chars: int = 3000) -> str:
@@ -247,13 +242,8 @@ class PersistentRedis:
 
     def stop(self) -> None:
         """SIGTERM (what compose and Kubernetes send): Redis flushes the AOF and exits."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
     def cleanup(self) -> None:
@@ -375,8 +365,9 @@ class Cluster:
     def image_keys(self, job_id: str) -> list[str]:
         return sorted(k.decode() for k in self.redis.scan_iter(match=f"{KEYS.job(job_id)}:image:*", count=1000))
 
-    def holders(self, job_ids: list[str]) -> dict[str, str]:
-        """job id -> worker id, for jobs currently running."""
+    def holders(self, job_ids: list[str], min_progress: int = 0) -> dict[str, str]:
+        """job id -> worker id, for jobs currently running with at least
+        ``min_progress`` sampling steps done."""
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hmget(KEYS.job(job_id), "status", "worker", "progress_step")
@@ -384,20 +375,12 @@ class Cluster:
         return {
             job_id: row[1].decode()
             for job_id, row in zip(job_ids, rows)
-            if row[0] == b"running" and row[1]
+            if row[0] == b"running" and row[1] and int(row[2] or 0) >= min_progress
         }
 
     def running_in_progress(self, job_ids: list[str]) -> dict[str, str]:
         """Like :meth:`holders`, but only jobs that have made sampling progress."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hmget(KEYS.job(job_id), "status", "worker", "progress_step")
-            rows = pipe.execute()
-        return {
-            job_id: row[1].decode()
-            for job_id, row in zip(job_ids, rows)
-            if row[0] == b"running" and row[1] and int(row[2] or 0) > 0
-        }
+        return self.holders(job_ids, min_progress=1)
 
 
 # --------------------------------------------------------------------- metrics
@@ -416,17 +399,3 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
 def metric_names(text: str) -> set[str]:
     """Every sample name in a scrape (``_bucket``/``_sum``/``_count``/``_total`` as exposed)."""
     return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def parse_sse(text: str) -> list[dict[str, str]]:
-    events = []
-    for block in text.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in block.splitlines():
-            if not line or line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            fields[name] = value[1:] if value.startswith(" ") else value
-        if "event" in fields:
-            events.append(fields)
-    return events

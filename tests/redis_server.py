@@ -37,6 +37,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGTERM, wait up to ``timeout_s``; SIGKILL if it lingers; always reaped."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
 class RedisServerProcess:
     """One ``redis-server`` child process on a fixed port, which can be stopped and restarted.
 
@@ -107,13 +118,7 @@ class RedisServerProcess:
         """Stop the server (SIGTERM, then SIGKILL if it lingers) and wait for the port to close."""
         if self._process is None:
             return
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(timeout=5)
+        stop_process(self._process, timeout_s=5)
         self._process = None
 
     def restart(self) -> None:

@@ -37,6 +37,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from tests.redis_server import stop_process
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "compose.cpu.yaml"
@@ -1049,10 +1051,5 @@ def test_container_start_command_serves_and_passes_its_healthcheck(tmp_path, req
             assert time.monotonic() < deadline, "/readyz never became 200"
             time.sleep(0.5)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process, timeout_s=20)
         log.close()

@@ -28,7 +28,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.process_support import KEYS, Cluster, metric_value, parse_sse
+from tests.process_support import KEYS, Cluster, metric_value
+from tests.test_api_support import parse_sse
 
 # Each test needs worker processes, and starting one (torch import, engine warm-up) takes
 # well over 20 s on a loaded 2-core machine: the whole module is slow.

@@ -33,6 +33,7 @@ import pytest
 from PIL import Image
 
 from server.app import STATIC_DIR, create_app
+from tests.redis_server import stop_process
 from tests.test_api_support import make_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,12 +308,7 @@ def served_model(tmp_path_factory) -> Iterator[str]:
             time.sleep(0.5)
         yield base_url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s=20)
 
 
 @pytest.fixture(scope="module")
