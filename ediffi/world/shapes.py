@@ -14,6 +14,7 @@ while interiors keep the exact palette colour.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -248,13 +249,14 @@ def _coverage(obj: ShapeObject, size: int, offset: tuple[float, float]) -> np.nd
         raise ValueError(f"unknown shape {obj.shape!r}")
     scale = size / IMAGE_SIZE
     cx64, cy64 = _cell_center64(obj.cell)
-    return shape_coverage(
-        obj.shape,
-        (cx64 + offset[0]) * scale,
-        (cy64 + offset[1]) * scale,
-        _HALF_WIDTH[obj.shape] * scale,
-        size,
-    )
+    cx, cy, half = (cx64 + offset[0]) * scale, (cy64 + offset[1]) * scale, _HALF_WIDTH[obj.shape] * scale
+    # Only the pixels under the shape's bounding box can be covered: compute
+    # those (rendering is the training data loader's hot loop), zeros elsewhere.
+    x0, y0 = max(int(math.floor(cx - half)) - 1, 0), max(int(math.floor(cy - half)) - 1, 0)
+    x1, y1 = min(int(math.ceil(cx + half)) + 1, size), min(int(math.ceil(cy + half)) + 1, size)
+    coverage = np.zeros((size, size), dtype=np.float64)
+    coverage[y0:y1, x0:x1] = shape_coverage(obj.shape, cx, cy, half, size, window=(x0, y0, x1, y1))
+    return coverage
 
 
 def render(
