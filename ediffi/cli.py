@@ -93,7 +93,18 @@ def cmd_train(args, settings) -> int:
                                 ckpt=Checkpoints(run_dir), note=note)
         print(path)
         return 0
-    run_training(cfg, run_dir, args.chains, log=lambda m: print(m, flush=True))
+    import time
+
+    if args.continue_from:
+        from ediffi.train import continue_from_models
+
+        baseline = Path(args.continue_baseline) if args.continue_baseline else None
+        seeded = continue_from_models(cfg, run_dir, Path(args.continue_from), baseline, to_train=args.phases)
+        print(f"seeded {run_dir} from {args.continue_from}; to train: {', '.join(seeded)}")
+        return 0
+    deadline = None if args.time_budget_s is None else time.time() + args.time_budget_s
+    run_training(cfg, run_dir, args.chains, log=lambda m: print(m, flush=True), deadline=deadline,
+                 encoder_deadline=deadline, only=args.phases)
     return 0
 
 
@@ -193,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="JSON file of TrainConfig overrides")
     train.add_argument("--chains", nargs="*", default=["base", "sr", "baseline"], choices=["base", "sr", "baseline"],
                        help="phase chains to run after the encoders (none: encoders only)")
+    train.add_argument("--time-budget-s", type=float, metavar="S",
+                       help="end training S seconds from now: phases stop early (sharing the time by steps) and "
+                            "are marked finished with the steps taken, which the log records")
+    train.add_argument("--phases", nargs="+", metavar="PHASE",
+                       help="only these phases of the chains (e.g. one process per expert)")
+    train.add_argument("--continue-from", metavar="MODEL_DIR",
+                       help="seed an empty --run-dir from an exported model to train its experts further, and exit")
+    train.add_argument("--continue-baseline", metavar="MODEL_DIR", help="with --continue-from: the baseline model too")
     train.add_argument("--export", metavar="MODEL_DIR", help="write a model directory from finished phases and exit")
     train.add_argument("--baseline", action="store_true", help="with --export: the single-model baseline")
     train.set_defaults(func=cmd_train)

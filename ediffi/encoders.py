@@ -243,6 +243,11 @@ class Encoders(torch.nn.Module):
     def encode_image(self, images: list[Image.Image]) -> torch.Tensor:
         """The CLIP image embedding (unit norm): the style vector."""
         pixels = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        return self.encode_pixels(pixels)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`encode_image` from the image processor's pixel values."""
         dtype = next(self.clip_vision.parameters()).dtype
         out = self.clip_vision(pixel_values=pixels.to(self.device, dtype))
         return F.normalize(out.image_embeds, dim=-1)

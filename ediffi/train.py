@@ -15,6 +15,17 @@ Phases, each resumable from its own periodic checkpoint under the run folder:
 5. `baseline`: the root continued on all noise levels for as many updates as
    the splits took, so the single model gets the same number of updates.
 
+Paint-with-words-aware training (an addition to the paper, whose §4.3 method
+is training-free; `pww_train_prob`, off by default): a share of samples gets
+each object's phrase painted over a region of grid cells that contains the
+object, with a random strength, through the same cross-attention bias that
+inference uses; the model learns to follow a painted region.
+
+Runs on CPU or one CUDA device (`device`); batches are built on the CPU, in
+`data_workers` DataLoader processes when > 0, deterministically per (phase,
+step). A `deadline` (wall clock) ends phases early so a lent machine's time
+is never overrun; the log and the checkpoint record the steps actually taken.
+
 Denoisers use the EDM loss (Karras et al. 2022, eq. 2 with Table 1's
 lambda(sigma) and ln(sigma) ~ N(P_mean, P_std^2), truncated to the expert's
 interval), embedding dropout per encoder, and an EMA of the weights.
@@ -43,7 +54,9 @@ from ediffi.config import EncodersConfig, ModelConfig, StageConfig, TextEncoderC
 from ediffi.edm import P_MEAN, P_STD, EDMDenoiser, edm_loss_weight
 from ediffi.encoders import Encoders, TinyEncoderSpec, build_tiny_encoders
 from ediffi.model import experts_for, save_expert
+from ediffi.paint import phrase_span, tokens_in_span
 from ediffi.world import COLORS, POSITIONS, SHAPES, STYLES, render, sample_scene
+from ediffi.world.shapes import cell_bounds
 
 STYLE_WORDS = {"plain": "plain style", "night": "night style", "stripes": "striped style", "gradient": "gradient style"}
 
@@ -52,6 +65,9 @@ STYLE_WORDS = {"plain": "plain style", "night": "night style", "stripes": "strip
 class TrainConfig:
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"  # "cpu" or "cuda[:N]"
+    data_workers: int = 0  # DataLoader processes building batches (0: in the training process)
+    encoder_data_workers: int | None = None  # the same for the encoders, which train alone (None: data_workers)
     batch: int = 24
     encoder_steps: int = 800
     encoder_batch: int = 128
@@ -74,6 +90,10 @@ class TrainConfig:
     # everything through cross-attention, which is where paint-with-words
     # acts, so the model must not lean on the global vector for what to draw.
     drop_pooled_text: float = 0.0
+    # Share of samples trained with their objects' phrases painted (see the
+    # module docstring) and the largest strength w' drawn for them.
+    pww_train_prob: float = 0.0
+    pww_train_max_strength: float = 1.0
     base_boundaries: tuple[float, float] = (2.5, 0.4)  # high|mid, mid|low
     # ln(sigma) ~ N(mean, std^2) for the base stage. EDM's (-1.2, 1.2) puts
     # only ~4% of samples above sigma 2.5, where the 32 px layout (which
@@ -157,6 +177,116 @@ def phase_rng(seed: int, phase: str, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, sum(map(ord, phase)) * 7919 + len(phase), step])
 
 
+def painted_region(rng: np.random.Generator, cell: int, avoid: set[int]) -> tuple[int, int, int, int]:
+    """Cell rows/cols (r0, r1, c0, c1), inclusive, of a painted rectangle that
+    contains `cell` and none of the `avoid` cells: half the time the cell
+    alone (as the eval paints), else a random block of cells around it (as a
+    user paints a third of the canvas)."""
+    row, col = divmod(cell, 3)
+    if rng.random() < 0.5:
+        return row, row, col, col
+    r0, r1 = int(rng.integers(0, row + 1)), int(rng.integers(row, 3))
+    c0, c1 = int(rng.integers(0, col + 1)), int(rng.integers(col, 3))
+    if any(r0 <= a // 3 <= r1 and c0 <= a % 3 <= c1 for a in avoid):
+        return row, row, col, col
+    return r0, r1, c0, c1
+
+
+def region_mask(block: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """Float (size, size) mask of a block of cells."""
+    r0, r1, c0, c1 = block
+    x0, y0, _, _ = cell_bounds(r0 * 3 + c0, size)
+    _, _, x1, y1 = cell_bounds(r1 * 3 + c1, size)
+    mask = np.zeros((size, size), dtype=np.float32)
+    mask[y0:y1, x0:x1] = 1.0
+    return mask
+
+
+class DenoiserBatches(torch.utils.data.Dataset):
+    """Step -> that step's training batch, built on the CPU: the 64 px renders,
+    captions, the same-style reference's CLIP pixels and, for painted samples,
+    the regions and the context columns of their phrases. Indexed by step, so
+    DataLoader workers and resumption give the same data as one process."""
+
+    def __init__(self, cfg: TrainConfig, phase: str, steps: int, enc: Encoders, image_size: int):
+        self.cfg, self.phase, self.steps, self.image_size = cfg, phase, steps, image_size
+        self.image_processor = enc.image_processor
+        self.t5_tokenizer, self.clip_tokenizer = enc.t5_tokenizer, enc.clip_tokenizer
+        self.t5_length, self.clip_length = enc.t5_length, enc.clip_length
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> dict:
+        rng = phase_rng(self.cfg.seed, self.phase, step)
+        seed = int(rng.integers(2**62))
+        scenes, images, references = batch_of_scenes(rng, self.cfg.batch)
+        pixels = self.image_processor(images=[Image.fromarray(r) for r in references], return_tensors="pt")["pixel_values"]
+        batch = dict(seed=seed, captions=[s.caption for s in scenes], images=torch.from_numpy(images), reference_pixels=pixels)
+        batch.update(self._paint(rng, scenes))
+        return batch
+
+    def _paint(self, rng: np.random.Generator, scenes) -> dict:
+        """Regions [R, S, S], (sample, column, region) rows, strength per sample."""
+        regions, rows = [], []
+        strength = np.zeros(len(scenes), dtype=np.float32)
+        painted = [i for i in range(len(scenes)) if rng.random() < self.cfg.pww_train_prob]
+        if painted:
+            captions = [scenes[i].caption for i in painted]
+            offsets = [
+                tok(captions, padding="max_length", truncation=True, max_length=length, return_offsets_mapping=True)["offset_mapping"]
+                for tok, length in ((self.t5_tokenizer, self.t5_length), (self.clip_tokenizer, self.clip_length))
+            ]
+            for j, i in enumerate(painted):
+                scene = scenes[i]
+                strength[i] = rng.uniform(0.1, 1.0) * self.cfg.pww_train_max_strength
+                cells = {o.cell for o in scene.objects}
+                for obj in scene.objects:
+                    span = phrase_span(scene.caption, obj.phrase, "caption")
+                    columns = tokens_in_span(offsets[0][j], span) + [self.t5_length + c for c in tokens_in_span(offsets[1][j], span)]
+                    regions.append(region_mask(painted_region(rng, obj.cell, cells - {obj.cell}), self.image_size))
+                    rows += [(i, c, len(regions) - 1) for c in columns]
+        return dict(
+            paint_regions=torch.from_numpy(np.stack(regions)) if regions else torch.zeros(0, self.image_size, self.image_size),
+            paint_rows=torch.tensor(rows, dtype=torch.long).reshape(-1, 3),
+            paint_strength=torch.from_numpy(strength),
+        )
+
+
+class EncoderBatches(torch.utils.data.Dataset):
+    """Step -> the contrastive batch: caption + style texts, their token ids
+    for both text towers, and the images' CLIP pixels."""
+
+    def __init__(self, cfg: TrainConfig, enc: Encoders):
+        self.cfg = cfg
+        self.image_processor = enc.image_processor
+        self.t5_tokenizer, self.clip_tokenizer = enc.t5_tokenizer, enc.clip_tokenizer
+
+    def __len__(self) -> int:
+        return self.cfg.encoder_steps
+
+    def __getitem__(self, step: int) -> dict:
+        rng = phase_rng(self.cfg.seed, "encoders", step)
+        scenes = [sample_scene(rng) for _ in range(self.cfg.encoder_batch)]
+        images = [Image.fromarray(render(s, jitter_rng=rng)) for s in scenes]
+        texts = [f"{s.caption}, {STYLE_WORDS[s.style]}" for s in scenes]
+        tokenize = lambda tok: dict(tok(texts, padding="max_length", truncation=True, max_length=self.cfg.text_length, return_tensors="pt"))  # noqa: E731
+        return dict(
+            texts=texts,
+            pixels=self.image_processor(images=images, return_tensors="pt")["pixel_values"],
+            clip_ids=tokenize(self.clip_tokenizer),
+            t5_ids=tokenize(self.t5_tokenizer),
+        )
+
+
+def step_loader(dataset: torch.utils.data.Dataset, start: int, workers: int) -> torch.utils.data.DataLoader:
+    """Batches of steps start.. in order (each item is already a batch)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=workers,
+        prefetch_factor=4 if workers else None, pin_memory=False,
+    )
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -190,7 +320,7 @@ class Checkpoints:
 # ---------------------------------------------------------------- encoders
 
 
-def train_encoders(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoints) -> Path:
+def train_encoders(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoints, deadline: float | None = None) -> Path:
     """Contrastive training of the T5 and CLIP towers (CLIP's InfoNCE loss);
     T5 learns through a mean-pooled projection head discarded afterwards."""
     enc_dir = run_dir / "encoders_model"
@@ -199,10 +329,12 @@ def train_encoders(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoints) -> Path:
         return enc_dir
     if not (enc_dir / enc_cfg.t5.path).is_dir():
         build_tiny_encoders(enc_dir, world_vocabulary(), enc_cfg, cfg.encoder, seed=cfg.seed)
+    device = torch.device(cfg.device)
     enc = Encoders(enc_dir, enc_cfg)
+    enc.to(device)
     enc.train()
-    t5_head = torch.nn.Linear(enc.t5_dim, cfg.encoder.projection_dim)
-    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    t5_head = torch.nn.Linear(enc.t5_dim, cfg.encoder.projection_dim).to(device)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
     params = [*enc.t5.parameters(), *enc.clip_text.parameters(), *enc.clip_vision.parameters(), *t5_head.parameters(), logit_scale]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     start = 0
@@ -214,22 +346,19 @@ def train_encoders(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoints) -> Path:
         opt.load_state_dict(state["opt"])
         start = state["step"]
     t0 = time.time()
-    for step in range(start, cfg.encoder_steps):
-        rng = phase_rng(cfg.seed, "encoders", step)
-        scenes = [sample_scene(rng) for _ in range(cfg.encoder_batch)]
-        images = [Image.fromarray(render(s, jitter_rng=rng)) for s in scenes]
-        texts = [f"{s.caption}, {STYLE_WORDS[s.style]}" for s in scenes]
-        pixels = enc.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        image_emb = F.normalize(enc.clip_vision(pixel_values=pixels).image_embeds, dim=-1)
-        clip_ids = enc.clip_tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.text_length, return_tensors="pt")
+    workers = cfg.data_workers if cfg.encoder_data_workers is None else cfg.encoder_data_workers
+    for step, batch in enumerate(step_loader(EncoderBatches(cfg, enc), start, workers), start=start):
+        texts = batch["texts"]
+        image_emb = F.normalize(enc.clip_vision(pixel_values=batch["pixels"].to(device)).image_embeds, dim=-1)
+        clip_ids = {k: v.to(device) for k, v in batch["clip_ids"].items()}
         text_emb = F.normalize(enc.clip_text(**clip_ids).text_embeds, dim=-1)
-        t5_ids = enc.t5_tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.text_length, return_tensors="pt")
+        t5_ids = {k: v.to(device) for k, v in batch["t5_ids"].items()}
         hidden = enc.t5(**t5_ids).last_hidden_state
         pooled = (hidden * t5_ids["attention_mask"][..., None]).sum(1) / t5_ids["attention_mask"].sum(1, keepdim=True)
         t5_emb = F.normalize(t5_head(pooled), dim=-1)
         scale = logit_scale.exp().clamp(max=100)
         # Captions repeat within a batch: targets are all images whose text matches.
-        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=device)
         targets = same / same.sum(1, keepdim=True)
         loss = 0.0
         for emb in (text_emb, t5_emb):
@@ -238,13 +367,18 @@ def train_encoders(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoints) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if (step + 1) % 50 == 0 or step + 1 == cfg.encoder_steps:
-            ckpt.log({"phase": "encoders", "step": step + 1, "loss": float(loss), "elapsed_s": time.time() - t0})
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.encoder_steps:
-            finished = step + 1 == cfg.encoder_steps
+        stop = deadline is not None and time.time() >= deadline
+        last = step + 1 == cfg.encoder_steps or stop
+        if (step + 1) % 50 == 0 or last:
+            ckpt.log({"phase": "encoders", "step": step + 1, "loss": float(loss.detach()), "elapsed_s": time.time() - t0}
+                     | ({"stopped_at_deadline": True} if stop else {}))
+        if (step + 1) % cfg.checkpoint_every == 0 or last:
             ckpt.save("encoders", dict(encoders=enc.state_dict(), t5_head=t5_head.state_dict(),
-                                       logit_scale=logit_scale.data, opt=opt.state_dict(), step=step + 1, finished=finished))
+                                       logit_scale=logit_scale.data, opt=opt.state_dict(), step=step + 1, finished=last))
+        if stop:
+            break
     enc.eval()
+    enc.to("cpu")
     enc.t5.save_pretrained(enc_dir / enc_cfg.t5.path, safe_serialization=True)
     enc.clip_text.save_pretrained(enc_dir / enc_cfg.clip_text.path, safe_serialization=True)
     enc.clip_vision.save_pretrained(enc_dir / enc_cfg.clip_vision.path, safe_serialization=True)
@@ -256,12 +390,13 @@ def train_encoders(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoints) -> Path:
 
 def sample_sigma(n: int, lo: float, hi: float, generator: torch.Generator,
                  p_mean: float = P_MEAN, p_std: float = P_STD) -> torch.Tensor:
-    """ln(sigma) ~ N(p_mean, p_std^2) truncated to [lo, hi) by inverse CDF."""
-    normal = torch.distributions.Normal(0.0, 1.0)
-    a = normal.cdf(torch.tensor((math.log(lo) - p_mean) / p_std)) if lo > 0 else torch.tensor(0.0)
-    b = normal.cdf(torch.tensor((math.log(hi) - p_mean) / p_std)) if math.isfinite(hi) else torch.tensor(1.0)
-    u = a + (b - a) * torch.rand(n, generator=generator)
-    z = normal.icdf(u.clamp(1e-6, 1 - 1e-6))
+    """ln(sigma) ~ N(p_mean, p_std^2) truncated to [lo, hi) by inverse CDF,
+    on the generator's device."""
+    cdf = lambda x: 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))  # noqa: E731
+    a = cdf((math.log(lo) - p_mean) / p_std) if lo > 0 else 0.0
+    b = cdf((math.log(hi) - p_mean) / p_std) if math.isfinite(hi) else 1.0
+    u = a + (b - a) * torch.rand(n, generator=generator, device=generator.device)
+    z = torch.special.ndtri(u.clamp(1e-6, 1 - 1e-6))
     return (p_mean + p_std * z).exp()
 
 
@@ -276,15 +411,16 @@ class PhaseSpec:
     lr: float
 
 
-def conditioning_batch(enc: Encoders, cfg: TrainConfig, scenes, references: np.ndarray, generator: torch.Generator):
+def conditioning_batch(enc: Encoders, cfg: TrainConfig, captions: list[str], reference_pixels: torch.Tensor,
+                       generator: torch.Generator):
     """Context, mask and pooled vectors with per-sample embedding dropout."""
-    b = len(scenes)
-    keep = lambda p: torch.rand(b, generator=generator) >= p  # noqa: E731
+    b = len(captions)
+    keep = lambda p: torch.rand(b, generator=generator, device=generator.device) >= p  # noqa: E731
     keep_all = keep(cfg.drop_all)
     keep_t5, keep_clip, keep_image = keep(cfg.drop_t5) & keep_all, keep(cfg.drop_clip_text) & keep_all, keep(cfg.drop_image) & keep_all
     with torch.no_grad():
-        text = enc.encode_text([s.caption for s in scenes])
-        image = enc.encode_image([Image.fromarray(r) for r in references])
+        text = enc.encode_text(captions)
+        image = enc.encode_pixels(reference_pixels)
     context, mask = text.context.clone(), text.context_mask.clone()
     t5_rows, t5_cols = slice(0, enc.t5_length), slice(0, enc.t5_dim)
     clip_rows = slice(enc.t5_length, enc.context_length)
@@ -303,13 +439,24 @@ def network_config(cfg: TrainConfig, stage: str, enc: Encoders) -> UNetConfig:
     return UNetConfig(**net, context_dim=enc.context_dim, pooled_dim=enc.pooled_dim)
 
 
-def train_denoiser(cfg: TrainConfig, phase: PhaseSpec, enc: Encoders, ckpt: Checkpoints) -> None:
+def painted_masks(batch: dict, b: int, length: int, size: int, device: torch.device) -> torch.Tensor:
+    """pww_mask [B, L, S, S]: each painted phrase's region in its columns."""
+    pww = torch.zeros(b, length, size, size, device=device)
+    rows = batch["paint_rows"]
+    if len(rows):
+        regions = batch["paint_regions"].to(device)
+        pww[rows[:, 0].to(device), rows[:, 1].to(device)] = regions[rows[:, 2].to(device)]
+    return pww
+
+
+def train_denoiser(cfg: TrainConfig, phase: PhaseSpec, enc: Encoders, ckpt: Checkpoints, deadline: float | None = None) -> None:
     if ckpt.done(phase.name):
         return
+    device = torch.device(cfg.device)
     image_size = 32 if phase.stage == "base" else 64
     net = EDMDenoiser(network_config(cfg, phase.stage, enc), image_size)
     # channels_last: mkldnn convolutions run ~15% faster on this CPU.
-    net.to(memory_format=torch.channels_last)
+    net.to(device, memory_format=torch.channels_last)
     state = ckpt.load(phase.name)
     start = 0
     if state is None and phase.parent is not None:
@@ -325,30 +472,30 @@ def train_denoiser(cfg: TrainConfig, phase: PhaseSpec, enc: Encoders, ckpt: Chec
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-    generator = torch.Generator()
-    t0, losses = time.time(), []
-    for step in range(start, phase.steps):
-        rng = phase_rng(cfg.seed, phase.name, step)
-        generator.manual_seed(int(rng.integers(2**62)))
-        scenes, images, references = batch_of_scenes(rng, cfg.batch)
-        x64 = to_tensor(images).contiguous(memory_format=torch.channels_last)
+    generator = torch.Generator(device=device)
+    net_params, ema_params = list(net.parameters()), list(ema.parameters())
+    t0, loss_sum, loss_count = time.time(), torch.zeros((), device=device), 0
+    data = DenoiserBatches(cfg, phase.name, phase.steps, enc, image_size)
+    for step, batch in enumerate(step_loader(data, start, cfg.data_workers), start=start):
+        generator.manual_seed(batch["seed"])
+        x64 = to_tensor(batch["images"].numpy()).to(device).contiguous(memory_format=torch.channels_last)
         x_low = F.avg_pool2d(x64, 2)  # the 32 px area-downsampled image
-        context, mask, pooled = conditioning_batch(enc, cfg, scenes, references, generator)
+        context, mask, pooled = conditioning_batch(enc, cfg, batch["captions"], batch["reference_pixels"], generator)
         target = x_low if phase.stage == "base" else x64
         b = target.shape[0]
         if phase.stage == "base":
             sigma = sample_sigma(b, phase.sigma_lo, phase.sigma_hi, generator, cfg.base_sigma_p_mean, cfg.base_sigma_p_std)
         else:
             sigma = sample_sigma(b, phase.sigma_lo, phase.sigma_hi, generator)
-        noisy = target + sigma[:, None, None, None] * torch.randn(target.shape, generator=generator)
+        noisy = target + sigma[:, None, None, None] * torch.randn(target.shape, generator=generator, device=device)
         extra = {}
         if phase.stage == "sr":
             up = F.interpolate(x_low, size=(64, 64), mode="bilinear", align_corners=False)
-            aug = torch.rand(b, generator=generator) * cfg.sr_train_aug_max
-            extra = dict(low_res=up + aug[:, None, None, None] * torch.randn(up.shape, generator=generator), low_res_sigma=aug)
-        l_ctx = context.shape[1]
-        pww = torch.zeros(b, l_ctx, image_size, image_size)
-        denoised = net(noisy, sigma, context, mask, pooled, pww, torch.zeros(b), **extra)
+            aug = torch.rand(b, generator=generator, device=device) * cfg.sr_train_aug_max
+            noise = torch.randn(up.shape, generator=generator, device=device)
+            extra = dict(low_res=up + aug[:, None, None, None] * noise, low_res_sigma=aug)
+        pww = painted_masks(batch, b, context.shape[1], image_size, device)
+        denoised = net(noisy, sigma, context, mask, pooled, pww, batch["paint_strength"].to(device), **extra)
         # EDM eq. 2 with lambda(sigma) from Table 1.
         loss = (edm_loss_weight(sigma, net.sigma_data)[:, None, None, None] * (denoised - target) ** 2).mean()
         warmup = min(1.0, (step + 1) / 100)
@@ -356,19 +503,26 @@ def train_denoiser(cfg: TrainConfig, phase: PhaseSpec, enc: Encoders, ckpt: Chec
             group["lr"] = phase.lr * warmup
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(net_params, 1.0)
         opt.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-        losses.append(float(loss))
-        if (step + 1) % 25 == 0 or step + 1 == phase.steps:
-            ckpt.log({"phase": phase.name, "step": step + 1, "loss": float(np.mean(losses)), "elapsed_s": round(time.time() - t0, 1)})
-            losses = []
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == phase.steps:
+            torch._foreach_lerp_(ema_params, net_params, 1 - decay)
+        loss_sum += loss.detach()
+        loss_count += 1
+        stop = deadline is not None and time.time() >= deadline
+        last = step + 1 == phase.steps or stop
+        if (step + 1) % 25 == 0 or last:
+            # Reading the loss waits for the device: only every 25 steps.
+            ckpt.log({"phase": phase.name, "step": step + 1, "loss": float(loss_sum) / loss_count,
+                      "elapsed_s": round(time.time() - t0, 1)} | ({"stopped_at_deadline": True} if stop else {}))
+            loss_sum.zero_()
+            loss_count = 0
+        if (step + 1) % cfg.checkpoint_every == 0 or last:
             ckpt.save(phase.name, dict(net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                       step=step + 1, finished=step + 1 == phase.steps, wall_s=time.time() - t0 + (state or {}).get("wall_s", 0)))
+                                       step=step + 1, finished=last, wall_s=time.time() - t0 + (state or {}).get("wall_s", 0)))
+        if stop:
+            break
 
 
 def phases(cfg: TrainConfig) -> dict[str, list[PhaseSpec]]:
@@ -435,18 +589,88 @@ def export_model_dir(cfg: TrainConfig, run_dir: Path, out_dir: Path, experts: bo
     return out_dir
 
 
-def run_training(cfg: TrainConfig, run_dir: Path, chains: list[str], log=print) -> None:
+def phase_deadlines(chain: list[PhaseSpec], start: float, deadline: float | None) -> list[float | None]:
+    """Each phase's share of the time to `deadline`, by its share of the
+    chain's steps; a phase that ends early leaves its time to the next."""
+    if deadline is None:
+        return [None] * len(chain)
+    total = sum(p.steps for p in chain) or 1
+    done, out = 0, []
+    for p in chain:
+        done += p.steps
+        out.append(start + (deadline - start) * done / total)
+    return out
+
+
+EXPORTED_PHASES = {  # model directory's experts (high to low noise) -> the phases they were trained in
+    "experts": {"base": ["base_high", "base_mid", "base_low"], "sr": ["sr_high", "sr_low"]},
+    "baseline": {"base": ["baseline"]},
+}
+
+
+def continue_from_models(cfg: TrainConfig, run_dir: Path, experts_dir: Path, baseline_dir: Path | None,
+                         to_train: list[str] | None = None) -> list[str]:
+    """Seed a run folder from exported model directories, to train their
+    experts further (e.g. a model trained on a lent GPU, continued later):
+    the encoders and the split phases' weights (net = EMA = the exported
+    weights, a fresh optimiser, step 0) come from the models; the phases
+    above them are marked finished. Phases then run for their configured
+    steps again; use another `seed` so they see new data. Seeded phases not
+    in `to_train` (None: all) are marked finished. Returns those to train."""
+    from safetensors.torch import load_file
+
+    ckpt = Checkpoints(run_dir)
+    if any(ckpt.dir.iterdir()):
+        raise RuntimeError(f"{run_dir} already holds checkpoints; continue into an empty run folder")
+    enc_dir = run_dir / "encoders_model"
+    shutil.copytree(experts_dir / "encoders", enc_dir / "encoders")
+    marker = dict(finished=True, step=0, seeded_from=str(experts_dir))
+    for phase in ("encoders", "base_root", "base_lowmid", "sr_root"):
+        ckpt.save(phase, marker)
+    seeded = []
+    for kind, model_dir in (("experts", experts_dir), ("baseline", baseline_dir)):
+        if model_dir is None:
+            continue
+        config = ModelConfig.load(model_dir)
+        for stage in config.stages:
+            names = EXPORTED_PHASES[kind].get(stage.name)
+            if names is None:
+                continue
+            if len(names) != len(stage.experts):
+                raise ValueError(f"{model_dir}: stage {stage.name} has {len(stage.experts)} experts, expected {len(names)}")
+            for phase, expert in zip(names, stage.experts):
+                weights = {k: v.float() for k, v in load_file(str(model_dir / expert.weights)).items()}
+                net = EDMDenoiser(expert.network, stage.image_size)
+                net.load_state_dict(weights)
+                opt = torch.optim.AdamW(net.parameters(), lr=cfg.finetune_lr, weight_decay=0.0)
+                train = to_train is None or phase in to_train
+                ckpt.save(phase, dict(net=weights, ema=weights, opt=opt.state_dict(), step=0, finished=not train,
+                                      seeded_from=str(model_dir)))
+                seeded += [phase] if train else []
+    return seeded
+
+
+def run_training(cfg: TrainConfig, run_dir: Path, chains: list[str], log=print,
+                 deadline: float | None = None, encoder_deadline: float | None = None,
+                 only: list[str] | None = None) -> None:
+    """Train the chains in order (`only`: just these phases of them).
+    `deadline` (time.time() seconds) ends them early, phases sharing the time
+    by steps; `encoder_deadline` likewise for the encoders."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    if torch.device(cfg.device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=list))
     ckpt = Checkpoints(run_dir)
     log(f"encoders: training ({cfg.encoder_steps} steps)")
-    enc_dir = train_encoders(cfg, run_dir, ckpt)
+    enc_dir = train_encoders(cfg, run_dir, ckpt, deadline=encoder_deadline)
     enc = Encoders(enc_dir, encoders_config(cfg))
     enc.requires_grad_(False)
-    tree = phases(cfg)
+    enc.to(cfg.device)
+    tree = {chain: [p for p in specs if only is None or p.name in only] for chain, specs in phases(cfg).items()}
     for chain in chains:
-        for phase in tree[chain]:
+        for phase, phase_deadline in zip(tree[chain], phase_deadlines(tree[chain], time.time(), deadline)):
             log(f"{phase.name}: {phase.steps} steps on sigma in [{phase.sigma_lo}, {phase.sigma_hi})")
-            train_denoiser(cfg, phase, enc, ckpt)
+            train_denoiser(cfg, phase, enc, ckpt, deadline=phase_deadline)

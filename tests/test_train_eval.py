@@ -91,3 +91,145 @@ def test_training_runs_resumes_and_exports(tmp_path):
     model = load_model(out)
     assert [len(s.experts) for s in model.config.stages] == [3, 2]
     assert model.config.training["phases"]["base_root"]["steps"] == 2
+
+
+def test_painted_training_region_holds_its_object_and_no_other():
+    from ediffi.train import painted_region
+
+    rng = np.random.default_rng(0)
+    shapes_seen = set()
+    for _ in range(500):
+        cell = int(rng.integers(9))
+        other = {int(rng.integers(9))} - {cell}
+        r0, r1, c0, c1 = painted_region(rng, cell, other)
+        assert r0 <= cell // 3 <= r1 and c0 <= cell % 3 <= c1
+        assert not any(r0 <= a // 3 <= r1 and c0 <= a % 3 <= c1 for a in other)
+        shapes_seen.add((r1 - r0, c1 - c0))
+    assert (0, 0) in shapes_seen and len(shapes_seen) > 3  # single cells and larger blocks
+
+
+@pytest.fixture(scope="module")
+def shipped_encoders():
+    from pathlib import Path
+
+    from ediffi.cli import DEFAULT_MODEL_DIR
+    from ediffi.encoders import Encoders
+    from ediffi.train import encoders_config
+
+    return Encoders(Path(DEFAULT_MODEL_DIR), encoders_config(TrainConfig()))
+
+
+def test_painted_training_batch_paints_each_phrase_in_its_own_columns(shipped_encoders):
+    from ediffi.train import DenoiserBatches, painted_masks
+    from ediffi.world.shapes import cell_bounds
+
+    enc = shipped_encoders
+    cfg = TrainConfig(batch=12, pww_train_prob=1.0)
+    batch = DenoiserBatches(cfg, "base_root", 5, enc, 32)[3]
+    rows = batch["paint_rows"]
+    assert (batch["paint_strength"] > 0).all() and (batch["paint_strength"] <= cfg.pww_train_max_strength).all()
+    t5 = enc.t5_tokenizer(batch["captions"], padding="max_length", max_length=enc.t5_length, truncation=True)["input_ids"]
+    clip = enc.clip_tokenizer(batch["captions"], padding="max_length", max_length=enc.clip_length, truncation=True)["input_ids"]
+    from ediffi.world import parse_caption
+
+    for i, caption in enumerate(batch["captions"]):
+        mine = rows[rows[:, 0] == i]
+        words = [
+            enc.t5_tokenizer.convert_ids_to_tokens(t5[i][c]) if c < enc.t5_length
+            else enc.clip_tokenizer.convert_ids_to_tokens(clip[i][c - enc.t5_length])
+            for c in mine[:, 1].tolist()
+        ]
+        objects = parse_caption(caption)
+        # Each object's colour and shape words, once per tokenizer.
+        assert sorted(words) == sorted([w for color, shape, _ in objects for w in (color, shape)] * 2), caption
+        assert len(set(mine[:, 2].tolist())) == len(objects)  # one region per object
+    pww = painted_masks(batch, len(batch["captions"]), enc.context_length, 32, torch.device("cpu"))
+    assert pww.shape == (12, enc.context_length, 32, 32)
+    assert pww.sum() == sum(batch["paint_regions"][r].sum() for r in rows[:, 2].tolist())
+    # Regions are blocks of whole cells.
+    x0, y0, x1, y1 = cell_bounds(4, 32)
+    for region in batch["paint_regions"]:
+        assert set(region.unique().tolist()) <= {0.0, 1.0} and region.sum() >= (x1 - x0) * (y1 - y0)
+    unpainted = DenoiserBatches(TrainConfig(batch=12), "base_root", 5, enc, 32)[3]
+    assert len(unpainted["paint_rows"]) == 0 and (unpainted["paint_strength"] == 0).all()
+    assert unpainted["captions"] == batch["captions"]  # painting draws after the scenes: same data otherwise
+
+
+def test_data_workers_give_the_same_batches_as_one_process(shipped_encoders):
+    from ediffi.train import DenoiserBatches, step_loader
+
+    data = DenoiserBatches(TrainConfig(batch=4, pww_train_prob=0.5), "sr_root", 6, shipped_encoders, 64)
+    in_process = list(step_loader(data, 2, workers=0))
+    parallel = list(step_loader(data, 2, workers=2))
+    assert len(in_process) == len(parallel) == 4
+    for a, b in zip(in_process, parallel):
+        assert a["seed"] == b["seed"] and a["captions"] == b["captions"]
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["reference_pixels"], b["reference_pixels"])
+        assert torch.equal(a["paint_rows"], b["paint_rows"]) and torch.equal(a["paint_regions"], b["paint_regions"])
+    assert in_process[0]["seed"] == data[2]["seed"]
+
+
+def test_phase_deadlines_share_the_time_by_steps():
+    from ediffi.train import phase_deadlines
+
+    chain = phases(TrainConfig(base_root_steps=600, base_split1_steps=100, base_split2_steps=100))["base"]
+    assert phase_deadlines(chain, 1000.0, None) == [None] * 5
+    assert phase_deadlines(chain, 1000.0, 2000.0) == pytest.approx([1600.0, 1700.0, 1800.0, 1900.0, 2000.0])
+
+
+@pytest.mark.slow
+def test_time_budget_ends_every_phase_early_and_the_run_still_exports(tmp_path):
+    from ediffi.cli import main
+    from ediffi.model import load_model
+
+    overrides = dict(
+        encoder_steps=1000, encoder_batch=4, base_root_steps=1000, base_split1_steps=1000, base_split2_steps=1000,
+        sr_root_steps=1000, sr_split_steps=1000, batch=2, checkpoint_every=1000, threads=1, pww_train_prob=0.5,
+        encoder={"width": 16, "layers": 1, "heads": 2, "projection_dim": 16, "image_size": 16, "patch_size": 8},
+        base_net=dict(model_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[16],
+                      num_heads=2, embedding_dim=32, groups=4, coord_channels=True),
+        sr_net=dict(model_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[32],
+                    num_heads=2, embedding_dim=32, groups=4, low_res_channels=3),
+    )
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(overrides))
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", str(run), "--config", str(config)]
+    assert main([*args, "--chains", "base", "sr", "baseline", "--time-budget-s", "0"]) == 0
+    log = [json.loads(line) for line in (run / "train.log.jsonl").read_text().splitlines()]
+    assert {r["phase"] for r in log} == {"encoders", "base_root", "base_high", "base_lowmid", "base_mid", "base_low",
+                                         "sr_root", "sr_high", "sr_low", "baseline"}
+    # Past the deadline every phase takes one step, says so, and counts as finished.
+    assert all(r["step"] == 1 and r["stopped_at_deadline"] for r in log)
+    out = tmp_path / "model"
+    assert main([*args, "--export", str(out)]) == 0
+    assert load_model(out).config.training["phases"]["base_root"]["steps"] == 1
+    # An exported model can be trained further (as a lent GPU's run was):
+    # its phases are seeded from the weights, only the named ones train.
+    baseline = tmp_path / "baseline"
+    assert main([*args, "--export", str(baseline), "--baseline"]) == 0
+    more = tmp_path / "more"
+    cont = ["train", "--run-dir", str(more), "--config", str(config)]
+    assert main([*cont, "--continue-from", str(out), "--continue-baseline", str(baseline),
+                 "--phases", "base_high", "baseline"]) == 0
+    assert main([*cont, "--chains", "base", "baseline", "--phases", "base_high", "baseline",
+                 "--time-budget-s", "0"]) == 0
+    trained = [json.loads(line)["phase"] for line in (more / "train.log.jsonl").read_text().splitlines()]
+    assert sorted(trained) == ["base_high", "baseline"]
+    again, again_baseline = tmp_path / "again", tmp_path / "again_baseline"
+    assert main([*cont, "--export", str(again)]) == 0
+    assert main([*cont, "--export", str(again_baseline), "--baseline"]) == 0
+    from safetensors.torch import load_file
+
+    def weights(model_dir, name):
+        return load_file(str(model_dir / "stages" / name))
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert not same(weights(out, "base/base0.safetensors"), weights(again, "base/base0.safetensors"))  # trained
+    assert same(weights(out, "base/base1.safetensors"), weights(again, "base/base1.safetensors"))  # kept
+    assert same(weights(out, "sr/sr0.safetensors"), weights(again, "sr/sr0.safetensors"))
+    assert not same(weights(baseline, "base/base0.safetensors"), weights(again_baseline, "base/base0.safetensors"))
+    with pytest.raises(RuntimeError, match="already holds checkpoints"):
+        main([*cont, "--continue-from", str(out)])

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Train an exported shapes-world model's base experts (and its baseline)
+# further on one CUDA device within a wall-clock budget: one process per
+# phase, side by side, each stopping by the deadline; then export both.
+# Usage: scripts/continue_shapes_device.sh MODEL_DIR BASELINE_DIR CONFIG BUDGET_S RUN_DIR EXPORT_DIR
+set -euo pipefail
+export TOKENIZERS_PARALLELISM=false  # DataLoader workers fork after the tokenizers ran
+model=$1 baseline=$2 config=$3 budget=$4 run_dir=$5 export_dir=$6
+ediffi=${EDIFFI:-ediffi}
+start=$(date +%s)
+phases="base_high base_mid base_low baseline"
+$ediffi train --run-dir "$run_dir" --config "$config" --continue-from "$model" --continue-baseline "$baseline" --phases $phases
+train_s=$(( budget - ($(date +%s) - start) - 40 ))  # the exports need ~40 s at the end
+pids=()
+for phase in $phases; do
+  chain=base; [ "$phase" = baseline ] && chain=baseline
+  $ediffi train --run-dir "$run_dir" --config "$config" --chains $chain --phases "$phase" --time-budget-s "$train_s" > "$run_dir/$phase.out" 2>&1 &
+  pids+=($!)
+done
+wait "${pids[@]}"
+mkdir -p "$export_dir"
+$ediffi train --run-dir "$run_dir" --config "$config" --export "$export_dir/default" &
+$ediffi train --run-dir "$run_dir" --config "$config" --export "$export_dir/baseline_model" --baseline &
+wait %1 && wait %2
+echo "continued in $(( $(date +%s) - start )) s: $export_dir"
