@@ -370,12 +370,6 @@ def test_page_paints_and_generates_through_the_real_stack(painted_result) -> Non
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped model (a small CPU training budget, see README) does not follow paint-with-words reliably "
-    "yet: at seed 7 it drew the red circle in the centre and the blue square at the bottom, a blue circle where the "
-    "square was painted (issue 3 keeps training open); strict: remove this marker when it passes",
-)
 def test_paint_red_circle_left_blue_square_right(painted_result) -> None:
     from ediffi.world import analyse
 
