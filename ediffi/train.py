@@ -55,7 +55,7 @@ from ediffi.edm import P_MEAN, P_STD, EDMDenoiser, edm_loss_weight
 from ediffi.encoders import Encoders, TinyEncoderSpec, build_tiny_encoders
 from ediffi.model import experts_for, save_expert
 from ediffi.paint import phrase_span, tokens_in_span
-from ediffi.world import COLORS, POSITIONS, SHAPES, STYLES, render, sample_scene
+from ediffi.world import COLORS, POSITIONS, SHAPES, render, sample_scene
 from ediffi.world.shapes import cell_bounds
 
 STYLE_WORDS = {"plain": "plain style", "night": "night style", "stripes": "striped style", "gradient": "gradient style"}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ediffi.evaluate import color_map_for, frechet_distance, paint_scenes
-from ediffi.train import TrainConfig, phases, run_training, sample_sigma, world_vocabulary
+from ediffi.train import TrainConfig, phases, sample_sigma, world_vocabulary
 from ediffi.world import cell_mask, heldout_prompts, heldout_scenes, parse_caption
 
 
