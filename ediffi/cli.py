@@ -74,8 +74,9 @@ def cmd_generate(args, settings) -> int:
 def cmd_train(args, settings) -> int:
     import dataclasses
     import json
+    import time
 
-    from ediffi.train import Checkpoints, export_model_dir, run_training, train_config_from_overrides
+    from ediffi.train import Checkpoints, continue_from_models, export_model_dir, run_training, train_config_from_overrides
 
     cfg = train_config_from_overrides(json.loads(Path(args.config).read_text()) if args.config else {})
     run_dir = Path(args.run_dir)
@@ -93,18 +94,13 @@ def cmd_train(args, settings) -> int:
                                 ckpt=Checkpoints(run_dir), note=note)
         print(path)
         return 0
-    import time
-
     if args.continue_from:
-        from ediffi.train import continue_from_models
-
         baseline = Path(args.continue_baseline) if args.continue_baseline else None
         seeded = continue_from_models(cfg, run_dir, Path(args.continue_from), baseline, to_train=args.phases)
         print(f"seeded {run_dir} from {args.continue_from}; to train: {', '.join(seeded)}")
         return 0
     deadline = None if args.time_budget_s is None else time.time() + args.time_budget_s
-    run_training(cfg, run_dir, args.chains, log=lambda m: print(m, flush=True), deadline=deadline,
-                 encoder_deadline=deadline, only=args.phases)
+    run_training(cfg, run_dir, args.chains, log=lambda m: print(m, flush=True), deadline=deadline, only=args.phases)
     return 0
 
 

@@ -31,6 +31,7 @@ from ediffi.model import EDiffIModel, load_model
 from ediffi.paint import DEFAULT_STRENGTH, Region
 from ediffi.pipeline import GenerationRequest, generate, generate_batch
 from ediffi.world import (
+    Analysis,
     Scene,
     ShapeObject,
     analyse,
@@ -81,9 +82,18 @@ def text_and_style_eval(model: EDiffIModel, cfg: EvalConfig) -> tuple[dict, list
         for (p, seed), ref in zip(prompts, refs)
     ]
     images = _batched(model, requests, cfg.batch)
-    obj_ok = obj_n = pos_ok = pos_n = count_ok = style_ok = 0
-    for image, scene, ref in zip(images, scenes, refs):
-        analysis = analyse(np.asarray(image))
+    analyses = [analyse(np.asarray(image)) for image in images]
+    style_ok = sum(analysis.style == ref.style for analysis, ref in zip(analyses, refs))
+    # Real images of the same content in the reference's style: the FD's reference set.
+    real = [render(dataclasses.replace(scene, style=ref.style)) for scene, ref in zip(scenes, refs)]
+    return text_alignment(analyses, scenes) | {"style_match": style_ok / len(scenes)}, images, real
+
+
+def text_alignment(analyses: list[Analysis], scenes: list[Scene]) -> dict:
+    """Object accuracy (colour and shape, per object), position accuracy
+    (objects whose caption names a cell) and count accuracy (per image)."""
+    obj_ok = obj_n = pos_ok = pos_n = count_ok = 0
+    for analysis, scene in zip(analyses, scenes, strict=True):
         s = score(analysis, scene)
         obj_n += len(s["objects"])
         obj_ok += sum(o["attr_ok"] for o in s["objects"])
@@ -91,16 +101,9 @@ def text_and_style_eval(model: EDiffIModel, cfg: EvalConfig) -> tuple[dict, list
         pos_n += len(named)
         pos_ok += sum(o["cell_ok"] for o in named)
         count_ok += s["count_ok"]
-        style_ok += analysis.style == ref.style
-    # Real images of the same content in the reference's style: the FD's reference set.
-    real = [render(dataclasses.replace(scene, style=ref.style)) for scene, ref in zip(scenes, refs)]
     n = len(scenes)
-    return (
-        {"object_acc": obj_ok / obj_n, "position_acc": pos_ok / max(pos_n, 1), "count_acc": count_ok / n,
-         "style_match": style_ok / n, "n_prompts": n, "n_objects": obj_n, "n_named_positions": pos_n},
-        images,
-        real,
-    )
+    return {"object_acc": obj_ok / obj_n, "position_acc": pos_ok / max(pos_n, 1), "count_acc": count_ok / n,
+            "n_prompts": n, "n_objects": obj_n, "n_named_positions": pos_n}
 
 
 def paint_scenes(scenes: list[Scene], seed: int) -> list[tuple[Scene, list[int]]]:

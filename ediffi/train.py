@@ -271,8 +271,10 @@ class EncoderBatches(torch.utils.data.Dataset):
         images = [Image.fromarray(render(s, jitter_rng=rng)) for s in scenes]
         texts = [f"{s.caption}, {STYLE_WORDS[s.style]}" for s in scenes]
         tokenize = lambda tok: dict(tok(texts, padding="max_length", truncation=True, max_length=self.cfg.text_length, return_tensors="pt"))  # noqa: E731
+        # Captions repeat within a batch: an image's targets are all texts equal to its own.
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
         return dict(
-            texts=texts,
+            targets=same / same.sum(1, keepdim=True),
             pixels=self.image_processor(images=images, return_tensors="pt")["pixel_values"],
             clip_ids=tokenize(self.clip_tokenizer),
             t5_ids=tokenize(self.t5_tokenizer),
@@ -313,8 +315,15 @@ class Checkpoints:
         tmp.replace(self.path(phase))  # atomic: a kill mid-save leaves the old checkpoint
 
     def log(self, record: dict) -> None:
+        """Append a record. A phase's last record says `"finished": true` and
+        is written after its final checkpoint, so a script may wait on it."""
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def end_of_phase(last: bool, stopped_at_deadline: bool) -> dict:
+    """Fields of a log record that say a phase ended (and why early)."""
+    return ({"finished": True} if last else {}) | ({"stopped_at_deadline": True} if stopped_at_deadline else {})
 
 
 # ---------------------------------------------------------------- encoders
@@ -348,7 +357,6 @@ def train_encoders(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoints, deadline:
     t0 = time.time()
     workers = cfg.data_workers if cfg.encoder_data_workers is None else cfg.encoder_data_workers
     for step, batch in enumerate(step_loader(EncoderBatches(cfg, enc), start, workers), start=start):
-        texts = batch["texts"]
         image_emb = F.normalize(enc.clip_vision(pixel_values=batch["pixels"].to(device)).image_embeds, dim=-1)
         clip_ids = {k: v.to(device) for k, v in batch["clip_ids"].items()}
         text_emb = F.normalize(enc.clip_text(**clip_ids).text_embeds, dim=-1)
@@ -357,9 +365,7 @@ def train_encoders(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoints, deadline:
         pooled = (hidden * t5_ids["attention_mask"][..., None]).sum(1) / t5_ids["attention_mask"].sum(1, keepdim=True)
         t5_emb = F.normalize(t5_head(pooled), dim=-1)
         scale = logit_scale.exp().clamp(max=100)
-        # Captions repeat within a batch: targets are all images whose text matches.
-        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=device)
-        targets = same / same.sum(1, keepdim=True)
+        targets = batch["targets"].to(device)
         loss = 0.0
         for emb in (text_emb, t5_emb):
             logits = scale * emb @ image_emb.T
@@ -369,12 +375,12 @@ def train_encoders(cfg: TrainConfig, run_dir: Path, ckpt: Checkpoints, deadline:
         opt.step()
         stop = deadline is not None and time.time() >= deadline
         last = step + 1 == cfg.encoder_steps or stop
-        if (step + 1) % 50 == 0 or last:
-            ckpt.log({"phase": "encoders", "step": step + 1, "loss": float(loss.detach()), "elapsed_s": time.time() - t0}
-                     | ({"stopped_at_deadline": True} if stop else {}))
         if (step + 1) % cfg.checkpoint_every == 0 or last:
             ckpt.save("encoders", dict(encoders=enc.state_dict(), t5_head=t5_head.state_dict(),
                                        logit_scale=logit_scale.data, opt=opt.state_dict(), step=step + 1, finished=last))
+        if (step + 1) % 50 == 0 or last:
+            ckpt.log({"phase": "encoders", "step": step + 1, "loss": float(loss.detach()), "elapsed_s": time.time() - t0}
+                     | end_of_phase(last, stop))
         if stop:
             break
     enc.eval()
@@ -512,15 +518,15 @@ def train_denoiser(cfg: TrainConfig, phase: PhaseSpec, enc: Encoders, ckpt: Chec
         loss_count += 1
         stop = deadline is not None and time.time() >= deadline
         last = step + 1 == phase.steps or stop
-        if (step + 1) % 25 == 0 or last:
-            # Reading the loss waits for the device: only every 25 steps.
-            ckpt.log({"phase": phase.name, "step": step + 1, "loss": float(loss_sum) / loss_count,
-                      "elapsed_s": round(time.time() - t0, 1)} | ({"stopped_at_deadline": True} if stop else {}))
-            loss_sum.zero_()
-            loss_count = 0
         if (step + 1) % cfg.checkpoint_every == 0 or last:
             ckpt.save(phase.name, dict(net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                                        step=step + 1, finished=last, wall_s=time.time() - t0 + (state or {}).get("wall_s", 0)))
+        if (step + 1) % 25 == 0 or last:
+            # Reading the loss waits for the device: only every 25 steps.
+            ckpt.log({"phase": phase.name, "step": step + 1, "loss": float(loss_sum) / loss_count,
+                      "elapsed_s": round(time.time() - t0, 1)} | end_of_phase(last, stop))
+            loss_sum.zero_()
+            loss_count = 0
         if stop:
             break
 
@@ -551,6 +557,13 @@ def phases(cfg: TrainConfig) -> dict[str, list[PhaseSpec]]:
 
 # ---------------------------------------------------------------- export
 
+# The phases whose EMA weights become a model directory's experts, per stage,
+# highest noise first (the baseline shares the experts' SR stage).
+EXPORT_PHASES = {
+    "experts": {"base": ["base_high", "base_mid", "base_low"], "sr": ["sr_high", "sr_low"]},
+    "baseline": {"base": ["baseline"], "sr": ["sr_high", "sr_low"]},
+}
+
 
 def export_model_dir(cfg: TrainConfig, run_dir: Path, out_dir: Path, experts: bool, ckpt: Checkpoints, note: dict) -> Path:
     """Write a model directory (fp16 expert weights) from finished phases."""
@@ -562,19 +575,18 @@ def export_model_dir(cfg: TrainConfig, run_dir: Path, out_dir: Path, experts: bo
     shutil.copytree(enc_dir / "encoders", out_dir / "encoders")
     b_hi, b_lo = cfg.base_boundaries
     base_net, sr_net = network_config(cfg, "base", enc), network_config(cfg, "sr", enc)
+    phase_names = EXPORT_PHASES["experts" if experts else "baseline"]
     if experts:
         base_experts = experts_for((b_hi, b_lo), 3, "base", base_net, "stages/base")
-        base_phases = ["base_high", "base_mid", "base_low"]
     else:
         base_experts = experts_for((), 1, "base", base_net, "stages/base")
-        base_phases = ["baseline"]
     sr_experts = experts_for((cfg.sr_boundary,), 2, "sr", sr_net, "stages/sr")
     stages = [
         StageConfig(name="base", image_size=32, experts=base_experts),
         StageConfig(name="sr", image_size=64, low_res_aug_sigma=cfg.sr_infer_aug, experts=sr_experts),
     ]
-    for stage, phase_names in ((stages[0], base_phases), (stages[1], ["sr_high", "sr_low"])):
-        for expert, phase in zip(stage.experts, phase_names):
+    for stage in stages:
+        for expert, phase in zip(stage.experts, phase_names[stage.name], strict=True):
             state = ckpt.load(phase)
             if state is None or not state.get("finished"):
                 raise RuntimeError(f"phase {phase} has not finished; cannot export {out_dir}")
@@ -602,12 +614,6 @@ def phase_deadlines(chain: list[PhaseSpec], start: float, deadline: float | None
     return out
 
 
-EXPORTED_PHASES = {  # model directory's experts (high to low noise) -> the phases they were trained in
-    "experts": {"base": ["base_high", "base_mid", "base_low"], "sr": ["sr_high", "sr_low"]},
-    "baseline": {"base": ["baseline"]},
-}
-
-
 def continue_from_models(cfg: TrainConfig, run_dir: Path, experts_dir: Path, baseline_dir: Path | None,
                          to_train: list[str] | None = None) -> list[str]:
     """Seed a run folder from exported model directories, to train their
@@ -633,12 +639,12 @@ def continue_from_models(cfg: TrainConfig, run_dir: Path, experts_dir: Path, bas
             continue
         config = ModelConfig.load(model_dir)
         for stage in config.stages:
-            names = EXPORTED_PHASES[kind].get(stage.name)
-            if names is None:
-                continue
+            names = EXPORT_PHASES[kind][stage.name]
             if len(names) != len(stage.experts):
                 raise ValueError(f"{model_dir}: stage {stage.name} has {len(stage.experts)} experts, expected {len(names)}")
             for phase, expert in zip(names, stage.experts):
+                if ckpt.path(phase).exists():  # the baseline's SR stage is the experts'
+                    continue
                 weights = {k: v.float() for k, v in load_file(str(model_dir / expert.weights)).items()}
                 net = EDMDenoiser(expert.network, stage.image_size)
                 net.load_state_dict(weights)
@@ -651,11 +657,10 @@ def continue_from_models(cfg: TrainConfig, run_dir: Path, experts_dir: Path, bas
 
 
 def run_training(cfg: TrainConfig, run_dir: Path, chains: list[str], log=print,
-                 deadline: float | None = None, encoder_deadline: float | None = None,
-                 only: list[str] | None = None) -> None:
-    """Train the chains in order (`only`: just these phases of them).
-    `deadline` (time.time() seconds) ends them early, phases sharing the time
-    by steps; `encoder_deadline` likewise for the encoders."""
+                 deadline: float | None = None, only: list[str] | None = None) -> None:
+    """The encoders (if not finished), then the chains in order (`only`: just
+    these phases of them). `deadline` (time.time() seconds) ends them early,
+    the chains' phases sharing the time by steps."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     if torch.device(cfg.device).type == "cuda":
@@ -665,7 +670,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, chains: list[str], log=print,
     (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=list))
     ckpt = Checkpoints(run_dir)
     log(f"encoders: training ({cfg.encoder_steps} steps)")
-    enc_dir = train_encoders(cfg, run_dir, ckpt, deadline=encoder_deadline)
+    enc_dir = train_encoders(cfg, run_dir, ckpt, deadline=deadline)
     enc = Encoders(enc_dir, encoders_config(cfg))
     enc.requires_grad_(False)
     enc.to(cfg.device)

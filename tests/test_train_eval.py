@@ -201,6 +201,7 @@ def test_time_budget_ends_every_phase_early_and_the_run_still_exports(tmp_path):
                                          "sr_root", "sr_high", "sr_low", "baseline"}
     # Past the deadline every phase takes one step, says so, and counts as finished.
     assert all(r["step"] == 1 and r["stopped_at_deadline"] for r in log)
+    assert all(r["finished"] for r in log)  # scripts wait on this record (written after the checkpoint)
     out = tmp_path / "model"
     assert main([*args, "--export", str(out)]) == 0
     assert load_model(out).config.training["phases"]["base_root"]["steps"] == 1

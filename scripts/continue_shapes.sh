@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train an exported shapes-world model's base experts (and its baseline)
-# further on one CUDA device within a wall-clock budget: one process per
-# phase, side by side, each stopping by the deadline; then export both.
-# Usage: scripts/continue_shapes_device.sh MODEL_DIR BASELINE_DIR CONFIG BUDGET_S RUN_DIR EXPORT_DIR
+# further within a wall-clock budget (e.g. a lent GPU's counted time): one
+# process per phase, side by side, each stopping by the deadline; then export both.
+# Usage: scripts/continue_shapes.sh MODEL_DIR BASELINE_DIR CONFIG BUDGET_S RUN_DIR EXPORT_DIR
 set -euo pipefail
 export TOKENIZERS_PARALLELISM=false  # DataLoader workers fork after the tokenizers ran
 model=$1 baseline=$2 config=$3 budget=$4 run_dir=$5 export_dir=$6
