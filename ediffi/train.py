@@ -557,6 +557,9 @@ def phases(cfg: TrainConfig) -> dict[str, list[PhaseSpec]]:
 
 # ---------------------------------------------------------------- export
 
+# Written by `continue_from_models`: the seeding models' training records.
+CONTINUED_FROM = "continued_from.json"
+
 # The phases whose EMA weights become a model directory's experts, per stage,
 # highest noise first (the baseline shares the experts' SR stage).
 EXPORT_PHASES = {
@@ -622,7 +625,9 @@ def continue_from_models(cfg: TrainConfig, run_dir: Path, experts_dir: Path, bas
     weights, a fresh optimiser, step 0) come from the models; the phases
     above them are marked finished. Phases then run for their configured
     steps again; use another `seed` so they see new data. Seeded phases not
-    in `to_train` (None: all) are marked finished. Returns those to train."""
+    in `to_train` (None: all) are marked finished. The models' training
+    records are kept (`CONTINUED_FROM`), so an export records the whole
+    history. Returns the phases to train."""
     from safetensors.torch import load_file
 
     ckpt = Checkpoints(run_dir)
@@ -633,11 +638,12 @@ def continue_from_models(cfg: TrainConfig, run_dir: Path, experts_dir: Path, bas
     marker = dict(finished=True, step=0, seeded_from=str(experts_dir))
     for phase in ("encoders", "base_root", "base_lowmid", "sr_root"):
         ckpt.save(phase, marker)
-    seeded = []
+    seeded, history = [], {}
     for kind, model_dir in (("experts", experts_dir), ("baseline", baseline_dir)):
         if model_dir is None:
             continue
         config = ModelConfig.load(model_dir)
+        history[kind] = config.training
         for stage in config.stages:
             names = EXPORT_PHASES[kind][stage.name]
             if len(names) != len(stage.experts):
@@ -653,7 +659,17 @@ def continue_from_models(cfg: TrainConfig, run_dir: Path, experts_dir: Path, bas
                 ckpt.save(phase, dict(net=weights, ema=weights, opt=opt.state_dict(), step=0, finished=not train,
                                       seeded_from=str(model_dir)))
                 seeded += [phase] if train else []
+    (run_dir / CONTINUED_FROM).write_text(json.dumps(history, indent=1))
     return seeded
+
+
+def continued_from(run_dir: Path, experts: bool) -> dict | None:
+    """The training record of the model a seeded run folder continues
+    (None for a run trained from scratch)."""
+    path = run_dir / CONTINUED_FROM
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("experts" if experts else "baseline")
 
 
 def run_training(cfg: TrainConfig, run_dir: Path, chains: list[str], log=print,
@@ -669,7 +685,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, chains: list[str], log=print,
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=list))
     ckpt = Checkpoints(run_dir)
-    log(f"encoders: training ({cfg.encoder_steps} steps)")
+    if not ckpt.done("encoders"):
+        log(f"encoders: training ({cfg.encoder_steps} steps)")
     enc_dir = train_encoders(cfg, run_dir, ckpt, deadline=deadline)
     enc = Encoders(enc_dir, encoders_config(cfg))
     enc.requires_grad_(False)

@@ -232,5 +232,10 @@ def test_time_budget_ends_every_phase_early_and_the_run_still_exports(tmp_path):
     assert same(weights(out, "base/base1.safetensors"), weights(again, "base/base1.safetensors"))  # kept
     assert same(weights(out, "sr/sr0.safetensors"), weights(again, "sr/sr0.safetensors"))
     assert not same(weights(baseline, "base/base0.safetensors"), weights(again_baseline, "base/base0.safetensors"))
+    # Each export records the run it continued, so the history is complete.
+    for earlier, continued in ((out, again), (baseline, again_baseline)):
+        record = load_model(continued).config.training
+        assert record["phases"].keys() == {"base_high", "baseline"}
+        assert record["continued_from"] == load_model(earlier).config.training
     with pytest.raises(RuntimeError, match="already holds checkpoints"):
         main([*cont, "--continue-from", str(out)])
