@@ -76,16 +76,9 @@ def cmd_train(args, settings) -> int:
     import json
     import time
 
-    from ediffi.train import (
-        Checkpoints,
-        continue_from_models,
-        continued_from,
-        export_model_dir,
-        run_training,
-        train_config_from_overrides,
-    )
+    from ediffi.train import Checkpoints, continue_from_models, export_model_dir, load_train_config, run_training
 
-    cfg = train_config_from_overrides(json.loads(Path(args.config).read_text()) if args.config else {})
+    cfg = load_train_config(Path(args.config) if args.config else None)
     run_dir = Path(args.run_dir)
     if args.export:
         note = {
@@ -97,8 +90,6 @@ def cmd_train(args, settings) -> int:
             records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             note["phases"] = {r["phase"]: {"steps": r["step"], "final_loss": r["loss"]} for r in records}
             note["wall_s_by_phase"] = {r["phase"]: r["elapsed_s"] for r in records}
-        if (earlier := continued_from(run_dir, experts=not args.baseline)) is not None:
-            note["continued_from"] = earlier
         path = export_model_dir(cfg, run_dir, Path(args.export), experts=not args.baseline,
                                 ckpt=Checkpoints(run_dir), note=note)
         print(path)

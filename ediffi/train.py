@@ -131,6 +131,19 @@ def train_config_from_overrides(overrides: dict) -> TrainConfig:
     return dataclasses.replace(TrainConfig(), **overrides)
 
 
+def load_train_config(path: Path | None) -> TrainConfig:
+    """TrainConfig from a JSON file of overrides. A file may name another
+    under "extends" (relative to itself): its overrides apply first, so a
+    recipe's variants (GPU, continuation, CPU) state only what differs."""
+    return train_config_from_overrides(_config_overrides(path) if path is not None else {})
+
+
+def _config_overrides(path: Path) -> dict:
+    overrides = json.loads(path.read_text())
+    parent = overrides.pop("extends", None)
+    return (_config_overrides(path.parent / parent) if parent else {}) | overrides
+
+
 def world_vocabulary() -> list[str]:
     """Every word the shapes world's captions (and CLIP's style phrases) use."""
     rng = np.random.default_rng(1234)
@@ -569,7 +582,9 @@ EXPORT_PHASES = {
 
 
 def export_model_dir(cfg: TrainConfig, run_dir: Path, out_dir: Path, experts: bool, ckpt: Checkpoints, note: dict) -> Path:
-    """Write a model directory (fp16 expert weights) from finished phases."""
+    """Write a model directory (fp16 expert weights) from finished phases;
+    `note` (plus the record of the model a seeded run continued) becomes its
+    training record."""
     enc_dir = run_dir / "encoders_model"
     enc_cfg = encoders_config(cfg)
     enc = Encoders(enc_dir, enc_cfg)
@@ -598,7 +613,7 @@ def export_model_dir(cfg: TrainConfig, run_dir: Path, out_dir: Path, experts: bo
             save_expert(net, out_dir / expert.weights, dtype=torch.float16)
     config = ModelConfig(
         name="shapes-ediffi" if experts else "shapes-single-model-baseline",
-        encoders=enc_cfg, stages=stages, training=note,
+        encoders=enc_cfg, stages=stages, training=note | _continued_from(run_dir, experts),
     )
     config.save(out_dir)
     return out_dir
@@ -663,13 +678,12 @@ def continue_from_models(cfg: TrainConfig, run_dir: Path, experts_dir: Path, bas
     return seeded
 
 
-def continued_from(run_dir: Path, experts: bool) -> dict | None:
-    """The training record of the model a seeded run folder continues
-    (None for a run trained from scratch)."""
+def _continued_from(run_dir: Path, experts: bool) -> dict:
+    """{"continued_from": record} of the model a seeded run folder continues
+    ({} for a run trained from scratch)."""
     path = run_dir / CONTINUED_FROM
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get("experts" if experts else "baseline")
+    record = json.loads(path.read_text()).get("experts" if experts else "baseline") if path.is_file() else None
+    return {} if record is None else {"continued_from": record}
 
 
 def run_training(cfg: TrainConfig, run_dir: Path, chains: list[str], log=print,

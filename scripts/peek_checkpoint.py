@@ -13,7 +13,6 @@ Writes the images to /tmp/peek.png.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,13 +26,13 @@ from ediffi.encoders import Encoders
 from ediffi.evaluate import text_alignment
 from ediffi.model import experts_for, load_model, save_expert
 from ediffi.pipeline import GenerationRequest, generate_batch
-from ediffi.train import Checkpoints, encoders_config, network_config, train_config_from_overrides
+from ediffi.train import Checkpoints, encoders_config, load_train_config, network_config
 from ediffi.world import analyse, heldout_prompts, heldout_scenes
 
 
 def base_only_model(run_dir: Path, phase: str, config: Path, out: Path):
     """The phase's current EMA weights as a model directory with one base expert."""
-    cfg = train_config_from_overrides(json.loads(config.read_text()))
+    cfg = load_train_config(config)
     enc = Encoders(run_dir / "encoders_model", encoders_config(cfg))
     network = network_config(cfg, "base", enc)
     shutil.copytree(run_dir / "encoders_model" / "encoders", out / "encoders")

@@ -43,3 +43,24 @@ def test_shipped_model_draws_a_red_circle_top_left(shipped):
     found = [(o.color, o.shape, o.cell) for o in analysis.objects]
     assert ("red", "circle", 0) in found, found
     assert all(color == "red" for color, _, _ in found), found
+
+
+def test_shipped_model_training_configs_resolve_to_what_each_run_recorded(shipped):
+    """configs/ state each run's recipe as overrides of the one before it
+    ("extends"); resolved, each must equal the config that run recorded."""
+    import dataclasses
+    import json
+
+    from ediffi.train import load_train_config
+
+    configs = SHIPPED.parents[1] / "configs"
+    runs, run = [], shipped.config.training
+    while run is not None:
+        runs.append(run)
+        run = run.get("continued_from")
+    files = ["shapes-continue-cpu.json", "shapes-continue-gpu.json", "shapes-train-gpu.json"]
+    assert len(runs) == len(files)
+    for record, name in zip(runs, files):
+        assert record["command"].endswith(f"configs/{name}"), record["command"]
+        resolved = json.loads(json.dumps(dataclasses.asdict(load_train_config(configs / name))))
+        assert resolved == record["train_config"], name
