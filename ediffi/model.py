@@ -164,6 +164,20 @@ class TinyModelSpec:
     base_coord_channels: bool = True
 
 
+# The shipped model's shape of options (models/default/model.json) at test
+# size: every option on (T5 + CLIP text, CLIP image for style, coordinate
+# channels on the base stage), 3 base experts split at sigma 2.5 and 0.4,
+# 2 SR experts split at sigma 1, 3 levels with attention at the two lowest
+# resolutions of the base stage (the lowest of SR, as shipped), 4 heads,
+# 24 tokens; only the channels are small, so tests on it stay fast.
+SHIPPED_SHAPE_SPEC = TinyModelSpec(
+    base_experts=3, base_boundaries=(2.5, 0.4), sr_experts=2, sr_boundaries=(1.0,),
+    model_channels=8, channel_mult=(1, 2, 2), attention_resolutions=(8, 4), num_heads=4,
+    embedding_dim=32, text_length=24,
+    encoder=TinyEncoderSpec(width=16, layers=1, heads=4, projection_dim=16, image_size=16, patch_size=8),
+)
+
+
 def experts_for(boundaries: tuple[float, ...], count: int, prefix: str, network: UNetConfig, stage_dir: str) -> list[ExpertConfig]:
     """Half-open intervals [0, b_k), [b_k, b_k-1), ..., [b_1, inf) named
     prefix0 (highest noise) .. prefixN (lowest)."""

@@ -20,3 +20,20 @@ def tiny_model(tiny_model_dir):
     from ediffi.model import load_model
 
     return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def shipped_shape_model_dir(tmp_path_factory) -> Path:
+    """A tiny random model with the shipped model's shape of options
+    (ediffi.model.SHIPPED_SHAPE_SPEC): 3 base and 2 SR experts, 3 levels,
+    attention at two resolutions, 4 heads, 24 tokens."""
+    from ediffi.model import SHIPPED_SHAPE_SPEC, build_random_model_dir
+
+    return build_random_model_dir(tmp_path_factory.mktemp("shipped-shape-model"), SHIPPED_SHAPE_SPEC, seed=0)
+
+
+@pytest.fixture(scope="session")
+def shipped_shape_model(shipped_shape_model_dir):
+    from ediffi.model import load_model
+
+    return load_model(shipped_shape_model_dir)

@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from ediffi.config import MODEL_JSON, ModelConfig
-from ediffi.model import build_random_model_dir, load_model
+from ediffi.model import SHIPPED_SHAPE_SPEC, build_random_model_dir, load_model, tiny_model_config
 from ediffi.pipeline import GenerationRequest, encode_request
 
 
@@ -86,6 +86,33 @@ def test_build_is_deterministic_per_seed(tmp_path):
     weights = config.stages[0].experts[0].weights
     assert (first / weights).read_bytes() == (second / weights).read_bytes()
     assert ModelConfig.load(second) == config
+
+
+def test_shipped_shape_spec_mirrors_the_shipped_models_options():
+    """The shipped-shape test model keeps the shipped model's shape of options
+    (experts and their boundaries, levels, attention layout relative to the
+    stage size, heads, tokens, coordinate channels, encoders); only sizes differ."""
+    shipped = ModelConfig.load(Path(__file__).resolve().parents[1] / "models" / "default")
+    tiny = tiny_model_config(SHIPPED_SHAPE_SPEC)
+
+    def shape(config: ModelConfig):
+        stages = []
+        for stage in config.stages:
+            net = stage.experts[0].network
+            assert all(e.network == net for e in stage.experts), "one network shape per stage"
+            levels = [stage.image_size // 2**i for i in range(len(net.channel_mult))]
+            stages.append(dict(
+                name=stage.name,
+                experts=[(e.sigma_lo, e.sigma_hi) for e in stage.experts],
+                levels=len(net.channel_mult),
+                attention_at_levels=[i for i, r in enumerate(levels) if r in net.attention_resolutions],
+                heads=net.num_heads, coord_channels=net.coord_channels,
+                low_res=net.low_res_channels > 0, low_res_aug=stage.low_res_aug_sigma > 0,
+            ))
+        encoders = config.encoders
+        return stages, (encoders.t5.max_length, encoders.clip_text.max_length, encoders.clip_vision is not None)
+
+    assert shape(tiny) == shape(shipped)
 
 
 def test_missing_model_dir(tmp_path):
