@@ -1,5 +1,8 @@
 """The engine on the tiny random cascade (base 16 px, 2 experts split at
-sigma 1; SR 32 px), CPU, float32.
+sigma 1; SR 32 px), CPU, float32. The reference-pipeline and batch-invariance
+tests also run on a cascade with the shipped model's shape of options
+(SHIPPED_SHAPE_SPEC: 3 base experts, 2 SR experts, 3 levels, two attention
+resolutions, 4 heads, 24 tokens).
 
 Tolerance for "the same image": max |diff| <= 2/255 per channel (2 levels of
 the 8-bit output). Batched and unbatched float32 kernels may round
@@ -55,6 +58,17 @@ def model(engine_model_dir):
 @pytest.fixture(scope="module")
 def backend(model):
     return TorchBackend(model, max_batch=8)
+
+
+@pytest.fixture(scope="module", params=["tiny", "shipped_shape"])
+def cascade(request, model, backend):
+    """(model, backend) of each test cascade: the tiny one above and one with
+    the shipped model's shape of options (3 base experts, 2 SR experts split at
+    sigma 1, 3 levels, attention at two resolutions, 4 heads, 24 tokens)."""
+    if request.param == "tiny":
+        return model, backend
+    shipped_shape = request.getfixturevalue("shipped_shape_model")
+    return shipped_shape, TorchBackend(shipped_shape, max_batch=8)
 
 
 def make_engine(backend, **config) -> Engine:
@@ -139,8 +153,10 @@ def serve(backend, requests, **config):
 
 
 @pytest.fixture(scope="module")
-def mixed(backend):
-    """The target served among 15 others, step policy (shared by tests)."""
+def mixed(cascade):
+    """The target served among 15 others, step policy (shared by tests), on
+    each cascade."""
+    _, backend = cascade
     requests = [*other_requests()[:7], target_request(), *other_requests()[7:]]
     outcomes, engine = serve(backend, requests)
     return requests, outcomes, engine
@@ -151,14 +167,16 @@ def mixed(backend):
 # --------------------------------------------------------------------------
 
 
-def test_engine_image_equals_reference_pipeline(backend, model):
+def test_engine_image_equals_reference_pipeline(cascade):
+    model, backend = cascade
     request = target_request()
     (outcome,), _ = serve(backend, [request])
     assert outcome.evaluations_done == outcome.evaluations_total > 0
     assert max_diff(outcome.images, generate(model, target_request())) <= TOLERANCE
 
 
-def test_batch_invariance_served_alone_vs_among_15_others(backend, mixed):
+def test_batch_invariance_served_alone_vs_among_15_others(cascade, mixed):
+    _, backend = cascade
     requests, outcomes, engine = mixed
     (alone,), _ = serve(backend, [target_request()])
     index = [r.seed for r in requests].index(7)
@@ -167,7 +185,8 @@ def test_batch_invariance_served_alone_vs_among_15_others(backend, mixed):
     assert engine.scheduler.stats.rows / engine.scheduler.stats.batches > 4
 
 
-def test_every_request_of_the_mix_equals_its_reference(model, mixed):
+def test_every_request_of_the_mix_equals_its_reference(cascade, mixed):
+    model, _ = cascade
     requests, outcomes, _ = mixed
     for request, outcome in zip(requests, outcomes):
         assert len(outcome.images) == request.n
@@ -175,7 +194,8 @@ def test_every_request_of_the_mix_equals_its_reference(model, mixed):
 
 
 @pytest.mark.parametrize("policy", ["request", "none"])
-def test_all_policies_give_the_same_images(backend, mixed, policy):
+def test_all_policies_give_the_same_images(cascade, mixed, policy):
+    _, backend = cascade
     requests, step_outcomes, _ = mixed
     outcomes, engine = serve(backend, requests, policy=policy)
     for a, b in zip(outcomes, step_outcomes):

@@ -255,29 +255,46 @@ def test_images_before_the_end_is_an_error(tiny_model):
 # --------------------------------------------------------------------------
 
 
-def test_heun_correction_across_the_boundary_goes_to_the_other_expert(tiny_model):
-    stage = tiny_model.config.stage("base")
-    boundary = min(e.sigma_lo for e in stage.experts if e.sigma_lo > 0)
-    owner_above = tiny_model.stages["base"].route(boundary)
-    owner_below = tiny_model.stages["base"].route(boundary * 0.999)
-    assert owner_above != owner_below
+@pytest.mark.parametrize(
+    "model_fixture, stage_name",
+    [("tiny_model", "base"), ("shipped_shape_model", "base"), ("shipped_shape_model", "sr")],
+)
+def test_heun_correction_across_a_boundary_goes_to_the_other_expert(request, model_fixture, stage_name):
+    """At every expert boundary of the stage (the shipped-shape model has two
+    in the base stage and one in SR), a Heun step that crosses it evaluates
+    its predictor on the expert above and its corrector on the one below."""
+    model = request.getfixturevalue(model_fixture)
+    stage = model.config.stage(stage_name)
+    ensemble = model.stages[stage_name]
+    boundaries = sorted(e.sigma_lo for e in stage.experts if e.sigma_lo > 0)
+    assert boundaries, f"stage {stage_name} has one expert"
+    for boundary in boundaries:
+        owner_above = ensemble.route(boundary)
+        owner_below = ensemble.route(boundary * 0.999)
+        assert owner_above != owner_below
+        above_hi = next(e.sigma_hi for e in stage.experts if e.name == owner_above) or float("inf")
+        below_lo = next(e.sigma_lo for e in stage.experts if e.name == owner_below)
 
-    steps = 3
-    sigmas = karras_sigmas(steps, stage.sigma_min, stage.sigma_max, stage.rho).tolist()
-    crossing = [i for i in range(steps - 1) if sigmas[i] >= boundary > sigmas[i + 1] > 0]
-    assert crossing, f"no Heun step crosses sigma {boundary} in {sigmas}"
-    i = crossing[0]
+        # The fewest steps from 3 on with a Heun step (not the last, which
+        # has no corrector) from the expert above this boundary to the one below.
+        for steps in range(3, 16):
+            sigmas = karras_sigmas(steps, stage.sigma_min, stage.sigma_max, stage.rho).tolist()
+            crossing = [i for i in range(steps - 1) if above_hi > sigmas[i] >= boundary > sigmas[i + 1] >= below_lo and sigmas[i + 1] > 0]
+            if crossing:
+                break
+        assert crossing, f"no Heun step crosses sigma {boundary} in {sigmas}"
+        i = crossing[0]
 
-    _, log = drive(tiny_model, GenerationRequest(PROMPT, steps=steps, sampler="heun"))
-    base = [p for p in log if p.stage == "base"]
-    # Heun asks twice per step but the last: step i's predictor is evaluation
-    # 2i (at sigma_i), its corrector 2i + 1 (at sigma_{i+1}).
-    predictor, corrector = base[2 * i], base[2 * i + 1]
-    assert _sigma(predictor) == pytest.approx(sigmas[i])
-    assert _sigma(corrector) == pytest.approx(sigmas[i + 1])
-    assert predictor.expert == owner_above
-    assert corrector.expert == owner_below
-    assert {p.expert for p in base} == {owner_above, owner_below}
+        _, log = drive(model, GenerationRequest(PROMPT, steps=steps, sampler="heun"))
+        evaluations = [p for p in log if p.stage == stage_name]
+        # Heun asks twice per step but the last: step i's predictor is evaluation
+        # 2i (at sigma_i), its corrector 2i + 1 (at sigma_{i+1}).
+        predictor, corrector = evaluations[2 * i], evaluations[2 * i + 1]
+        assert _sigma(predictor) == pytest.approx(sigmas[i])
+        assert _sigma(corrector) == pytest.approx(sigmas[i + 1])
+        assert predictor.expert == owner_above
+        assert corrector.expert == owner_below
+        assert {p.expert for p in evaluations} == {ensemble.route(s) for s in sigmas[:-1]}
 
 
 @torch.no_grad()
