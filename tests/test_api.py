@@ -6,11 +6,14 @@ Server-Sent Events, cancel, idempotency and the OpenAI-compatible endpoint.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 
 import httpx
+from PIL import Image
 
+from server.app import DEFAULT_CANVAS_SIZE
 from server.routes import jobs as jobs_routes
 from server.schemas import JobParams
 from tests.test_api_support import (  # noqa: F401 - the backend fixture is used by name
@@ -67,7 +70,7 @@ async def test_sync_generate_returns_png_images_seeds_and_timings(backend: Backe
         assert body["status"] == "succeeded"
         assert [image["seed"] for image in body["images"]] == [41, 42]
         for image in body["images"]:
-            assert decode_png(image["b64_json"]).size == (8, 8)
+            assert decode_png(image["b64_json"]).size == (DEFAULT_CANVAS_SIZE, DEFAULT_CANVAS_SIZE)
             assert "url" not in image
         timings = body["timings"]
         assert {"queued_at", "started_at", "finished_at", "queue_wait_s", "run_s", "total_s", "sampling_s"} <= set(timings)
@@ -85,10 +88,17 @@ async def test_sync_generate_returns_png_images_seeds_and_timings(backend: Backe
 @run_async
 async def test_server_picks_a_seed_when_none_is_given_and_reports_each(backend: Backend) -> None:
     async with service(backend) as svc, QueueWorker(svc.queue):
-        response = await svc.client.post("/generate", json={"prompt": "a red fox", "n": 3, "steps": 1})
-        assert response.status_code == 200, response.text
-        seeds = [image["seed"] for image in response.json()["images"]]
-        assert seeds == [seeds[0], seeds[0] + 1, seeds[0] + 2] and seeds[0] >= 0
+        first_seeds = []
+        for _ in range(2):
+            response = await svc.client.post("/generate", json={"prompt": "a red fox", "n": 3, "steps": 1})
+            assert response.status_code == 200, response.text
+            seeds = [image["seed"] for image in response.json()["images"]]
+            assert seeds == [seeds[0], seeds[0] + 1, seeds[0] + 2] and seeds[0] >= 0
+            # The seed the server picked is recorded with the job (what the worker samples with).
+            record = await svc.queue.get(response.json()["id"])
+            assert record.params["seed"] == seeds[0]
+            first_seeds.append(seeds[0])
+        assert first_seeds[0] != first_seeds[1], "each submission gets its own seed"
 
 
 @run_async
@@ -417,13 +427,15 @@ async def test_openai_images_generations(backend: Backend) -> None:
         assert isinstance(body["created"], int) and abs(body["created"] - time.time()) < 60
         assert len(body["data"]) == 2
         for item in body["data"]:
-            assert decode_png(item["b64_json"])
+            assert decode_png(item["b64_json"]).size == (64, 64)  # the size asked for
 
         urls = await svc.client.post("/v1/images/generations", json={"prompt": "a fox", "steps": 1})
         assert urls.status_code == 200, urls.text
         (item,) = urls.json()["data"]
         assert item["url"].startswith("http://testserver/jobs/") and item["url"].endswith("/images/0.png")
-        assert (await svc.client.get(item["url"])).content.startswith(b"\x89PNG")
+        fetched = await svc.client.get(item["url"])
+        assert fetched.content.startswith(b"\x89PNG")
+        assert Image.open(io.BytesIO(fetched.content)).size == (DEFAULT_CANVAS_SIZE, DEFAULT_CANVAS_SIZE)
 
         wrong = await svc.client.post("/v1/images/generations", json={"prompt": "a fox", "size": "1024x1024"})
         assert wrong.status_code == 422 and wrong.json()["detail"][0]["loc"] == ["body", "size"]

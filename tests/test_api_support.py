@@ -23,7 +23,7 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
-from server.app import create_app
+from server.app import DEFAULT_CANVAS_SIZE, create_app
 from server.metrics import Metrics
 from server.queue import ClaimedJob, InProcessQueue, JobQueue, RedisStreamsQueue
 from server.settings import Settings
@@ -212,7 +212,8 @@ class QueueWorker:
     """Plays the worker through the real queue API.
 
     ``mode``: ``succeed``; ``hold`` (run until canceled); ``fail:<reason>``.
-    ``step_delay_s`` sleeps between progress reports.
+    ``step_delay_s`` sleeps between progress reports. Images are solid
+    ``image_size`` squares, the app's canvas (the shipped model's 64 px) by default.
     """
 
     queue: JobQueue
@@ -220,6 +221,7 @@ class QueueWorker:
     mode: str = "succeed"
     step_delay_s: float = 0.0
     heartbeat: bool = True
+    image_size: int = DEFAULT_CANVAS_SIZE
     claimed: list[ClaimedJob] = field(default_factory=list)
     running: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
@@ -258,7 +260,7 @@ class QueueWorker:
             await self.queue.fail(job, self.mode[len("fail:") :])
             return
         seeds = [int(job.params["seed"]) + k for k in range(job.n_images)]
-        images = [png_bytes(8, 8, (k * 40 % 256, 0, 0)) for k in range(job.n_images)]
+        images = [png_bytes(self.image_size, self.image_size, (k * 40 % 256, 0, 0)) for k in range(job.n_images)]
         await self.queue.complete(job, images, seeds, {"sampling_s": 0.01})
 
     async def __aenter__(self) -> "QueueWorker":

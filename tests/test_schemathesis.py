@@ -14,10 +14,13 @@ it to the ``/openapi.json`` the running server serves.
 
 from __future__ import annotations
 
+import base64
+import io
 import time
 
 import httpx
 import pytest
+from PIL import Image
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
@@ -116,9 +119,14 @@ def test_a_real_job_lifecycle_conforms_to_the_schema(serve_url):
         case = schema[path][method].Case(**kwargs)
         return case.call_and_validate(base_url=serve_url, checks=CHECKS, timeout=60)
 
+    def size(png: bytes) -> tuple[int, int]:
+        assert png.startswith(b"\x89PNG")
+        return Image.open(io.BytesIO(png)).size
+
     body = {"prompt": "a red circle on the left", "steps": 2, "n": 2, "seed": 3}
     done = call("/generate", "POST", body=body)
     assert done.status_code == 200 and len(done.json()["images"]) == 2
+    assert [size(base64.b64decode(i["b64_json"])) for i in done.json()["images"]] == [(CANVAS, CANVAS)] * 2
     accepted = call("/generate", "POST", body={**body, "response_format": "url"},
                     headers={"Prefer": "respond-async"})
     assert accepted.status_code == 202
@@ -128,10 +136,11 @@ def test_a_real_job_lifecycle_conforms_to_the_schema(serve_url):
         assert time.monotonic() < deadline, view.json()
         time.sleep(0.1)
     image = call("/jobs/{job_id}/images/{index}.png", "GET", path_parameters={"job_id": job_id, "index": 1})
-    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    assert image.status_code == 200 and size(image.content) == (CANVAS, CANVAS)
     events = call("/jobs/{job_id}/events", "GET", path_parameters={"job_id": job_id})
     assert events.status_code == 200 and "event: succeeded" in events.text
     assert call("/jobs/{job_id}/cancel", "POST", path_parameters={"job_id": job_id}).status_code == 200
     openai = call("/v1/images/generations", "POST", body={"prompt": "a blue square", "size": f"{CANVAS}x{CANVAS}",
                                                           "steps": 2, "response_format": "b64_json"})
     assert openai.status_code == 200 and len(openai.json()["data"]) == 1
+    assert size(base64.b64decode(openai.json()["data"][0]["b64_json"])) == (CANVAS, CANVAS)  # the size asked for
