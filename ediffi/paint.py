@@ -21,19 +21,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ediffi.failure import InputError
+
 DEFAULT_STRENGTH = 0.4
 _HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
 # A colour map must match the canvas aspect within this relative tolerance.
 _ASPECT_TOLERANCE = 0.02
 
 
-class PaintWithWordsError(ValueError):
+class PaintWithWordsError(InputError):
     """Invalid paint-with-words input; `field` names the offending field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ediffi.encoders import ENCODER_NAMES
+from ediffi.failure import InputError
 from ediffi.model import EDiffIModel
 from ediffi.paint import Region, build_pww_inputs
 from ediffi.samplers import SAMPLERS, Sampler, classifier_free_guidance, karras_sigmas, make_sampler
@@ -43,16 +44,16 @@ class GenerationRequest:
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler: unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+            raise InputError("sampler", f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.steps < 1:
-            raise ValueError("steps: must be >= 1")
+            raise InputError("steps", "must be >= 1")
         if self.n < 1:
-            raise ValueError("n: must be >= 1")
+            raise InputError("n", "must be >= 1")
         if bool(self.regions) != (self.color_map is not None):
-            raise ValueError("paint_with_words: a colour map and at least one region go together")
+            raise InputError("paint_with_words", "a colour map and at least one region go together")
         unknown = set(self.encoders) - set(ENCODER_NAMES)
         if unknown:
-            raise ValueError(f"encoders: unknown {sorted(unknown)}; choose from {ENCODER_NAMES}")
+            raise InputError("encoders", f"unknown {sorted(unknown)}; choose from {ENCODER_NAMES}")
 
     @property
     def image_seeds(self) -> list[int]:

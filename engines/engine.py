@@ -36,10 +36,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ediffi.failure import Failure, FailureKind, InputError
 from ediffi.model import EDiffIModel
 from ediffi.pipeline import GenerationRequest, encode_request
 from engines.backend import Backend
 from engines.executor import BatchTiming, Executor, StepResult
+from engines.failures import failure_from_exception
 from engines.request import (
     EngineRequest,
     ProgressCallback,
@@ -296,7 +298,7 @@ class Engine:
         thread = self._thread
         if thread is None:
             if not drain:
-                self._cancel_all("engine stopped")
+                self._cancel_all()
             return
         with self._lock:
             self._stopping, self._drain = True, drain
@@ -336,8 +338,8 @@ class Engine:
                 self.tick()
             except Exception as exc:  # never leave submitters hanging
                 log.exception("engine tick failed")
-                self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
-        self._cancel_all("engine stopped")
+                self._fail_all(failure_from_exception(exc))
+        self._cancel_all()
 
     # -- one tick ----------------------------------------------------------
     def tick(self) -> StepPlan:
@@ -347,7 +349,10 @@ class Engine:
             self._take_inbox()
             admission = self.scheduler.admit(self._clock())
             for rid, reason in admission.dropped:
-                self._finish(rid, "canceled" if reason == "canceled" else "expired", reason)
+                if reason == "canceled":
+                    self._finish(rid, "canceled", Failure.of(FailureKind.CANCELED))
+                else:
+                    self._finish(rid, "expired", Failure.of(FailureKind.TIMEOUT))
             if admission.admitted:
                 self._prepare(admission.admitted)
             plan = self.scheduler.schedule()
@@ -389,8 +394,10 @@ class Engine:
             try:
                 entry.start(model, encode_request(model, entry.request, text_cache=self.text_cache))
             except Exception as exc:
+                if not isinstance(exc, InputError):
+                    log.exception("request %s failed to start", entry.id)
                 self.scheduler.remove(entry.id)
-                self._finish(entry.id, "failed", f"{type(exc).__name__}: {exc}")
+                self._finish(entry.id, "failed", failure_from_exception(exc))
                 continue
             wait = (entry.started_at or 0.0) - entry.queued_at
             for hooks in self._hooks:
@@ -408,38 +415,40 @@ class Engine:
                 entry.advance(denoised)
             except Exception as exc:
                 log.exception("request %s failed to advance", rid)
-                result.failures[rid] = f"{type(exc).__name__}: {exc}"
+                result.failures[rid] = failure_from_exception(exc)
                 continue
             view = entry.view()
             updates[rid] = view
             if view is None:
                 self._finish(rid, "succeeded")
-        for rid, error in result.failures.items():
+        for rid, failure in result.failures.items():
             self.scheduler.remove(rid)
-            self._finish(rid, "failed", error)
+            self._finish(rid, "failed", failure)
         self.scheduler.complete(plan, updates)
 
-    def _finish(self, rid: str, status: str, error: str | None = None) -> None:
+    def _finish(self, rid: str, status: str, failure: Failure | None = None) -> None:
         with self._lock:
             entry = self._requests.pop(rid, None)
             if entry is None:
                 return
             self._outstanding_rows -= entry.rows
-        outcome = entry.finish(status, None if status == "succeeded" else error)
+        outcome = entry.finish(status, failure)
         for hooks in self._hooks:
             self._call(hooks.on_finish, outcome)
 
-    def _cancel_all(self, reason: str, status: str = "canceled") -> None:
+    def _cancel_all(self, failure: Failure | None = None, status: str = "canceled") -> None:
+        """End every request; by default as canceled (the engine stopped)."""
+        failure = failure or Failure.of(FailureKind.CANCELED)
         with self._lock:
             self._inbox.clear()
             self._cancels.clear()
             ids = list(self._requests)
         for rid in ids:
             self.scheduler.remove(rid)
-            self._finish(rid, status, reason)
+            self._finish(rid, status, failure)
 
-    def _fail_all(self, reason: str) -> None:
-        self._cancel_all(reason, status="failed")
+    def _fail_all(self, failure: Failure) -> None:
+        self._cancel_all(failure, status="failed")
 
     @staticmethod
     def _call(fn, *args) -> None:

@@ -4,7 +4,13 @@ For each group of a `StepPlan`: concatenate the member requests' rows (CFG
 rows of a request stay adjacent), make one batched call on the backend, and
 split the denoised rows back per request. Returns a `StepResult` with each
 request's rows and per-batch timings; a failing batch fails its requests
-only.
+only, each with a structured `Failure`.
+
+A batch that runs out of device memory is not failed as a whole: the
+allocator's cache is emptied and the batch is run again split in halves
+(by request, so a request's CFG rows stay together), recursively, so only a
+request that does not fit even alone fails with `out_of_memory` and the
+other tenants' requests in its batch go on.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from typing import Mapping
 
 import torch
 
+from ediffi.failure import Failure
 from ediffi.pipeline import DenoiserInputs, PendingEvaluation
 from engines.backend import Backend
+from engines.failures import failure_from_exception, free_device_memory, is_out_of_memory
 from engines.scheduler import GroupKey, StepPlan
 
 log = logging.getLogger(__name__)
@@ -45,7 +53,7 @@ class BatchTiming:
 class StepResult:
     tick: int
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, Failure] = field(default_factory=dict)
     batches: list[BatchTiming] = field(default_factory=list)
 
     @property
@@ -60,7 +68,7 @@ class Executor:
     def execute(self, plan: StepPlan, pending: Mapping[str, PendingEvaluation]) -> StepResult:
         result = StepResult(plan.tick)
         for group in plan.groups:
-            ids = group.request_ids
+            ids = list(group.request_ids)
             try:
                 evaluations = [pending[rid] for rid in ids]
                 for rid, ev in zip(ids, evaluations):
@@ -68,20 +76,43 @@ class Executor:
                         raise RuntimeError(
                             f"request {rid} pends on {ev.stage}/{ev.expert}, planned for {group.key.stage}/{group.key.expert}"
                         )
-                inputs = evaluations[0].inputs if len(ids) == 1 else DenoiserInputs.cat([e.inputs for e in evaluations])
-                start = time.perf_counter()
-                denoised = self.backend.run(group.key.stage, group.key.expert, inputs)
-                self.backend.synchronize()
-                seconds = time.perf_counter() - start
-            except Exception as exc:  # fail this batch's requests, keep serving
-                log.exception("batch %s of %d requests failed", group.key, len(ids))
+            except Exception as exc:
+                log.exception("batch %s of %d requests is inconsistent", group.key, len(ids))
                 for rid in ids:
-                    result.failures[rid] = f"{type(exc).__name__}: {exc}"
+                    result.failures[rid] = failure_from_exception(exc)
                 continue
-            result.batches.append(BatchTiming(group.key, len(inputs), len(ids), seconds))
-            offset = 0
-            for rid, ev in zip(ids, evaluations):
-                rows = len(ev.inputs)
-                result.outputs[rid] = denoised[offset : offset + rows]
-                offset += rows
+            self._run_batch(group.key, ids, evaluations, result)
         return result
+
+    def _run_batch(
+        self, key: GroupKey, ids: list[str], evaluations: list[PendingEvaluation], result: StepResult
+    ) -> None:
+        """One batched call for ``ids``; on out-of-memory, free the cache and run each half alone."""
+        try:
+            inputs = evaluations[0].inputs if len(ids) == 1 else DenoiserInputs.cat([e.inputs for e in evaluations])
+            start = time.perf_counter()
+            denoised = self.backend.run(key.stage, key.expert, inputs)
+            self.backend.synchronize()
+            seconds = time.perf_counter() - start
+        except Exception as exc:  # fail this batch's requests, keep serving
+            if is_out_of_memory(exc):
+                # Drop the references to the failed call's tensors before emptying the cache.
+                inputs = denoised = None
+                free_device_memory(self.backend.device)
+                if len(ids) > 1:
+                    log.warning("batch %s of %d requests ran out of memory; retrying in halves", key, len(ids))
+                    half = len(ids) // 2
+                    self._run_batch(key, ids[:half], evaluations[:half], result)
+                    self._run_batch(key, ids[half:], evaluations[half:], result)
+                    return
+            log.exception("batch %s of %d requests failed", key, len(ids))
+            failure = failure_from_exception(exc)
+            for rid in ids:
+                result.failures[rid] = failure
+            return
+        result.batches.append(BatchTiming(key, len(inputs), len(ids), seconds))
+        offset = 0
+        for rid, ev in zip(ids, evaluations):
+            rows = len(ev.inputs)
+            result.outputs[rid] = denoised[offset : offset + rows]
+            offset += rows

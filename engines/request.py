@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from ediffi.encoders import Encoders, TextEmbeddings
+from ediffi.failure import Failure
 from ediffi.pipeline import Conditioning, GenerationRequest, PendingEvaluation, RequestRun
 from engines.scheduler import GroupKey, PendingView
 
@@ -51,7 +52,7 @@ class RequestOutcome:
     status: Status
     images: list[Image.Image] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
-    error: str | None = None
+    failure: Failure | None = None
     queued_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
@@ -61,6 +62,11 @@ class RequestOutcome:
     @property
     def ok(self) -> bool:
         return self.status == "succeeded"
+
+    @property
+    def error(self) -> str | None:
+        """The failure as one line for people and logs (``field: message``)."""
+        return None if self.failure is None else str(self.failure)
 
     def png_bytes(self) -> list[bytes]:
         """The images as PNG files (encoded on the caller's thread)."""
@@ -157,13 +163,14 @@ class EngineRequest:
             except Exception:  # a callback must never take the engine down
                 log.exception("progress callback of request %s failed", self.id)
 
-    def finish(self, status: Status, error: str | None = None) -> RequestOutcome:
+    def finish(self, status: Status, failure: Failure | None = None) -> RequestOutcome:
         images: list[Image.Image] = []
         if status == "succeeded":
             images = self.run.images()
         run = self.run
         outcome = RequestOutcome(
-            id=self.id, status=status, images=images, seeds=self.request.image_seeds, error=error,
+            id=self.id, status=status, images=images, seeds=self.request.image_seeds,
+            failure=None if status == "succeeded" else failure,
             queued_at=self.queued_at, started_at=self.started_at, finished_at=time.time(),
             evaluations_done=0 if run is None else run.evaluations_done,
             evaluations_total=0 if run is None else run.evaluations_total,

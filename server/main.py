@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from typing import Any, Callable
 
 import uvicorn
 
@@ -34,6 +35,9 @@ def build_engine(settings: Settings, model_dir: Path):
     return Engine.from_settings(settings, model_dir=model_dir).start()
 
 
+EngineFactory = Callable[[Settings, Path], Any]
+
+
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -49,7 +53,14 @@ def run_api(settings: Settings, model_dir: Path, host: str, port: int) -> None:
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-async def _worker_main(settings: Settings, model_dir: Path, host: str, metrics_port: int) -> None:
+#: Exit status of a worker that gave up on its engine (too many engine failures in a row).
+EXIT_ENGINE_UNHEALTHY = 3
+
+
+async def _worker_main(
+    settings: Settings, model_dir: Path, host: str, metrics_port: int, engine_factory: EngineFactory
+) -> bool:
+    """Run a worker until it stops; True if it stopped healthy."""
     from prometheus_client import start_http_server
 
     from server.queue import make_queue
@@ -58,7 +69,7 @@ async def _worker_main(settings: Settings, model_dir: Path, host: str, metrics_p
     metrics = Metrics()
     start_http_server(metrics_port, addr=host, registry=metrics.registry)
     log.info("worker metrics on http://%s:%d/metrics", host, metrics_port)
-    engine = await asyncio.to_thread(build_engine, settings, model_dir)
+    engine = await asyncio.to_thread(engine_factory, settings, model_dir)
     queue = make_queue(settings)
     worker = Worker(settings, queue, engine, metrics)
     _install_signal_handlers(asyncio.get_running_loop(), worker.stop)
@@ -68,12 +79,18 @@ async def _worker_main(settings: Settings, model_dir: Path, host: str, metrics_p
     finally:
         engine.stop(drain=False)
         await queue.close()
+    return not worker.unhealthy
 
 
-def run_worker(settings: Settings, model_dir: Path, metrics_port: int) -> None:
+def run_worker(
+    settings: Settings, model_dir: Path, metrics_port: int, engine_factory: EngineFactory = build_engine
+) -> None:
+    """Run ``ediffi worker``; exits with :data:`EXIT_ENGINE_UNHEALTHY` if it gave up on its engine.
+    ``engine_factory(settings, model_dir)`` builds and starts the engine (tests inject faults there)."""
     if not settings.redis_url:
         raise SystemExit("error: `ediffi worker` needs EDIFFI_REDIS_URL (use `ediffi serve` for one process without Redis)")
-    asyncio.run(_worker_main(settings, model_dir, settings.host, metrics_port))
+    if not asyncio.run(_worker_main(settings, model_dir, settings.host, metrics_port, engine_factory)):
+        raise SystemExit(EXIT_ENGINE_UNHEALTHY)
 
 
 async def _serve_main(settings: Settings, model_dir: Path, host: str, port: int) -> None:
@@ -88,6 +105,8 @@ async def _serve_main(settings: Settings, model_dir: Path, host: str, port: int)
     app = create_app(settings, queue=queue, metrics=metrics, canvas_size=engine.model.config.image_size)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     worker_task = asyncio.create_task(worker.run())
+    # A worker that gave up on its engine takes the server down with it (restarted from outside).
+    worker_task.add_done_callback(lambda _task: setattr(server, "should_exit", True))
     try:
         await server.serve()  # returns on SIGINT/SIGTERM (uvicorn's handlers)
     finally:
@@ -95,6 +114,8 @@ async def _serve_main(settings: Settings, model_dir: Path, host: str, port: int)
         await worker_task
         engine.stop(drain=False)
         await queue.close()
+    if worker.unhealthy:
+        raise SystemExit(EXIT_ENGINE_UNHEALTHY)
 
 
 def run_serve(settings: Settings, model_dir: Path, host: str, port: int) -> None:

@@ -37,7 +37,7 @@ ediffi_worker_heartbeats_total                         worker: heartbeats sent
 =========================================== ========== ============================================
 
 Helpers for the worker: :meth:`Metrics.observe_job_finished`,
-:meth:`Metrics.job_failed` (maps any reason text to a bounded label) and
+:meth:`Metrics.job_failed` (a failure's kind is its label) and
 :meth:`Metrics.sync_queue_counters` (turns :class:`~server.queue.QueueCounters`
 into counter increments).
 """
@@ -49,39 +49,21 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ediffi.failure import Failure, FailureKind
+
 if TYPE_CHECKING:
     from server.queue import JobRecord, QueueCounters
 
-__all__ = ["CONTENT_TYPE_LATEST", "FAILURE_REASONS", "Metrics", "failure_reason_label"]
+__all__ = ["CONTENT_TYPE_LATEST", "FAILURE_REASONS", "Metrics"]
 
-#: The only values of ``ediffi_jobs_failed_total{reason}``.
-FAILURE_REASONS = ("max_deliveries", "invalid_input", "timeout", "internal")
+#: The only values of ``ediffi_jobs_failed_total{reason}``: the failure kinds a failed job can carry.
+FAILURE_REASONS = tuple(kind.value for kind in FailureKind if kind is not FailureKind.CANCELED)
 
 # Seconds: from a fast 64 px job to a long wait in a full queue.
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _FORWARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def failure_reason_label(reason: str | None) -> str:
-    """Map a job's failure text to one of :data:`FAILURE_REASONS` (bounded label values).
-
-    Workers should fail jobs with texts starting with ``"invalid_input:"`` or
-    ``"timeout:"`` where that applies; the queue's own delivery-limit text
-    (``"exceeded max deliveries (N)"``) maps to ``max_deliveries``; anything
-    else is ``internal``.
-    """
-    text = (reason or "").strip().lower()
-    if text in FAILURE_REASONS:
-        return text
-    if text.startswith("exceeded max deliveries") or text.startswith("max_deliveries"):
-        return "max_deliveries"
-    if text.startswith("invalid_input") or text.startswith("invalid input"):
-        return "invalid_input"
-    if text.startswith("timeout") or "timed out" in text:
-        return "timeout"
-    return "internal"
 
 
 class Metrics:
@@ -153,7 +135,7 @@ class Metrics:
         )
         self.jobs_failed = Counter(
             "ediffi_jobs_failed_total",
-            "Failed jobs by reason (max_deliveries, invalid_input, timeout, internal).",
+            "Failed jobs by failure kind (" + ", ".join(FAILURE_REASONS) + ").",
             ["reason"],
             registry=r,
         )
@@ -171,9 +153,10 @@ class Metrics:
 
     # ------------------------------------------------------------- helpers
 
-    def job_failed(self, reason: str | None) -> None:
+    def job_failed(self, failure: Failure | None) -> None:
         """Count one failed job (terminal transition made by this process)."""
-        self.jobs_failed.labels(reason=failure_reason_label(reason)).inc()
+        kind = failure.kind if failure is not None else FailureKind.INTERNAL
+        self.jobs_failed.labels(reason=kind.value).inc()
         self.jobs_completed.labels(status="failed").inc()
 
     def observe_job_finished(self, record: "JobRecord") -> None:
@@ -190,7 +173,7 @@ class Metrics:
             self.images_generated.inc(record.n_images)
             self.jobs_completed.labels(status="succeeded").inc()
         elif status == "failed":
-            self.job_failed(record.error)
+            self.job_failed(record.failure)
         elif status == "canceled":
             self.jobs_completed.labels(status="canceled").inc()
 
@@ -213,7 +196,7 @@ class Metrics:
         if delta.get("reclaimed", 0) > 0:
             self.jobs_reclaimed.inc(delta["reclaimed"])
         if delta.get("failed_max_deliveries", 0) > 0:
-            self.jobs_failed.labels(reason="max_deliveries").inc(delta["failed_max_deliveries"])
+            self.jobs_failed.labels(reason=FailureKind.MAX_DELIVERIES.value).inc(delta["failed_max_deliveries"])
             self.jobs_completed.labels(status="failed").inc(delta["failed_max_deliveries"])
         if delta.get("canceled_on_claim", 0) > 0:
             self.jobs_completed.labels(status="canceled").inc(delta["canceled_on_claim"])

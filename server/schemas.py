@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from ediffi.failure import FailureKind
+
 Sampler = Literal["heun", "euler", "dpmpp_2m"]
 ResponseFormat = Literal["b64_json", "url"]
 
@@ -282,6 +284,14 @@ class Progress(BaseModel):
     total: int
 
 
+class FailureView(BaseModel):
+    """Why a job failed: a stable ``kind`` and a message written for the client."""
+
+    kind: FailureKind
+    message: str
+    field: str | None = Field(default=None, description="The request field at fault (invalid_input).")
+
+
 class JobView(BaseModel):
     """``GET /jobs/{id}``."""
 
@@ -290,6 +300,7 @@ class JobView(BaseModel):
     progress: Progress
     n: int
     error: str | None = None
+    failure: FailureView | None = None
     images: list[ImageLink] = Field(default_factory=list, description="Links to the images once succeeded.")
     timings: dict[str, float]
     links: JobLinks
@@ -310,6 +321,7 @@ class ErrorMessage(BaseModel):
     """Body of the non-validation errors (401, 403, 404, 409, 429, 500, 503, 504)."""
 
     detail: str
+    kind: FailureKind | None = Field(default=None, description="A failed job's failure kind (see FailureView).")
 
 
 class FieldError(BaseModel):

@@ -122,6 +122,25 @@ class Settings(BaseSettings):
         default=10, gt=0, description="A worker whose heartbeat is older than this counts as gone."
     )
 
+    # --- Queue budgets and failure handling (Redis memory, fairness, broken devices) ---
+    max_queued_input_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=0,
+        description="Bytes of uploaded inputs (style images, colour maps) the unfinished jobs may hold in Redis "
+        "together; a submission beyond it gets 429. Keep it well under Redis's maxmemory.",
+    )
+    max_unfinished_per_key: int = Field(
+        default=64,
+        ge=1,
+        description="Unfinished jobs (queued + running) one API key (or anonymous client) may have; beyond: 429.",
+    )
+    max_consecutive_engine_failures: int = Field(
+        default=5,
+        ge=1,
+        description="Engine failures in a row (internal, out_of_memory) after which a worker stops claiming "
+        "and exits non-zero, for its orchestrator to restart it.",
+    )
+
     # --- Network -------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address the HTTP API binds.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port of the HTTP API.")

@@ -13,6 +13,15 @@ keeps the worker visible (/readyz) and keeps its jobs from being reclaimed
 (`keep_alive`); a job another worker took over is dropped from the engine.
 On SIGTERM the worker stops claiming, gives running jobs a grace period to
 finish, then releases the rest back to the queue.
+
+Failing parts: every background loop (claim, heartbeat and renewal, cancel
+polling) survives any exception, logs it and backs off, so a Redis error
+reply or a restart costs a few seconds, never the process or its heartbeat.
+A job fails with a structured :class:`~ediffi.failure.Failure` from the
+engine. ``max_consecutive_engine_failures`` engine faults in a row
+(``internal``, ``out_of_memory``: a broken device fails every job it gets)
+make the worker stop claiming, hand its held jobs back, and exit non-zero,
+so the orchestrator restarts it instead of it failing the whole queue.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from ediffi.failure import Failure, FailureKind, InputError
 from ediffi.paint import Region
 from ediffi.pipeline import GenerationRequest
 from engines.engine import Engine, EngineHooks
@@ -41,8 +51,9 @@ log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.25
 CANCEL_POLL_INTERVAL_S = 0.5
-# Errors raised while the model reads a request's inputs: the client's fault.
-_INPUT_ERRORS = ("PaintWithWordsError: ", "ValueError: ")
+# Pauses after a failing loop iteration: doubling from the first to the last.
+BACKOFF_FIRST_S = 0.25
+BACKOFF_MAX_S = 5.0
 
 
 def new_worker_id() -> str:
@@ -68,16 +79,6 @@ def build_request(params: JobParams, inputs: dict[str, bytes]) -> GenerationRequ
         style_image=open_image("style_image"), color_map=open_image("color_map") if pww else None,
         regions=[Region(r.color, r.phrase, r.strength) for r in pww.regions] if pww else [],
     )
-
-
-def failure_reason(outcome_error: str | None) -> str:
-    """Queue failure text; input errors become 'invalid_input: <field>: <msg>'
-    so the API can answer 422 naming the field."""
-    text = outcome_error or "internal: unknown error"
-    for prefix in _INPUT_ERRORS:
-        if text.startswith(prefix):
-            return "invalid_input: " + text[len(prefix):]
-    return text if text.startswith(("internal", "timeout")) else f"internal: {text}"
 
 
 def engine_timings(outcome: RequestOutcome) -> dict[str, float]:
@@ -113,6 +114,21 @@ def engine_metric_hooks(metrics: Metrics) -> EngineHooks:
     )
 
 
+class Backoff:
+    """Exponential pauses for a loop whose iterations fail: reset by a success."""
+
+    def __init__(self, first_s: float = BACKOFF_FIRST_S, max_s: float = BACKOFF_MAX_S) -> None:
+        self.first_s, self.max_s = first_s, max_s
+        self.failures = 0
+
+    def reset(self) -> None:
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return min(self.max_s, self.first_s * 2 ** (self.failures - 1))
+
+
 class Worker:
     def __init__(self, settings: Settings, queue: JobQueue, engine: Engine, metrics: Metrics,
                  worker_id: str | None = None, shutdown_grace_s: float = 10.0):
@@ -128,6 +144,9 @@ class Worker:
         self._released: set[str] = set()
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.consecutive_engine_failures = 0
+        #: Set when the worker gave up on its engine; the process must exit non-zero.
+        self.unhealthy = False
         engine.add_hooks(engine_metric_hooks(metrics))
 
     def stop(self) -> None:
@@ -151,6 +170,7 @@ class Worker:
 
     # -- claiming ------------------------------------------------------------
     async def _claim_loop(self) -> None:
+        backoff = Backoff()
         while not self._stop.is_set():
             if self.free_slots == 0:
                 await asyncio.sleep(0.05)
@@ -159,16 +179,27 @@ class Worker:
             block_ms = 500 if not self.active else 50
             try:
                 claimed = await self.queue.claim(self.worker_id, self.free_slots, block_ms=block_ms)
-            except QueueUnavailable as exc:
-                log.warning("queue unavailable, retrying: %s", exc)
-                await asyncio.sleep(1.0)
+            except Exception as exc:  # an error reply or an outage: wait and claim again
+                delay = backoff.next_delay()
+                log.warning("claim failed (%s: %s); retrying in %.2f s", type(exc).__name__, exc, delay)
+                await self._sleep_unless_stopped(delay)
                 continue
+            backoff.reset()
             self.metrics.sync_queue_counters(self.queue.counters)
             for job in claimed:
+                if job.job_id in self.active:
+                    # Our own delivery, idle through an outage and handed back to us: it is running here.
+                    continue
                 active = ActiveJob(job, self._loop.create_future())
                 self.active[job.job_id] = active
                 asyncio.create_task(self._run_job(active))
             self.metrics.active_requests.set(len(self.active))
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
 
     async def _run_job(self, active: ActiveJob) -> None:
         job = active.job
@@ -192,8 +223,8 @@ class Worker:
                     on_done=lambda outcome: self._from_engine(self._on_done, active, outcome),
                     request_id=active.engine_id,
                 )
-            except ValueError as exc:
-                await self._finish(job, "failed", failure_reason(f"ValueError: {exc}"))
+            except InputError as exc:
+                await self._finish(job, "failed", Failure.invalid_input(exc.field, exc.message))
                 return
             outcome: RequestOutcome = await active.done
             await self._flush_progress(active)
@@ -204,28 +235,46 @@ class Worker:
             elif outcome.status in ("canceled", "expired") and active.job.job_id not in self._released:
                 await self._finish(job, "canceled")
             elif outcome.status == "failed":
-                await self._finish(job, "failed", failure_reason(outcome.error))
+                await self._finish(job, "failed", outcome.failure or Failure.of(FailureKind.INTERNAL))
+            self._count_engine_outcome(outcome)
         except QueueUnavailable as exc:
             # The job stays pending in the queue and is reclaimed later: nothing is lost.
             log.warning("job %s: queue unavailable (%s); it will be reclaimed", job.job_id, exc)
             self.engine.cancel(active.engine_id)
-        except Exception as exc:  # a bug must fail the job, not hang it
+        except Exception:  # a bug must fail the job, not hang it; its text stays in the log
             log.exception("job %s failed", job.job_id)
             try:
-                await self._finish(job, "failed", f"internal: {type(exc).__name__}: {exc}")
-            except QueueUnavailable:
-                pass
+                await self._finish(job, "failed", Failure.of(FailureKind.INTERNAL))
+            except Exception:
+                log.exception("job %s: could not record its failure; it will be reclaimed", job.job_id)
         finally:
             self.active.pop(job.job_id, None)
             self.metrics.active_requests.set(len(self.active))
 
-    async def _finish(self, job: ClaimedJob, status: str, reason: str | None = None, *,
+    def _count_engine_outcome(self, outcome: RequestOutcome) -> None:
+        """Track engine faults in a row; past the limit, stop claiming and leave (exit non-zero)."""
+        if outcome.ok:
+            self.consecutive_engine_failures = 0
+            return
+        if outcome.failure is None or not outcome.failure.is_engine_fault:
+            return  # the request's own fault or a cancel says nothing about the engine
+        self.consecutive_engine_failures += 1
+        limit = self.settings.max_consecutive_engine_failures
+        if self.consecutive_engine_failures >= limit and not self.unhealthy:
+            log.error(
+                "%d engine failures in a row (last: %s); stopping so the orchestrator restarts this worker",
+                self.consecutive_engine_failures, outcome.failure.kind.value,
+            )
+            self.unhealthy = True
+            self.stop()
+
+    async def _finish(self, job: ClaimedJob, status: str, failure: Failure | None = None, *,
                       images: list[bytes] | None = None, seeds: list[int] | None = None,
                       timings: dict | None = None) -> None:
         if status == "succeeded":
             applied = await self.queue.complete(job, images or [], seeds or [], timings or {})
         elif status == "failed":
-            applied = await self.queue.fail(job, reason or "internal")
+            applied = await self.queue.fail(job, failure or Failure.of(FailureKind.INTERNAL))
         else:
             applied = await self.queue.finish_canceled(job)
         if applied:
@@ -255,11 +304,12 @@ class Worker:
         active.last_progress_sent = time.monotonic()
         try:
             await self.queue.progress(active.job.job_id, *progress)
-        except QueueUnavailable:
-            pass  # progress is advisory; the result is what must not be lost
+        except Exception as exc:  # progress is advisory; the result is what must not be lost
+            log.warning("progress of job %s not stored: %s", active.job.job_id, exc)
 
     # -- background loops ----------------------------------------------------
     async def _heartbeat_loop(self) -> None:
+        backoff = Backoff(max_s=self.settings.heartbeat_interval_s)
         while True:
             try:
                 await self.queue.heartbeat(self.worker_id, {"slots": self.settings.worker_slots,
@@ -272,26 +322,34 @@ class Worker:
                     if active is not None:
                         self._released.add(job.job_id)
                         self.engine.cancel(active.engine_id)
-            except QueueUnavailable as exc:
-                log.warning("heartbeat failed: %s", exc)
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+                backoff.reset()
+                delay = self.settings.heartbeat_interval_s
+            except Exception as exc:  # never let the heartbeat (and the jobs' renewal) stop for good
+                delay = backoff.next_delay()
+                log.warning("heartbeat failed (%s: %s); retrying in %.2f s", type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
 
     async def _cancel_loop(self) -> None:
         """Client cancellations reach the engine within one poll interval;
         the engine drops the request before its next tick's compute."""
+        backoff = Backoff()
         while True:
-            for job_id, active in list(self.active.items()):
-                try:
+            delay = CANCEL_POLL_INTERVAL_S
+            try:
+                for job_id, active in list(self.active.items()):
                     if await self.queue.is_canceled(job_id):
                         self.engine.cancel(active.engine_id)
-                except QueueUnavailable:
-                    break
-            await asyncio.sleep(CANCEL_POLL_INTERVAL_S)
+                backoff.reset()
+            except Exception as exc:
+                delay = max(delay, backoff.next_delay())
+                log.warning("cancel poll failed (%s: %s); retrying in %.2f s", type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
 
     async def _shutdown(self) -> None:
         """Graceful stop: let running jobs finish for a grace period, then
-        release the rest so another worker picks them up at once."""
-        deadline = time.monotonic() + self.shutdown_grace_s
+        release the rest so another worker picks them up at once. An unhealthy
+        worker releases at once: its engine would only fail them."""
+        deadline = time.monotonic() + (0.0 if self.unhealthy else self.shutdown_grace_s)
         while self.active and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         for job_id, active in list(self.active.items()):
@@ -299,7 +357,7 @@ class Worker:
             self.engine.cancel(active.engine_id)
             try:
                 await self.queue.release(active.job)
-            except QueueUnavailable:
-                pass  # unacknowledged: reclaimed after the claim timeout
+            except Exception as exc:
+                log.warning("job %s not released (%s); it will be reclaimed", job_id, exc)
         while self.active and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.05)

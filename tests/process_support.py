@@ -72,14 +72,14 @@ def service_env(redis_url: str, model_dir: Path, settings: dict[str, Any]) -> di
 
 
 class ChildProcess:
-    """One ``python -m ediffi ...`` child with its output in a log file."""
+    """One ``python -m ediffi ...`` (or ``-m module``) child with its output in a log file."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path, module: str = "ediffi") -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ediffi", *args],
+            [sys.executable, "-m", module, *args],
             cwd=REPO_ROOT,
             env=env,
             stdout=self._log,
@@ -146,9 +146,12 @@ class ApiProcess(ChildProcess):
 
 
 class WorkerProcess(ChildProcess):
+    #: ``python -m MODULE [COMMAND] --metrics-port P``
+    module, command = "ediffi", ["worker"]
+
     def __init__(self, env: dict[str, str], log_dir: Path, name: str) -> None:
         self.metrics_port = free_port()
-        super().__init__(name, ["worker", "--metrics-port", str(self.metrics_port)], env, log_dir)
+        super().__init__(name, [*self.command, "--metrics-port", str(self.metrics_port)], env, log_dir, self.module)
         self.ready = False
 
     @property
@@ -173,6 +176,12 @@ class WorkerProcess(ChildProcess):
     def owns(self, worker_id: str | None) -> bool:
         """Whether a job's ``worker`` field (``host-pid-xxxxxx``) names this process."""
         return bool(worker_id) and worker_id.rsplit("-", 2)[-2] == str(self.pid)
+
+
+class FaultyWorkerProcess(WorkerProcess):
+    """``ediffi worker`` on a device whose every call fails (:mod:`tests.fault_injection`)."""
+
+    module, command = "tests.fault_injection", []
 
 
 def wait_workers_ready(workers: Iterable[WorkerProcess], timeout_s: float = 120.0) -> None:

@@ -13,6 +13,7 @@ import time
 import httpx
 from PIL import Image
 
+from ediffi.failure import PUBLIC_MESSAGES, Failure, FailureKind
 from server.app import DEFAULT_CANVAS_SIZE
 from server.routes import jobs as jobs_routes
 from server.schemas import JobParams
@@ -202,21 +203,27 @@ async def test_sync_wait_past_the_timeout_answers_202_with_links(backend: Backen
 
 
 @run_async
-async def test_failed_jobs_map_to_422_for_invalid_input_and_500_otherwise(backend: Backend) -> None:
+async def test_failed_jobs_answer_by_failure_kind_with_no_exception_text(backend: Backend) -> None:
     async with service(backend) as svc:
-        reason = "invalid_input: paint_with_words.regions[0].phrase: phrase was truncated away by the tokenizer"
-        async with QueueWorker(svc.queue, mode=f"fail:{reason}"):
+        invalid = Failure.invalid_input("paint_with_words.regions[0].phrase", "phrase was truncated away by the tokenizer")
+        async with QueueWorker(svc.queue, mode="fail", failure=invalid):
             response = await svc.client.post("/generate", json={"prompt": "a fox", "steps": 1})
         assert response.status_code == 422
         assert response.json()["detail"][0]["loc"] == ["body", "paint_with_words", "regions", 0, "phrase"]
 
-        async with QueueWorker(svc.queue, mode="fail:CUDA out of memory"):
+        async with QueueWorker(svc.queue, mode="fail", failure=Failure.of(FailureKind.OUT_OF_MEMORY)):
             response = await svc.client.post("/generate", json={"prompt": "a fox", "steps": 1})
             openai = await svc.client.post("/v1/images/generations", json={"prompt": "a fox", "steps": 1})
-        assert response.status_code == 500 and "CUDA out of memory" in response.json()["detail"]
-        assert openai.status_code == 500
+        assert response.status_code == 503 and response.json()["kind"] == "out_of_memory"
+        assert response.headers["Retry-After"]
+        assert openai.status_code == 503 and openai.json()["kind"] == "out_of_memory"
         view = (await svc.client.get(f"/jobs/{response.json()['detail'].split()[1]}")).json()
-        assert view["status"] == "failed" and view["error"] == "CUDA out of memory"
+        assert view["status"] == "failed" and view["failure"]["kind"] == "out_of_memory"
+        assert view["error"] == PUBLIC_MESSAGES[FailureKind.OUT_OF_MEMORY]
+
+        async with QueueWorker(svc.queue, mode="fail", failure=Failure.of(FailureKind.INTERNAL)):
+            response = await svc.client.post("/generate", json={"prompt": "a fox", "steps": 1})
+        assert response.status_code == 500 and response.json()["kind"] == "internal"
 
 
 @run_async

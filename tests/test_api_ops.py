@@ -209,13 +209,16 @@ async def test_metrics_expose_every_name_with_route_templates_only() -> None:
 
 
 def test_metrics_helpers_bound_failure_reasons_and_sync_queue_counters() -> None:
-    from server.metrics import failure_reason_label
+    from ediffi.failure import Failure, FailureKind
     from server.queue import QueueCounters
 
-    assert failure_reason_label("exceeded max deliveries (3)") == "max_deliveries"
-    assert failure_reason_label("invalid_input: prompt: too long") == "invalid_input"
-    assert failure_reason_label("timeout: sampling took too long") == "timeout"
-    assert failure_reason_label("CUDA out of memory at 0x7f...") == "internal"
+    metrics = Metrics()
+    metrics.job_failed(Failure.of(FailureKind.OUT_OF_MEMORY))
+    metrics.job_failed(Failure.invalid_input("prompt", "too long"))
+    text = metrics.render().decode()
+    assert 'ediffi_jobs_failed_total{reason="out_of_memory"} 1.0' in text
+    assert 'ediffi_jobs_failed_total{reason="invalid_input"} 1.0' in text
+    assert 'ediffi_jobs_failed_total{reason="internal"} 0.0' in text
     metrics = Metrics()
     counters = QueueCounters(reclaimed=2, failed_max_deliveries=1)
     metrics.sync_queue_counters(counters)

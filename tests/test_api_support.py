@@ -23,6 +23,7 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
+from ediffi.failure import Failure
 from server.app import DEFAULT_CANVAS_SIZE, create_app
 from server.metrics import Metrics
 from server.queue import ClaimedJob, InProcessQueue, JobQueue, RedisStreamsQueue
@@ -211,7 +212,7 @@ def event_order(event_id: str) -> tuple[int, int]:
 class QueueWorker:
     """Plays the worker through the real queue API.
 
-    ``mode``: ``succeed``; ``hold`` (run until canceled); ``fail:<reason>``.
+    ``mode``: ``succeed``; ``hold`` (run until canceled); ``fail`` (with ``failure``).
     ``step_delay_s`` sleeps between progress reports. Images are solid
     ``image_size`` squares, the app's canvas (the shipped model's 64 px) by default.
     """
@@ -219,6 +220,7 @@ class QueueWorker:
     queue: JobQueue
     worker_id: str = "test-worker"
     mode: str = "succeed"
+    failure: Failure | None = None
     step_delay_s: float = 0.0
     heartbeat: bool = True
     image_size: int = DEFAULT_CANVAS_SIZE
@@ -256,8 +258,9 @@ class QueueWorker:
                 await asyncio.sleep(0.01)
             await self.queue.finish_canceled(job)
             return
-        if self.mode.startswith("fail:"):
-            await self.queue.fail(job, self.mode[len("fail:") :])
+        if self.mode == "fail":
+            assert self.failure is not None, "mode 'fail' needs a failure"
+            await self.queue.fail(job, self.failure)
             return
         seeds = [int(job.params["seed"]) + k for k in range(job.n_images)]
         images = [png_bytes(self.image_size, self.image_size, (k * 40 % 256, 0, 0)) for k in range(job.n_images)]

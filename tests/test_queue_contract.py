@@ -19,6 +19,8 @@ import pytest
 from server.queue import (
     ClaimedJob,
     EventType,
+    Failure,
+    FailureKind,
     InProcessQueue,
     JobQueue,
     JobStatus,
@@ -26,7 +28,6 @@ from server.queue import (
     QueueUnavailable,
     RedisStreamsQueue,
     make_queue,
-    max_deliveries_reason,
 )
 from server.settings import Settings
 from tests.redis_server import RedisServerProcess, free_port
@@ -246,7 +247,7 @@ async def test_duplicate_completion_after_redelivery_keeps_the_first_result(back
 
         assert await queue.complete(taken, [PNG_A], [1], {})
         assert not await queue.complete(slow, [PNG_B], [2], {})
-        assert not await queue.fail(slow, "late failure")
+        assert not await queue.fail(slow, Failure.of(FailureKind.INTERNAL))
 
         done = await queue.get(record.id)
         assert done.status == JobStatus.SUCCEEDED and done.image_seeds == [1] and done.error is None
@@ -258,17 +259,24 @@ async def test_duplicate_completion_after_redelivery_keeps_the_first_result(back
 
 
 @run_async
-async def test_fail_records_the_reason(backend: Backend) -> None:
+async def test_fail_records_the_structured_failure(backend: Backend) -> None:
     async with backend.open() as queue:
         record = await queue.submit({"prompt": "x"}, {"mask": b"m"}, 1)
         job = await claim_one(queue, "w1")
         await queue.mark_running(job, "w1")
-        assert await queue.fail(job, "out of memory")
+        failure = Failure.invalid_input("paint_with_words.regions[0].phrase", "not in the prompt")
+        assert await queue.fail(job, failure)
         failed = await queue.get(record.id)
-        assert failed.status == JobStatus.FAILED and failed.error == "out of memory"
+        assert failed.status == JobStatus.FAILED and failed.failure == failure
+        assert failed.error == "paint_with_words.regions[0].phrase: not in the prompt"
         assert failed.finished_at is not None
         assert await queue.load_input(record.id, "mask") is None
-        assert (await queue.events(record.id))[-1].data == {"error": "out of memory"}
+        assert (await queue.events(record.id))[-1].data == {
+            "error": failed.error,
+            "kind": "invalid_input",
+            "message": "not in the prompt",
+            "field": "paint_with_words.regions[0].phrase",
+        }
         assert await queue.depth() == 0
 
 
@@ -330,7 +338,8 @@ async def test_delivery_limit_fails_the_job_with_a_reason(backend: Backend) -> N
 
         failed = await queue.get(record.id)
         assert failed.status == JobStatus.FAILED
-        assert failed.error == max_deliveries_reason(2) == "exceeded max deliveries (2)"
+        assert failed.failure == Failure(FailureKind.MAX_DELIVERIES, "exceeded max deliveries (2)")
+        assert failed.error == "exceeded max deliveries (2)"
         assert queue.counters.failed_max_deliveries == 1
         assert await queue.depth() == 0
         await asyncio.sleep(0.15)

@@ -112,8 +112,9 @@ def test_poison_input_fails_once_with_a_field_error_and_is_not_retried(cluster):
     time.sleep(cluster.settings["claim_timeout_s"] + 1.0)  # a retry would have happened by now
     record = cluster.job_hash(job_id)
     assert record["status"] == "failed" and record["deliveries"] == "1", record
-    assert record["error"].startswith("invalid_input: paint_with_words.regions[0].phrase:"), record
-    assert "truncated" in record["error"]
+    assert record["error_kind"] == "invalid_input", record
+    assert record["error_field"] == "paint_with_words.regions[0].phrase", record
+    assert "truncated" in record["error_message"]
     assert cluster.event_types(job_id).count("failed") == 1
     # The synchronous endpoint turns that failure into a 422 naming the field.
     response = cluster.http.post("/generate", json=body)
@@ -327,6 +328,7 @@ def test_a_job_that_crashes_every_worker_fails_after_the_delivery_limit(cluster)
     statuses = cluster.wait_terminal([job_id], timeout_s=60)
     assert statuses[job_id] == "failed"
     record = cluster.job_hash(job_id)
+    assert record["error_kind"] == "max_deliveries", record
     assert record["error"] == f"exceeded max deliveries ({max_deliveries})", record
     assert record["deliveries"] == str(max_deliveries + 1), record
     view = cluster.http.get(f"/jobs/{job_id}").json()

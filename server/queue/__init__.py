@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ediffi.failure import Failure, FailureKind
 from server.queue.base import (
     TERMINAL_STATUSES,
     ClaimedJob,
@@ -17,7 +18,7 @@ from server.queue.base import (
     QueueError,
     QueueFull,
     QueueUnavailable,
-    max_deliveries_reason,
+    failed_event_data,
 )
 from server.queue.memory import InProcessQueue
 from server.queue.redis_streams import RedisStreamsQueue
@@ -29,6 +30,8 @@ __all__ = [
     "TERMINAL_STATUSES",
     "ClaimedJob",
     "EventType",
+    "Failure",
+    "FailureKind",
     "InProcessQueue",
     "JobEvent",
     "JobProgress",
@@ -41,7 +44,7 @@ __all__ = [
     "QueueUnavailable",
     "RedisStreamsQueue",
     "make_queue",
-    "max_deliveries_reason",
+    "failed_event_data",
 ]
 
 

@@ -17,7 +17,7 @@ Delivery guarantees (DESIGN.md §2 invariant 4, "no job is lost"):
 * a delivery whose worker stops renewing it for ``claim_timeout_s`` is handed
   to another worker by :meth:`JobQueue.claim` (``ClaimedJob.reclaimed``);
 * each delivery increments ``JobRecord.deliveries``; the delivery after the
-  ``max_deliveries``-th fails the job with ``"exceeded max deliveries (N)"``
+  ``max_deliveries``-th fails the job with the failure kind ``max_deliveries``
   instead of running it again, so a job that crashes workers cannot loop.
 
 Workers therefore see a job at least once, possibly twice (a slow worker and
@@ -36,6 +36,8 @@ from enum import Enum
 from typing import Any, Sequence
 
 from pydantic import BaseModel, Field
+
+from ediffi.failure import Failure, FailureKind
 
 
 class JobStatus(str, Enum):
@@ -70,7 +72,8 @@ class JobRecord(BaseModel):
     status: JobStatus
     params: dict[str, Any] = Field(description="The validated request, opaque JSON to the queue.")
     progress: JobProgress = Field(default_factory=JobProgress)
-    error: str | None = None
+    error: str | None = Field(default=None, description="A failed job's failure as one line (field: message).")
+    failure: Failure | None = Field(default=None, description="A failed job's structured failure.")
     queued_at: float | None = Field(default=None, description="Epoch seconds of submission.")
     started_at: float | None = Field(default=None, description="Epoch seconds of the latest start.")
     finished_at: float | None = Field(default=None, description="Epoch seconds of the terminal transition.")
@@ -145,9 +148,11 @@ class QueueFull(QueueError):
         self.retry_after_s = retry_after_s
 
 
-def max_deliveries_reason(max_deliveries: int) -> str:
-    """Failure reason of a job that was delivered more than ``max_deliveries`` times."""
-    return f"exceeded max deliveries ({max_deliveries})"
+def failed_event_data(failure: Failure) -> dict[str, Any]:
+    """Data of a job's ``failed`` event: the structured failure plus its one-line form."""
+    return {"error": str(failure), **failure.to_dict()}
+
+
 
 
 class JobQueue(abc.ABC):
@@ -290,8 +295,8 @@ class JobQueue(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def fail(self, job: ClaimedJob, reason: str) -> bool:
-        """Mark the job ``failed`` with ``reason`` and acknowledge. False if it was already terminal."""
+    async def fail(self, job: ClaimedJob, failure: Failure) -> bool:
+        """Mark the job ``failed`` with ``failure`` and acknowledge. False if it was already terminal."""
 
     @abc.abstractmethod
     async def finish_canceled(self, job: ClaimedJob) -> bool:

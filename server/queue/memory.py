@@ -27,6 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ediffi.failure import Failure
 from server.keys import RedisKeys
 from server.queue.base import (
     ClaimedJob,
@@ -38,7 +39,7 @@ from server.queue.base import (
     JobStatus,
     QueueCounters,
     QueueFull,
-    max_deliveries_reason,
+    failed_event_data,
 )
 
 _EVENT_ID = re.compile(r"^(\d+)(-\d+)?$")
@@ -296,8 +297,8 @@ class InProcessQueue(JobQueue):
         self._ack(job.message_id)  # only now: the result is stored
         return applied
 
-    async def fail(self, job: ClaimedJob, reason: str) -> bool:
-        applied = await self._fail(job.job_id, reason)
+    async def fail(self, job: ClaimedJob, failure: Failure) -> bool:
+        applied = await self._fail(job.job_id, failure)
         self._ack(job.message_id)
         return applied
 
@@ -373,7 +374,7 @@ class InProcessQueue(JobQueue):
         if not released:
             stored.record.deliveries += 1
         if stored.record.deliveries > self._max_deliveries:
-            await self._fail(stored.record.id, max_deliveries_reason(self._max_deliveries))
+            await self._fail(stored.record.id, Failure.max_deliveries(self._max_deliveries))
             self.counters.failed_max_deliveries += 1
             self._ack(message_id)
             return None
@@ -390,12 +391,13 @@ class InProcessQueue(JobQueue):
             reclaimed=reclaimed,
         )
 
-    async def _fail(self, job_id: str, reason: str) -> bool:
+    async def _fail(self, job_id: str, failure: Failure) -> bool:
         stored = self._jobs.get(job_id)
         if stored is None or stored.record.status not in _UNFINISHED:
             return False
-        stored.record.error = reason
-        await self._finish(stored, JobStatus.FAILED, EventType.FAILED, {"error": reason})
+        stored.record.error = str(failure)
+        stored.record.failure = failure
+        await self._finish(stored, JobStatus.FAILED, EventType.FAILED, failed_event_data(failure))
         return True
 
     async def _finish(self, stored: _StoredJob, status: JobStatus, event: EventType, data: dict[str, Any]) -> None:

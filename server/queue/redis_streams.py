@@ -49,6 +49,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ediffi.failure import Failure, FailureKind
 from server.keys import DEFAULT_PREFIX, RedisKeys
 from server.queue.base import (
     ClaimedJob,
@@ -61,7 +62,7 @@ from server.queue.base import (
     QueueCounters,
     QueueFull,
     QueueUnavailable,
-    max_deliveries_reason,
+    failed_event_data,
 )
 
 T = TypeVar("T")
@@ -197,6 +198,7 @@ def _record_from_hash(fields: dict[bytes, bytes]) -> JobRecord:
         params=json.loads(get("params") or b"{}"),
         progress=JobProgress(step=int(get("progress_step") or 0), total=int(get("progress_total") or 0)),
         error=_text(get("error")) or None,
+        failure=_failure_from_hash(get),
         queued_at=_float_or_none(get("queued_at")),
         started_at=_float_or_none(get("started_at")),
         finished_at=_float_or_none(get("finished_at")),
@@ -206,6 +208,23 @@ def _record_from_hash(fields: dict[bytes, bytes]) -> JobRecord:
         image_seeds=json.loads(get("image_seeds") or b"[]"),
         timings=json.loads(get("timings") or b"{}"),
     )
+
+
+def _failure_from_hash(get: Callable[[str], bytes | None]) -> Failure | None:
+    kind = _text(get("error_kind"))
+    if not kind:
+        return None
+    return Failure(FailureKind(kind), _text(get("error_message")) or "", _text(get("error_field")) or None)
+
+
+def _failure_fields(failure: Failure) -> dict[str, str]:
+    """Hash fields of a failed job: the structured failure and its one-line form."""
+    return {
+        "error": str(failure),
+        "error_kind": failure.kind.value,
+        "error_message": failure.message,
+        "error_field": failure.field or "",
+    }
 
 
 @dataclass(frozen=True)
@@ -533,8 +552,8 @@ class RedisStreamsQueue(JobQueue):
         return outcome.applied
 
     @_translate_redis_errors
-    async def fail(self, job: ClaimedJob, reason: str) -> bool:
-        applied = await self._fail(job.job_id, job.input_names, reason)
+    async def fail(self, job: ClaimedJob, failure: Failure) -> bool:
+        applied = await self._fail(job.job_id, job.input_names, failure)
         await self._ack(job.message_id)
         return applied
 
@@ -647,7 +666,7 @@ class RedisStreamsQueue(JobQueue):
             )
         input_names = tuple(json.loads(await self._redis.hget(self._keys.job(job_id), "input_names") or b"[]"))
         if verdict == "exceeded":
-            await self._fail(job_id, input_names, max_deliveries_reason(self._max_deliveries))
+            await self._fail(job_id, input_names, Failure.max_deliveries(self._max_deliveries))
             self.counters.failed_max_deliveries += 1
         elif verdict == "cancel":
             await self._finish_canceled(job_id, input_names)
@@ -657,12 +676,12 @@ class RedisStreamsQueue(JobQueue):
         await self._ack(message_id)
         return None
 
-    async def _fail(self, job_id: str, input_names: Iterable[str], reason: str) -> bool:
+    async def _fail(self, job_id: str, input_names: Iterable[str], failure: Failure) -> bool:
         outcome = await self._transition(
             job_id,
             allowed=_UNFINISHED,
-            fields={"status": JobStatus.FAILED.value, "error": reason, "finished_at": repr(time.time())},
-            event=(EventType.FAILED, {"error": reason}),
+            fields={"status": JobStatus.FAILED.value, **_failure_fields(failure), "finished_at": repr(time.time())},
+            event=(EventType.FAILED, failed_event_data(failure)),
             finish=True,
             input_names=input_names,
         )

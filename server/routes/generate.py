@@ -13,9 +13,13 @@ job                       /generate             /v1/images/generations
 succeeded                 200 images            200 ``{created, data}``
 canceled (by a cancel)    200 status canceled   409
 failed, ``invalid_input`` 422 naming the field  422 naming the field
-failed, other reason      500 with the reason   500 with the reason
+failed, other kind        status by kind         status by kind
 still running at timeout  202 with links        504 with the job's URL
 ========================= ===================== =================================
+
+A failed job's status comes from its failure kind: 503 with ``Retry-After``
+for ``out_of_memory`` and ``lost``, 504 for ``timeout``, 500 for
+``internal`` and ``max_deliveries``; the body is ``{detail, kind}``.
 
 A synchronous client that disconnects cancels its job, unless it sent an
 ``Idempotency-Key`` (it may come back for the result).
@@ -41,7 +45,8 @@ from starlette.concurrency import run_in_threadpool
 
 from server.auth import Principal, SubmitterDep
 from server.deps import CanvasDep, MetricsDep, QueueDep, SettingsDep
-from server.metrics import Metrics, failure_reason_label
+from ediffi.failure import Failure, FailureKind, field_loc
+from server.metrics import Metrics
 from server.queue import JobQueue, JobRecord, JobStatus
 from server.routes.jobs import (
     AUTH_ERRORS,
@@ -72,8 +77,6 @@ from server.validation import ValidatedJob, field_error, parse_size, raise_inval
 router = APIRouter(tags=["generation"], responses={**AUTH_ERRORS})
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-# "invalid_input: paint_with_words.regions[0].phrase: message"
-_INVALID_INPUT = re.compile(r"^invalid[_ ]input:\s*([A-Za-z_][\w.\[\]]*)\s*:\s*(.*)$", re.DOTALL)
 
 COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": FieldErrors, "description": "An image or the body is too large"},
@@ -163,16 +166,35 @@ async def submit_job(
     return record, replayed
 
 
-def failed_job_error(record: JobRecord) -> Exception:
-    """422 naming the field for ``invalid_input`` failures, else 500 with the reason."""
-    reason = record.error or "unknown error"
-    match = _INVALID_INPUT.match(reason)
-    if match and failure_reason_label(reason) == "invalid_input":
-        loc: list[str | int] = ["body"]
-        for part in re.findall(r"[A-Za-z_]\w*|\[\d+\]", match.group(1)):
-            loc.append(int(part[1:-1]) if part.startswith("[") else part)
-        return RequestValidationError([{"loc": loc, "msg": match.group(2).strip(), "type": "invalid_input"}])
-    return HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, detail=f"job {record.id} failed: {reason}")
+#: The HTTP status a synchronous request answers for each kind of job failure.
+_STATUS_BY_FAILURE: dict[FailureKind, int] = {
+    FailureKind.INVALID_INPUT: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    FailureKind.CANCELED: status.HTTP_409_CONFLICT,
+    FailureKind.TIMEOUT: status.HTTP_504_GATEWAY_TIMEOUT,
+    FailureKind.OUT_OF_MEMORY: status.HTTP_503_SERVICE_UNAVAILABLE,
+    FailureKind.LOST: status.HTTP_503_SERVICE_UNAVAILABLE,
+    FailureKind.MAX_DELIVERIES: status.HTTP_500_INTERNAL_SERVER_ERROR,
+    FailureKind.INTERNAL: status.HTTP_500_INTERNAL_SERVER_ERROR,
+}
+# Transient failures: the same request may well succeed when sent again a little later.
+_RETRY_AFTER_S = {FailureKind.OUT_OF_MEMORY: 10, FailureKind.LOST: 1}
+
+
+def failed_job_response(record: JobRecord) -> JSONResponse:
+    """The answer to a synchronous request whose job failed, from its structured failure:
+    422 naming the field for ``invalid_input`` (raised), else the kind's status with
+    ``{detail, kind}``."""
+    failure = record.failure or Failure.of(FailureKind.INTERNAL)
+    if failure.kind == FailureKind.INVALID_INPUT:
+        loc: list[str | int] = ["body", *field_loc(failure.field or "")]
+        raise RequestValidationError([{"loc": loc, "msg": failure.message, "type": "invalid_input"}])
+    body = ErrorMessage(detail=f"job {record.id} failed: {failure.message}", kind=failure.kind)
+    retry_after = _RETRY_AFTER_S.get(failure.kind)
+    return JSONResponse(
+        body.model_dump(mode="json"),
+        status_code=_STATUS_BY_FAILURE[failure.kind],
+        headers={"Retry-After": str(retry_after)} if retry_after else None,
+    )
 
 
 async def wait_or_cancel(
@@ -246,7 +268,7 @@ async def generate(
     if final is None or final.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED):
         return accepted(final or record, replayed=replayed, preference_applied=False)
     if final.status == JobStatus.FAILED:
-        raise failed_job_error(final)
+        return failed_job_response(final)
     seeds = image_seeds(final)
     images: list[ImageOut] = []
     if final.status == JobStatus.SUCCEEDED:
@@ -308,7 +330,7 @@ async def openai_images(
             headers={"Location": f"/jobs/{record.id}"},
         )
     if final.status == JobStatus.FAILED:
-        raise failed_job_error(final)
+        return failed_job_response(final)
     if final.status == JobStatus.CANCELED:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {final.id} was canceled")
     if body.response_format == "b64_json":

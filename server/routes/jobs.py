@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.auth import Principal, PrincipalDep, authenticate
 from server.deps import QueueDep
 from server.queue import TERMINAL_STATUSES, EventType, JobEvent, JobQueue, JobRecord, JobStatus, QueueUnavailable
-from server.schemas import ErrorMessage, FieldErrors, ImageLink, JobLinks, JobView, Progress
+from server.schemas import ErrorMessage, FailureView, FieldErrors, ImageLink, JobLinks, JobView, Progress
 from server.validation import field_error, raise_invalid
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -98,6 +98,7 @@ def job_view(record: JobRecord) -> JobView:
         progress=Progress(step=record.progress.step, total=record.progress.total),
         n=record.n_images,
         error=record.error,
+        failure=FailureView(**record.failure.to_dict()) if record.failure is not None else None,
         images=images,
         timings=job_timings(record),
         links=job_links(record.id),
