@@ -88,10 +88,12 @@ class EDMDenoiser(nn.Module):
         low_res_label = None
         if low_res_sigma is not None:
             low_res_label = low_res_sigma.float().clamp_min(_MIN_LABEL_SIGMA).log() / 4
+        # The noise labels stay float32: the Fourier embedding multiplies them
+        # by frequencies of up to ~100 (see ediffi/unet.py FourierEmbedding).
         expand = lambda t: t.to(dtype)[:, None, None, None]  # noqa: E731
         f = self.net(
             expand(pre.c_in) * x,
-            pre.c_noise.to(dtype),
+            pre.c_noise,
             sigma.to(dtype),
             context,
             context_mask,
@@ -99,6 +101,6 @@ class EDMDenoiser(nn.Module):
             pww_mask,
             pww_strength.to(dtype),
             low_res,
-            None if low_res_label is None else low_res_label.to(dtype),
+            low_res_label,
         )
         return expand(pre.c_skip) * x + expand(pre.c_out) * f.to(dtype)

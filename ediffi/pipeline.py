@@ -218,7 +218,8 @@ class RequestRun:
             aug = stage.low_res_aug_sigma
             noise = self._noise(tuple(up.shape[1:])).to(up)
             self._low_res = (up + aug * noise).to(device, dtype)
-            self._low_res_sigma = torch.full((up.shape[0],), aug, device=device, dtype=dtype)
+            # Noise levels stay float32 at any model dtype (ediffi/unet.py FourierEmbedding).
+            self._low_res_sigma = torch.full((up.shape[0],), aug, device=device, dtype=torch.float32)
         return make_sampler(self.request.sampler, x.to(device, dtype), sigmas)
 
     @property
@@ -238,7 +239,7 @@ class RequestRun:
         dtype = x.dtype
         inputs = DenoiserInputs(
             x=x,
-            sigma=torch.full((rows,), evaluation.sigma, device=x.device, dtype=dtype),
+            sigma=torch.full((rows,), evaluation.sigma, device=x.device, dtype=torch.float32),
             context=cond.context.to(dtype),
             context_mask=cond.context_mask,
             pooled=cond.pooled.to(dtype),

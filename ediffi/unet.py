@@ -18,16 +18,31 @@ from ediffi.config import UNetConfig
 
 
 class FourierEmbedding(nn.Module):
-    """Random Fourier features of the scalar noise label (as EDM's SongUNet)."""
+    """Random Fourier features of the scalar noise label (as EDM's SongUNet),
+    always computed in float32.
+
+    The phases 2*pi*freqs*label reach a few hundred radians (freqs ~ N(0,
+    scale^2), scale 16): in bfloat16 (float16) neighbouring values there are
+    0.25-2 rad (0.03-0.25 rad) apart, so a half-precision `freqs` or phase
+    would scramble the noise level the network is told. `freqs` therefore
+    stays float32 through `.to(dtype)` / `.half()` (see `_apply`); the
+    caller casts the features to the network's dtype.
+    """
 
     def __init__(self, num_channels: int, scale: float):
         super().__init__()
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
+    def _apply(self, fn, recurse=True):
+        freqs = self.freqs
+        super()._apply(fn, recurse)
+        # Follow the move (device), not the cast: keep the float32 original.
+        self.freqs = freqs.to(device=self.freqs.device, dtype=torch.float32)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Phases reach ~100 rad: compute them in float32 even for a half-precision model.
         x = x.float()[:, None] * (2 * math.pi * self.freqs.float()[None, :])
-        return torch.cat([x.cos(), x.sin()], dim=1).to(self.freqs.dtype)
+        return torch.cat([x.cos(), x.sin()], dim=1)
 
 
 class ResBlock(nn.Module):
@@ -236,11 +251,12 @@ class UNet(nn.Module):
         low_res: torch.Tensor | None = None,
         low_res_noise_label: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        emb = self.noise_mlp(self.noise_embed(noise_label)) + self.pooled_mlp(pooled)
+        dtype = self.input_conv.weight.dtype  # the network's; the Fourier features are float32
+        emb = self.noise_mlp(self.noise_embed(noise_label).to(dtype)) + self.pooled_mlp(pooled)
         if self.cfg.low_res_channels:
             if low_res is None or low_res_noise_label is None:
                 raise ValueError("a super-resolution expert needs low_res and its noise level")
-            emb = emb + self.aug_mlp(self.aug_embed(low_res_noise_label))
+            emb = emb + self.aug_mlp(self.aug_embed(low_res_noise_label).to(dtype))
             x = torch.cat([x, low_res], dim=1)
         if self.cfg.coord_channels:
             x = torch.cat([x, pixel_coordinates(x)], dim=1)

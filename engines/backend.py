@@ -124,6 +124,11 @@ class Backend(ABC):
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); a no-op on CPU."""
 
+    def batch_timer(self) -> BatchTimer:
+        """A timer started now for one batched call: CUDA events on a CUDA
+        device (read after the tick's one synchronize), else the wall clock."""
+        return BatchTimer(self.device)
+
     def experts(self) -> list[tuple[str, str]]:
         """Every (stage, expert) pair of the loaded model, in cascade order."""
         return [(s.name, e.name) for s in self.model.config.stages for e in s.experts]
@@ -140,18 +145,53 @@ class Backend(ABC):
         sr = cfg.is_super_resolution
         return DenoiserInputs(
             x=(torch.randn(rows, ch, size, size, generator=g) * sigma).to(device, dtype),
-            sigma=torch.full((rows,), sigma, device=device, dtype=dtype),
+            sigma=torch.full((rows,), sigma, device=device, dtype=torch.float32),  # noise levels stay float32
             context=torch.randn(rows, length, enc.context_dim, generator=g).to(device, dtype),
             context_mask=torch.ones(rows, length, dtype=torch.bool, device=device),
             pooled=torch.randn(rows, enc.pooled_dim, generator=g).to(device, dtype),
             pww_mask=torch.zeros(rows, length, size, size, device=device, dtype=dtype),
             pww_strength=torch.zeros(rows, device=device, dtype=dtype),
             low_res=torch.randn(rows, ch, size, size, generator=g).to(device, dtype) if sr else None,
-            low_res_sigma=torch.full((rows,), cfg.low_res_aug_sigma, device=device, dtype=dtype) if sr else None,
+            low_res_sigma=torch.full((rows,), cfg.low_res_aug_sigma, device=device, dtype=torch.float32) if sr else None,
         )
 
     def describe(self) -> str:
         return f"{self.name}:{self.device}:{str(self.dtype).removeprefix('torch.')}"
+
+
+class BatchTimer:
+    """Times one call without synchronizing. On CUDA, events recorded on the
+    device's current stream measure the call's device time; `seconds` may
+    only be read after the stream was synchronized (once per tick, by the
+    executor). On CPU the call is synchronous: the wall clock."""
+
+    def __init__(self, device: torch.device):
+        import time
+
+        self._cuda = device.type == "cuda"
+        if self._cuda:
+            stream = torch.cuda.current_stream(device)
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record(stream)
+            self._stream = stream
+        else:
+            self._clock = time.perf_counter
+            self._started = self._clock()
+        self._seconds: float | None = None
+
+    def stop(self) -> BatchTimer:
+        if self._cuda:
+            self._end.record(self._stream)
+        else:
+            self._seconds = self._clock() - self._started
+        return self
+
+    @property
+    def seconds(self) -> float:
+        if self._seconds is None:
+            self._seconds = self._start.elapsed_time(self._end) / 1000.0  # ms; needs both events completed
+        return self._seconds
 
 
 def slice_rows(inputs: DenoiserInputs, start: int, stop: int) -> DenoiserInputs:

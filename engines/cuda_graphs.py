@@ -18,7 +18,15 @@ shared by the experts of a stage per bucket.
 `mode="torch_compile"` instead wraps each expert in
 `torch.compile(mode="reduce-overhead", dynamic=False)` (Inductor kernels plus
 its own CUDA graphs), with the same padding to buckets so that it compiles
-once per bucket.
+once per bucket. Every expert shares one `forward` code object, so Dynamo
+counts experts x buckets compilations against one recompile limit (default
+8: 5 experts x 5 buckets would silently fall back to eager after the 8th);
+`compile_experts` raises the limit to what the model needs and makes
+hitting it an error instead of a silent fallback.
+
+Capture and replay run under `torch.cuda.device(device)`: a graph captured
+while another device is current records nothing of the work queued on
+`device` (an empty graph whose replays return stale outputs).
 
 Everything that needs CUDA is exercised by tests marked `gpu`
 (tests/test_gpu_cuda_graphs.py), which skip without a CUDA device; the
@@ -57,10 +65,32 @@ def pad_inputs(inputs: DenoiserInputs, rows: int) -> DenoiserInputs:
     })
 
 
-class GraphedExpert:
-    """One expert, captured once per batch bucket."""
+def compile_experts(nets: dict[Any, torch.nn.Module], buckets: dict[Any, list[int]], **compile_options) -> dict[Any, Any]:
+    """torch.compile each expert, with Dynamo's recompile limit raised to
+    cover every (expert, bucket) compilation and a hit of the limit made an
+    error (torch would otherwise run the rest eagerly, silently)."""
+    import torch._dynamo.config as dynamo
 
-    def __init__(self, net: torch.nn.Module, buckets: list[int], pool: Any, static: dict[int, DenoiserInputs]):
+    needed = sum(len(b) for b in buckets.values()) + 2  # +2: a spare for a guard on a new dtype/device
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, and its older alias
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(int(getattr(dynamo, name)), needed))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(int(getattr(dynamo, name)), needed))
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, True)
+    return {key: _PaddedCompiled(torch.compile(net, dynamic=False, **compile_options), buckets[key])
+            for key, net in nets.items()}
+
+
+class GraphedExpert:
+    """One expert, captured once per batch bucket on its device."""
+
+    def __init__(self, net: torch.nn.Module, buckets: list[int], pool: Any, static: dict[int, DenoiserInputs],
+                 device: torch.device | None = None):
+        self.device = torch.device(device) if device is not None else next(net.parameters()).device
         self.net = net
         self.buckets = list(buckets)
         self.pool = pool
@@ -69,19 +99,24 @@ class GraphedExpert:
         self.outputs: dict[int, torch.Tensor] = {}
 
     def capture(self, bucket: int) -> None:
-        inputs = self.static[bucket].as_kwargs()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (allocator, cuBLAS/cuDNN handles) outside the graph
-            for _ in range(2):
-                self.net(**inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.outputs[bucket] = self.net(**inputs)
-        self.graphs[bucket] = graph
+        with torch.cuda.device(self.device):
+            inputs = self.static[bucket].as_kwargs()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm up (allocator, cuBLAS/cuDNN handles) outside the graph
+                for _ in range(2):
+                    self.net(**inputs)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[bucket] = self.net(**inputs)
+            self.graphs[bucket] = graph
 
     def __call__(self, inputs: DenoiserInputs) -> torch.Tensor:
+        with torch.cuda.device(self.device):
+            return self._replay(inputs)
+
+    def _replay(self, inputs: DenoiserInputs) -> torch.Tensor:
         rows = len(inputs)
         bucket = bucket_for(rows, self.buckets)
         if bucket not in self.graphs:
@@ -128,18 +163,20 @@ class CompiledTorchBackend(TorchBackend):
         super().load(model)
         self._graphed = {}
         if self.mode == "cuda_graphs":
-            pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.device(self.device):
+                pool = torch.cuda.graph_pool_handle()
             for stage_cfg in self.model.config.stages:
                 stage = stage_cfg.name
                 names = [e.name for e in stage_cfg.experts]
                 buckets = self.buckets(stage, names[0])
                 static = {b: self.dummy_inputs(stage, b) for b in buckets}
                 for expert in names:
-                    self._graphed[(stage, expert)] = GraphedExpert(self._expert(stage, expert), buckets, pool, static)
+                    self._graphed[(stage, expert)] = GraphedExpert(self._expert(stage, expert), buckets, pool, static,
+                                                                   self.device)
         else:
-            for stage, expert in self.experts():
-                compiled = torch.compile(self._expert(stage, expert), mode="reduce-overhead", dynamic=False)
-                self._graphed[(stage, expert)] = _PaddedCompiled(compiled, self.buckets(stage, expert))
+            keys = self.experts()
+            self._graphed = compile_experts({k: self._expert(*k) for k in keys}, {k: self.buckets(*k) for k in keys},
+                                            mode="reduce-overhead")
 
     @torch.inference_mode()
     def warmup(self, repeats: int = 3) -> None:
@@ -147,16 +184,18 @@ class CompiledTorchBackend(TorchBackend):
         replays into `profile`."""
         from engines.onnx_backend import profile_buckets
 
-        self.profile = profile_buckets(self, repeats)
+        with torch.cuda.device(self.device):
+            self.profile = profile_buckets(self, repeats)
 
     @torch.inference_mode()
     def run(self, stage: str, expert: str, inputs: DenoiserInputs) -> torch.Tensor:
         runner = self._graphed[(stage, expert)]
         cap = runner.buckets[-1]
         rows = len(inputs)
-        if rows <= cap:
-            return runner(inputs)
-        return torch.cat([runner(slice_rows(inputs, i, min(i + cap, rows))) for i in range(0, rows, cap)])
+        with torch.cuda.device(self.device):
+            if rows <= cap:
+                return runner(inputs)
+            return torch.cat([runner(slice_rows(inputs, i, min(i + cap, rows))) for i in range(0, rows, cap)])
 
 
 class _PaddedCompiled:

@@ -15,14 +15,20 @@ buffers -> infer.
   this GPU, this TensorRT version and the requested precision, before any
   engine is deserialized; then all engines are deserialized once and stay
   resident.
-- activate: one execution context per (expert, batch bucket), none owning
-  activation memory; one shared activation buffer, sized for the largest,
-  serves them all (experts run one at a time).
+- activate: one execution context per (expert, batch bucket), on that
+  bucket's optimization profile (engines have one per bucket, min = opt =
+  max), none owning activation memory; one shared activation buffer, sized
+  for the largest, serves them all (experts run one at a time).
 - allocate: static input/output buffers per (stage, bucket), shared by the
-  experts of a stage; tensors are bound by name once per context.
+  experts of a stage; each buffer's dtype is checked against the engine's
+  (`get_tensor_dtype`) and tensors are bound by name once per context.
 - infer: rows are copied into the bucket's buffers (spare rows repeat the
-  last row), the context's CUDA graph (captured at warmup, one per bucket) is
-  replayed, the first rows of the output are returned.
+  last row) on torch's current stream; the backend's own stream waits for
+  them, the context's CUDA graph (captured at warmup on that stream, one per
+  bucket) is replayed there, torch's stream waits for it, and the first rows
+  of the output are returned. TensorRT work never goes to the legacy default
+  stream (which synchronizes with every other stream). Everything runs under
+  `torch.cuda.device(device)`.
 
 The model's encoders run on torch (CUDA); experts are `TrtExpert` modules
 with `EDMDenoiser`'s call, so `backend.model` works with the reference
@@ -44,12 +50,14 @@ from engines.onnx_backend import _Anchored
 from export.manifest import ArtifactManifest, ManifestMismatch, expected_denoiser, load_checked_denoiser
 from export.tensorrt_build import (
     DTYPE_TO_PRECISION,
+    binding_dtype_problems,
     bucket_for,
     check_engine,
     current_gpu,
 )
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bool": torch.bool, "int64": torch.int64}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "bool": torch.bool,
+                 "int64": torch.int64, "int32": torch.int32}
 
 
 class TrtExpert(_Anchored):
@@ -96,6 +104,10 @@ class TensorRTBackend(Backend):
 
     # -- load: check, deserialize, activate, allocate ---------------------------------
     def load(self, model: EDiffIModel | str | Path) -> None:
+        with torch.cuda.device(self._device):
+            self._load(model)
+
+    def _load(self, model: EDiffIModel | str | Path) -> None:
         from engines import trt_runtime
 
         trt_runtime.require()
@@ -138,16 +150,28 @@ class TensorRTBackend(Backend):
         size = max(e.activation_bytes for e in self._engines.values())
         self._activations = torch.empty(max(size, 1), dtype=torch.uint8, device=self._device)
         # Static buffers per (stage, bucket), shared by the stage's experts.
+        self._stream = torch.cuda.Stream(self._device)
         self._static: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self._contexts: dict[tuple[str, str, int], object] = {}
         self._graphs: dict[tuple[str, str, int], torch.cuda.CUDAGraph] = {}
         for (stage, expert), manifest in self._manifests.items():
-            for bucket in self._buckets[(stage, expert)]:
+            engine = self._engines[(stage, expert)]
+            buckets = self._buckets[(stage, expert)]
+            if engine.profiles != len(buckets):
+                raise ManifestMismatch(f"engine {stage}/{expert} has {engine.profiles} optimization profiles for "
+                                       f"{len(buckets)} batch buckets {buckets}\nfix: {fix} --force")
+            for profile, bucket in enumerate(buckets):
                 buffers = self._static.setdefault((stage, bucket), self._allocate(manifest, bucket))
-                context = self._engines[(stage, expert)].create_context()
+                problems = binding_dtype_problems(
+                    engine.tensor_dtypes(), {n: str(t.dtype).removeprefix("torch.") for n, t in buffers.items()})
+                if problems:
+                    raise ManifestMismatch(f"engine {stage}/{expert} does not match its manifest's tensors:\n  - "
+                                           + "\n  - ".join(problems) + f"\nfix: {fix} --force")
+                context = engine.create_context(profile, self._stream.cuda_stream)
                 context.use_activation_memory(self._activations.data_ptr(), self._activations.numel())
                 context.bind(buffers)
                 self._contexts[(stage, expert, bucket)] = context
+        self._stream.synchronize()  # the profile switches above were queued on it
 
         encoders = Encoders(model_dir, config.encoders).to(self._device).eval()
         stages = {
@@ -179,24 +203,29 @@ class TensorRTBackend(Backend):
         return [b for b in built if b < cap] + [min(b for b in built if b >= cap)]
 
     def _enqueue(self, stage: str, expert: str, bucket: int) -> None:
+        """Run one context on the backend's stream, ordered after the input
+        copies queued on torch's current stream and before whatever torch
+        queues next."""
         key = (stage, expert, bucket)
-        graph = self._graphs.get(key)
-        if graph is not None:
-            graph.replay()
-        else:
-            self._contexts[key].enqueue(torch.cuda.current_stream(self._device).cuda_stream)
+        current = torch.cuda.current_stream(self._device)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            graph = self._graphs.get(key)
+            if graph is not None:
+                graph.replay()
+            else:
+                self._contexts[key].enqueue(self._stream.cuda_stream)
+        current.wait_stream(self._stream)
 
     def _capture(self, stage: str, expert: str, bucket: int) -> None:
         key = (stage, expert, bucket)
         context = self._contexts[key]
-        stream = torch.cuda.Stream(self._device)
-        stream.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.cuda.stream(stream):
-            context.enqueue(stream.cuda_stream)  # one plain run first (TensorRT's lazy setup)
-        torch.cuda.current_stream(self._device).wait_stream(stream)
+        self._stream.wait_stream(torch.cuda.current_stream(self._device))
+        context.enqueue(self._stream.cuda_stream)  # one plain run first (TensorRT's lazy setup)
+        self._stream.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            context.enqueue(torch.cuda.current_stream(self._device).cuda_stream)
+        with torch.cuda.graph(graph, stream=self._stream):
+            context.enqueue(self._stream.cuda_stream)
         self._graphs[key] = graph
 
     @torch.inference_mode()
@@ -205,19 +234,24 @@ class TensorRTBackend(Backend):
         into `profile`."""
         from engines.onnx_backend import profile_buckets
 
-        for stage, expert in self.experts():
-            for bucket in self.buckets(stage, expert):
-                if self._cuda_graphs and (stage, expert, bucket) not in self._graphs:
-                    self._capture(stage, expert, bucket)
-        self.synchronize()
-        self.profile = profile_buckets(self, repeats)
+        with torch.cuda.device(self._device):
+            for stage, expert in self.experts():
+                for bucket in self.buckets(stage, expert):
+                    if self._cuda_graphs and (stage, expert, bucket) not in self._graphs:
+                        self._capture(stage, expert, bucket)
+            self.synchronize()
+            self.profile = profile_buckets(self, repeats)
 
     @torch.inference_mode()
     def run(self, stage: str, expert: str, inputs: DenoiserInputs) -> torch.Tensor:
+        with torch.cuda.device(self._device):
+            return self._run(stage, expert, inputs)
+
+    def _run(self, stage: str, expert: str, inputs: DenoiserInputs) -> torch.Tensor:
         cap = self.max_batch(stage, expert)
         rows = len(inputs)
         if rows > cap:
-            return torch.cat([self.run(stage, expert, slice_rows(inputs, i, min(i + cap, rows))) for i in range(0, rows, cap)])
+            return torch.cat([self._run(stage, expert, slice_rows(inputs, i, min(i + cap, rows))) for i in range(0, rows, cap)])
         bucket = bucket_for(rows, self.buckets(stage, expert))
         buffers = self._static[(stage, bucket)]
         for name, value in inputs.as_kwargs().items():

@@ -1,23 +1,29 @@
 """Every TensorRT call of the project, in one thin module (TensorRT 10
-Python API). Nothing else imports `tensorrt`.
+Python API, 10.12 or newer, not 11: `SUPPORTED`). Nothing else imports
+`tensorrt`.
 
 NOT EXECUTED HERE: TensorRT cannot be installed on the machines this code
 was written on (nor on the GPU machine lent to it). The calls follow the
-documented TensorRT 10 API; where 10.x minor releases renamed something, the
-newer name is tried first and the older one second:
+documented TensorRT 10 Python API:
 
-  build:   Builder, create_network, OnnxParser.parse, create_builder_config,
-           set_memory_pool_limit(WORKSPACE), set_flag(FP16 | BF16),
-           create_optimization_profile + set_shape + add_optimization_profile,
+  build:   Builder, create_network(1 << STRONGLY_TYPED), OnnxParser.parse,
+           create_builder_config, set_memory_pool_limit(WORKSPACE),
+           one create_optimization_profile + set_shape(min = opt = max) +
+           add_optimization_profile per batch bucket,
            create_timing_cache / set_timing_cache / serialize,
            build_serialized_network
   runtime: Runtime.deserialize_cuda_engine, num_io_tensors / get_tensor_name /
-           get_tensor_mode / get_tensor_dtype,
-           device_memory_size_v2 (10.1+; else device_memory_size),
-           create_execution_context(USER_MANAGED) (10.0+; else
-           create_execution_context_without_device_memory),
-           set_device_memory(ptr, size) (else the device_memory property),
+           get_tensor_mode / get_tensor_dtype, num_optimization_profiles,
+           device_memory_size_v2, create_execution_context(USER_MANAGED),
+           set_optimization_profile_async, set_device_memory(ptr, size),
            set_input_shape, set_tensor_address, execute_async_v3
+
+Why strongly typed: weak typing (BuilderFlag.FP16/BF16, the builder picking
+each layer's precision) is deprecated since TensorRT 10.12 and removed in
+11, where every network is strongly typed. The precision is in the ONNX
+graph itself (export/tensorrt_build.py `half_precision_graph`: float16 or
+bfloat16, with the noise path, softmax and normalisations in float32), and
+the builder keeps the types as given.
 """
 
 from __future__ import annotations
@@ -25,6 +31,22 @@ from __future__ import annotations
 from typing import Any
 
 _trt: Any = None
+
+
+SUPPORTED = ((10, 12), (11, 0))  # [10.12, 11): the optional extra pins the same range
+
+
+def version_problem(text: str) -> str | None:
+    """Why this TensorRT version is not supported (None: it is)."""
+    try:
+        numbers = tuple(int(p) for p in text.split(".")[:2])
+    except ValueError:
+        return f"unrecognised TensorRT version {text!r}"
+    (lo, hi) = SUPPORTED
+    if not lo <= numbers < hi:
+        return (f"TensorRT {text} is not supported: this project builds strongly typed engines with the "
+                f"TensorRT 10 API, {lo[0]}.{lo[1]} <= version < {hi[0]} (`pip install 'tensorrt>=10.12,<11'`)")
+    return None
 
 
 def available() -> tuple[bool, str]:
@@ -35,7 +57,8 @@ def available() -> tuple[bool, str]:
         return False, f"the tensorrt Python package is not installed ({exc})"
     except OSError as exc:  # package present, libraries missing
         return False, f"TensorRT's libraries cannot be loaded ({exc})"
-    return True, version()
+    problem = version_problem(version())
+    return (False, problem) if problem else (True, version())
 
 
 def require():
@@ -45,8 +68,8 @@ def require():
         ok, why = available()
         if not ok:
             raise RuntimeError(
-                f"TensorRT is not available: {why}. Install TensorRT 10 (`pip install tensorrt`) on a machine "
-                "with an NVIDIA GPU, or use --backend onnxruntime / torch"
+                f"TensorRT is not available: {why}. Install TensorRT 10 (`pip install 'tensorrt>=10.12,<11'`) on a "
+                "machine with an NVIDIA GPU, or use --backend onnxruntime / torch"
             )
         import tensorrt
 
@@ -65,14 +88,16 @@ def _logger():
     return trt.Logger(trt.Logger.WARNING)
 
 
-def build_serialized_engine(onnx_bytes: bytes, shapes: dict[str, tuple[tuple[int, ...], ...]], *, precision: str,
+def build_serialized_engine(onnx_bytes: bytes, profiles: list[dict[str, tuple[tuple[int, ...], ...]]], *,
                             timing_cache: bytes | None = None, workspace_bytes: int | None = None) -> tuple[bytes, bytes]:
-    """Parse an ONNX graph and build one engine with one optimization
-    profile. shapes: {input: (min, opt, max)}. Returns (plan, timing cache)."""
+    """Parse a typed ONNX graph into a strongly typed network and build one
+    engine with one optimization profile per entry of `profiles` ({input:
+    (min, opt, max)}; profile i serves batch bucket i). Returns (plan,
+    timing cache)."""
     trt = require()
     logger = _logger()
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -80,16 +105,11 @@ def build_serialized_engine(onnx_bytes: bytes, shapes: dict[str, tuple[tuple[int
     config = builder.create_builder_config()
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    elif precision != "fp32":
-        raise ValueError(f"unknown precision {precision!r}")
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache or b"")
     config.set_timing_cache(cache, False)
     plan = builder.build_serialized_network(network, config)
@@ -119,20 +139,27 @@ class TrtEngine:
                 self.outputs.append(name)
 
     @property
-    def activation_bytes(self) -> int:
-        """Device memory one context needs for its activations."""
-        size = getattr(self.engine, "device_memory_size_v2", None)
-        return int(size if size is not None else self.engine.device_memory_size)
+    def profiles(self) -> int:
+        return int(self.engine.num_optimization_profiles)
 
-    def create_context(self):
+    def tensor_dtypes(self) -> dict[str, str]:
+        """{tensor: TensorRT data type name} ("FLOAT", "HALF", "BF16", "BOOL", ...)."""
+        return {name: self.engine.get_tensor_dtype(name).name for name in [*self.inputs, *self.outputs]}
+
+    @property
+    def activation_bytes(self) -> int:
+        """Device memory one context needs for its activations (any profile)."""
+        return int(self.engine.device_memory_size_v2)
+
+    def create_context(self, profile: int, stream_handle: int):
+        """A context without its own activation memory, on optimization
+        profile `profile` (each bucket's context has a profile of its own)."""
         trt = self._trt
-        strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None)
-        if strategy is not None:
-            context = self.engine.create_execution_context(strategy)
-        else:
-            context = self.engine.create_execution_context_without_device_memory()
+        context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:
             raise RuntimeError("TensorRT could not create an execution context")
+        if not context.set_optimization_profile_async(int(profile), int(stream_handle)):
+            raise RuntimeError(f"TensorRT rejected optimization profile {profile} (the engine has {self.profiles})")
         return TrtContext(context, self)
 
 
@@ -145,10 +172,7 @@ class TrtContext:
         self.engine = engine
 
     def use_activation_memory(self, address: int, size: int) -> None:
-        try:
-            self.context.set_device_memory(int(address), int(size))
-        except (TypeError, AttributeError):  # TensorRT 10.0: the property, size implied
-            self.context.device_memory = int(address)
+        self.context.set_device_memory(int(address), int(size))
 
     def bind(self, tensors: dict[str, Any]) -> None:
         """Set every input's shape and every tensor's address (torch CUDA

@@ -4,7 +4,7 @@
                        [--no-simplify] [--no-encoders] [--exporter torchscript|dynamo]
     ediffi export check --model-dir D [--onnx O] [--threads N] [--no-images] [--json]
     ediffi export tensorrt --onnx O --out T [--precision fp16|bf16|fp32] [--max-batch N]
-                           [--buckets 1,2,4,8,16] [--opt-batch N] [--timing-cache F]
+                           [--buckets 1,2,4,8,16] [--timing-cache F]
                            [--workspace-gib G] [--force]
 
 Defaults come from the settings built at the process edge: the model dir
@@ -51,7 +51,6 @@ def add_export_parser(sub, func) -> None:
     trt.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
     trt.add_argument("--max-batch", type=int, help="largest batch (default: EDIFFI_MAX_BATCH)")
     trt.add_argument("--buckets", help="comma-separated batch buckets (default: powers of two up to max batch)")
-    trt.add_argument("--opt-batch", type=int, help="the profile's opt batch (default: the largest bucket)")
     trt.add_argument("--timing-cache", help="timing cache file (default: <out>/timing.cache)")
     trt.add_argument("--workspace-gib", type=float, help="builder workspace limit, GiB")
     trt.add_argument("--force", action="store_true", help="rebuild even when a cached engine matches")
@@ -131,9 +130,9 @@ def _tensorrt(args, settings) -> int:
                                            else model_dir / "tensorrt")
     buckets = parse_buckets(args.buckets) or parse_buckets(getattr(settings, "trt_batch_buckets", None))
     max_batch = args.max_batch or (None if buckets else getattr(settings, "max_batch", 16))
-    profile = make_profile(max_batch, buckets, args.opt_batch)
+    profile = make_profile(max_batch, buckets)
     workspace = int(args.workspace_gib * (1 << 30)) if args.workspace_gib else None
     built = build_engines(onnx_dir, out, profile=profile, precision=args.precision, timing_cache=args.timing_cache,
                           workspace_bytes=workspace, log=print, force=args.force)
-    print(f"{len(built)} engines in {out} (buckets {list(profile.buckets)}, opt {profile.opt}, {args.precision})")
+    print(f"{len(built)} engines in {out} (strongly typed {args.precision}, one optimization profile per bucket {list(profile.buckets)})")
     return 0

@@ -9,15 +9,20 @@ except `build_engines` runs without it and is unit-tested
 `engines/tensorrt_backend.py`) are written against the documented
 TensorRT 10 Python API.
 
-- One engine per expert, built from that expert's ONNX graph with one
-  optimization profile over the batch axis: min = the smallest bucket,
-  opt = `opt` (default: the largest bucket: a loaded server runs full
-  batches), max = the largest bucket; every other axis is the stage's static
-  shape. Precision fp16 (default), bf16 or fp32; I/O stays float32.
+- One engine per expert, built from that expert's ONNX graph, strongly
+  typed, with one optimization profile per batch bucket (min = opt = max =
+  the bucket: each bucket's kernels are tuned for exactly that batch, and
+  the backend runs each bucket on a context of its own profile); every
+  other axis is the stage's static shape.
+- Precision fp16 (default), bf16 or fp32 is in the graph the builder parses
+  (`half_precision_graph`): the float32 export rewritten to float16 or
+  bfloat16 except the noise-level path (EDM preconditioning, noise labels,
+  the Fourier embedding), softmax and the normalisations, which stay float32
+  as in TensorRT's diffusion demo; I/O stays float32.
 - A timing cache (`<out>/timing.cache`) is shared by all builds and kept.
 - Engine cache: `<out>/<stage>/<expert>/engine-<key>.plan` + `manifest.json`,
   where key = sha256(GPU name, compute capability, TensorRT version, the ONNX
-  manifest's hash, precision, buckets, opt). An engine whose key matches is
+  manifest's hash, precision, buckets). An engine whose key matches is
   reused, not rebuilt; the runtime recomputes the key on load and refuses an
   engine built for another GPU, another TensorRT or a different/stale ONNX
   export, naming which.
@@ -61,11 +66,11 @@ class StaleEngine(ManifestMismatch):
 
 @dataclass(frozen=True)
 class BatchProfile:
-    """The batch sizes an engine is built for: CUDA graphs are captured at
-    each bucket, and a call of n rows runs at the smallest bucket >= n."""
+    """The batch sizes an engine is built for: one optimization profile and
+    one CUDA graph per bucket; a call of n rows runs at the smallest bucket
+    >= n."""
 
     buckets: tuple[int, ...]
-    opt: int
 
     @property
     def min(self) -> int:
@@ -76,7 +81,7 @@ class BatchProfile:
         return self.buckets[-1]
 
     def as_range(self) -> BatchRange:
-        return BatchRange(min=self.min, opt=self.opt, max=self.max)
+        return BatchRange(min=self.min, max=self.max)
 
 
 def parse_buckets(text: str | Sequence[int] | None) -> list[int] | None:
@@ -87,10 +92,10 @@ def parse_buckets(text: str | Sequence[int] | None) -> list[int] | None:
     return values or None
 
 
-def make_profile(max_batch: int | None = None, buckets: Sequence[int] | None = None, opt: int | None = None) -> BatchProfile:
+def make_profile(max_batch: int | None = None, buckets: Sequence[int] | None = None) -> BatchProfile:
     """Buckets from the settings (`trt_batch_buckets`), else the powers of
     two up to max_batch plus max_batch itself (as the other backends warm
-    up). opt defaults to the largest bucket."""
+    up)."""
     if buckets:
         values = sorted(set(int(b) for b in buckets))
         if values[0] < 1:
@@ -104,10 +109,7 @@ def make_profile(max_batch: int | None = None, buckets: Sequence[int] | None = N
         if max_batch is None:
             raise ValueError("give max_batch or explicit batch buckets")
         values = batch_buckets(int(max_batch))
-    opt = values[-1] if opt is None else int(opt)
-    if not values[0] <= opt <= values[-1]:
-        raise ValueError(f"opt batch {opt} is outside [{values[0]}, {values[-1]}]")
-    return BatchProfile(tuple(values), opt)
+    return BatchProfile(tuple(values))
 
 
 def bucket_for(rows: int, buckets: Sequence[int]) -> int:
@@ -120,11 +122,12 @@ def bucket_for(rows: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"{rows} rows exceed the largest batch bucket {buckets[-1]}; chunk the call")
 
 
-def profile_shapes(inputs: Sequence[TensorSpec], profile: BatchProfile) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """{input name: (min shape, opt shape, max shape)} for the builder's
-    optimization profile: the batch axis from the profile, every other axis
-    static (the manifest must have no other symbolic axis)."""
-    shapes = {}
+def profile_shapes(inputs: Sequence[TensorSpec], profile: BatchProfile) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
+    """One optimization profile per bucket, in bucket order: {input name:
+    (min shape, opt shape, max shape)} with min = opt = max = the bucket on
+    the batch axis, every other axis static (the manifest must have no other
+    symbolic axis)."""
+    static = {}
     for spec in inputs:
         dims = list(spec.shape)
         for i, d in enumerate(dims):
@@ -132,9 +135,8 @@ def profile_shapes(inputs: Sequence[TensorSpec], profile: BatchProfile) -> dict[
                 raise ValueError(f"input {spec.name} has a symbolic axis {d!r} at position {i}: only axis 0 ({BATCH}) may be dynamic")
         if not dims or dims[0] != BATCH:
             raise ValueError(f"input {spec.name} has no dynamic batch axis (shape {dims})")
-        rest = tuple(int(d) for d in dims[1:])
-        shapes[spec.name] = tuple((b, *rest) for b in (profile.min, profile.opt, profile.max))
-    return shapes
+        static[spec.name] = tuple(int(d) for d in dims[1:])
+    return [{name: ((bucket, *rest),) * 3 for name, rest in static.items()} for bucket in profile.buckets]
 
 
 # -- engine cache ------------------------------------------------------------------
@@ -164,7 +166,7 @@ def engine_cache_key(gpu: GpuInfo, trt_version: str, onnx_manifest_sha256: str, 
     payload = {
         "gpu": gpu.name, "compute_capability": gpu.compute_capability, "tensorrt": trt_version,
         "onnx_manifest": onnx_manifest_sha256, "precision": precision, "buckets": list(profile.buckets),
-        "opt": profile.opt,
+        "profiles": "one per bucket, strongly typed",  # engines built before this layout get another key
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -212,7 +214,7 @@ def engine_problems(manifest: ArtifactManifest, *, gpu: GpuInfo, trt_version: st
         from export.manifest import differences
 
         problems += differences(manifest, expected_source)
-    profile = BatchProfile(tuple(info.buckets), manifest.batch.opt or info.buckets[-1])
+    profile = BatchProfile(tuple(info.buckets))
     key = engine_cache_key(gpu, trt_version, info.onnx_manifest_sha256, info.precision, profile)
     if not problems and key != info.cache_key:
         problems.append(f"cache key {info.cache_key} does not match its own manifest ({key})")
@@ -234,23 +236,45 @@ def check_engine(folder: Path, manifest: ArtifactManifest, *, fix: str, **kwargs
         )
 
 
+# -- binding dtypes ----------------------------------------------------------------------
+
+# TensorRT DataType names -> the torch dtype a bound buffer must have.
+TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "BOOL": "bool", "INT32": "int32",
+              "INT64": "int64", "INT8": "int8", "UINT8": "uint8"}
+
+
+def binding_dtype_problems(engine_dtypes: dict[str, str], buffer_dtypes: dict[str, str]) -> list[str]:
+    """Why the buffers cannot be bound to the engine's tensors: a tensor
+    without a buffer, or a buffer whose dtype is not the engine's
+    (`engine.get_tensor_dtype`: TensorRT reads the bytes as its own type,
+    silently). dtypes as names: TensorRT's ("HALF") and torch's ("float16")."""
+    problems = []
+    for name, trt_dtype in engine_dtypes.items():
+        if name not in buffer_dtypes:
+            problems.append(f"engine tensor {name!r} has no buffer")
+            continue
+        expected = TRT_DTYPES.get(trt_dtype, trt_dtype)
+        if buffer_dtypes[name] != expected:
+            problems.append(f"tensor {name!r}: the engine has {trt_dtype} ({expected}), the buffer is {buffer_dtypes[name]}")
+    for name in buffer_dtypes.keys() - engine_dtypes.keys():
+        problems.append(f"buffer {name!r} is not a tensor of the engine")
+    return problems
+
+
 # -- ONNX graph preparation -----------------------------------------------------------
 
 
-def strip_float64(model) -> int:
-    """Rewrite float64 tensors of an ONNX graph to float32 in place (casts,
-    initializers, Constant nodes, declared value types). Returns how many
-    places changed. TensorRT has no float64."""
-    from onnx import TensorProto, numpy_helper
-
+def retype_graph(model, source: int, target: int, convert: Callable[[Any], Any]) -> int:
+    """Rewrite every `source`-typed tensor of an ONNX graph (subgraphs
+    included) to `target` in place: Cast targets, declared value types, and
+    initializers / Constant values through `convert(tensor) -> TensorProto`.
+    Returns how many places changed."""
     changed = 0
-    double, single = TensorProto.DOUBLE, TensorProto.FLOAT
 
     def fix_tensor(t) -> None:
         nonlocal changed
-        if t.data_type == double:
-            array = numpy_helper.to_array(t).astype("float32")
-            t.CopyFrom(numpy_helper.from_array(array, t.name))
+        if t.data_type == source:
+            t.CopyFrom(convert(t))
             changed += 1
 
     def walk(graph) -> None:
@@ -259,8 +283,8 @@ def strip_float64(model) -> int:
             fix_tensor(init)
         for node in graph.node:
             for attr in node.attribute:
-                if node.op_type == "Cast" and attr.name == "to" and attr.i == double:
-                    attr.i = single
+                if node.op_type == "Cast" and attr.name == "to" and attr.i == source:
+                    attr.i = target
                     changed += 1
                 if attr.HasField("t"):
                     fix_tensor(attr.t)
@@ -269,12 +293,120 @@ def strip_float64(model) -> int:
                 if attr.HasField("g"):
                     walk(attr.g)
         for value in [*graph.value_info, *graph.input, *graph.output]:
-            if value.type.tensor_type.elem_type == double:
-                value.type.tensor_type.elem_type = single
+            if value.type.tensor_type.elem_type == source:
+                value.type.tensor_type.elem_type = target
                 changed += 1
 
     walk(model.graph)
     return changed
+
+
+def strip_float64(model) -> int:
+    """Rewrite float64 tensors of an ONNX graph to float32 in place (casts,
+    initializers, Constant nodes, declared value types). Returns how many
+    places changed. TensorRT has no float64."""
+    from onnx import TensorProto, numpy_helper
+
+    return retype_graph(model, TensorProto.DOUBLE, TensorProto.FLOAT,
+                        lambda t: numpy_helper.from_array(numpy_helper.to_array(t).astype("float32"), t.name))
+
+
+# Ops a half-precision engine still computes in float32, as TensorRT's
+# diffusion demo keeps them: softmax (attention logits reach ~1e3 with
+# paint-with-words' w' log(1 + sigma) term) and the normalisations (variance
+# of activations).
+KEEP_FLOAT32_OPS = ("Softmax", "InstanceNormalization", "GroupNormalization", "LayerNormalization")
+# Graph inputs whose whole downstream-only computation stays float32: the EDM
+# preconditioning coefficients, the Fourier noise embedding (phases of a few
+# hundred radians; ediffi/unet.py FourierEmbedding) and the noise MLPs after
+# it (per-row vectors: negligible cost).
+NOISE_INPUTS = ("sigma", "low_res_sigma")
+
+
+def noise_only_nodes(graph, noise_inputs: Sequence[str] = NOISE_INPUTS) -> set[str]:
+    """Names of the nodes that depend on the noise-level inputs and on no
+    other graph input (the per-row scalar math: preconditioning, noise
+    labels, the Fourier embedding), plus the Constant nodes only they use."""
+    inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+    depends: dict[str, frozenset[str]] = {name: frozenset([name]) for name in inputs}
+    keep = set()
+    for node in graph.node:  # topological order (ONNX requires it)
+        sources = frozenset().union(*(depends.get(name, frozenset()) for name in node.input if name))
+        for out in node.output:
+            depends[out] = sources
+        if sources and sources <= set(noise_inputs):
+            keep.add(node.name)
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.name)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            users = [c for out in node.output for c in consumers.get(out, [])]
+            if users and all(u in keep for u in users):
+                keep.add(node.name)
+    return keep
+
+
+def half_precision_graph(model, precision: str):
+    """The float32 ONNX graph as a strongly typed engine should compute it:
+    float16 or bfloat16 everywhere except the noise-level path
+    (`noise_only_nodes`) and `KEEP_FLOAT32_OPS`, with casts at the
+    boundaries; graph inputs and outputs stay float32. Returns a new model
+    (float32: an unchanged copy). float64 nodes are left to `strip_float64`.
+
+    A bfloat16 graph is for TensorRT's parser, not for ONNX Runtime: at the
+    exported opset ONNX's schemas of Conv, AveragePool, Sin, ... list no
+    bfloat16 (added in opset 22), so it passes `onnx.checker` only without
+    the full type check; TensorRT 10 runs these layers in bfloat16."""
+    import copy
+
+    model = copy.deepcopy(model)
+    if precision == "fp32":
+        return model
+    if precision not in ("fp16", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from export.onnx_export import toposort
+
+    for i, node in enumerate(model.graph.node):  # the converter blocks nodes by name
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    originals = {t.name: t for t in model.graph.initializer}
+    half = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *KEEP_FLOAT32_OPS],
+        node_block_list=sorted(noise_only_nodes(model.graph)),
+    )
+    toposort(half.graph)  # the converter appends its casts at the end
+    if precision == "bf16":
+        float16_to_bfloat16(half, originals)
+    return half
+
+
+def _bfloat16_tensor(array, name: str):
+    """A BFLOAT16 TensorProto of a float array (round to nearest even)."""
+    import numpy as np
+    import torch
+    from onnx import TensorProto, helper
+
+    bits = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(torch.bfloat16).view(torch.int16)
+    return helper.make_tensor(name, TensorProto.BFLOAT16, list(array.shape), bits.numpy().tobytes(), raw=True)
+
+
+def float16_to_bfloat16(model, originals: dict[str, Any]) -> int:
+    """Rewrite a float16 graph (made from float32 by the converter) to
+    bfloat16 in place: casts, declared types, Constant values, and the
+    initializers, re-rounded from their float32 originals (by name) rather
+    than from float16. Returns how many places changed."""
+    from onnx import TensorProto, numpy_helper
+
+    def convert(t):
+        source = originals.get(t.name)
+        values = numpy_helper.to_array(source if source is not None and source.data_type == TensorProto.FLOAT else t)
+        return _bfloat16_tensor(values.astype("float32"), t.name)
+
+    return retype_graph(model, TensorProto.FLOAT16, TensorProto.BFLOAT16, convert)
 
 
 # -- the build driver (needs TensorRT and a GPU) --------------------------------------------
@@ -311,12 +443,13 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, *, profile: BatchPr
                 log(f"cached {onnx_manifest.stage}/{onnx_manifest.expert}: {target / plan_name}")
                 built.append(existing)
                 continue
-        graph = onnx.load(str(folder / onnx_manifest.artifact))
+        graph = half_precision_graph(onnx.load(str(folder / onnx_manifest.artifact)), precision)
         strip_float64(graph)
-        shapes = profile_shapes(onnx_manifest.inputs, profile)
-        log(f"building {onnx_manifest.stage}/{onnx_manifest.expert} ({precision}, batch {profile.min}/{profile.opt}/{profile.max}) ...")
+        profiles = profile_shapes(onnx_manifest.inputs, profile)
+        log(f"building {onnx_manifest.stage}/{onnx_manifest.expert} ({precision}, strongly typed, "
+            f"a profile per batch bucket {list(profile.buckets)}) ...")
         plan, cache = trt_runtime.build_serialized_engine(
-            graph.SerializeToString(), shapes, precision=precision, timing_cache=cache, workspace_bytes=workspace_bytes,
+            graph.SerializeToString(), profiles, timing_cache=cache, workspace_bytes=workspace_bytes,
         )
         target.mkdir(parents=True, exist_ok=True)
         (target / "manifest.json").unlink(missing_ok=True)

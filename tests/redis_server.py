@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import redis
 
 REDIS_URL_ENV = "EDIFFI_REDIS_URL"
 
@@ -96,6 +95,8 @@ class RedisServerProcess:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout_s
+        import redis  # here, not at import: the GPU tests load this plugin on machines without redis-py
+
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
         try:
             while True:
@@ -153,6 +154,8 @@ def redis_key_prefix(redis_url: str) -> Iterator[str]:
     """A key prefix no other test uses; the test's keys are deleted afterwards."""
     prefix = f"test:{uuid.uuid4().hex}:"
     yield prefix
+    import redis
+
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=1)
     try:
         keys = list(client.scan_iter(match=f"{prefix}*", count=500))
