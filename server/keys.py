@@ -13,6 +13,7 @@ Layout (with the default prefix)::
     ediffi:job:{id}:cancel          present while a cancel of a running job is pending
     ediffi:idem:{key}               job id submitted under an Idempotency-Key (SET NX)
     ediffi:worker:{id}              worker heartbeat, JSON info (TTL heartbeat_ttl_s)
+    ediffi:workers                  sorted set: worker id -> heartbeat expiry (ms, Redis clock)
     ediffi:rate:{key}:{minute}      fixed-window request counter of one API key
 """
 
@@ -74,8 +75,13 @@ class RedisKeys:
 
     @property
     def worker_heartbeat_pattern(self) -> str:
-        """SCAN pattern matching every worker heartbeat key."""
+        """SCAN pattern matching every worker heartbeat key (tools only: the service never scans)."""
         return f"{self.prefix}worker:*"
+
+    @property
+    def worker_heartbeats(self) -> str:
+        """Sorted set of worker ids scored by heartbeat expiry (ms): live workers without a SCAN."""
+        return f"{self.prefix}workers"
 
     def rate(self, key: str, minute: int) -> str:
         """Request counter of one API key during one minute (epoch seconds // 60)."""

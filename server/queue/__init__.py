@@ -64,5 +64,11 @@ def make_queue(settings: "Settings", *, key_prefix: str | None = None) -> JobQue
     if settings.redis_url:
         if key_prefix is not None:
             limits["prefix"] = key_prefix
-        return RedisStreamsQueue.from_url(settings.redis_url, **limits)
+        return RedisStreamsQueue.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            blocking_connections=settings.redis_blocking_connections,
+            pool_timeout_s=settings.redis_pool_timeout_s,
+            **limits,
+        )
     return InProcessQueue(**limits)

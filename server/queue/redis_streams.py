@@ -34,6 +34,7 @@ Requires Redis >= 7 (``XAUTOCLAIM`` reporting deleted entries).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import re
@@ -156,6 +157,28 @@ local fields = redis.call('HMGET', KEYS[1], 'params', 'n_images', 'input_names')
 return {'deliver', deliveries, released, fields[1], fields[2], fields[3]}
 """
 
+# Report a worker alive: its heartbeat key (JSON info) and its expiry, scored in a sorted set so that
+# counting live workers is one ZCOUNT instead of a SCAN of the keyspace. Redis's clock scores every
+# entry, so API and worker hosts need not agree on the time.
+_HEARTBEAT_LUA = """
+-- KEYS[1] heartbeat key, KEYS[2] heartbeat set; ARGV[1] worker id, ARGV[2] info JSON, ARGV[3] ttl ms
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+redis.call('ZADD', KEYS[2], now_ms + ttl, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 1
+"""
+
+# Live workers: entries of the heartbeat set whose expiry is still ahead (by Redis's clock).
+_WORKERS_ALIVE_LUA = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '(' .. now_ms, '+inf')
+"""
+
 # Delete an idempotency key only if it still names the given (expired) job.
 _DELETE_IF_EQUAL_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -246,9 +269,18 @@ class RedisStreamsQueue(JobQueue):
         result_ttl_s: float,
         heartbeat_ttl_s: float,
         prefix: str = DEFAULT_PREFIX,
+        blocking_client: aioredis.Redis | None = None,
+        blocking_reads: int = 32,
     ) -> None:
-        """Use ``client`` (created with ``decode_responses=False``: images are bytes)."""
+        """Use ``client`` (created with ``decode_responses=False``: images are bytes).
+
+        Blocking event reads go to ``blocking_client`` (default: ``client``), at most
+        ``blocking_reads`` at once: however many event streams and synchronous waits are
+        open, they never hold the connections other commands need.
+        """
         self._redis = client
+        self._blocking_redis = blocking_client if blocking_client is not None else client
+        self._blocking_slots = asyncio.Semaphore(blocking_reads)
         self._keys = RedisKeys(prefix)
         self._max_queue = max_queue
         self._claim_timeout_ms = max(1, int(claim_timeout_s * 1000))
@@ -260,25 +292,52 @@ class RedisStreamsQueue(JobQueue):
         self._transition_script = client.register_script(_TRANSITION_LUA)
         self._deliver_script = client.register_script(_DELIVER_LUA)
         self._delete_if_equal_script = client.register_script(_DELETE_IF_EQUAL_LUA)
+        self._heartbeat_script = client.register_script(_HEARTBEAT_LUA)
+        self._workers_alive_script = client.register_script(_WORKERS_ALIVE_LUA)
         self.counters = QueueCounters()
 
     @classmethod
-    def from_url(cls, url: str, **limits: Any) -> "RedisStreamsQueue":
-        """Connect to ``url`` lazily (nothing is sent before the first call)."""
-        client = aioredis.Redis.from_url(
-            url,
-            decode_responses=False,
-            protocol=2,
-            socket_connect_timeout=2.0,
-            # XREAD/XREADGROUP block for as long as asked: the timeout must be
-            # off explicitly (redis-py otherwise applies its own default).
-            socket_timeout=None,
-            # One immediate retry re-opens a pooled connection that died with a
-            # Redis restart; more retries would only delay the 503.
-            retry=Retry(NoBackoff(), 1),
-            health_check_interval=30,
+    def from_url(
+        cls,
+        url: str,
+        *,
+        max_connections: int = 64,
+        blocking_connections: int = 32,
+        pool_timeout_s: float = 5.0,
+        **limits: Any,
+    ) -> "RedisStreamsQueue":
+        """Connect to ``url`` lazily (nothing is sent before the first call).
+
+        Two bounded pools: ``max_connections`` for ordinary commands (a command
+        waits up to ``pool_timeout_s`` for a free connection, then the call
+        fails with :class:`QueueUnavailable`) and ``blocking_connections`` for
+        blocking event reads only.
+        """
+
+        def client(size: int) -> aioredis.Redis:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=size,
+                timeout=pool_timeout_s,
+                decode_responses=False,
+                protocol=2,
+                socket_connect_timeout=2.0,
+                # XREAD/XREADGROUP block for as long as asked: the timeout must be
+                # off explicitly (redis-py otherwise applies its own default).
+                socket_timeout=None,
+                # One immediate retry re-opens a pooled connection that died with a
+                # Redis restart; more retries would only delay the 503.
+                retry=Retry(NoBackoff(), 1),
+                health_check_interval=30,
+            )
+            return aioredis.Redis.from_pool(pool)
+
+        return cls(
+            client(max_connections),
+            blocking_client=client(blocking_connections),
+            blocking_reads=blocking_connections,
+            **limits,
         )
-        return cls(client, **limits)
 
     @property
     def keys(self) -> RedisKeys:
@@ -292,6 +351,8 @@ class RedisStreamsQueue(JobQueue):
 
     async def close(self) -> None:
         await self._redis.aclose()
+        if self._blocking_redis is not self._redis:
+            await self._blocking_redis.aclose()
 
     # ------------------------------------------------------------ client side
 
@@ -367,10 +428,11 @@ class RedisStreamsQueue(JobQueue):
     async def events(self, job_id: str, after: str | None = None, block_ms: int = 0) -> list[JobEvent]:
         if after is not None and not _STREAM_ID.match(after):
             raise ValueError(f"not an event id: {after!r}")
-        response = await self._redis.xread(
-            {self._keys.job_events(job_id): after or "0-0"},
-            block=block_ms if block_ms > 0 else None,
-        )
+        streams = {self._keys.job_events(job_id): after or "0-0"}
+        if block_ms > 0:
+            response = await self._blocking_read(streams, block_ms)
+        else:
+            response = await self._redis.xread(streams)
         events: list[JobEvent] = []
         for _stream, entries in response or []:
             for entry_id, fields in entries:
@@ -418,10 +480,7 @@ class RedisStreamsQueue(JobQueue):
 
     @_translate_redis_errors
     async def workers_alive(self) -> int:
-        count = 0
-        async for _key in self._redis.scan_iter(match=self._keys.worker_heartbeat_pattern, count=200):
-            count += 1
-        return count
+        return int(await self._workers_alive_script(keys=[self._keys.worker_heartbeats]))
 
     @_translate_redis_errors
     async def rate_limit(self, key: str, per_minute: int) -> bool:
@@ -590,9 +649,32 @@ class RedisStreamsQueue(JobQueue):
     @_translate_redis_errors
     async def heartbeat(self, worker_id: str, info: dict[str, Any]) -> None:
         payload = json.dumps({**info, "worker_id": worker_id, "at": time.time()})
-        await self._redis.set(self._keys.worker_heartbeat(worker_id), payload, px=self._heartbeat_ttl_ms)
+        await self._heartbeat_script(
+            keys=[self._keys.worker_heartbeat(worker_id), self._keys.worker_heartbeats],
+            args=[worker_id, payload, self._heartbeat_ttl_ms],
+        )
 
     # --------------------------------------------------------------- helpers
+
+    async def _blocking_read(self, streams: dict[str, str], block_ms: int) -> Any:
+        """XREAD BLOCK on the blocking pool; no events if no connection frees up within ``block_ms``.
+
+        Waiting for a slot counts against the block time, so a saturated pool
+        looks to the caller like a quiet stream (it polls again) and never
+        like an outage.
+        """
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self._blocking_slots.acquire(), block_ms / 1000)
+        except TimeoutError:
+            return []
+        try:
+            remaining_ms = block_ms - int((time.monotonic() - started) * 1000)
+            if remaining_ms <= 0:
+                return await self._blocking_redis.xread(streams)
+            return await self._blocking_redis.xread(streams, block=remaining_ms)
+        finally:
+            self._blocking_slots.release()
 
     async def _ensure_group(self) -> None:
         """Create the consumer group (and the stream) unless it exists.
