@@ -17,8 +17,13 @@ Endpoints (DESIGN.md §4; OpenAPI at ``/docs`` and ``/openapi.json``):
 Errors: 422/413 field-level (``{"detail": [{"loc", "msg", "type"}]}``), 401/403
 API keys, 404 unknown job, 429 with ``Retry-After`` (queue full, rate limit),
 503 with ``Retry-After`` when the queue backend is down (``{"detail": "job
-queue unavailable: ..."}``); the queue reconnects by itself, so the API
-recovers without a restart. Bad input never yields a 500.
+queue unavailable: ..."}``, a generic reason: the details go to the log only);
+the queue reconnects by itself, so the API recovers without a restart. Bad
+input never yields a 500. 415 for a body on a JSON endpoint that is not sent as
+``application/json``.
+
+Access (see README "Security model"): :func:`create_app` refuses settings without
+API keys unless ``allow_anonymous`` is on (:func:`server.auth.check_access_settings`).
 
 Usage::
 
@@ -30,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import json
+import logging
 import math
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -42,10 +48,12 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.auth import WaitSlots, caller, check_access_settings
 from server.metrics import Metrics
-from server.middleware import HTTPMetricsMiddleware, RequestBodyGuard
+from server.middleware import HTTPMetricsMiddleware, InflightLimit, RequestGuard
 from server.queue import JobQueue, QueueFull, QueueUnavailable, make_queue
 from server.routes import generate, jobs, ops
+from server.routes.jobs import QUEUE_UNAVAILABLE_DETAIL
 from server.settings import Settings
 from server.validation import PayloadTooLarge
 
@@ -55,6 +63,11 @@ STATIC_DIR = Path(__file__).parent / "static"
 #: ``Retry-After`` of a 503 while the queue backend is down, seconds.
 UNAVAILABLE_RETRY_AFTER_S = 5
 _MAX_ECHOED_INPUT_CHARS = 200
+#: Endpoints every probe and scraper must reach however busy the API is.
+OPERATIONS_PATHS = ("/healthz", "/readyz", "/metrics")
+JSON_PATHS = ("/generate", "/v1/images/generations")
+
+log = logging.getLogger(__name__)
 
 
 class SafeJSONResponse(JSONResponse):
@@ -120,9 +133,10 @@ def _register_error_handlers(app: FastAPI) -> None:
         return SafeJSONResponse({"detail": sanitize_errors(exc.errors())}, status_code=413)
 
     @app.exception_handler(QueueUnavailable)
-    async def queue_unavailable(_request: Request, exc: QueueUnavailable) -> JSONResponse:
+    async def queue_unavailable(request: Request, exc: QueueUnavailable) -> JSONResponse:
+        log.warning("%s %s: 503, job queue unavailable: %s", request.method, request.url.path, exc)
         return SafeJSONResponse(
-            {"detail": f"job queue unavailable: {exc}"},
+            {"detail": QUEUE_UNAVAILABLE_DETAIL},
             status_code=503,
             headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
         )
@@ -177,7 +191,7 @@ def create_app(
     key_prefix: str | None = None,
     static_dir: Path | None = STATIC_DIR,
 ) -> FastAPI:
-    """Build the API.
+    """Build the API (:class:`~server.auth.ConfigurationError` for settings it must not serve with).
 
     ``queue``: use this queue (not closed on shutdown); None: the lifespan opens
     ``make_queue(settings, key_prefix=key_prefix)`` and closes it at shutdown.
@@ -198,6 +212,7 @@ def create_app(
                 await app.state.queue.close()
                 app.state.queue = None
 
+    check_access_settings(settings)
     app = FastAPI(
         title="eDiff-I serving",
         version="0.1.0",
@@ -209,6 +224,7 @@ def create_app(
     app.state.queue = queue
     app.state.metrics = metrics if metrics is not None else Metrics()
     app.state.canvas_size = canvas_size
+    app.state.wait_slots = WaitSlots(settings.max_streams_per_key)
 
     _register_error_handlers(app)
     app.include_router(generate.router)
@@ -217,12 +233,14 @@ def create_app(
     if static_dir is not None and Path(static_dir).is_dir():
         app.mount("/", StaticFiles(directory=static_dir, html=True), name="static")
 
-    # Outermost last: metrics see every response, the body guard's 413s included.
+    # Outermost last: metrics see every response, the guards' 401/413/415/503 included.
     app.add_middleware(
-        RequestBodyGuard,
+        RequestGuard,
         max_body_bytes=max_body_bytes(settings),
-        json_paths=("/generate", "/v1/images/generations"),
+        json_paths=JSON_PATHS,
+        check_caller=lambda request: caller(request, settings),
     )
+    app.add_middleware(InflightLimit, limit=settings.max_inflight_requests, exempt_paths=OPERATIONS_PATHS)
     app.add_middleware(HTTPMetricsMiddleware, metrics=app.state.metrics)
     _limits_in_openapi(app, settings, canvas_size)
     return app

@@ -451,6 +451,9 @@ def main(args, settings=None, log=print) -> int:
                     "max_active_requests": args.max_active, "worker_slots": args.max_active,
                     "batching_policy": policy, "intra_op_threads": args.threads, "max_queue": 4096,
                     "max_steps": max(100, args.max_steps), "sync_timeout_s": args.timeout,
+                    # A loopback API of its own, no keys: every client waits synchronously from one address.
+                    "allow_anonymous": True, "rate_limit_per_minute": 1_000_000,
+                    "max_streams_per_key": max(8, args.clients),
                 }, args.workers, progress)
             worker_budgets = service.worker_row_budgets()
             warm = httpx.post(service.url + "/generate", json=bodies[0], timeout=args.timeout)

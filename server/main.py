@@ -3,7 +3,9 @@
 Each builds what it needs from the one `Settings` object the CLI made.
 `api` loads no model; `worker` loads the engine and serves its own /metrics
 port; `serve` runs both in one process and one event loop (the in-process
-queue unless EDIFFI_REDIS_URL is set).
+queue unless EDIFFI_REDIS_URL is set). `api` and `serve` refuse to start
+without API keys unless EDIFFI_ALLOW_ANONYMOUS=true, and say so when they
+serve anonymously.
 """
 
 from __future__ import annotations
@@ -46,9 +48,32 @@ def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop) -> None:
             pass
 
 
+def check_access(settings: Settings, host: str, port: int) -> None:
+    """Exit (code 2, with the reason) on settings the API must not serve with; log the access mode."""
+    from server.auth import ConfigurationError, check_access_settings
+
+    try:
+        check_access_settings(settings)
+    except ConfigurationError as exc:
+        log.error("refusing to start: %s", exc)
+        raise SystemExit(2) from None
+    if settings.api_keys:
+        log.info("API keys required on job endpoints (%d configured)", len(settings.api_keys))
+    else:
+        log.warning(
+            "AUTHENTICATION IS OFF (EDIFFI_ALLOW_ANONYMOUS=true): anyone who reaches http://%s:%d may submit "
+            "jobs; anonymous callers are rate-limited by client address (%d per minute). Set EDIFFI_API_KEYS "
+            "before exposing this port.",
+            host,
+            port,
+            settings.rate_limit_per_minute,
+        )
+
+
 def run_api(settings: Settings, model_dir: Path, host: str, port: int) -> None:
     from server.app import create_app
 
+    check_access(settings, host, port)
     app = create_app(settings, canvas_size=canvas_size(model_dir))
     uvicorn.run(app, host=host, port=port, log_level="info")
 
@@ -119,4 +144,5 @@ async def _serve_main(settings: Settings, model_dir: Path, host: str, port: int)
 
 
 def run_serve(settings: Settings, model_dir: Path, host: str, port: int) -> None:
+    check_access(settings, host, port)  # before the model loads
     asyncio.run(_serve_main(settings, model_dir, host, port))

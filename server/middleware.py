@@ -1,28 +1,48 @@
 """Pure ASGI middleware (no ``BaseHTTPMiddleware``: it would buffer Server-Sent Events).
 
 * :class:`HTTPMetricsMiddleware`: ``ediffi_http_requests_total{endpoint,method,status}``
-  and ``ediffi_http_request_duration_seconds{endpoint}``, labelled with the
-  matched route's *template* (``/jobs/{job_id}``), ``"unmatched"`` otherwise.
-* :class:`RequestBodyGuard`: a hard cap on request bodies (413 without
-  reading it when ``Content-Length`` says so, or as soon as a streamed body
-  passes it; raised where the endpoint reads its body, so it is counted
-  under the endpoint's route), and JSON for the JSON endpoints whatever the ``Content-Type``
-  (``curl -d '{...}'`` sends ``application/x-www-form-urlencoded``).
+  and ``ediffi_http_request_duration_seconds{endpoint}``. Every label value comes
+  from a fixed set, whatever the request says: ``endpoint`` is the matched route's
+  *template* (``/jobs/{job_id}``), ``"unmatched"`` otherwise; ``method`` is one of
+  :data:`KNOWN_METHODS`, else ``"other"``; ``status`` a registered HTTP status code,
+  else its class (``"5xx"``).
+* :class:`InflightLimit`: at most ``limit`` requests in flight at once (event streams
+  included); beyond, 503 with ``Retry-After`` at once. The probes and ``/metrics``
+  are not counted, so they answer however busy the API is.
+* :class:`RequestGuard`, on the first read of a request body (before any byte of it is
+  read): the caller's key (401/403), ``Content-Type: application/json`` on the JSON
+  endpoints (415 for anything else: ``text/plain`` and form bodies are what a foreign
+  web page can send without a CORS preflight), and a hard cap on the body (413 when
+  ``Content-Length`` says so, or as soon as a streamed body passes it). Raised where
+  the endpoint reads its body, so each is counted under the endpoint's route.
 """
 
 from __future__ import annotations
 
+import email.message
+import json
 import time
-from typing import Iterable
+from http import HTTPStatus
+from typing import Callable, Iterable
 
-from fastapi import HTTPException
+from fastapi import HTTPException, status
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.metrics import Metrics
 
 _UNMATCHED = "unmatched"
-# Content types a JSON endpoint reads as JSON anyway: none, curl's -d default, plain text.
-_LENIENT_CONTENT_TYPES = (b"", b"application/x-www-form-urlencoded", b"text/plain")
+#: The only values of the ``method`` label besides ``"other"``.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_KNOWN_STATUS_CODES = frozenset(code.value for code in HTTPStatus) | {499}
+
+
+def method_label(method: str | None) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
+
+def status_label(code: int) -> str:
+    return str(code) if code in _KNOWN_STATUS_CODES else f"{max(0, min(code // 100, 9))}xx"
 
 
 class HTTPMetricsMiddleware:
@@ -53,25 +73,81 @@ class HTTPMetricsMiddleware:
                 endpoint = _UNMATCHED
             else:  # the template without convertors: "/jobs/{job_id}/images/{index}.png"
                 endpoint = getattr(route, "path_format", None) or getattr(route, "path", None) or "/"
-            method = scope.get("method", "GET")
-            self.metrics.http_requests.labels(endpoint=endpoint, method=method, status=str(status_code)).inc()
+            self.metrics.http_requests.labels(
+                endpoint=endpoint, method=method_label(scope.get("method")), status=status_label(status_code)
+            ).inc()
             self.metrics.http_request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - started)
 
 
-class _BodyTooLarge(HTTPException):
-    pass
+async def _send_json(send: Send, code: int, body: dict[str, object], headers: dict[str, str]) -> None:
+    payload = json.dumps(body).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw_headers += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+    await send({"type": "http.response.start", "status": code, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
-class RequestBodyGuard:
-    """Caps request bodies at ``max_body_bytes``; reads ``json_paths`` POST bodies as JSON."""
+class InflightLimit:
+    """At most ``limit`` requests in flight; the rest get 503 + ``Retry-After`` without waiting."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, json_paths: Iterable[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, limit: int, exempt_paths: Iterable[str] = (), retry_after_s: int = 1) -> None:
+        self.app = app
+        self.limit = limit
+        self.exempt_paths = frozenset(exempt_paths)
+        self.retry_after_s = retry_after_s
+        self.inflight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.exempt_paths:
+            await self.app(scope, receive, send)
+            return
+        if self.inflight >= self.limit:
+            await _send_json(
+                send,
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                {"detail": f"server busy: {self.limit} requests in flight; retry later"},
+                {"Retry-After": str(self.retry_after_s)},
+            )
+            return
+        self.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1
+
+
+class _RefusedBody(HTTPException):
+    """Raised from ``receive``: FastAPI re-raises HTTPExceptions from body reading; the handler answers."""
+
+
+def is_json_content_type(value: str | None) -> bool:
+    """``application/json`` or ``application/*+json`` (parameters such as charset allowed)."""
+    if not value:
+        return False
+    message = email.message.Message()
+    message["content-type"] = value
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+class RequestGuard:
+    """Checks a request before its body is read: caller (``check_caller``), JSON content type, size."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        json_paths: Iterable[str] = (),
+        check_caller: Callable[[Request], object] | None = None,
+    ) -> None:
+        """``check_caller(request)`` raises an HTTPException (401/403) for a caller to refuse."""
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.json_paths = frozenset(json_paths)
+        self.check_caller = check_caller
 
-    def _detail(self) -> list[dict[str, object]]:
-        return [
+    def _too_large(self) -> _RefusedBody:
+        detail = [
             {
                 "loc": ["body"],
                 "msg": f"request body is larger than {self.max_body_bytes} bytes",
@@ -79,49 +155,52 @@ class RequestBodyGuard:
                 "ctx": {"max_bytes": self.max_body_bytes},
             }
         ]
+        return _RefusedBody(413, detail=detail)
+
+    def _refusal(self, scope: Scope) -> HTTPException | None:
+        """Why this request's body must not be read (checked on the first read), or None."""
+        request = Request(scope)
+        if self.check_caller is not None and scope.get("path") in self.json_paths:
+            try:
+                self.check_caller(request)
+            except HTTPException as exc:
+                return _RefusedBody(exc.status_code, detail=exc.detail, headers=exc.headers)
+        if scope.get("method") == "POST" and scope.get("path") in self.json_paths:
+            content_type = request.headers.get("content-type")
+            if not is_json_content_type(content_type):
+                return _RefusedBody(
+                    status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+                    detail=f"the body must be JSON sent as 'Content-Type: application/json' "
+                    f"(got {(content_type or 'none')[:100]!r})",
+                    headers={"Accept-Post": "application/json"},
+                )
+        try:
+            content_length = int(request.headers.get("content-length", ""))
+        except ValueError:
+            content_length = None
+        if content_length is not None and content_length > self.max_body_bytes:
+            return self._too_large()
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)  # no endpoint here reads another method's body
             return
-        headers = list(scope.get("headers") or [])
-        content_length = None
-        content_type_index = None
-        for index, (name, value) in enumerate(headers):
-            if name == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    content_length = None
-            elif name == b"content-type":
-                content_type_index = index
-
-        if scope.get("method") == "POST" and scope.get("path") in self.json_paths:
-            current = headers[content_type_index][1] if content_type_index is not None else b""
-            if current.split(b";")[0].strip().lower() in _LENIENT_CONTENT_TYPES:
-                if content_type_index is not None:
-                    del headers[content_type_index]
-                headers.append((b"content-type", b"application/json"))
-                scope["headers"] = headers  # in place: outer middleware reads scope["route"] later
-
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)  # no endpoint here reads a body
-            return
-
         received = 0
-        limit = self.max_body_bytes
-        declared_too_large = content_length is not None and content_length > limit
+        checked = False
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            if declared_too_large:  # refuse before reading a byte of it
-                raise _BodyTooLarge(413, detail=self._detail())
+        async def guarded_receive() -> Message:
+            nonlocal received, checked
+            if not checked:  # the first read: refuse before a byte of the body is read
+                refusal = self._refusal(scope)
+                if refusal is not None:
+                    raise refusal
+                checked = True
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:
-                    # FastAPI re-raises HTTPExceptions from body reading; the handler answers 413.
-                    raise _BodyTooLarge(413, detail=self._detail())
+                if received > self.max_body_bytes:
+                    raise self._too_large()
             return message
 
-        await self.app(scope, limited_receive, send)
+        await self.app(scope, guarded_receive, send)

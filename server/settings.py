@@ -86,10 +86,50 @@ class Settings(BaseSettings):
     # --- Access control and limits ------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Accepted API keys; empty: no authentication. "
-        'The variable may be a comma-separated list or a JSON array.',
+        description="Accepted API keys. The variable may be a comma-separated list or a JSON array. "
+        "Empty: the API refuses to start unless allow_anonymous is on.",
     )
-    rate_limit_per_minute: int = Field(default=60, ge=1, description="Requests per minute per API key.")
+    allow_anonymous: bool = Field(
+        default=False,
+        description="Serve without API keys (anyone who reaches the port may submit jobs; they are "
+        "rate-limited by client address). Only for a local `make serve`; ignored when api_keys is set.",
+    )
+    rate_limit_per_minute: int = Field(
+        default=60, ge=1, description="Job submissions per minute per API key (per client address when anonymous)."
+    )
+    max_streams_per_key: int = Field(
+        default=8,
+        ge=1,
+        description="Open event streams plus synchronous waits one API key (or anonymous client address) may "
+        "hold at once on one API process; beyond: 429 with Retry-After.",
+    )
+    max_inflight_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Requests one API process serves at once (streams and waits included; /healthz, /readyz "
+        "and /metrics are not counted); beyond: 503 with Retry-After.",
+    )
+    redis_max_connections: int = Field(
+        default=64,
+        ge=1,
+        description="Redis connections of one process for ordinary commands; a command waits for a free one "
+        "(up to redis_pool_timeout_s) instead of failing.",
+    )
+    redis_blocking_connections: int = Field(
+        default=32,
+        ge=1,
+        description="Separate Redis connections for blocking event reads (event streams, synchronous waits), "
+        "so that however many are open, ordinary requests and health checks keep theirs.",
+    )
+    redis_pool_timeout_s: float = Field(
+        default=5.0, gt=0, description="Longest a command waits for a free Redis connection before a 503."
+    )
+    public_base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="Public URL of the API (https://images.example.com), used for absolute image URLs; "
+        "unset: URLs are relative (the request's Host header is never used).",
+    )
     max_queue: int = Field(
         default=256, ge=1, description="Queue depth (queued + in flight) at which submissions get 429."
     )

@@ -38,8 +38,11 @@ KEYS = RedisKeys()  # the processes use the default key prefix
 TERMINAL = ("succeeded", "failed", "canceled")
 
 #: Worker-side settings every test cluster uses unless it overrides them. The heartbeat
-#: (which also renews held jobs) runs several times per claim timeout.
+#: (which also renews held jobs) runs several times per claim timeout. The API runs without
+#: keys only because these say so (allow_anonymous), with a rate limit no test reaches.
 BASE_SETTINGS: dict[str, Any] = {
+    "allow_anonymous": True,
+    "rate_limit_per_minute": 100000,
     "intra_op_threads": 1,
     "heartbeat_interval_s": 0.5,
     "heartbeat_ttl_s": 3,

@@ -227,12 +227,17 @@ async def test_failed_jobs_answer_by_failure_kind_with_no_exception_text(backend
 
 
 @run_async
-async def test_json_is_read_whatever_the_content_type_like_curl_d(backend: Backend) -> None:
+async def test_json_bodies_need_a_json_content_type(backend: Backend) -> None:
+    """A form or text body (what ``curl -d`` or a foreign page sends without a preflight) is a 415."""
+    body = b'{"prompt":"a red circle on the left","steps":1}'
     async with service(backend) as svc, QueueWorker(svc.queue):
+        for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+            headers = {"content-type": content_type} if content_type else {}
+            refused = await svc.client.post("/generate", content=body, headers=headers)
+            assert refused.status_code == 415, (content_type, refused.text)
+            assert "application/json" in refused.json()["detail"]
         response = await svc.client.post(
-            "/generate",
-            content=b'{"prompt":"a red circle on the left","steps":1}',
-            headers={"content-type": "application/x-www-form-urlencoded"},
+            "/generate", content=body, headers={"content-type": "application/json; charset=utf-8"}
         )
         assert response.status_code == 200, response.text
         assert response.json()["images"][0]["b64_json"]
@@ -439,7 +444,8 @@ async def test_openai_images_generations(backend: Backend) -> None:
         urls = await svc.client.post("/v1/images/generations", json={"prompt": "a fox", "steps": 1})
         assert urls.status_code == 200, urls.text
         (item,) = urls.json()["data"]
-        assert item["url"].startswith("http://testserver/jobs/") and item["url"].endswith("/images/0.png")
+        # Relative without public_base_url: never built from the request's Host header.
+        assert item["url"].startswith("/jobs/") and item["url"].endswith("/images/0.png")
         fetched = await svc.client.get(item["url"])
         assert fetched.content.startswith(b"\x89PNG")
         assert Image.open(io.BytesIO(fetched.content)).size == (DEFAULT_CANVAS_SIZE, DEFAULT_CANVAS_SIZE)

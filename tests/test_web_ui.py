@@ -283,6 +283,7 @@ def served_model(tmp_path_factory) -> Iterator[str]:
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDIFFI_")}
     env["EDIFFI_MODEL_DIR"] = str(MODEL_DIR)
+    env["EDIFFI_ALLOW_ANONYMOUS"] = "true"  # loopback, no keys (as `make serve`)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ediffi", "serve", "--host", "127.0.0.1", "--port", str(port)],

@@ -22,7 +22,15 @@ for ``out_of_memory`` and ``lost``, 504 for ``timeout``, 500 for
 ``internal`` and ``max_deliveries``; the body is ``{detail, kind}``.
 
 A synchronous client that disconnects cancels its job, unless it sent an
-``Idempotency-Key`` (it may come back for the result).
+``Idempotency-Key`` (it may come back for the result). A synchronous wait takes
+one of the caller's ``max_streams_per_key`` slots before the job is queued (429
+with ``Retry-After`` when none is free, and nothing is queued).
+
+Image URLs of the OpenAI endpoint are ``public_base_url`` + path, or the bare
+path when no public URL is configured; never built from the request's ``Host``.
+
+Large bodies are JSON-decoded in a worker thread (:class:`OffloadedJSONRoute`),
+so a few big uploads do not stall the event loop (and the health probes).
 
 ``Idempotency-Key`` (1-255 visible ASCII characters, scoped to the API key):
 a repeat returns the same job (header ``Idempotent-Replayed: true``); reusing
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 import time
 import uuid
@@ -41,9 +50,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import Principal, SubmitterDep
+from server.auth import Principal, SubmitterDep, WaitSlotsDep
 from server.deps import CanvasDep, MetricsDep, QueueDep, SettingsDep
 from ediffi.failure import Failure, FailureKind, field_loc
 from server.metrics import Metrics
@@ -74,14 +84,44 @@ from server.schemas import (
 from server.settings import Settings
 from server.validation import ValidatedJob, field_error, parse_size, raise_invalid, validate_generation
 
-router = APIRouter(tags=["generation"], responses={**AUTH_ERRORS})
+#: Bodies up to this size are JSON-decoded on the event loop (cheaper than a thread hop).
+INLINE_JSON_BYTES = 64 * 1024
+
+
+class OffloadedJSONRequest(Request):
+    """A request whose large JSON body is decoded in a worker thread, off the event loop."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            self._json = await run_in_threadpool(json.loads, body) if len(body) > INLINE_JSON_BYTES else json.loads(body)
+        return self._json
+
+
+class OffloadedJSONRoute(APIRoute):
+    """FastAPI's route, handing the endpoint an :class:`OffloadedJSONRequest` (FastAPI's documented hook)."""
+
+    def get_route_handler(self) -> Any:
+        handler = super().get_route_handler()
+
+        async def offloaded_handler(request: Request) -> Any:
+            return await handler(OffloadedJSONRequest(request.scope, request.receive))
+
+        return offloaded_handler
+
+
+router = APIRouter(tags=["generation"], responses={**AUTH_ERRORS}, route_class=OffloadedJSONRoute)
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": FieldErrors, "description": "An image or the body is too large"},
     422: {"model": FieldErrors, "description": "Invalid input; loc names the field"},
-    429: {"model": ErrorMessage, "description": "Queue full or rate limit exceeded; see Retry-After"},
+    415: {"model": ErrorMessage, "description": "The body is not sent as application/json"},
+    429: {
+        "model": ErrorMessage,
+        "description": "Queue full, rate limit exceeded, or too many open waits of this caller; see Retry-After",
+    },
     500: {"model": ErrorMessage, "description": "The job failed on the worker"},
     **UNAVAILABLE,
 }
@@ -247,24 +287,33 @@ async def generate(
     queue: QueueDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    wait_slots: WaitSlotsDep,
     prefer: PreferHeader = None,
     idempotency_key: IdempotencyHeader = None,
 ) -> JSONResponse:
     """Generate images. Waits for them by default; ``Prefer: respond-async`` answers 202 at once."""
-    record, replayed = await submit_job(
-        body,
-        api="generate",
-        principal=principal,
-        queue=queue,
-        settings=settings,
-        metrics=metrics,
-        idempotency_key=idempotency_key,
-    )
     respond_async, wait_s = parse_prefer(prefer)
+
+    async def submit() -> tuple[JobRecord, bool]:
+        return await submit_job(
+            body,
+            api="generate",
+            principal=principal,
+            queue=queue,
+            settings=settings,
+            metrics=metrics,
+            idempotency_key=idempotency_key,
+        )
+
     if respond_async:
+        record, replayed = await submit()
         return accepted(record, replayed=replayed, preference_applied=True)
     timeout_s = settings.sync_timeout_s if wait_s is None else min(wait_s, settings.sync_timeout_s)
-    final = await wait_or_cancel(queue, record, timeout_s, request, cancel_on_disconnect=idempotency_key is None)
+    with wait_slots.hold(principal):
+        record, replayed = await submit()
+        final = await wait_or_cancel(
+            queue, record, timeout_s, request, cancel_on_disconnect=idempotency_key is None
+        )
     if final is None or final.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED):
         return accepted(final or record, replayed=replayed, preference_applied=False)
     if final.status == JobStatus.FAILED:
@@ -307,22 +356,24 @@ async def openai_images(
     settings: SettingsDep,
     metrics: MetricsDep,
     canvas: CanvasDep,
+    wait_slots: WaitSlotsDep,
     idempotency_key: IdempotencyHeader = None,
 ) -> JSONResponse:
     """OpenAI-compatible image generation (prompt, n, size, response_format; /generate fields as extensions)."""
     raise_invalid(parse_size(body.size, canvas))
-    record, replayed = await submit_job(
-        body,
-        api="openai",
-        principal=principal,
-        queue=queue,
-        settings=settings,
-        metrics=metrics,
-        idempotency_key=idempotency_key,
-    )
-    final = await wait_or_cancel(
-        queue, record, settings.sync_timeout_s, request, cancel_on_disconnect=idempotency_key is None
-    )
+    with wait_slots.hold(principal):
+        record, replayed = await submit_job(
+            body,
+            api="openai",
+            principal=principal,
+            queue=queue,
+            settings=settings,
+            metrics=metrics,
+            idempotency_key=idempotency_key,
+        )
+        final = await wait_or_cancel(
+            queue, record, settings.sync_timeout_s, request, cancel_on_disconnect=idempotency_key is None
+        )
     if final is None or final.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED):
         raise HTTPException(
             status.HTTP_504_GATEWAY_TIMEOUT,
@@ -336,7 +387,8 @@ async def openai_images(
     if body.response_format == "b64_json":
         data = [OpenAIImage(b64_json=base64.b64encode(blob).decode("ascii")) for blob in await load_images(queue, final)]
     else:
-        base = str(request.base_url).rstrip("/")
+        # Never from the request (its Host header is the client's to choose): configured, else relative.
+        base = (settings.public_base_url or "").rstrip("/")
         data = [OpenAIImage(url=base + image_path(final.id, k)) for k in range(final.n_images)]
     created = int(final.finished_at or time.time())
     headers = {"Idempotent-Replayed": "true"} if replayed else {}

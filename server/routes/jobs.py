@@ -2,20 +2,23 @@
 
 Job ids are the queue's (32 lower-case hex digits); anything else is a 404
 without touching the queue. With API keys on, a key sees only the jobs it
-submitted (another key's job is a 404, as if it did not exist).
+submitted (another key's job is a 404, as if it did not exist). An open event
+stream takes one of the caller's ``max_streams_per_key`` slots until it ends
+(429 with ``Retry-After`` when none is free).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
-from typing import Annotated, Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.auth import Principal, PrincipalDep, authenticate
+from server.auth import Principal, PrincipalDep, WaitSlotsDep, authenticate
 from server.deps import QueueDep
 from server.queue import TERMINAL_STATUSES, EventType, JobEvent, JobQueue, JobRecord, JobStatus, QueueUnavailable
 from server.schemas import ErrorMessage, FailureView, FieldErrors, ImageLink, JobLinks, JobView, Progress
@@ -33,6 +36,8 @@ RECONNECT_MS = 2000
 #: Longest single blocking read on the queue. Stays under redis-py's default 5 s socket
 #: timeout, which would otherwise turn a quiet job into a "queue unavailable" error.
 MAX_BLOCK_S = 4.0
+#: What a client is told when the queue backend fails (details go to the log only, never to clients).
+QUEUE_UNAVAILABLE_DETAIL = "job queue unavailable: the queue backend is not answering"
 _TERMINAL_EVENTS = frozenset({EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELED})
 
 NOT_FOUND = {404: {"model": ErrorMessage, "description": "Unknown or expired job"}}
@@ -41,6 +46,8 @@ AUTH_ERRORS = {
     403: {"model": ErrorMessage, "description": "API key not accepted"},
 }
 UNAVAILABLE = {503: {"model": ErrorMessage, "description": "Job queue unavailable; retry after Retry-After"}}
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(authenticate)], responses={**AUTH_ERRORS})
 
@@ -219,6 +226,7 @@ async def cancel_job(job_id: str, principal: PrincipalDep, queue: QueueDep) -> J
             "succeeded | failed | canceled; the stream ends after the terminal event.",
         },
         422: {"model": FieldErrors, "description": "Malformed Last-Event-ID"},
+        429: {"model": ErrorMessage, "description": "Too many open streams and waits of this caller; see Retry-After"},
         **NOT_FOUND,
         **UNAVAILABLE,
     },
@@ -227,6 +235,7 @@ async def job_events(
     job_id: str,
     principal: PrincipalDep,
     queue: QueueDep,
+    wait_slots: WaitSlotsDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     """Progress of a job as Server-Sent Events (``text/event-stream``).
@@ -247,11 +256,32 @@ async def job_events(
         raise_invalid([field_error(("header", "last-event-id"), "not an event id", "event_id")])
         first = []
     terminal_now = record.status in TERMINAL_STATUSES
-    return StreamingResponse(
+    wait_slots.try_acquire(principal)
+    return _SlotHoldingStream(
         _event_stream(queue, job_id, after, first, terminal_now),
+        release=lambda: wait_slots.release(principal),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+class _SlotHoldingStream(StreamingResponse):
+    """A streaming response that gives its caller's wait slot back however it ends (even unsent)."""
+
+    def __init__(self, content: AsyncIterator[str], *, release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release: Callable[[], None] | None = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.give_back()
+
+    def give_back(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
 
 
 # ------------------------------------------------------------ event stream
@@ -320,4 +350,5 @@ async def _event_stream(
                     return
     except QueueUnavailable as exc:
         # Headers are sent: say why in-band and end; the client reconnects with Last-Event-ID.
-        yield f"event: error\ndata: {json.dumps({'detail': f'job queue unavailable: {exc}'})}\n\n"
+        log.warning("event stream of job %s ended: job queue unavailable: %s", job_id, exc)
+        yield f"event: error\ndata: {json.dumps({'detail': QUEUE_UNAVAILABLE_DETAIL})}\n\n"

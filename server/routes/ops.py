@@ -1,8 +1,15 @@
-"""Operations endpoints, open without an API key: ``/healthz``, ``/readyz``, ``/metrics``."""
+"""Operations endpoints, open without an API key: ``/healthz``, ``/readyz``, ``/metrics``.
+
+They are open, so they say nothing about internals: a failing queue is "job queue
+unavailable" outside and its cause (address, error text) goes to the log. Each
+costs a few O(1) Redis commands (live workers are counted from a sorted set, not
+a SCAN of the keyspace), and none of them is counted by the in-flight limit.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import JSONResponse
@@ -10,7 +17,10 @@ from fastapi.responses import JSONResponse
 from server.deps import MetricsDep, get_queue
 from server.metrics import CONTENT_TYPE_LATEST
 from server.queue import QueueUnavailable
+from server.routes.jobs import QUEUE_UNAVAILABLE_DETAIL
 from server.schemas import Health, Readiness
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["operations"])
 
@@ -39,8 +49,8 @@ async def readyz(request: Request, metrics: MetricsDep) -> JSONResponse:
         depth = await asyncio.wait_for(queue.depth(), PROBE_TIMEOUT_S)
     except (QueueUnavailable, TimeoutError) as exc:
         metrics.queue_up.set(0)
-        reason = f"job queue unavailable: {exc or 'timed out'}"
-        body = Readiness(status="unavailable", reason=reason)
+        log.warning("/readyz: job queue unavailable: %s", exc or f"no answer within {PROBE_TIMEOUT_S} s")
+        body = Readiness(status="unavailable", reason=QUEUE_UNAVAILABLE_DETAIL)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
     metrics.queue_up.set(1)
     metrics.workers_alive.set(workers)
@@ -58,7 +68,8 @@ async def metrics_endpoint(request: Request, metrics: MetricsDep) -> Response:
         queue = await get_queue(request)
         depth = await asyncio.wait_for(queue.depth(), PROBE_TIMEOUT_S)
         workers = await asyncio.wait_for(queue.workers_alive(), PROBE_TIMEOUT_S)
-    except (QueueUnavailable, TimeoutError):
+    except (QueueUnavailable, TimeoutError) as exc:
+        log.warning("/metrics: job queue unavailable: %s", exc or f"no answer within {PROBE_TIMEOUT_S} s")
         metrics.queue_up.set(0)  # the other gauges keep their last values
     else:
         metrics.queue_up.set(1)
