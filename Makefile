@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# On a loopback address `make serve` runs without API keys (EDIFFI_ALLOW_ANONYMOUS=true, logged
+# at start-up) unless EDIFFI_API_KEYS or EDIFFI_ALLOW_ANONYMOUS is set; on any other address it
+# needs EDIFFI_API_KEYS.
+LOOPBACK := $(filter 127.0.0.1 localhost ::1,$(HOST))
 serve: install
-	$(PY) -m ediffi serve --host $(HOST) --port $(PORT)
+	EDIFFI_ALLOW_ANONYMOUS=$${EDIFFI_ALLOW_ANONYMOUS:-$(if $(LOOPBACK),true,false)} \
+	  $(PY) -m ediffi serve --host $(HOST) --port $(PORT)
 
 # Starts a private redis-server on a free port unless EDIFFI_REDIS_URL is set.
 test: install
