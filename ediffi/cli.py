@@ -50,6 +50,7 @@ def cmd_generate(args, settings) -> int:
             guidance_scale=args.guidance, seed=args.seed, sampler=args.sampler, n=args.n,
             style_image=Image.open(args.style_image) if args.style_image else None,
             color_map=Image.open(args.paint) if args.paint else None, regions=regions,
+            width=args.width, height=args.height,
         )
         bar = tqdm(total=None, desc="sampling", unit="eval", disable=not sys.stderr.isatty())
 
@@ -68,6 +69,24 @@ def cmd_generate(args, settings) -> int:
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}")
         image.save(path)
         print(path)
+    return 0
+
+
+def cmd_import(args, settings) -> int:
+    from ediffi.importers.diffusers import DiffusersImportError, import_diffusers
+
+    try:
+        config = import_diffusers(
+            args.base_dir, args.out, refiner_dir=args.refiner, high_noise_frac=args.high_noise_frac, copy=args.copy,
+        )
+    except (DiffusersImportError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for stage in config.stages:
+        for expert in stage.experts:
+            hi = "inf" if expert.sigma_hi is None else f"{expert.sigma_hi:.4g}"
+            print(f"{stage.name}/{expert.name}: sigma in [{expert.sigma_lo:.4g}, {hi})")
+    print(args.out)
     return 0
 
 
@@ -180,8 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
     gen.add_argument("--model-dir", help="model directory (default: EDIFFI_MODEL_DIR, else models/default)")
     gen.add_argument("--device", help="cpu, cuda, cuda:N (default: EDIFFI_DEVICE)")
+    gen.add_argument("--width", type=int, help="pixels (default: the model's native size)")
+    gen.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     gen.add_argument("--out", default="out.png")
     gen.set_defaults(func=cmd_generate)
+
+    imp = sub.add_parser("import", help="make a model directory from another format's checkpoint on disk")
+    imp_sub = imp.add_subparsers(dest="import_format", required=True)
+    dif = imp_sub.add_parser("diffusers", help="a local diffusers pipeline folder (SD 1.x/2.x, SDXL + refiner)")
+    dif.add_argument("base_dir", help="pipeline folder with model_index.json")
+    dif.add_argument("--refiner", help="SDXL refiner folder (StableDiffusionXLImg2ImgPipeline): the low-noise expert")
+    dif.add_argument("--high-noise-frac", type=float, default=0.8,
+                     help="share of the noise schedule the base denoises (diffusers' denoising_end / denoising_start)")
+    dif.add_argument("--copy", action="store_true", help="copy the components (default: symbolic links to them)")
+    dif.add_argument("--out", required=True, help="model directory to write")
+    dif.set_defaults(func=cmd_import)
 
     for name, func, text in (
         ("serve", cmd_serve, "API and worker in one process (Redis if EDIFFI_REDIS_URL is set, else in-process)"),

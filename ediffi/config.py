@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MODEL_JSON = "model.json"
@@ -57,6 +59,35 @@ class UNetConfig(_Strict):
         return v
 
 
+class TrainingScheduleConfig(_Strict):
+    """A discrete-time checkpoint's training noise schedule (the diffusers
+    scheduler config fields that fix its sigmas and its inference timesteps)."""
+
+    num_train_timesteps: int = Field(1000, gt=1)
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    trained_betas: list[float] | None = None
+    # How diffusers spaces the inference timesteps; it fixes the end points of
+    # its Karras schedule and how it scales the initial noise (see discrete.py).
+    timestep_spacing: Literal["linspace", "leading", "trailing"] = "linspace"
+    steps_offset: int = 0
+
+
+class DiffusersUNetConfig(_Strict):
+    """An expert that is a diffusers `UNet2DConditionModel` trained in discrete
+    time, wrapped into the EDM denoiser contract (ediffi/discrete.py)."""
+
+    kind: Literal["diffusers_unet"]
+    # Folder (relative to the model directory) with config.json + safetensors.
+    path: str
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    schedule: TrainingScheduleConfig
+    # Which conditioning block of the encoders this expert reads (its context
+    # columns and its pooled columns), by name.
+    conditioning: str
+
+
 class ExpertConfig(_Strict):
     """One expert: its noise interval and its network.
 
@@ -68,8 +99,20 @@ class ExpertConfig(_Strict):
     name: str
     sigma_lo: float = Field(ge=0.0)
     sigma_hi: float | None = None
-    weights: str
-    network: UNetConfig
+    # The project's own experts: a safetensors file; diffusers experts name
+    # their folder in `network.path` instead.
+    weights: str | None = None
+    network: UNetConfig | DiffusersUNetConfig
+
+    @model_validator(mode="after")
+    def _weights_given(self) -> ExpertConfig:
+        if isinstance(self.network, UNetConfig) and not self.weights:
+            raise ValueError(f"expert {self.name!r}: weights (a safetensors file) is required")
+        return self
+
+    @property
+    def is_discrete(self) -> bool:
+        return isinstance(self.network, DiffusersUNetConfig)
 
     @property
     def sigma_hi_value(self) -> float:
@@ -79,10 +122,29 @@ class ExpertConfig(_Strict):
         return self.sigma_lo <= sigma < self.sigma_hi_value
 
 
+class LatentConfig(_Strict):
+    """A stage that samples in a VAE's latent space; the decoder turns its
+    final latents into pixels (a final step the engine batches)."""
+
+    vae_path: str
+    # diffusers' 2 ** (len(vae.block_out_channels) - 1): pixels per latent.
+    scale_factor: int = Field(8, gt=0)
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: list[float] | None = None
+    latents_std: list[float] | None = None
+    # Request sizes must be multiples of this many pixels (what the UNet's
+    # down/up-sampling accepts) and within [min_size, max_size].
+    size_multiple: int = Field(8, gt=0)
+
+
 class StageConfig(_Strict):
     name: str
+    # Pixels per side of the stage's output (for a latent stage: the default
+    # size, the one diffusers' pipeline would choose for the checkpoint).
     image_size: int = Field(gt=0)
     channels: int = 3
+    latent: LatentConfig | None = None
     sigma_min: float = Field(0.002, gt=0.0)
     sigma_max: float = Field(80.0, gt=0.0)
     rho: float = 7.0
@@ -94,13 +156,29 @@ class StageConfig(_Strict):
     @model_validator(mode="after")
     def _experts_cover_range(self) -> StageConfig:
         validate_expert_coverage(self.name, self.experts)
+        kinds = {e.is_discrete for e in self.experts}
+        if len(kinds) > 1:
+            raise ValueError(f"stage {self.name!r}: diffusers and eDiff-I experts cannot share a stage")
+        if True in kinds and len({e.network.schedule.model_dump_json() for e in self.experts}) > 1:
+            raise ValueError(f"stage {self.name!r}: the discrete-time experts of a stage must share one training schedule")
         if self.sigma_min >= self.sigma_max:
             raise ValueError(f"stage {self.name!r}: sigma_min must be < sigma_max")
         return self
 
     @property
     def is_super_resolution(self) -> bool:
-        return self.experts[0].network.low_res_channels > 0
+        network = self.experts[0].network
+        return isinstance(network, UNetConfig) and network.low_res_channels > 0
+
+    @property
+    def is_discrete(self) -> bool:
+        """Its experts are discrete-time (diffusers) checkpoints."""
+        return self.experts[0].is_discrete
+
+    @property
+    def schedule(self) -> TrainingScheduleConfig | None:
+        network = self.experts[0].network
+        return network.schedule if isinstance(network, DiffusersUNetConfig) else None
 
 
 def validate_expert_coverage(stage: str, experts: list[ExpertConfig]) -> None:
@@ -156,11 +234,72 @@ class EncodersConfig(_Strict):
     clip_vision: VisionEncoderConfig
 
 
+class ClipTextEncoderConfig(_Strict):
+    """One transformers CLIP text tower of an imported checkpoint."""
+
+    name: str
+    path: str
+    tokenizer_path: str
+    max_length: int = Field(77, gt=1)
+    # CLIPTextModel, or CLIPTextModelWithProjection (SDXL's second encoder).
+    with_projection: bool = False
+
+
+class ConditioningConfig(_Strict):
+    """The conditioning one expert reads, as its checkpoint expects it.
+
+    The context of a model with several conditionings is their context
+    blocks side by side (columns), the pooled vector their pooled blocks side
+    by side; each expert reads its own block."""
+
+    name: str
+    # Encoders whose token embeddings are concatenated along the feature axis.
+    encoders: list[str]
+    # "last": the final hidden state after the final layer norm (SD 1.x/2.x);
+    # "penultimate": hidden_states[-2] (SDXL).
+    hidden_state: Literal["last", "penultimate"] = "last"
+    # The encoder whose projected text_embeds is the pooled vector (SDXL).
+    pooled_from: str | None = None
+    # An empty negative prompt: zeros (SDXL's force_zeros_for_empty_prompt)
+    # or the encoding of "".
+    empty_negative: Literal["zeros", "encode"] = "encode"
+    # SDXL's add_time_ids: "size" = original size, crop, target size;
+    # "aesthetic" = original size, crop, aesthetic score (the refiner).
+    micro_conditioning: Literal["none", "size", "aesthetic"] = "none"
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+    @property
+    def time_ids_width(self) -> int:
+        return {"none": 0, "size": 6, "aesthetic": 5}[self.micro_conditioning]
+
+
+class DiffusersEncodersConfig(_Strict):
+    kind: Literal["diffusers_clip"]
+    text_encoders: list[ClipTextEncoderConfig]
+    conditionings: list[ConditioningConfig]
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> DiffusersEncodersConfig:
+        known = {e.name for e in self.text_encoders}
+        for cond in self.conditionings:
+            for name in [*cond.encoders, *([cond.pooled_from] if cond.pooled_from else [])]:
+                if name not in known:
+                    raise ValueError(f"conditioning {cond.name!r} names unknown text encoder {name!r}")
+        return self
+
+    def conditioning(self, name: str) -> ConditioningConfig:
+        for cond in self.conditionings:
+            if cond.name == name:
+                return cond
+        raise KeyError(f"no conditioning named {name!r}; there are {[c.name for c in self.conditionings]}")
+
+
 class ModelConfig(_Strict):
     format_version: int = 1
     name: str = "ediffi"
     sigma_data: float = 0.5
-    encoders: EncodersConfig
+    encoders: EncodersConfig | DiffusersEncodersConfig
     stages: list[StageConfig]
     # Free-form provenance (training command, steps, wall time).
     training: dict = Field(default_factory=dict)
@@ -179,7 +318,17 @@ class ModelConfig(_Strict):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
+        discrete = [e for s in self.stages for e in s.experts if e.is_discrete]
+        if discrete and not isinstance(self.encoders, DiffusersEncodersConfig):
+            raise ValueError("diffusers experts need diffusers_clip encoders")
+        for expert in discrete:
+            self.encoders.conditioning(expert.network.conditioning)  # names an existing block
         return self
+
+    @property
+    def is_imported(self) -> bool:
+        """Imported from a diffusers pipeline (discrete-time experts)."""
+        return isinstance(self.encoders, DiffusersEncodersConfig)
 
     def stage(self, name: str) -> StageConfig:
         for stage in self.stages:

@@ -239,6 +239,23 @@ class Encoders(torch.nn.Module):
             pooled = F.normalize(out.text_embeds, dim=-1)
         return TextEmbeddings(context, mask, pooled, t5_offsets, clip_offsets)
 
+    @property
+    def has_image_encoder(self) -> bool:
+        return True
+
+    def empty_negative(self, encode_text) -> TextEmbeddings:
+        """Unconditional rows for an empty negative prompt: all-null embeddings
+        (the model was trained with each embedding dropped to zeros)."""
+        like = encode_text([""])
+        return TextEmbeddings(
+            torch.zeros_like(like.context), torch.zeros_like(like.context_mask), torch.zeros_like(like.pooled_text),
+            like.t5_offsets, like.clip_offsets,
+        )
+
+    def add_micro_conditioning(self, pooled: torch.Tensor, height: int, width: int, negative: bool) -> torch.Tensor:
+        """No size conditioning in this project's models."""
+        return pooled
+
     @torch.no_grad()
     def encode_image(self, images: list[Image.Image]) -> torch.Tensor:
         """The CLIP image embedding (unit norm): the style vector."""

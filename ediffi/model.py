@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ediffi.config import (
+    DiffusersEncodersConfig,
     EncodersConfig,
     ExpertConfig,
     ModelConfig,
@@ -29,15 +30,23 @@ from ediffi.edm import EDMDenoiser
 from ediffi.encoders import Encoders, TinyEncoderSpec, build_tiny_encoders
 
 
+# Name of a latent stage's decoder step among its "experts" (never routed to by sigma).
+DECODER = "vae_decoder"
+
+
 class ExpertEnsemble(nn.Module):
     """The experts of one stage. `route` picks the expert owning sigma in its
     half-open [sigma_lo, sigma_hi); a boundary belongs to the higher-noise
     expert (the one whose sigma_lo equals it). One expert = a plain model."""
 
-    def __init__(self, stage: StageConfig, experts: dict[str, EDMDenoiser]):
+    def __init__(self, stage: StageConfig, experts: dict[str, nn.Module], decoder: nn.Module | None = None):
         super().__init__()
         self.stage = stage
         self.experts = nn.ModuleDict(experts)
+        # A latent stage's VAE decoder: the engine runs it like an expert
+        # (batched across requests) once a request's latents are final.
+        if decoder is not None:
+            self.experts[DECODER] = decoder
         # Sorted by sigma_lo; coverage was validated with the config.
         self._order = sorted(stage.experts, key=lambda e: e.sigma_lo)
 
@@ -71,6 +80,9 @@ class EDiffIModel:
         self.encoders.to(device)
         for ensemble in self.stages.values():
             ensemble.to(device=device, dtype=dtype)
+            if DECODER in ensemble.experts:
+                # VAE decoders overflow in float16 (SDXL's does): keep float32.
+                ensemble.experts[DECODER].float()
         return self
 
     @property
@@ -112,6 +124,10 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = 
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     config = ModelConfig.load(model_dir)
+    if config.is_imported:
+        from ediffi.diffusers_model import load_imported_model
+
+        return load_imported_model(model_dir, config).to(device, dtype)
     encoders = Encoders(model_dir, config.encoders)
     stages = {}
     for stage in config.stages:

@@ -14,11 +14,13 @@ region strength w' and each region's mask is scaled by w'_region / w', so
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ediffi.failure import InputError
@@ -144,3 +146,66 @@ def build_pww_inputs(
         for col in columns:
             pww[col] = np.maximum(pww[col], mask * scale)
     return torch.from_numpy(pww), float(strength)
+
+
+class PaintWithWordsAttnProcessor:
+    """A diffusers attention processor with the paint-with-words bias in
+    cross-attention (eDiff-I §4.3, the same equation as `unet.SpatialAttention`):
+
+        softmax((Q K^T + w A) / sqrt(d)) V,   w = w' log(1 + sigma) max(Q K^T)
+
+    with max(Q K^T) per sample (over heads, queries and keys of that row),
+    A the request's `pww_mask [B, L, h, w]` resized to this layer's
+    resolution. It gets `pww=(mask, strength, sigma)` through the UNet's
+    cross_attention_kwargs; self-attention, and calls without it, run
+    diffusers' own processor unchanged. Rows with strength 0 (unconditional
+    rows, unpainted requests) get exactly the plain attention logits."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.plain = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, pww=None, **kwargs):
+        if pww is None or encoder_hidden_states is None or attn.is_cross_attention is False:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        mask, strength, sigma = pww
+        if hidden_states.ndim != 3 or attn.norm_cross or attn.residual_connection or attn.spatial_norm is not None:
+            raise ValueError("paint-with-words supports the SD/SDXL transformer-block cross-attention layout only")
+        b, tokens, _ = hidden_states.shape
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        heads = attn.heads
+        split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+        query, key, value = split(query), split(key), split(value)
+        logits = query @ key.transpose(-1, -2)  # [B, heads, tokens, L] = Q K^T
+        area = resize_pww_mask_to_tokens(mask, tokens).to(logits.dtype)  # [B, tokens, L]
+        per_sample_max = logits.detach().amax(dim=(1, 2, 3))
+        weight = strength.to(logits.dtype) * torch.log1p(sigma.to(logits.dtype)) * per_sample_max
+        logits = (logits + weight[:, None, None, None] * area[:, None]) * attn.scale
+        out = logits.softmax(dim=-1) @ value
+        out = out.transpose(1, 2).reshape(b, tokens, -1).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def resize_pww_mask_to_tokens(mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[B, L, h, w] at latent resolution -> [B, tokens, L] at an attention
+    layer's resolution (h/f x w/f with f a power of two; diffusers'
+    downsampling rounds odd sizes up)."""
+    h, w = mask.shape[-2:]
+    factor = 1
+    while math.ceil(h / factor) * math.ceil(w / factor) > tokens:
+        factor *= 2
+    size = (math.ceil(h / factor), math.ceil(w / factor))
+    if size[0] * size[1] != tokens:
+        raise ValueError(f"cannot place a {h}x{w} paint-with-words mask on {tokens} attention tokens")
+    if size != (h, w):
+        mask = F.interpolate(mask, size=size, mode="area")
+    return mask.flatten(2).transpose(1, 2)
+
+
+def install_pww_processors(unet) -> None:
+    """Give every attention layer of a diffusers UNet the paint-with-words
+    processor (it defers to the plain one when not painting)."""
+    unet.set_attn_processor(PaintWithWordsAttnProcessor())

@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ediffi.config import ModelConfig, StageConfig
+from ediffi.discrete import inference_sigmas, initial_noise_scale
 from ediffi.encoders import ENCODER_NAMES
 from ediffi.failure import InputError
-from ediffi.model import EDiffIModel
+from ediffi.model import DECODER, EDiffIModel
 from ediffi.paint import Region, build_pww_inputs
 from ediffi.samplers import SAMPLERS, Sampler, classifier_free_guidance, karras_sigmas, make_sampler
 
@@ -41,6 +43,9 @@ class GenerationRequest:
     # Which conditioning embeddings are used (any subset works, as trained
     # with embedding dropout).
     encoders: frozenset[str] = frozenset(ENCODER_NAMES)
+    # Output size in pixels; None: the model's native (default) size.
+    width: int | None = None
+    height: int | None = None
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -54,10 +59,50 @@ class GenerationRequest:
         unknown = set(self.encoders) - set(ENCODER_NAMES)
         if unknown:
             raise InputError("encoders", f"unknown {sorted(unknown)}; choose from {ENCODER_NAMES}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(name, "must be >= 1")
 
     @property
     def image_seeds(self) -> list[int]:
         return [self.seed + k for k in range(self.n)]
+
+
+def output_size(config: ModelConfig, request: GenerationRequest) -> tuple[int, int]:
+    """(height, width) of the request's images. The project's own models make
+    their native square size only; an imported latent model any size that is
+    a multiple of what its UNet accepts (the default: diffusers' default)."""
+    last = config.stages[-1]
+    height = request.height or last.image_size
+    width = request.width or last.image_size
+    if last.latent is None:
+        for name, value in (("width", width), ("height", height)):
+            if value != last.image_size:
+                raise InputError(name, f"this model makes {last.image_size}x{last.image_size} images only, got {value}")
+        return height, width
+    multiple = last.latent.size_multiple
+    for name, value in (("width", width), ("height", height)):
+        if value % multiple:
+            raise InputError(name, f"must be a multiple of {multiple} for this model, got {value}")
+    return height, width
+
+
+def stage_shape(stage: StageConfig, height: int, width: int) -> tuple[int, int, int]:
+    """[C, H, W] the stage samples in (latents are 1/scale_factor the pixels)."""
+    if stage.latent is None:
+        return stage.channels, stage.image_size, stage.image_size
+    f = stage.latent.scale_factor
+    return stage.channels, height // f, width // f
+
+
+def stage_sigmas(stage: StageConfig, steps: int) -> torch.Tensor:
+    """The sampler's sigma schedule: EDM's Karras schedule over the stage's
+    range, or for a discrete-time checkpoint the one diffusers' Euler
+    scheduler with Karras sigmas uses (within its trained range)."""
+    if stage.schedule is not None:
+        return inference_sigmas(stage.schedule, steps)
+    return karras_sigmas(steps, stage.sigma_min, stage.sigma_max, stage.rho)
 
 
 @dataclass
@@ -104,6 +149,8 @@ class Conditioning:
     pww_strength: torch.Tensor  # [R]
     guidance_scale: torch.Tensor  # [n]
     guided: bool
+    height: int = 0
+    width: int = 0
 
 
 def encode_request(model: EDiffIModel, request: GenerationRequest, text_cache: Callable | None = None) -> Conditioning:
@@ -115,6 +162,9 @@ def encode_request(model: EDiffIModel, request: GenerationRequest, text_cache: C
     """
     request.validate()
     enc = model.encoders
+    if request.style_image is not None and not enc.has_image_encoder:
+        raise InputError("style_image", "this model has no image encoder, so it takes no style image")
+    height, width = output_size(model.config, request)
     encode_text = text_cache or enc.encode_text
     use_t5, use_clip = "t5" in request.encoders, "clip_text" in request.encoders
     text = encode_text([request.prompt], use_t5, use_clip)
@@ -122,6 +172,8 @@ def encode_request(model: EDiffIModel, request: GenerationRequest, text_cache: C
     if request.style_image is not None and "clip_image" in request.encoders:
         pooled_image = enc.encode_image([request.style_image])
     cond_pooled = torch.cat([text.pooled_text, pooled_image], dim=1)
+    # Size conditioning (SDXL's add_time_ids) goes into the pooled vector.
+    cond_pooled = enc.add_micro_conditioning(cond_pooled, height, width, negative=False)
 
     n = request.n
     guided = request.guidance_scale != 1.0
@@ -129,24 +181,23 @@ def encode_request(model: EDiffIModel, request: GenerationRequest, text_cache: C
     if guided:
         if request.negative_prompt:
             neg = encode_text([request.negative_prompt], use_t5, use_clip)
-            contexts.append(neg.context)
-            masks.append(neg.context_mask)
-            pooled.append(torch.cat([neg.pooled_text, torch.zeros_like(pooled_image)], dim=1))
         else:
-            contexts.append(torch.zeros_like(text.context))
-            masks.append(torch.zeros_like(text.context_mask))
-            pooled.append(torch.zeros_like(cond_pooled))
+            neg = enc.empty_negative(encode_text)
+        contexts.append(neg.context)
+        masks.append(neg.context_mask)
+        neg_pooled = torch.cat([neg.pooled_text, torch.zeros_like(pooled_image)], dim=1)
+        pooled.append(enc.add_micro_conditioning(neg_pooled, height, width, negative=True))
     rows = lambda parts: torch.cat([p.expand(n, *p.shape[1:]) for p in parts])  # noqa: E731
 
     pww_masks: dict[str, torch.Tensor] = {}
     strength = 0.0
     length = enc.context_length
     for stage in model.config.stages:
-        size = stage.image_size
+        _, mask_h, mask_w = stage_shape(stage, height, width)
         if request.regions:
             mask, strength = build_pww_inputs(
                 request.prompt, request.regions, request.color_map,
-                text.t5_offsets[0], text.clip_offsets[0], size, size,
+                text.t5_offsets[0], text.clip_offsets[0], mask_h, mask_w,
             )
             if not use_t5:
                 mask[: enc.t5_length] = 0
@@ -154,7 +205,7 @@ def encode_request(model: EDiffIModel, request: GenerationRequest, text_cache: C
                 mask[enc.t5_length :] = 0
             mask = mask.to(enc.device)[None]
         else:
-            mask = torch.zeros(1, length, size, size, device=enc.device)
+            mask = torch.zeros(1, length, mask_h, mask_w, device=enc.device)
         parts = [mask] + ([torch.zeros_like(mask)] if guided else [])
         pww_masks[stage.name] = rows(parts)
     strengths = [torch.full((n,), strength)] + ([torch.zeros(n)] if guided else [])
@@ -162,6 +213,7 @@ def encode_request(model: EDiffIModel, request: GenerationRequest, text_cache: C
         context=rows(contexts), context_mask=rows(masks), pooled=rows(pooled), pww_masks=pww_masks,
         pww_strength=torch.cat(strengths).to(enc.device),
         guidance_scale=torch.full((n,), float(request.guidance_scale), device=enc.device), guided=guided,
+        height=height, width=width,
     )
 
 
@@ -189,15 +241,17 @@ class RequestRun:
         self.evaluations_done = 0
         self.evaluations_total = sum(
             make_sampler(request.sampler, torch.zeros(1), self._sigmas(stage)).total_evaluations
+            + (stage.latent is not None)  # the decoder step
             for stage in model.config.stages
         )
+        self._decoding = False
         self._low_res: torch.Tensor | None = None
         self._low_res_sigma: torch.Tensor | None = None
         self._images: torch.Tensor | None = None
         self.sampler: Sampler = self._start_stage()
 
     def _sigmas(self, stage) -> torch.Tensor:
-        return karras_sigmas(self.request.steps, stage.sigma_min, stage.sigma_max, stage.rho)
+        return stage_sigmas(stage, self.request.steps)
 
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.cat([torch.randn((1, *shape), generator=g) for g in self.generators])
@@ -210,7 +264,10 @@ class RequestRun:
         stage = self.stage
         device, dtype = self.model.device, self.model.dtype
         sigmas = self._sigmas(stage)
-        x = self._noise((stage.channels, stage.image_size, stage.image_size)) * sigmas[0]
+        # Imported checkpoints: the noise diffusers draws for the same seed
+        # (CPU generator, [1, C, H/f, W/f]) times its init_noise_sigma.
+        scale = sigmas[0] if stage.schedule is None else initial_noise_scale(stage.schedule, float(sigmas[0]))
+        x = self._noise(stage_shape(stage, self.cond.height, self.cond.width)) * scale
         if stage.is_super_resolution:
             # Cascaded diffusion: condition on the upsampled previous image,
             # noise-augmented at a level the network is told about.
@@ -229,8 +286,10 @@ class RequestRun:
     def pending(self) -> PendingEvaluation | None:
         if self.done:
             return None
-        evaluation = self.sampler.pending()
         stage = self.stage
+        if self._decoding:
+            return self._decoder_evaluation()
+        evaluation = self.sampler.pending()
         ensemble = self.model.stages[stage.name]
         cond = self.cond
         reps = 2 if cond.guided else 1
@@ -250,17 +309,40 @@ class RequestRun:
         )
         return PendingEvaluation(stage.name, ensemble.route(evaluation.sigma), inputs)
 
+    def _decoder_evaluation(self) -> PendingEvaluation:
+        """The latent stage's final step: decode the n final latents. The
+        conditioning inputs are empty (zero-width) tensors of the right rows."""
+        x = self.sampler.x
+        n = x.shape[0]
+        empty = x.new_zeros(n, 0)
+        inputs = DenoiserInputs(
+            x=x, sigma=x.new_zeros(n), context=x.new_zeros(n, 0, 0), context_mask=empty.bool(), pooled=empty,
+            pww_mask=x.new_zeros(n, 0, *x.shape[2:]), pww_strength=x.new_zeros(n),
+        )
+        return PendingEvaluation(self.stage.name, DECODER, inputs)
+
+    def _finish_stage(self, images: torch.Tensor) -> None:
+        self._images = images.float().cpu()
+        self._decoding = False
+        self.stage_index += 1
+        if not self.done:
+            self.sampler = self._start_stage()
+
     def advance(self, denoised: torch.Tensor) -> None:
+        if self._decoding:
+            self.evaluations_done += 1
+            self._finish_stage(denoised)
+            return
         n = self.request.n
         if self.cond.guided:
             denoised = classifier_free_guidance(denoised[:n], denoised[n:], self.cond.guidance_scale.to(denoised))
         self.sampler.advance(denoised)
         self.evaluations_done += 1
         if self.sampler.done:
-            self._images = self.sampler.x.float().cpu()
-            self.stage_index += 1
-            if not self.done:
-                self.sampler = self._start_stage()
+            if self.stage.latent is not None:
+                self._decoding = True
+            else:
+                self._finish_stage(self.sampler.x)
 
     def images(self) -> list[Image.Image]:
         if not self.done:
@@ -281,6 +363,7 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def evaluate(model: EDiffIModel, pending: PendingEvaluation) -> torch.Tensor:
+    """One call of the expert (or decoder) a pending evaluation names."""
     expert = model.stages[pending.stage].experts[pending.expert]
     return expert(**pending.inputs.as_kwargs())
 

@@ -1,0 +1,342 @@
+"""`ediffi import diffusers`: a local diffusers pipeline folder (model_index.json)
+becomes a model directory of this project.
+
+Each supported pipeline class is one entry of `PIPELINES`: a function that
+reads the folder(s) and returns the stages and encoders of `model.json`.
+Components are linked (default) or copied into the model directory. Only
+safetensors weights are accepted; a pickled `.bin`/`.ckpt` is refused by
+name and never opened.
+
+Layout written:
+    MODEL_DIR/model.json
+    MODEL_DIR/base/{unet,vae,text_encoder,...}      (the base pipeline's components)
+    MODEL_DIR/refiner/{unet,vae,text_encoder_2,...} (an SDXL refiner, if given)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ediffi.config import (
+    ClipTextEncoderConfig,
+    ConditioningConfig,
+    DiffusersEncodersConfig,
+    DiffusersUNetConfig,
+    ExpertConfig,
+    LatentConfig,
+    ModelConfig,
+    StageConfig,
+    TrainingScheduleConfig,
+)
+from ediffi.discrete import boundary_sigma, training_sigmas
+
+DEFAULT_HIGH_NOISE_FRAC = 0.8
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+# Scheduler-config fields that fix the sigmas; the refiner must agree with the base.
+_SCHEDULE_FIELDS = tuple(TrainingScheduleConfig.model_fields)
+# Config keys that differ between identical weights saved by different runs.
+_VOLATILE_KEYS = {"_name_or_path", "transformers_version", "_diffusers_version", "_commit_hash"}
+
+
+class DiffusersImportError(ValueError):
+    """A diffusers folder that cannot be imported; the message names what is wrong."""
+
+
+@dataclass
+class PipelineFolder:
+    """One diffusers pipeline folder and its model_index.json."""
+
+    root: Path
+    index: dict
+
+    @classmethod
+    def open(cls, root: str | Path) -> PipelineFolder:
+        root = Path(root)
+        index_path = root / "model_index.json"
+        if not index_path.is_file():
+            raise DiffusersImportError(f"{root} is not a diffusers pipeline folder: it has no model_index.json")
+        return cls(root, json.loads(index_path.read_text()))
+
+    @property
+    def pipeline_class(self) -> str:
+        return str(self.index.get("_class_name"))
+
+    def has(self, component: str) -> bool:
+        entry = self.index.get(component)
+        return isinstance(entry, list) and entry[0] is not None and entry[1] is not None
+
+    def component(self, name: str, weights: bool = True) -> Path:
+        """The folder of a component the pipeline must have; with `weights`,
+        checked to hold safetensors (and refused if it holds only pickles)."""
+        if not self.has(name):
+            raise DiffusersImportError(f"{self.root}: the {self.pipeline_class} has no {name!r} component in model_index.json")
+        folder = self.root / name
+        if not folder.is_dir():
+            raise DiffusersImportError(f"{self.root}: component {name!r} is listed in model_index.json but {folder} is missing")
+        if weights:
+            require_safetensors(folder)
+        return folder
+
+    def config(self, name: str, filename: str = "config.json") -> dict:
+        path = self.component(name, weights=False) / filename
+        if not path.is_file():
+            raise DiffusersImportError(f"component {name!r}: {path} is missing")
+        return json.loads(path.read_text())
+
+    def setting(self, key: str, default):
+        """A pipeline argument registered in model_index.json (e.g. force_zeros_for_empty_prompt)."""
+        return self.index.get(key, default)
+
+
+def require_safetensors(folder: Path) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    if any(p.name.endswith(".safetensors") or p.name.endswith(".safetensors.index.json") for p in files):
+        return
+    pickled = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickled:
+        raise DiffusersImportError(
+            f"{pickled[0]}: pickled weights are not loaded (they can run code); convert the component to safetensors"
+        )
+    raise DiffusersImportError(f"{folder}: no safetensors weights found")
+
+
+def schedule_of(folder: PipelineFolder) -> tuple[TrainingScheduleConfig, str]:
+    """The training schedule and prediction type from the scheduler config,
+    read as `EulerDiscreteScheduler.from_config` reads it (absent keys take
+    that scheduler's defaults)."""
+    cfg = folder.config("scheduler", "scheduler_config.json")
+    if cfg.get("rescale_betas_zero_snr"):
+        raise DiffusersImportError(f"{folder.root}/scheduler: rescale_betas_zero_snr is not supported")
+    if cfg.get("timestep_type", "discrete") != "discrete":
+        raise DiffusersImportError(f"{folder.root}/scheduler: timestep_type {cfg['timestep_type']!r} is not supported")
+    prediction = cfg.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction", "sample"):
+        raise DiffusersImportError(f"{folder.root}/scheduler: prediction_type {prediction!r} is not supported")
+    defaults = TrainingScheduleConfig()
+    fields = {k: cfg[k] for k in _SCHEDULE_FIELDS if cfg.get(k) is not None}
+    schedule = TrainingScheduleConfig(**{**defaults.model_dump(), **fields})
+    return schedule, prediction
+
+
+def _files_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name.endswith(".safetensors"):
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _config_without_volatile(path: Path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in _VOLATILE_KEYS}
+
+
+def require_same_text_encoder(base: PipelineFolder, base_name: str, refiner: PipelineFolder, refiner_name: str) -> None:
+    """The refiner reads the base's encoding of the prompt (one encoding per
+    prompt for both experts), so its text encoder must be the base's."""
+    a, b = base.component(base_name), refiner.component(refiner_name)
+    if _config_without_volatile(a / "config.json") != _config_without_volatile(b / "config.json") or _files_digest(a) != _files_digest(b):
+        raise DiffusersImportError(
+            f"the refiner's text encoder {b} does not match the base's {a}: "
+            f"a refiner must share the base's {base_name} (same config and weights)"
+        )
+
+
+@dataclass
+class ImportPlan:
+    """What an importer decided: components to place and the model.json parts."""
+
+    components: dict[str, Path] = field(default_factory=dict)  # relative target -> source folder
+    stages: list[StageConfig] = field(default_factory=list)
+    encoders: DiffusersEncodersConfig | None = None
+    provenance: dict = field(default_factory=dict)
+
+
+def _latent(vae_cfg: dict, unet_cfg: dict, vae_path: str) -> LatentConfig:
+    scale = 2 ** (len(vae_cfg.get("block_out_channels", [64])) - 1)
+    downsamples = len(unet_cfg.get("block_out_channels", [320])) - 1
+    return LatentConfig(
+        vae_path=vae_path, scale_factor=scale, scaling_factor=vae_cfg.get("scaling_factor", 0.18215),
+        shift_factor=vae_cfg.get("shift_factor"), latents_mean=vae_cfg.get("latents_mean"),
+        latents_std=vae_cfg.get("latents_std"),
+        # diffusers' pipelines take multiples of 8 pixels; the UNet halves the
+        # latents `downsamples` times.
+        size_multiple=math.lcm(8, scale * 2**downsamples),
+    )
+
+
+def _default_size(unet_cfg: dict, latent: LatentConfig) -> int:
+    """The size diffusers' pipeline picks: unet.sample_size * vae_scale_factor."""
+    sample = unet_cfg.get("sample_size", 64)
+    if isinstance(sample, (list, tuple)):
+        sample = sample[0]
+    return int(sample) * latent.scale_factor
+
+
+def _text_encoder(folder: PipelineFolder, prefix: str, encoder: str, tokenizer: str, plan: ImportPlan, projection: bool) -> ClipTextEncoderConfig:
+    plan.components[f"{prefix}/{encoder}"] = folder.component(encoder)
+    plan.components[f"{prefix}/{tokenizer}"] = folder.component(tokenizer, weights=False)
+    tok_cfg_path = folder.root / tokenizer / "tokenizer_config.json"
+    max_length = 77
+    if tok_cfg_path.is_file():
+        max_length = int(json.loads(tok_cfg_path.read_text()).get("model_max_length", 77))
+    return ClipTextEncoderConfig(
+        name=encoder, path=f"{prefix}/{encoder}", tokenizer_path=f"{prefix}/{tokenizer}", max_length=max_length,
+        with_projection=projection,
+    )
+
+
+def _unet(folder: PipelineFolder, prefix: str, plan: ImportPlan) -> dict:
+    plan.components[f"{prefix}/unet"] = folder.component("unet")
+    plan.components[f"{prefix}/vae"] = folder.component("vae")
+    plan.components[f"{prefix}/scheduler"] = folder.component("scheduler", weights=False)
+    unet_cfg = folder.config("unet")
+    if folder.config("vae").get("latent_channels", 4) != unet_cfg.get("in_channels", 4):
+        raise DiffusersImportError(f"{folder.root}: the UNet's in_channels do not match the VAE's latent_channels")
+    return unet_cfg
+
+
+def _stage(folder: PipelineFolder, experts: list[ExpertConfig], schedule: TrainingScheduleConfig, unet_cfg: dict, vae_prefix: str) -> StageConfig:
+    latent = _latent(folder.config("vae"), unet_cfg, f"{vae_prefix}/vae")
+    sigmas = training_sigmas(schedule)
+    return StageConfig(
+        name="base", image_size=_default_size(unet_cfg, latent), channels=int(unet_cfg.get("in_channels", 4)),
+        sigma_min=float(sigmas[0]), sigma_max=float(sigmas[-1]), latent=latent, experts=experts,
+    )
+
+
+def import_stable_diffusion(base: PipelineFolder, refiner: PipelineFolder | None, high_noise_frac: float) -> ImportPlan:
+    """SD 1.x / 2.x: one CLIP text encoder (last hidden state), one UNet."""
+    if refiner is not None:
+        raise DiffusersImportError("--refiner is for StableDiffusionXLPipeline bases only")
+    plan = ImportPlan()
+    text = _text_encoder(base, "base", "text_encoder", "tokenizer", plan, projection=False)
+    cond = ConditioningConfig(name="base", encoders=[text.name], hidden_state="last", empty_negative="encode")
+    plan.encoders = DiffusersEncodersConfig(kind="diffusers_clip", text_encoders=[text], conditionings=[cond])
+    unet_cfg = _unet(base, "base", plan)
+    schedule, prediction = schedule_of(base)
+    expert = ExpertConfig(
+        name="unet", sigma_lo=0.0, sigma_hi=None,
+        network=DiffusersUNetConfig(kind="diffusers_unet", path="base/unet", prediction_type=prediction, schedule=schedule, conditioning="base"),
+    )
+    plan.stages = [_stage(base, [expert], schedule, unet_cfg, "base")]
+    return plan
+
+
+def import_stable_diffusion_xl(base: PipelineFolder, refiner: PipelineFolder | None, high_noise_frac: float) -> ImportPlan:
+    """SDXL base (two text encoders, penultimate states concatenated, pooled
+    text_embeds of the second, size micro-conditioning), optionally with its
+    refiner as the low-noise expert below sigma(high_noise_frac)."""
+    plan = ImportPlan()
+    te1 = _text_encoder(base, "base", "text_encoder", "tokenizer", plan, projection=False)
+    te2 = _text_encoder(base, "base", "text_encoder_2", "tokenizer_2", plan, projection=True)
+    base_cond = ConditioningConfig(
+        name="base", encoders=[te1.name, te2.name], hidden_state="penultimate", pooled_from=te2.name,
+        empty_negative="zeros" if base.setting("force_zeros_for_empty_prompt", True) else "encode",
+        micro_conditioning="aesthetic" if base.setting("requires_aesthetics_score", False) else "size",
+    )
+    conditionings = [base_cond]
+    unet_cfg = _unet(base, "base", plan)
+    schedule, prediction = schedule_of(base)
+    base_net = DiffusersUNetConfig(kind="diffusers_unet", path="base/unet", prediction_type=prediction, schedule=schedule, conditioning="base")
+    vae_prefix = "base"
+    if refiner is None:
+        experts = [ExpertConfig(name="base", sigma_lo=0.0, sigma_hi=None, network=base_net)]
+    else:
+        if refiner.pipeline_class != "StableDiffusionXLImg2ImgPipeline":
+            raise DiffusersImportError(
+                f"{refiner.root}: a refiner must be a StableDiffusionXLImg2ImgPipeline, got {refiner.pipeline_class!r}"
+            )
+        require_same_text_encoder(base, "text_encoder_2", refiner, "text_encoder_2")
+        encoders = ["text_encoder_2"]
+        if refiner.has("text_encoder"):
+            require_same_text_encoder(base, "text_encoder", refiner, "text_encoder")
+            encoders = ["text_encoder", "text_encoder_2"]
+        refiner.component("tokenizer_2", weights=False)
+        refiner_schedule, refiner_prediction = schedule_of(refiner)
+        if refiner_schedule != schedule:
+            raise DiffusersImportError(
+                f"{refiner.root}/scheduler: the refiner's training schedule differs from the base's; "
+                "one sampler trajectory crosses both experts, so they must share it"
+            )
+        _unet(refiner, "refiner", plan)
+        conditionings.append(
+            ConditioningConfig(
+                name="refiner", encoders=encoders, hidden_state="penultimate", pooled_from="text_encoder_2",
+                empty_negative="zeros" if refiner.setting("force_zeros_for_empty_prompt", True) else "encode",
+                micro_conditioning="aesthetic" if refiner.setting("requires_aesthetics_score", False) else "size",
+            )
+        )
+        boundary = boundary_sigma(schedule, high_noise_frac)
+        refiner_net = DiffusersUNetConfig(
+            kind="diffusers_unet", path="refiner/unet", prediction_type=refiner_prediction, schedule=schedule, conditioning="refiner"
+        )
+        # Half-open ranges: the boundary sigma itself belongs to the base, as
+        # diffusers' base runs every step with timestep >= the cutoff.
+        experts = [
+            ExpertConfig(name="base", sigma_lo=boundary, sigma_hi=None, network=base_net),
+            ExpertConfig(name="refiner", sigma_lo=0.0, sigma_hi=boundary, network=refiner_net),
+        ]
+        vae_prefix = "refiner"  # diffusers decodes with the refiner pipeline's VAE
+        plan.provenance["high_noise_frac"] = high_noise_frac
+        plan.provenance["refiner"] = str(refiner.root.resolve())
+    plan.encoders = DiffusersEncodersConfig(kind="diffusers_clip", text_encoders=[te1, te2], conditionings=conditionings)
+    plan.stages = [_stage(refiner or base, experts, schedule, unet_cfg, vae_prefix)]
+    return plan
+
+
+# Pipeline class (model_index.json `_class_name`) -> importer. Another family
+# is one more entry here.
+PIPELINES: dict[str, Callable[[PipelineFolder, PipelineFolder | None, float], ImportPlan]] = {
+    "StableDiffusionPipeline": import_stable_diffusion,
+    "StableDiffusionXLPipeline": import_stable_diffusion_xl,
+}
+
+
+def _place(source: Path, target: Path, copy: bool) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        else:
+            shutil.rmtree(target)
+    if copy:
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(*[f"*{s}" for s in PICKLE_SUFFIXES]))
+    else:
+        os.symlink(source.resolve(), target, target_is_directory=True)
+
+
+def import_diffusers(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    refiner_dir: str | Path | None = None,
+    high_noise_frac: float = DEFAULT_HIGH_NOISE_FRAC,
+    copy: bool = False,
+) -> ModelConfig:
+    """Write a model directory for a diffusers pipeline folder (and refiner)."""
+    base = PipelineFolder.open(base_dir)
+    refiner = PipelineFolder.open(refiner_dir) if refiner_dir is not None else None
+    importer = PIPELINES.get(base.pipeline_class)
+    if importer is None:
+        raise DiffusersImportError(
+            f"{base.root}: pipeline class {base.pipeline_class!r} is not supported; supported: {', '.join(PIPELINES)}"
+        )
+    plan = importer(base, refiner, high_noise_frac)
+    out_dir = Path(out_dir)
+    config = ModelConfig(
+        name=base.root.resolve().name, encoders=plan.encoders, stages=plan.stages,
+        training={"imported_from": str(base.root.resolve()), "pipeline": base.pipeline_class, **plan.provenance},
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for relative, source in plan.components.items():
+        _place(source, out_dir / relative, copy)
+    config.save(out_dir)
+    return config
