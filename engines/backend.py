@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ediffi.model import EDiffIModel
-from ediffi.pipeline import DenoiserInputs
+from ediffi.pipeline import DenoiserInputs, stage_shape
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -139,7 +139,8 @@ class Backend(ABC):
         cfg = model.config.stage(stage)
         enc = model.encoders
         device, dtype = self.device, self.dtype
-        size, ch = cfg.image_size, cfg.channels
+        # A latent stage samples at 1/scale_factor of its default pixel size.
+        ch, size, _ = stage_shape(cfg, cfg.image_size, cfg.image_size)
         g = torch.Generator().manual_seed(rows)
         length = enc.context_length
         sr = cfg.is_super_resolution
