@@ -182,8 +182,15 @@ class _Level(nn.Module):
 
 
 def pixel_coordinates(x: torch.Tensor) -> torch.Tensor:
-    """[B, 2, H, W]: each pixel's (x, y) position in [-1, 1], like x's dtype and layout."""
-    b, _, h, w = x.shape
+    """[B, 2, H, W]: each pixel's (x, y) position in [-1, 1], like x's dtype and layout.
+
+    H and W are read as Python ints so an ONNX trace records the grid as a
+    constant (an exported graph has static H and W; only B is dynamic).
+    Traced, the linspace became float arithmetic on the input's shape, which
+    onnxslim's symbolic shape inference folds with integer division
+    (2.0 // 31 = 0: every coordinate -1; issue 14)."""
+    b = x.shape[0]
+    h, w = int(x.shape[2]), int(x.shape[3])
     ys = torch.linspace(-1.0, 1.0, h, dtype=x.dtype, device=x.device)
     xs = torch.linspace(-1.0, 1.0, w, dtype=x.dtype, device=x.device)
     grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)])

@@ -356,13 +356,45 @@ def _check_dynamic_batch(specs: list[TensorSpec], where: str) -> None:
             raise RuntimeError(f"{where}: tensor {t.name} lost its dynamic batch axis (shape {t.shape})")
 
 
+def verify_graph(path: Path, module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str], dtype: str) -> None:
+    """Run the finished graph in ONNX Runtime on `args` (not the batch size
+    it was traced at) and refuse it when it strays from the PyTorch module
+    beyond the parity limit: a graph is only written with a manifest once it
+    is known to compute what the module computes. (A simplifier pass that
+    folded the coordinate channels to a constant once shipped base experts
+    that drew garbage; issue 14.)"""
+    import onnxruntime as ort
+
+    from export.parity import GRAPH_MAX_REL, errors
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed_dtype = torch.float16 if dtype == "float16" else torch.float32
+    feed = {name: (t.to(feed_dtype) if t.is_floating_point() else t).numpy() for name, t in zip(input_names, args)}
+    with torch.no_grad():
+        ref = module.eval()(*args)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    got = session.run(None, feed)
+    limit = GRAPH_MAX_REL[dtype]
+    for out, (g, r) in enumerate(zip(got, ref)):
+        max_abs, max_rel = errors(torch.from_numpy(g).float(), r.float())
+        if not max_rel <= limit:  # NaN fails too
+            raise RuntimeError(
+                f"{path}: the exported graph differs from PyTorch (output {out}, {len(args[0])} rows): max rel err "
+                f"{max_rel:.3e} > {limit:.0e} (max abs {max_abs:.3e}); not writing its manifest"
+            )
+
+
 def _write(folder: Path, build: Callable[[Path], dict[str, tuple[int, ...]]], manifest_fields: dict, *, simplify: bool,
-           dtype: str, exporter: str) -> ArtifactManifest:
+           dtype: str, exporter: str, verify: Callable[[Path], None]) -> ArtifactManifest:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "manifest.json").unlink(missing_ok=True)  # no manifest until the graph is complete
+    (folder / "manifest.json").unlink(missing_ok=True)  # no manifest until the graph is complete and verified
     path = folder / ONNX_FILE
     output_shapes = build(path)
     finalize_graph(path, simplify=simplify, dtype=dtype, output_shapes=output_shapes)
+    verify(path)
     inputs, outputs, opset = graph_tensor_specs(path)
     _check_dynamic_batch(inputs + outputs, str(path))
     manifest = ArtifactManifest(
@@ -386,6 +418,10 @@ def export_expert(model: EDiffIModel, stage: StageConfig, expert: ExpertConfig, 
         export_module(DenoiserGraph(net, sr), args, path, denoiser_input_names(sr), list(DENOISER_OUTPUTS), opset, exporter)
         return {DENOISER_OUTPUTS[0]: tuple(args[0].shape)}
 
+    def verify(path: Path) -> None:
+        check_args = denoiser_args(random_denoiser_inputs(config, stage, expert, trace_rows + 1, seed=2), sr)
+        verify_graph(path, DenoiserGraph(net, sr), check_args, denoiser_input_names(sr), dtype)
+
     fields = dict(
         kind="denoiser", model_name=config.name, stage=stage.name, expert=expert.name, sigma_lo=expert.sigma_lo,
         sigma_hi=expert.sigma_hi, sigma_data=config.sigma_data, image_size=stage.image_size, channels=stage.channels,
@@ -393,7 +429,7 @@ def export_expert(model: EDiffIModel, stage: StageConfig, expert: ExpertConfig, 
         source=SourceFile(path=expert.weights, sha256=source_sha256),
     )
     return _write(denoiser_dir(out_dir, stage.name, expert.name), build, fields, simplify=simplify, dtype=dtype,
-                  exporter=exporter)
+                  exporter=exporter, verify=verify)
 
 
 def export_encoder(model: EDiffIModel, kind: str, out_dir: str | Path, *, source_sha256: str,
@@ -411,10 +447,15 @@ def export_encoder(model: EDiffIModel, kind: str, out_dir: str | Path, *, source
         ref = ref if isinstance(ref, tuple) else (ref,)
         return {name: tuple(t.shape) for name, t in zip(outputs, ref)}
 
+    def verify(path: Path) -> None:
+        verify_graph(path, encoder_module(model, kind), encoder_example_inputs(model, kind, rows=3, seed=1), list(inputs),
+                     "float32")
+
     length = {"t5": config.encoders.t5.max_length, "clip_text": config.encoders.clip_text.max_length}.get(kind)
     fields = dict(kind="encoder", model_name=config.name, encoder=kind, sequence_length=length,
                   source=SourceFile(path=encoder_weights(config, kind), sha256=source_sha256))
-    return _write(encoder_dir(out_dir, kind), build, fields, simplify=simplify, dtype="float32", exporter=exporter)
+    return _write(encoder_dir(out_dir, kind), build, fields, simplify=simplify, dtype="float32", exporter=exporter,
+                  verify=verify)
 
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, *, opset: int = DEFAULT_OPSET,

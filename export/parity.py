@@ -5,7 +5,9 @@
    sigmas across the expert's interval, partly masked contexts, painted
    masks), at two batch sizes. Reported: max abs error and max relative
    error, `max|ort - torch| / max|torch|` (relative to the output's scale,
-   so values near zero do not blow it up).
+   so values near zero do not blow it up). The same for the graph each
+   TensorRT engine is built from (`tensorrt_build.tensorrt_input_graph`:
+   float64 stripped), run by ONNX Runtime: rows `tensorrt-input/<expert>`.
 2. Whole images: the reference pipeline (`ediffi.pipeline.generate`) on the
    PyTorch model and on the ONNX Runtime model, same prompt and seed (with
    guidance, a style image and paint-with-words among the requests), PSNR
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ediffi.config import ExpertConfig, StageConfig
 from ediffi.model import EDiffIModel, load_model
 from ediffi.paint import Region
 from ediffi.pipeline import GenerationRequest, generate
@@ -105,6 +108,42 @@ def check_graphs(torch_model: EDiffIModel, onnx_model: EDiffIModel, *, rows: tup
     return out
 
 
+@torch.no_grad()
+def tensorrt_input_parity(torch_model: EDiffIModel, stage: StageConfig, expert: ExpertConfig, onnx_dir: str | Path, *,
+                          rows: tuple[int, ...] = (1, 5), seed: int = 0, threads: int | None = None) -> list[GraphParity]:
+    """One expert's float32 graph as `ediffi export tensorrt` hands it to
+    TensorRT, run by ONNX Runtime (CPU) against the PyTorch expert."""
+    import onnxruntime as ort
+
+    from engines.onnx_backend import session_options
+    from export.manifest import ArtifactManifest, denoiser_dir
+    from export.tensorrt_build import tensorrt_input_graph
+
+    folder = denoiser_dir(Path(onnx_dir), stage.name, expert.name)
+    manifest = ArtifactManifest.load(folder)
+    if manifest.dtype != "float32":
+        return []  # TensorRT builds from float32 graphs only
+    graph = tensorrt_input_graph(folder / manifest.artifact)
+    session = ort.InferenceSession(graph.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    ref_net = torch_model.stages[stage.name].experts[expert.name]
+    out = []
+    for n in rows:
+        args = denoiser_args(random_denoiser_inputs(torch_model.config, stage, expert, n, seed=seed + n),
+                             stage.is_super_resolution)
+        feed = {name: t.numpy() for name, t in zip(manifest.input_names(), args)}
+        got = torch.from_numpy(session.run(None, feed)[0])
+        out.append(GraphParity(f"tensorrt-input/{stage.name}/{expert.name}", n, *errors(got, ref_net(*args)),
+                               GRAPH_MAX_REL["float32"]))
+    return out
+
+
+def check_tensorrt_inputs(torch_model: EDiffIModel, onnx_dir: str | Path, *, rows: tuple[int, ...] = (1, 5),
+                          seed: int = 0, threads: int | None = None) -> list[GraphParity]:
+    """`tensorrt_input_parity` for every expert of every stage."""
+    return [r for stage in torch_model.config.stages for expert in stage.experts
+            for r in tensorrt_input_parity(torch_model, stage, expert, onnx_dir, rows=rows, seed=seed, threads=threads)]
+
+
 def parity_requests() -> list[tuple[str, GenerationRequest]]:
     """Prompts covering guidance, negative prompts, a style image and
     paint-with-words (the colour map spans any canvas: 2x2 cells)."""
@@ -149,14 +188,16 @@ def run_check(model_dir: str | Path, onnx_dir: str | Path | None = None, *, thre
     torch_model = load_model(model_dir)
     onnx_model = load_onnx_model(model_dir, onnx_dir, threads=threads)
     graphs = check_graphs(torch_model, onnx_model, rows=rows)
+    onnx_dir = Path(onnx_dir) if onnx_dir is not None else Path(model_dir) / "onnx"
+    graphs += check_tensorrt_inputs(torch_model, onnx_dir, rows=rows, threads=threads)
     pictures = check_images(torch_model, onnx_model) if images else []
     return graphs, pictures
 
 
 def format_report(graphs: list[GraphParity], images: list[ImageParity]) -> str:
-    lines = [f"{'graph':<24} {'rows':>4} {'max abs err':>12} {'max rel err':>12} {'limit':>8}  ok"]
+    lines = [f"{'graph':<32} {'rows':>4} {'max abs err':>12} {'max rel err':>12} {'limit':>8}  ok"]
     for g in graphs:
-        lines.append(f"{g.name:<24} {g.rows:>4} {g.max_abs:>12.3e} {g.max_rel:>12.3e} {g.threshold_rel:>8.0e}  {'yes' if g.ok else 'NO'}")
+        lines.append(f"{g.name:<32} {g.rows:>4} {g.max_abs:>12.3e} {g.max_rel:>12.3e} {g.threshold_rel:>8.0e}  {'yes' if g.ok else 'NO'}")
     if images:
         lines.append("")
         lines.append(f"{'image (ORT vs torch)':<32} {'PSNR dB':>8} {'max diff':>9} {'limit':>6}  ok")

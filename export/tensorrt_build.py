@@ -409,6 +409,18 @@ def float16_to_bfloat16(model, originals: dict[str, Any]) -> int:
     return retype_graph(model, TensorProto.FLOAT16, TensorProto.BFLOAT16, convert)
 
 
+def tensorrt_input_graph(path: str | Path, precision: str = "fp32"):
+    """The ONNX graph a TensorRT engine of `precision` is built from: the
+    exported float32 graph, half precision where `half_precision_graph` puts
+    it, float64 stripped. `ediffi export check` runs the float32 one in ONNX
+    Runtime against PyTorch, so a build starts from a graph known to be right."""
+    import onnx
+
+    graph = half_precision_graph(onnx.load(str(path)), precision)
+    strip_float64(graph)
+    return graph
+
+
 # -- the build driver (needs TensorRT and a GPU) --------------------------------------------
 
 
@@ -416,8 +428,6 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, *, profile: BatchPr
                   timing_cache: str | Path | None = None, workspace_bytes: int | None = None, force: bool = False,
                   log: Callable[[str], None] = print) -> list[ArtifactManifest]:
     """Build (or reuse from the cache) one engine per exported expert."""
-    import onnx
-
     from engines import trt_runtime
 
     trt_runtime.require()
@@ -443,8 +453,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, *, profile: BatchPr
                 log(f"cached {onnx_manifest.stage}/{onnx_manifest.expert}: {target / plan_name}")
                 built.append(existing)
                 continue
-        graph = half_precision_graph(onnx.load(str(folder / onnx_manifest.artifact)), precision)
-        strip_float64(graph)
+        graph = tensorrt_input_graph(folder / onnx_manifest.artifact, precision)
         profiles = profile_shapes(onnx_manifest.inputs, profile)
         log(f"building {onnx_manifest.stage}/{onnx_manifest.expert} ({precision}, strongly typed, "
             f"a profile per batch bucket {list(profile.buckets)}) ...")

@@ -168,7 +168,9 @@ def test_cli_check_passes_and_reports(exported, capsys):
     assert cli_main(["export", "check", "--model-dir", str(model_dir), "--onnx", str(onnx_dir), "--threads", "1",
                      "--no-images", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["ok"] and len(report["graphs"]) == 12 and report["images"] == []
+    # 3 experts, 3 encoders and the 3 graphs TensorRT would be built from, at 1 and 5 rows.
+    assert report["ok"] and len(report["graphs"]) == 18 and report["images"] == []
+    assert sum(g["name"].startswith("tensorrt-input/") for g in report["graphs"]) == 6
     assert all(g["max_rel"] < 1e-4 for g in report["graphs"])
 
 
@@ -195,21 +197,29 @@ def test_simplified_graph_keeps_dynamic_batch_and_parity(exported, torch_model, 
     assert errors(net(**inputs.as_kwargs()), ref)[1] < GRAPH_MAX_REL["float32"]
 
 
+# Largest error of a float16 graph (ONNX Runtime's CPU kernels) against the
+# float32 PyTorch expert measured on the tiny model: 2.1e-3 (base0), 1.9e-3
+# (sr0), 1.4e-3 (base1), 3 rows, seeds 0-5. The limit leaves 2.5x margin.
+FLOAT16_GRAPH_MAX_REL = 5e-3
+
+
 def test_float16_export_runs_and_stays_close(torch_model, tmp_path):
     """--dtype float16 (for ONNX Runtime on CUDA): float16 I/O, the mask
-    stays bool, and even ONNX Runtime's CPU kernels agree within 2e-2."""
+    stays bool, and every expert agrees with float32 PyTorch within what a
+    correct float16 graph measures (with margin), not just within 2e-2."""
     from engines.onnx_backend import BoundSession, OrtExpert
     from export.onnx_export import export_expert
 
-    stage = torch_model.config.stage("base")
-    expert = stage.experts[1]
-    manifest = export_expert(torch_model, stage, expert, tmp_path, source_sha256="x", dtype="float16")
-    dtypes = {t.name: t.dtype for t in [*manifest.inputs, *manifest.outputs]}
-    assert manifest.dtype == "float16" and dtypes["x"] == dtypes["denoised"] == "float16"
-    assert dtypes["context_mask"] == "bool"
-    session = BoundSession(denoiser_dir(tmp_path, "base", expert.name) / "model.onnx", manifest, torch.device("cpu"), 1)
-    net = OrtExpert(session, torch.float16)
-    inputs = random_denoiser_inputs(torch_model.config, stage, expert, 3, seed=2)
-    with torch.no_grad():
-        ref = torch_model.stages["base"].experts[expert.name](**inputs.as_kwargs())
-    assert errors(net(**inputs.as_kwargs()).float(), ref)[1] < GRAPH_MAX_REL["float16"]
+    for stage, expert in _experts(torch_model):
+        manifest = export_expert(torch_model, stage, expert, tmp_path, source_sha256="x", dtype="float16")
+        dtypes = {t.name: t.dtype for t in [*manifest.inputs, *manifest.outputs]}
+        assert manifest.dtype == "float16" and dtypes["x"] == dtypes["denoised"] == "float16"
+        assert dtypes["context_mask"] == "bool"
+        folder = denoiser_dir(tmp_path, stage.name, expert.name)
+        net = OrtExpert(BoundSession(folder / "model.onnx", manifest, torch.device("cpu"), 1), torch.float16)
+        for seed in (2, 3):
+            inputs = random_denoiser_inputs(torch_model.config, stage, expert, 3, seed=seed)
+            with torch.no_grad():
+                ref = torch_model.stages[stage.name].experts[expert.name](**inputs.as_kwargs())
+            max_rel = errors(net(**inputs.as_kwargs()).float(), ref)[1]
+            assert max_rel < FLOAT16_GRAPH_MAX_REL, (stage.name, expert.name, seed, max_rel)
