@@ -37,3 +37,15 @@ def shipped_shape_model(shipped_shape_model_dir):
     from ediffi.model import load_model
 
     return load_model(shipped_shape_model_dir)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (with `pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")`): the machine's cores are shared."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

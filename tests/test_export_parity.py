@@ -43,12 +43,7 @@ from export.parity import GRAPH_MAX_REL, check_graphs, check_tensorrt_inputs, er
 TEXT_LENGTH = 6  # tokens per encoder: the context has 2 * TEXT_LENGTH columns
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Every field of UNetConfig takes at least two values across these networks

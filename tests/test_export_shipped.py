@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from ediffi.cli import main as cli_main
 from ediffi.config import ModelConfig
@@ -26,12 +25,7 @@ from export.parity import GRAPH_MAX_REL, IMAGE_MIN_PSNR
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "default"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_shipped_model_exports_and_passes_the_export_check(tmp_path, capsys):
