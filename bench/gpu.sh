@@ -1,139 +1,156 @@
 #!/usr/bin/env bash
-# One command on a GPU machine: the GPU tests, then eager vs compiled (CUDA
-# graphs per batch bucket) images/s of the torch backend through the engine,
-# for the step and none batching policies, and the step-vs-none ratio.
-# TensorRT and ONNX Runtime-GPU are benchmarked too when they are installed.
+# The one prepared GPU benchmark (one H200, under 8 minutes), and its CPU
+# dry run:
 #
-#   bench/gpu.sh                       # defaults below
-#   REQUESTS=64 CLIENTS=32 bench/gpu.sh
+#   bash bench/gpu.sh             # on the GPU machine; figures in $OUT
+#   bash bench/gpu.sh --dry-run   # here: every stage on CPU, tiny models
 #
-# Installs nothing. Needs a Python with a CUDA build of torch and this
-# project's dependencies: $PYTHON, else .venv/bin/python, else python3.
-# Model: $MODEL_DIR, else models/default, else a random model with the
-# default architecture (built under $SCRATCH, no download).
-set -euo pipefail
+# The GPU machine's image has torch (CUDA), transformers, onnxruntime,
+# Triton and numpy, and reaches no package registry: this script installs
+# the wheels carried in .whl/ (bench/fetch_gpu_wheels.sh, list in
+# bench/gpu-wheels.txt) into a scratch folder with
+# `pip install --no-index --no-deps --target`, and runs from the source tree
+# (PYTHONPATH; no `pip install -e`, whose pins that image cannot meet).
+# The dry run imports only what that image has (linked from this
+# interpreter, `python -S`) plus the carried wheels, so a missing wheel fails
+# it here first.
+#
+# Stages, one process each, each under its own `timeout` and within a total
+# budget (BUDGET_S, default 450 s); each writes $OUT/<stage>.json as it goes
+# and $OUT/summary.json is rewritten after every stage:
+#   env; tests (pytest -m gpu); percall (ms per call vs batch 1..64 per
+#   expert: eager, cuda_graphs, torch_compile; bf16); engine (step, request,
+#   none at 1, 8, 32 clients, 3 requests per client, max batch 64, eager and
+#   CUDA graphs, bf16, efficiency vs the max-batch compute rate of the same
+#   run); tensorrt (bf16 engines, same load; skipped without TensorRT);
+#   realsize (SD 1.5 / SDXL UNets; skipped without the diffusers importer).
+#
+# Environment: PYTHON (default python3; the dry run: .venv/bin/python if
+# present), OUT (default bench/results/gpu-<UTC time>; dry run: a temp dir),
+# MODEL_DIR (default models/default), BUDGET_S, SITE (wheel install folder).
+set -uo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export PYTHONPATH="${PWD}${PYTHONPATH:+:${PYTHONPATH}}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    *) echo "usage: bash bench/gpu.sh [--dry-run]" >&2; exit 2 ;;
+  esac
+done
 
 if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
-elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
+elif [[ "$DRY_RUN" == 1 && -x .venv/bin/python ]]; then PY=.venv/bin/python
 else PY=python3
 fi
-
-REQUESTS="${REQUESTS:-32}"
-CLIENTS="${CLIENTS:-16}"
-MAX_BATCH="${MAX_BATCH:-16}"
-MIN_STEPS="${MIN_STEPS:-8}"
-MAX_STEPS="${MAX_STEPS:-16}"
-DTYPE="${DTYPE:-float32}"
-SCRATCH="${SCRATCH:-/tmp/ediffi-gpu-bench}"
-RUN_TESTS="${RUN_TESTS:-1}"
-
-echo "== machine"
-if command -v nvidia-smi >/dev/null 2>&1; then
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+if [[ "$DRY_RUN" == 1 ]]; then
+  OUT="${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/ediffi-gpu-dry.XXXXXX")}"
+else
+  OUT="${OUT:-$ROOT/bench/results/gpu-$STAMP}"
 fi
-"$PY" - <<'EOF'
-import sys
-import torch
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA build {torch.version.cuda}")
-if not torch.cuda.is_available():
-    sys.exit("error: torch sees no CUDA device: this script needs a GPU and a CUDA build of torch")
-print(f"card: {torch.cuda.get_device_name(0)} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(0)))})")
+mkdir -p "$OUT"
+BUDGET_S="${BUDGET_S:-450}"
+SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/ediffi-gpu.XXXXXX")"
+SITE="${SITE:-$SCRATCH/site}"
+STARTED=$SECONDS
+echo "== bench/gpu.sh ($([[ $DRY_RUN == 1 ]] && echo 'dry run, CPU' || echo GPU)): results in $OUT"
+
+# -- carried wheels ---------------------------------------------------------
+mapfile -t REQS < <(grep -Ev '^\s*(#|$)' bench/gpu-wheels.txt)
+LINK_CARRIED=()
+if compgen -G ".whl/*.whl" >/dev/null; then
+  echo "== installing ${#REQS[@]} carried wheels into $SITE"
+  if ! "$PY" -m pip install --quiet --no-index --no-deps --find-links .whl --target "$SITE" "${REQS[@]}"; then
+    echo "error: the carried wheels in .whl/ do not install for $("$PY" -V 2>&1); run bench/fetch_gpu_wheels.sh" >&2
+    exit 3
+  fi
+elif [[ "$DRY_RUN" == 1 ]]; then
+  echo "== no .whl/ here (bench/fetch_gpu_wheels.sh fetches it): the dry run links the carried packages from $PY instead"
+  LINK_CARRIED=(--link-carried)
+else
+  echo "error: no carried wheels in .whl/: run bench/fetch_gpu_wheels.sh before sending the tree to the GPU machine" >&2
+  exit 3
+fi
+mkdir -p "$SITE"
+
+if [[ "$DRY_RUN" == 1 ]]; then
+  BARE="$SCRATCH/image"
+  "$PY" bench/gpu_stages.py bare-env --dir "$BARE" --out "$OUT/bare-env.json" "${LINK_CARRIED[@]}" || exit 3
+  RUN=("$PY" -S)  # no site-packages: only the tree, the carried wheels and the image's packages
+  export PYTHONPATH="$ROOT:$SITE:$BARE"
+  DEVICE=cpu DTYPE=float32 MAX_BATCH=4 BATCHES=1,2,4 COMPILE_BATCHES=1,4 REPEATS=2 CLIENTS=2 MIN_STEPS=2 MAX_STEPS=3
+  MODEL_DIR="$SCRATCH/tiny-model"
+else
+  RUN=("$PY")
+  export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  DEVICE=cuda DTYPE=bfloat16 MAX_BATCH=64 BATCHES=1,2,4,8,16,32,64 COMPILE_BATCHES=1,8,64 REPEATS=20 CLIENTS=1,8,32
+  MIN_STEPS=8 MAX_STEPS=16
+  MODEL_DIR="${MODEL_DIR:-$ROOT/models/default}"
+fi
+
+# -- stages -------------------------------------------------------------------
+FAILED=()
+declare -A RC SECS
+ORDER=()
+write_summary() {
+  local rows="" name
+  for name in "${ORDER[@]}"; do rows+="$name ${RC[$name]} ${SECS[$name]}"$'\n'; done
+  ROWS="$rows" OUT_DIR="$OUT" DRY="$DRY_RUN" TOTAL="$((SECONDS - STARTED))" "${RUN[@]}" - <<'EOF'
+import json, os
+rows = [line.split() for line in os.environ["ROWS"].splitlines() if line.strip()]
+meaning = {"0": "ok", "124": "timed out", "137": "killed (timeout)", "skip": "not run: out of time"}
+stages = [{"stage": n, "exit": rc, "result": meaning.get(rc, "failed"), "seconds": int(s), "json": f"{n}.json"} for n, rc, s in rows]
+summary = {"dry_run": os.environ["DRY"] == "1", "total_seconds": int(os.environ["TOTAL"]), "stages": stages}
+path = os.path.join(os.environ["OUT_DIR"], "summary.json")
+with open(path + ".tmp", "w") as f:
+    json.dump(summary, f, indent=2)
+os.replace(path + ".tmp", path)
 EOF
-
-TESTS_RC=0
-if [[ "$RUN_TESTS" == "1" ]]; then
-  echo "== GPU tests"
-  # A failing test is reported at the end; the figures still come out.
-  "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu_cuda_graphs.py tests/test_tensorrt_build.py || TESTS_RC=$?
-fi
-
-echo "== bench (requests=$REQUESTS clients=$CLIENTS max_batch=$MAX_BATCH steps=$MIN_STEPS-$MAX_STEPS dtype=$DTYPE)"
-REQUESTS="$REQUESTS" CLIENTS="$CLIENTS" MAX_BATCH="$MAX_BATCH" MIN_STEPS="$MIN_STEPS" MAX_STEPS="$MAX_STEPS" \
-DTYPE="$DTYPE" SCRATCH="$SCRATCH" MODEL_DIR="${MODEL_DIR:-}" "$PY" - <<'EOF'
-import os
-import sys
-from pathlib import Path
-
-import torch
-
-from engines.bench import LoadConfig, bench_model_dir, run_bench
-from engines.cuda_graphs import CompiledTorchBackend
-from engines.torch_backend import TorchBackend
-
-env = os.environ
-max_batch, dtype = int(env["MAX_BATCH"]), env["DTYPE"]
-model_dir = Path(env["MODEL_DIR"]) if env.get("MODEL_DIR") else Path("models/default")
-if not (model_dir / "model.json").is_file():
-    model_dir = bench_model_dir(Path(env["SCRATCH"]) / "bench-model", seed=0)
-    print(f"models/default is missing: a random model with its architecture at {model_dir}")
-load = LoadConfig(clients=int(env["CLIENTS"]), requests=int(env["REQUESTS"]), min_steps=int(env["MIN_STEPS"]),
-                  max_steps=int(env["MAX_STEPS"]), seed=0)
-policies = ["step", "none"]
-log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-
-backends = {
-    "eager": lambda: TorchBackend(model_dir, device="cuda", dtype=dtype, max_batch=max_batch),
-    "cuda_graphs": lambda: CompiledTorchBackend(model_dir, device="cuda", dtype=dtype, max_batch=max_batch, mode="cuda_graphs"),
 }
-try:
-    from engines import trt_runtime
 
-    if trt_runtime.available()[0]:
-        def _trt():
-            from engines.tensorrt_backend import TensorRTBackend
-            from export.onnx_export import export_onnx
-            from export.tensorrt_build import build_engines, make_profile
+# stage NAME LIMIT_S ARGS...: run one stage under min(LIMIT_S, what is left of the budget).
+stage() {
+  local name="$1" limit="$2"; shift 2
+  local left=$((BUDGET_S - (SECONDS - STARTED)))
+  ORDER+=("$name")
+  if (( left < 15 )); then
+    echo "== $name: skipped, ${left}s left of the ${BUDGET_S}s budget"
+    RC[$name]=skip; SECS[$name]=0; FAILED+=("$name(out of time)"); write_summary; return
+  fi
+  (( limit > left )) && limit=$left
+  echo "== $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "${RUN[@]}" bench/gpu_stages.py "$@" --out "$OUT/$name.json"
+  local rc=$?
+  RC[$name]=$rc; SECS[$name]=$((SECONDS - t0))
+  (( rc != 0 )) && FAILED+=("$name(exit $rc)")
+  write_summary
+}
 
-            out = Path(env["SCRATCH"]) / "trt"
-            export_onnx(model_dir, out / "onnx", simplify=None, encoders=False, log=log)
-            build_engines(out / "onnx", out / "engines", profile=make_profile(max_batch), precision="fp16", log=log)
-            return TensorRTBackend(model_dir, tensorrt_dir=out / "engines", onnx_dir=out / "onnx", dtype="float16",
-                                   max_batch=max_batch)
-        backends["tensorrt_fp16"] = _trt
-    else:
-        print(f"tensorrt: skipped ({trt_runtime.available()[1]})")
-except Exception as exc:  # the torch figures must come out regardless
-    print(f"tensorrt: skipped ({type(exc).__name__}: {exc})")
+COMMON=(--model-dir "$MODEL_DIR" --device "$DEVICE" --dtype "$DTYPE" --max-batch "$MAX_BATCH")
+LOAD=(--clients "$CLIENTS" --requests-per-client 3 --min-steps "$MIN_STEPS" --max-steps "$MAX_STEPS")
 
-results = {}
-for name, make in backends.items():
-    try:
-        backend = make()
-        backend.warmup()
-        results[name] = {r.policy: r for r in run_bench(backend, policies, load, log=log)}
-    except Exception as exc:
-        print(f"{name}: FAILED ({type(exc).__name__}: {exc})")
-    finally:
-        backend = None
-        torch.cuda.empty_cache()
+if [[ "$DRY_RUN" == 1 ]]; then stage model 60 model --dir "$MODEL_DIR"; fi
+ENV_ARGS=(); [[ "$DRY_RUN" == 0 ]] && ENV_ARGS=(--require-cuda)
+stage env 30 env "${ENV_ARGS[@]}"
+if [[ "$DRY_RUN" == 0 && "${RC[env]}" != 0 ]]; then
+  echo "error: no usable CUDA device (see $OUT/env.json); nothing else is worth running" >&2
+  exit 1
+fi
+stage tests 120 tests tests/test_gpu_cuda_graphs.py tests/test_tensorrt_build.py
+stage percall-eager 40 percall "${COMMON[@]}" --mode eager --batches "$BATCHES" --repeats "$REPEATS"
+stage percall-cuda_graphs 50 percall "${COMMON[@]}" --mode cuda_graphs --batches "$BATCHES" --repeats "$REPEATS"
+stage engine-cuda_graphs 75 engine "${COMMON[@]}" "${LOAD[@]}" --compile cuda_graphs
+stage engine-eager 75 engine "${COMMON[@]}" "${LOAD[@]}" --compile none
+stage percall-torch_compile 75 percall "${COMMON[@]}" --mode torch_compile --batches "$COMPILE_BATCHES" --repeats "$REPEATS"
+stage tensorrt 90 tensorrt "${COMMON[@]}" "${LOAD[@]}" --work-dir "$SCRATCH/tensorrt"
+stage realsize 120 realsize
 
-print()
-print(f"card {torch.cuda.get_device_name(0)}, model {model_dir}, {load.label}, {load.requests} requests, max batch {max_batch}, {dtype}")
-print(f"{'backend':<15} {'policy':<6} {'images/s':>9} {'p50 s':>7} {'p95 s':>7} {'mean batch':>10}")
-for name, by_policy in results.items():
-    for policy, r in by_policy.items():
-        print(f"{name:<15} {policy:<6} {r.throughput_images_per_s:>9.2f} {r.latency_p50_s:>7.2f} {r.latency_p95_s:>7.2f} {r.mean_batch_size:>10.2f}")
-print()
-for name, by_policy in results.items():
-    if {"step", "none"} <= set(by_policy):
-        ratio = by_policy["step"].throughput_images_per_s / max(by_policy["none"].throughput_images_per_s, 1e-9)
-        print(f"step-vs-none ratio, {name}: {ratio:.2f}x")
-if "eager" in results:
-    for name in results:
-        if name == "eager":
-            continue
-        for policy in policies:
-            if policy in results[name] and policy in results["eager"]:
-                speedup = results[name][policy].throughput_images_per_s / max(results["eager"][policy].throughput_images_per_s, 1e-9)
-                print(f"{name} vs eager, {policy}: {speedup:.2f}x")
-if "eager" not in results or "cuda_graphs" not in results:
-    sys.exit("error: the eager or the compiled torch bench failed (see above)")
-EOF
-
-if [[ "$TESTS_RC" != "0" ]]; then
-  echo "GPU tests FAILED (pytest exit status $TESTS_RC): see above" >&2
-  exit "$TESTS_RC"
+echo "== done in $((SECONDS - STARTED))s: $OUT/summary.json"
+rm -rf "$SCRATCH"
+if (( ${#FAILED[@]} )); then
+  echo "stages that did not finish cleanly: ${FAILED[*]}" >&2
+  exit 1
 fi

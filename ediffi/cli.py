@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
     be.add_argument("--device", help="cpu, cuda, cuda:N (default: EDIFFI_DEVICE)")
     be.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    be.add_argument("--compile", choices=["none", "cuda_graphs", "torch_compile"], default="none",
+                    help="torch backend on CUDA: a CUDA graph per batch bucket, or torch.compile per expert")
+    be.add_argument("--cuda-graphs", dest="compile", action="store_const", const="cuda_graphs",
+                    help="shorthand for --compile cuda_graphs")
     be.add_argument("--max-batch", type=int, default=16, help="rows per denoiser call")
     be.add_argument("--max-active", type=int, default=32, help="most requests in flight")
     be.add_argument("--max-rows-per-tick", default="auto",

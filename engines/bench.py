@@ -497,7 +497,9 @@ def main(args, settings=None, log=print) -> int:
             model_dir = bench_model_dir(Path(args.scratch_dir) / f"bench-model-{args.seed}", seed=args.seed)
             log(f"models/default is missing: benchmarking a random model with its architecture at {model_dir}")
     device = args.device or (getattr(settings, "device", None) if settings is not None else None) or "cpu"
-    backend = make_backend(args.backend, model_dir, device=device, dtype=args.dtype, max_batch=args.max_batch)
+    compile_mode = getattr(args, "compile", "none")
+    backend = make_backend(args.backend, model_dir, device=device, dtype=args.dtype, max_batch=args.max_batch,
+                           compile_mode=None if compile_mode == "none" else compile_mode)
     backend.warmup()
     if getattr(args, "profile", False):
         log(profile_table(backend))
