@@ -16,6 +16,7 @@ that is not a denoiser call (encoders, the cascade config, sigma routing).
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 
 from ediffi.model import EDiffIModel
 from ediffi.pipeline import DenoiserInputs, stage_shape
+from engines.cost_model import CostModel
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -62,16 +64,37 @@ class Backend(ABC):
 
     name: str = "abstract"
     # Seconds of one call per (stage, expert) and batch bucket, measured by
-    # `warmup` (empty until then); the engine's automatic tick budget uses it.
+    # `warmup` (empty until then): the fastest call, and every timed call
+    # (the cost model takes their median).
     profile: dict[tuple[str, str], dict[int, float]] = {}
+    profile_samples: dict[tuple[str, str], dict[int, list[float]]] = {}
 
-    def batch_profile(self) -> dict[int, float]:
-        """Seconds of one call per batch bucket, summed over experts."""
-        total: dict[int, float] = {}
-        for timings in self.profile.values():
-            for rows, seconds in timings.items():
-                total[rows] = total.get(rows, 0.0) + seconds
-        return total
+    def cost_model(self) -> CostModel:
+        """Forward seconds versus batch rows per expert, from the warm-up
+        timings (empty before warm-up): what the scheduler batches by."""
+        return CostModel.from_timings(self.profile_samples or self.profile)
+
+    def time_buckets(self, repeats: int = 5) -> tuple[dict, dict]:
+        """Time `repeats` calls of every expert at every batch bucket, after
+        an untimed one: ({(stage, expert): {rows: [wall seconds]}}, the same
+        in process CPU seconds)."""
+        wall: dict[tuple[str, str], dict[int, list[float]]] = {}
+        cpu: dict[tuple[str, str], dict[int, list[float]]] = {}
+        with torch.inference_mode():
+            for stage, expert in self.experts():
+                for rows in self.buckets(stage, expert):
+                    inputs = self.dummy_inputs(stage, rows)
+                    self.run(stage, expert, inputs)
+                    self.synchronize()
+                    walls, cpus = wall.setdefault((stage, expert), {}).setdefault(rows, []), []
+                    for _ in range(repeats):
+                        start, cpu_start = time.perf_counter(), time.process_time()
+                        self.run(stage, expert, inputs)
+                        self.synchronize()
+                        walls.append(time.perf_counter() - start)
+                        cpus.append(time.process_time() - cpu_start)
+                    cpu.setdefault((stage, expert), {})[rows] = cpus
+        return wall, cpu
 
     @abstractmethod
     def load(self, model: EDiffIModel | str | Path) -> None:

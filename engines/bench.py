@@ -14,11 +14,13 @@ Two arrival processes:
 
 Reported per policy: throughput (images/s), latency p50/p95/p99 (submit to
 done), mean batch size (rows per denoiser call, overall and per expert), and
-efficiency = throughput / compute limit, where the compute limit is the
-throughput of pure max-batch denoiser calls on the same machine: each
-expert's seconds per row at its max batch, times the rows each image of this
-load needs on that expert. The limit is measured just before and just after
-each policy's run, so a shared machine's drift affects both alike.
+efficiency = throughput / compute limit. The compute limit comes from the
+cost model (`engines.cost_model`, the one the scheduler batches by): every
+expert timed at every batch bucket, median call per bucket, and each row of
+this load costed at its expert's cheapest batch per row. It is measured just
+before and just after each policy's run and pooled, so a shared machine's
+drift weighs on both sides alike. `pair_limit` is the same bound with one
+request (2 CFG rows) per call: the most `none` can reach.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ from PIL import Image
 from ediffi.pipeline import GenerationRequest
 from ediffi.samplers import SAMPLERS
 from engines.backend import Backend
+from engines.cost_model import CostModel
 from engines.engine import Engine, EngineConfig, EngineHooks
 from engines.executor import BatchTiming
-from engines.scheduler import POLICIES
+from engines.scheduler import POLICIES, auto_row_budget
 
 REGION_COLOR = "#ff00ff"
 
@@ -145,8 +148,15 @@ class PolicyResult:
     mean_batch_size: float
     mean_batch_size_per_expert: dict[str, float]
     row_budget: int | None
+    # Images/s if every row of this load ran at its expert's cheapest batch
+    # per row and nothing else ran, from the cost model measured just before
+    # and after the run (`Calibration`): the bound `efficiency` divides by.
     compute_limit_images_per_s: float
     efficiency: float
+    # The same limit with every call at one request's rows (a CFG pair, 2
+    # rows): the most `none` can reach. compute_limit / pair_limit is the
+    # most any policy can beat `none` by on this machine.
+    pair_limit_images_per_s: float
     # Contention-normalised figures for a shared CPU (exact with one torch
     # thread): process CPU seconds of the run, their share of the wall time,
     # images per CPU second, efficiency in CPU time, and the p95 latency
@@ -169,43 +179,48 @@ class PolicyResult:
 
 @dataclass
 class Calibration:
-    """Seconds per row of pure max-batch calls per expert: wall clock, and
-    process CPU time (insensitive to other processes on a shared machine)."""
+    """Timed calls of every expert at every batch bucket, in wall and in
+    process CPU seconds (insensitive to other processes on a shared
+    machine): the bench's cost model, from the same measurement as the
+    engine's (`Backend.time_buckets`, `engines.cost_model`)."""
 
-    wall: dict[str, float]
-    cpu: dict[str, float]
+    wall_samples: dict[tuple[str, str], dict[int, list[float]]]
+    cpu_samples: dict[tuple[str, str], dict[int, list[float]]]
+
+    def cost_model(self, clock: str = "wall") -> CostModel:
+        return CostModel.from_timings(self.wall_samples if clock == "wall" else self.cpu_samples, clock)
+
+    def seconds_per_row(self, clock: str = "wall", rows: int | None = None) -> dict[str, float]:
+        """Per expert: seconds per row at its cheapest batch (rows=None), or
+        at a given batch."""
+        model = self.cost_model(clock)
+        return {
+            f"{stage}/{expert}": (cost.per_row(rows) if rows else cost.per_row(cost.best_rows(cost.rows[-1])))
+            for (stage, expert), cost in model.experts.items()
+        }
+
+    @property
+    def wall(self) -> dict[str, float]:
+        return self.seconds_per_row("wall")
+
+    @property
+    def cpu(self) -> dict[str, float]:
+        return self.seconds_per_row("cpu")
 
     @staticmethod
     def mean(a: Calibration, b: Calibration) -> Calibration:
-        return Calibration({k: (a.wall[k] + b.wall[k]) / 2 for k in a.wall}, {k: (a.cpu[k] + b.cpu[k]) / 2 for k in a.cpu})
+        """Both measurements pooled (the cost model takes the median)."""
+        def pool(x, y):
+            return {k: {r: list(x[k][r]) + list(y.get(k, {}).get(r, [])) for r in x[k]} for k in x}
+
+        return Calibration(pool(a.wall_samples, b.wall_samples), pool(a.cpu_samples, b.cpu_samples))
 
 
 def measure_seconds_per_row(backend: Backend, repeats: int = 2) -> Calibration:
-    """Seconds per row of pure max-batch calls of each expert: the median
-    call of `repeats` after a warm one, at the max batch and at half of it
-    (the better of the two: on a CPU the largest batch is not always the
-    fastest per row, and the limit must not be beaten by smaller batches)."""
-    wall, cpu = {}, {}
-    with torch.inference_mode():
-        for stage, expert in backend.experts():
-            cap = backend.max_batch(stage, expert)
-            best_wall = best_cpu = float("inf")
-            for rows in sorted({cap, max(1, cap // 2)}):
-                inputs = backend.dummy_inputs(stage, rows)
-                backend.run(stage, expert, inputs)
-                backend.synchronize()
-                walls, cpus = [], []
-                for _ in range(repeats):
-                    start, cpu_start = time.perf_counter(), time.process_time()
-                    backend.run(stage, expert, inputs)
-                    backend.synchronize()
-                    walls.append(time.perf_counter() - start)
-                    cpus.append(time.process_time() - cpu_start)
-                best_wall = min(best_wall, float(np.median(walls)) / rows)
-                best_cpu = min(best_cpu, float(np.median(cpus)) / rows)
-            wall[f"{stage}/{expert}"] = best_wall
-            cpu[f"{stage}/{expert}"] = best_cpu
-    return Calibration(wall, cpu)
+    """Time `repeats` calls (after a warm one) of every expert at every
+    batch bucket; the compute limit takes each expert's cheapest batch per
+    row (on a CPU the largest batch is not always the cheapest)."""
+    return Calibration(*backend.time_buckets(repeats))
 
 
 def compute_limit(seconds_per_row: dict[str, float], rows_per_image: dict[str, float]) -> float:
@@ -301,6 +316,7 @@ def run_policy(
     # averaged, so a shared machine's drift weighs on both sides alike.
     calibration = Calibration.mean(before, measure_seconds_per_row(backend, calibration_repeats))
     limit = compute_limit(calibration.wall, rows_per_image)
+    pair_limit = compute_limit(calibration.seconds_per_row("wall", rows=2), rows_per_image)
     cpu_limit = compute_limit(calibration.cpu, rows_per_image)
     cpu_s = last_cpu[0] - cpu_start
     cpu_share = cpu_s / wall if wall > 0 else 0.0
@@ -314,6 +330,7 @@ def run_policy(
         mean_batch_size_per_expert=stats.per_expert(), row_budget=engine.scheduler.config.max_rows_per_tick,
         compute_limit_images_per_s=round(limit, 4),
         efficiency=round(throughput / limit, 4) if limit > 0 else 0.0,
+        pair_limit_images_per_s=round(pair_limit, 4),
         cpu_s=round(cpu_s, 3), cpu_share=round(cpu_share, 4), throughput_images_per_cpu_s=round(per_cpu_s, 4),
         efficiency_cpu=round(per_cpu_s / cpu_limit, 4) if cpu_limit > 0 else 0.0,
         latency_p95_normalized_s=round(p95 * min(1.0, cpu_share), 3),
@@ -346,6 +363,17 @@ def run_bench(
             r = results[-1]
             log(f"  {r.throughput_images_per_s:.3f} images/s in {r.wall_s:.1f} s")
     return results
+
+
+def parse_samplers(text: str | None) -> tuple[str, ...]:
+    """"heun,euler" -> ("heun", "euler"); None or empty: every sampler."""
+    if not text:
+        return SAMPLERS
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in SAMPLERS]
+    if unknown or not names:
+        raise ValueError(f"unknown sampler(s) {', '.join(unknown) or text!r}; choose from {', '.join(SAMPLERS)}")
+    return names
 
 
 def parse_budget(text: str | int | None) -> int | str | None:
@@ -400,31 +428,30 @@ def format_table(results: list[PolicyResult]) -> str:
         if "request" in by:
             q = by["request"]
             out.append(
-                f"{r.policy} p95 / request p95: {ratio(r.latency_p95_s, q.latency_p95_s)} wall, "
+                f"{r.policy}/request throughput: {ratio(r.throughput_images_per_s, q.throughput_images_per_s)}x wall, "
+                f"{ratio(r.throughput_images_per_cpu_s, q.throughput_images_per_cpu_s)}x per CPU second; "
+                f"p95 / request p95: {ratio(r.latency_p95_s, q.latency_p95_s)} wall, "
                 f"{ratio(r.latency_p95_normalized_s, q.latency_p95_normalized_s)} normalized"
             )
+        out.append(
+            f"{r.policy} bound (cost model): compute limit {r.compute_limit_images_per_s:.3f} images/s at the "
+            f"cheapest batches, {r.pair_limit_images_per_s:.3f} with one request per call; no policy beats `none` "
+            f"by more than {ratio(r.compute_limit_images_per_s, r.pair_limit_images_per_s)}x here"
+        )
     return "\n".join(out)
 
 
-def profile_table(backend: Backend, repeats: int = 3) -> str:
-    """CPU milliseconds per row of each expert at each batch bucket (the
-    median of `repeats` calls after a warm one): where batching pays."""
-    lines = []
-    with torch.inference_mode():
-        for stage, expert in backend.experts():
-            cells = []
-            for rows in backend.buckets(stage, expert):
-                inputs = backend.dummy_inputs(stage, rows)
-                backend.run(stage, expert, inputs)
-                times = []
-                for _ in range(repeats):
-                    cpu_start = time.process_time()
-                    backend.run(stage, expert, inputs)
-                    backend.synchronize()
-                    times.append(time.process_time() - cpu_start)
-                cells.append(f"{rows}:{1000 * float(np.median(times)) / rows:.2f}")
-            lines.append(f"{stage}/{expert} ms/row (CPU time) at batch " + "  ".join(cells))
-    return "\n".join(lines)
+def profile_table(backend: Backend) -> str:
+    """The cost model the engine schedules by (measured at warm-up): per
+    expert the fitted fixed + per-row cost and each batch bucket's median
+    call, and the batch where a row is cheapest."""
+    model = backend.cost_model()
+    budget = auto_row_budget(model, backend.max_batch)
+    return "\n".join([
+        f"cost model of {backend.describe()} (warm-up, wall clock, torch threads {torch.get_num_threads()}):",
+        model.table(),
+        f"auto row budget: {'none (no cap below the max batch)' if budget is None else budget}",
+    ])
 
 
 # ---------------------------------------------------------------- bench model
@@ -511,7 +538,7 @@ def main(args, settings=None, log=print) -> int:
     for rate in rates:
         load = LoadConfig(
             clients=args.clients, requests=args.requests, rate=rate, min_steps=args.min_steps,
-            max_steps=args.max_steps, seed=args.seed,
+            max_steps=args.max_steps, seed=args.seed, samplers=parse_samplers(getattr(args, "samplers", None)),
         )
         results += run_bench(
             backend, policies, load, args.max_active, log=progress, max_rows_per_tick=parse_budget(args.max_rows_per_tick)

@@ -63,19 +63,21 @@ class EngineConfig:
     max_active_requests: int = 32
     # Most requests waiting for admission; beyond it submit raises QueueFull.
     max_waiting: int | None = None
-    # Row budget per tick. None: every pending evaluation runs every tick;
-    # "auto": batch only while batching pays, from the backend's warmup
-    # timings (`auto_row_budget`: None on a GPU, about one request's rows on
-    # a CPU); without warmup timings "auto" means None.
+    # Row budget per tick (step policy). None: no cap beyond the max batch;
+    # "auto": the largest batch any expert still gets cheaper per row at,
+    # from the backend's warm-up cost model (`auto_row_budget`: None on a
+    # GPU); without warm-up timings "auto" means None.
     max_rows_per_tick: int | str | None = "auto"
-    # With a budget: ticks a request may go unserved before it jumps ahead.
-    max_wait_ticks: int = 64
+    # Ticks a request may go unserved before it jumps ahead (step policy).
+    max_wait_ticks: int = 32
     text_cache_size: int = 1024
 
     def scheduler_config(self, cohort_rows: int, backend: Backend | None = None) -> SchedulerConfig:
         budget = self.max_rows_per_tick if self.policy == "step" else None  # baselines run whole cohorts
         if budget == "auto":
-            budget = auto_row_budget(backend.batch_profile()) if backend is not None else None
+            budget = (
+                auto_row_budget(backend.cost_model(), backend.max_batch) if backend is not None else None
+            )
         elif isinstance(budget, str):
             raise ValueError(f"max_rows_per_tick must be an int, None or 'auto', got {budget!r}")
         return SchedulerConfig(
@@ -171,6 +173,7 @@ class Engine:
         self.scheduler = StepScheduler(
             self.config.scheduler_config(cohort_rows, backend),
             max_batch=lambda key: backend.max_batch(key.stage, key.expert),
+            cost_model=backend.cost_model(),
         )
         self.executor = Executor(backend)
         self.text_cache = TextEmbeddingCache(model.encoders, self.config.text_cache_size)

@@ -15,33 +15,50 @@ One tick, as the engine drives it:
 2. The engine prepares the admitted requests (encoding) and reports each
    one's first pending evaluation with ``set_pending``.
 3. ``schedule()``: group the pending evaluations of active requests by
-   (stage, expert, shape), split each group at the backend's max batch
-   (a request's rows are never split), order the groups fairly and emit a
-   plain `StepPlan`.
+   (stage, expert, shape), cut batches of at most the backend's max batch
+   (a request's rows are never split), pick the tick's batches per the
+   policy and emit a plain `StepPlan`.
 4. The executor runs the plan; the engine reports back with
    ``complete(plan, updates)`` each served request's next pending
    evaluation (or ``None`` when it finished).
 
 Policies:
 
-- ``step`` (default): regroup every tick; requests join and leave between
-  ticks; a Heun correction that lands in another expert simply joins that
-  expert's group next tick.
+- ``step`` (default): expert-aware step scheduling. Each tick every group
+  offers one batch: its first requests (starved, then oldest) up to the
+  expert's cheapest batch per row, read off the measured cost model
+  (`engines.cost_model`: forward seconds versus batch rows per expert). The
+  tick runs the one batch with the best score: its rows per second relative
+  to that cheapest batch (1.0 for a full batch), times ``1 + mean wait /
+  aging_ticks`` of its requests. Full batches go first, so a small group
+  waits a few ticks while requests still upstream of it (in an earlier
+  expert, or the base stage for SR) catch up and join it: cohorts form and
+  traverse the experts together, and every call runs near its expert's
+  cheapest rows. Aging bounds how long a small group is passed over; a
+  request unserved for ``max_wait_ticks`` ticks (starved) runs before
+  anything else. Requests join and leave between ticks; a Heun correction
+  that lands in another expert joins that expert's group.
 - ``request``: request-level dynamic batching, the baseline of
   request-level servers: when the engine is idle, a batch of whole requests
   is formed (up to ``cohort_rows`` rows) and runs to completion before any
   new request is admitted. Within the cohort evaluations are still grouped
-  per expert.
+  per expert, and every group runs every tick.
 - ``none``: one request at a time.
 
-Fairness: with no per-tick row budget every active request advances one
-evaluation per tick, so no request ever waits (the engine's "auto" budget,
-`auto_row_budget`, picks no budget where batching pays, as on a GPU). With a budget
-(``max_rows_per_tick``), batches run oldest request first (which keeps tail
-latency close to first-come-first-served), and a request left unserved for
-``max_wait_ticks`` ticks in a row jumps ahead of every younger one, so no
-request waits more than ``max_wait_ticks`` plus the ticks it takes to serve
-the other starved requests once.
+Fairness (``step``): no request waits more than ``max_wait_ticks`` ticks in
+a row plus the ticks it takes to serve the other starved requests once
+(starved requests run longest-waiting first, all their groups in one tick
+within the row budget). The tick's row budget (``max_rows_per_tick``) caps
+the rows of a tick; the engine's "auto" budget is the largest batch any
+expert still gets cheaper per row at (`auto_row_budget`), None where that
+is the backend's max batch.
+
+Measured alternatives (`engines.simulation`, and `ediffi bench engine`;
+see bench/README.md): running every group every tick (processor sharing)
+batches less and gives long requests the worst tails; first-come-first-
+served under a small row budget batches nothing; a threshold rule (also
+run every other batch that is nearly full) was no better than the one best
+batch per tick.
 """
 
 from __future__ import annotations
@@ -50,6 +67,8 @@ import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Mapping
+
+from engines.cost_model import CostModel
 
 POLICIES = ("step", "request", "none")
 
@@ -130,9 +149,13 @@ class SchedulerConfig:
     # Row budget of one tick (summed over its batches); None: every pending
     # evaluation runs every tick. At least one batch always runs.
     max_rows_per_tick: int | None = None
-    # Under a budget, batches go oldest request first; a request that went
-    # this many ticks in a row unserved jumps ahead of every younger one.
-    max_wait_ticks: int = 64
+    # A request that went this many ticks in a row unserved jumps ahead of
+    # every younger one (the no-starvation bound).
+    max_wait_ticks: int = 32
+    # `step` policy: a batch's score (rows per second relative to its
+    # expert's cheapest batch) doubles for every `aging_ticks` its requests
+    # waited on average, so a small group is not left behind for long.
+    aging_ticks: float = 8.0
     # `request` policy: most rows of one cohort of whole requests.
     cohort_rows: int = 16
 
@@ -147,6 +170,8 @@ class SchedulerConfig:
             raise ValueError("cohort_rows must be >= 1")
         if self.max_wait_ticks < 1:
             raise ValueError("max_wait_ticks must be >= 1")
+        if not self.aging_ticks > 0:
+            raise ValueError("aging_ticks must be > 0")
 
 
 @dataclass
@@ -160,6 +185,17 @@ class _Entry:
     cancelled: bool = False
     waited: int = 0  # ticks in a row with a pending evaluation but not served
     max_waited: int = 0
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A group's batch for this tick, as the step policy weighs it."""
+
+    group: Group
+    score: float
+    starved: bool
+    longest_wait: int
+    oldest_seq: int
 
 
 @dataclass
@@ -183,8 +219,11 @@ class StepScheduler:
     Single-threaded by design: the engine calls it from its loop only.
     """
 
-    def __init__(self, config: SchedulerConfig | None = None, max_batch: MaxBatch | int = 16):
+    def __init__(
+        self, config: SchedulerConfig | None = None, max_batch: MaxBatch | int = 16, cost_model: CostModel | None = None
+    ):
         self.config = config or SchedulerConfig()
+        self.cost_model = cost_model if cost_model is not None else CostModel()
         self._max_batch: MaxBatch = (lambda key, m=max_batch: m) if isinstance(max_batch, int) else max_batch
         self._waiting: OrderedDict[str, _Entry] = OrderedDict()
         self._active: OrderedDict[str, _Entry] = OrderedDict()
@@ -314,38 +353,81 @@ class StepScheduler:
         for entry in self._active.values():
             if entry.pending is not None and not entry.cancelled:
                 by_key.setdefault(entry.pending.key, []).append(entry)
-
-        batches: list[tuple[tuple[int, int, int], Group]] = []
-        for key, entries in by_key.items():
-            # Starved first, then oldest: a batch cut at max batch leaves
-            # the youngest behind, never the same request for long.
+        for entries in by_key.values():
+            # Starved first, then oldest: a batch cut at its size leaves the
+            # youngest behind, never the same request for long.
             entries.sort(key=self._priority)
-            cap = max(1, int(self._max_batch(key)))
-            if self.config.max_rows_per_tick is not None:
-                cap = min(cap, self.config.max_rows_per_tick)
-            chunk: list[_Entry] = []
-            rows = 0
-            for entry in entries:
-                r = entry.pending.rows
-                if chunk and rows + r > cap:
-                    batches.append(self._group(key, chunk))
-                    chunk, rows = [], 0
-                chunk.append(entry)
-                rows += r
-            if chunk:
-                batches.append(self._group(key, chunk))
-
-        batches.sort(key=lambda item: item[0])
-        chosen: list[Group] = []
-        budget = self.config.max_rows_per_tick
-        used = 0
-        for _, group in batches:
-            if budget is not None and chosen and used + group.total_rows > budget:
-                continue
-            chosen.append(group)
-            used += group.total_rows
+        if self.config.policy == "step":
+            chosen = self._select_step(by_key)
+        else:  # the baselines run every pending evaluation of their cohort
+            chosen = [group for key, entries in by_key.items() for group in self._split(key, entries, self._cap(key))]
         self._tick += 1
         return StepPlan(self._tick, tuple(chosen))
+
+    def _cap(self, key: GroupKey) -> int:
+        """Most rows of one batch of `key`: the backend's max batch, within
+        the tick's row budget."""
+        cap = max(1, int(self._max_batch(key)))
+        if self.config.max_rows_per_tick is not None:
+            cap = min(cap, self.config.max_rows_per_tick)
+        return cap
+
+    def _split(self, key: GroupKey, entries: list[_Entry], cap: int) -> list[Group]:
+        """Consecutive batches of at most `cap` rows (a request's rows are
+        never split; a request larger than the cap runs alone)."""
+        groups: list[Group] = []
+        chunk: list[_Entry] = []
+        rows = 0
+        for entry in entries:
+            r = entry.pending.rows
+            if chunk and rows + r > cap:
+                groups.append(self._group(key, chunk))
+                chunk, rows = [], 0
+            chunk.append(entry)
+            rows += r
+        if chunk:
+            groups.append(self._group(key, chunk))
+        return groups
+
+    def _select_step(self, by_key: dict[GroupKey, list[_Entry]]) -> list[Group]:
+        """The step policy's batches for one tick (see the module docstring):
+        the groups of starved requests if any, else the one best batch."""
+        candidates = [self._candidate(key, entries) for key, entries in by_key.items()]
+        starved = [c for c in candidates if c.starved]
+        if starved:
+            starved.sort(key=lambda c: -c.longest_wait)
+            chosen: list[Group] = []
+            budget, used = self.config.max_rows_per_tick, 0
+            for c in starved:
+                if budget is not None and chosen and used + c.group.total_rows > budget:
+                    continue
+                chosen.append(c.group)
+                used += c.group.total_rows
+            return chosen
+        if not candidates:
+            return []
+        best = max(candidates, key=lambda c: (c.score, -c.oldest_seq))
+        return [best.group]
+
+    def _candidate(self, key: GroupKey, entries: list[_Entry]) -> _Candidate:
+        """The batch this group would run now: its first requests (starved,
+        then oldest) up to the expert's cheapest batch per row, scored by
+        its rows per second relative to that cheapest batch, times an aging
+        factor."""
+        cost = self.cost_model.expert(key.stage, key.expert)
+        target = cost.best_rows(self._cap(key))
+        group = self._split(key, entries, target)[0]
+        members = entries[: len(group.request_ids)]
+        rows = group.total_rows
+        efficiency = min(1.0, (rows / cost(rows)) / (target / cost(target)))
+        mean_wait = sum(e.waited * e.pending.rows for e in members) / rows
+        return _Candidate(
+            group=group,
+            score=efficiency * (1.0 + mean_wait / self.config.aging_ticks),
+            starved=any(e.waited >= self.config.max_wait_ticks for e in members),
+            longest_wait=max(e.waited for e in members),
+            oldest_seq=min(e.seq for e in members),
+        )
 
     def _priority(self, entry: _Entry) -> tuple[int, int, int]:
         """Smaller runs first: starved requests (longest wait first), then
@@ -354,10 +436,8 @@ class StepScheduler:
             return (0, -entry.waited, entry.seq)
         return (1, 0, entry.seq)
 
-    def _group(self, key: GroupKey, chunk: list[_Entry]) -> tuple[tuple[int, int, int], Group]:
-        priority = min(self._priority(e) for e in chunk)
-        group = Group(key, tuple(e.id for e in chunk), tuple(e.pending.rows for e in chunk))
-        return priority, group
+    def _group(self, key: GroupKey, chunk: list[_Entry]) -> Group:
+        return Group(key, tuple(e.id for e in chunk), tuple(e.pending.rows for e in chunk))
 
     def complete(self, plan: StepPlan, updates: Mapping[str, PendingView | None]) -> None:
         """Take back a tick's outcome: each served request's next pending
@@ -379,31 +459,16 @@ class StepScheduler:
         self.stats.rows += plan.total_rows
 
 
-def auto_row_budget(seconds_per_call: Mapping[int, float], min_rows: int = 2, gain: float = 1.25) -> int | None:
-    """The tick budget that batches only while batching pays.
-
-    `seconds_per_call` maps batch sizes (buckets) to the time of one call
-    (summed over experts). Starting at the smallest bucket that holds
-    `min_rows` (one request's CFG pair), grow while the next bucket is at
-    least `gain` times cheaper per row. On a GPU, where a call of 16 rows
-    costs about as much as one of 2, that runs to the largest bucket and the
-    budget is None (every pending evaluation runs every tick). On a CPU,
-    where a row costs the same in any batch, it stops at once: a tick then
-    serves the oldest request first, and extra rows, which would only delay
-    it, wait (first-come-first-served keeps the tail latency low).
-    """
-    sizes = sorted(b for b in seconds_per_call if seconds_per_call[b] > 0)
-    if not sizes:
+def auto_row_budget(cost_model: CostModel, max_batch: int | Callable[[str, str], int]) -> int | None:
+    """The "auto" tick budget: the largest of the experts' cheapest batches
+    per row, from the measured cost model. None (no budget) when that is the max batch, as on
+    a GPU where a call of 16 rows costs about one of 2, or when nothing was
+    measured."""
+    if not cost_model:
         return None
-    start = next((i for i, b in enumerate(sizes) if b >= min_rows), len(sizes) - 1)
-    i = start
-    while i + 1 < len(sizes):
-        here = seconds_per_call[sizes[i]] / sizes[i]
-        there = seconds_per_call[sizes[i + 1]] / sizes[i + 1]
-        if here < gain * there:
-            return sizes[i]
-        i += 1
-    return None
+    caps = {key: (max_batch(*key) if callable(max_batch) else int(max_batch)) for key in cost_model.experts}
+    best = max(cost_model.best_rows(stage, expert, caps[(stage, expert)]) for stage, expert in cost_model.experts)
+    return None if best >= max(caps.values()) else best
 
 
 __all__ = [

@@ -7,7 +7,6 @@ first real requests do not pay for allocator growth or kernel selection.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -51,30 +50,15 @@ class TorchBackend(Backend):
             ensemble.eval()
         self._model.encoders.eval()
 
-    @torch.inference_mode()
-    def warmup(self, repeats: int = 3) -> None:
-        """Run each expert at each batch bucket; time the calls after the
-        first (the fastest) into `profile`."""
-        profile: dict[tuple[str, str], dict[int, float]] = {}
-        # On a CPU, process time: other processes on a shared machine do not
-        # distort it. On a GPU, wall time after synchronizing.
-        clock = time.process_time if self._device.type == "cpu" else time.perf_counter
-        for stage, expert in self.experts():
-            net = self._expert(stage, expert)
-            timings = profile.setdefault((stage, expert), {})
-            for rows in batch_buckets(self.max_batch(stage, expert)):
-                inputs = self.dummy_inputs(stage, rows).as_kwargs()
-                net(**inputs)
-                self.synchronize()
-                times = []
-                for _ in range(max(0, repeats - 1)):
-                    start = clock()
-                    net(**inputs)
-                    self.synchronize()
-                    times.append(clock() - start)
-                if times:
-                    timings[rows] = min(times)
-        self.profile = profile
+    def warmup(self, repeats: int = 4) -> None:
+        """Run each expert at each batch bucket once (allocator, kernel
+        selection), then time `repeats` more calls of each into `profile`
+        and `profile_samples` (the cost model takes their median). Wall
+        clock after synchronizing: what a call costs the engine, contention
+        included."""
+        wall, _ = self.time_buckets(repeats)
+        self.profile_samples = wall
+        self.profile = {key: {rows: min(t) for rows, t in timings.items()} for key, timings in wall.items()}
 
     @torch.inference_mode()
     def run(self, stage: str, expert: str, inputs: DenoiserInputs) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch
 
 from ediffi.model import build_random_model_dir
 from engines import TorchBackend
-from engines.bench import LoadConfig, compute_limit, format_table, run_bench, synthetic_requests
+from ediffi.samplers import SAMPLERS
+from engines.bench import LoadConfig, compute_limit, format_table, parse_samplers, run_bench, synthetic_requests
 
 JSON_KEYS = {
     "policy", "backend", "throughput_images_per_s", "latency_p50_s", "latency_p95_s", "latency_p99_s",
@@ -48,6 +49,14 @@ def test_synthetic_load_is_reproducible_and_mixed():
     assert [key(r) for r in synthetic_requests(LoadConfig(requests=40, seed=4), 32)] != [key(r) for r in first]
 
 
+def test_sampler_mix_option():
+    load = LoadConfig(requests=12, samplers=parse_samplers("euler, heun"), seed=2)
+    assert {r.sampler for r in synthetic_requests(load, 32)} == {"euler", "heun"}
+    assert parse_samplers(None) == SAMPLERS
+    with pytest.raises(ValueError, match="ddim"):
+        parse_samplers("euler,ddim")
+
+
 def test_compute_limit_arithmetic():
     # 10 rows on an expert at 0.01 s/row + 5 rows at 0.02 s/row = 0.2 s per image.
     assert compute_limit({"a": 0.01, "b": 0.02}, {"a": 10, "b": 5}) == pytest.approx(5.0)
@@ -61,12 +70,17 @@ def test_run_bench_every_policy(bench_model_dir):
     for r in results:
         assert r.failed == 0 and r.images == 6
         assert r.throughput_images_per_s > 0 and 0 < r.efficiency
+        # The bound is stated: efficiency divides by the cost model's limit,
+        # which no policy's one-request calls (the pair limit) can exceed.
+        assert r.efficiency == pytest.approx(r.throughput_images_per_s / r.compute_limit_images_per_s, rel=0.01)
+        assert 0 < r.pair_limit_images_per_s <= r.compute_limit_images_per_s
         assert r.latency_p50_s <= r.latency_p95_s <= r.latency_p99_s
         assert JSON_KEYS <= set(r.to_json())
     assert results[2].mean_batch_size <= 2.0  # one request (2 CFG rows) at a time
     assert results[0].mean_batch_size > results[2].mean_batch_size
     table = format_table(results)
     assert "step/none throughput" in table and "efficiency" in table
+    assert "step/request throughput" in table and "bound (cost model)" in table
 
 
 def test_run_bench_poisson(bench_model_dir):
@@ -89,3 +103,15 @@ def test_cli_bench_engine_json(bench_model_dir, capsys):
     for d in data:
         assert JSON_KEYS <= set(d)
         assert d["backend"] == "torch:cpu:float32"
+
+
+def test_cli_bench_engine_profile_prints_the_cost_model(bench_model_dir, capsys):
+    from ediffi.cli import main
+
+    code = main(["bench", "engine", "--model-dir", str(bench_model_dir), "--max-batch", "4", "--threads", "1", "--profile"])
+    assert code == 0
+    out = capsys.readouterr().out
+    backend = TorchBackend(bench_model_dir, max_batch=4)
+    for stage, expert in backend.experts():
+        assert f"{stage}/{expert}: " in out
+    assert "ms + " in out and "ms/row" in out and "cheapest per row at" in out and "auto row budget" in out

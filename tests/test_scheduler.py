@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from engines.cost_model import CostModel
 from engines.scheduler import (
     GroupKey,
     PendingView,
@@ -88,36 +89,38 @@ def test_groups_by_expert_and_shape():
     e.add("a2", [A])
     e.add("sr1", [SR])
     e.add("b2", [B])
-    plan = e.tick()
-    groups = {g.key: g.request_ids for g in plan.groups}
+    e.run()
+    groups = {g.key: g.request_ids for plan in e.plans for g in plan.groups}
     assert groups == {A: ("a1", "a2"), B: ("b1", "b2"), SR: ("sr1",)}
+    assert sum(len(plan.groups) for plan in e.plans) == 3  # one call per expert
     # Same expert name, different shape: separate batches.
     other_shape = GroupKey("base", "base0", (3, 8, 8))
     e2 = make()
     e2.add("x", [A])
     e2.add("y", [other_shape])
-    assert len(e2.tick().groups) == 2
+    e2.run()
+    assert [g.request_ids for plan in e2.plans for g in plan.groups] == [("x",), ("y",)]
 
 
 def test_max_batch_caps_rows_and_keeps_cfg_rows_together():
     e = make(max_batch=lambda key: 5 if key == A else 100)
     for i in range(6):
         e.add(f"r{i}", [A], rows=2)
-    plan = e.tick()
-    assert [g.total_rows for g in plan.groups] == [4, 4, 4]  # 2+2 fits in 5; a third request's pair would not
-    assert all(g.total_rows <= 5 for g in plan.groups)
+    e.run()
+    groups = [g for plan in e.plans for g in plan.groups]
+    assert [g.total_rows for g in groups] == [4, 4, 4]  # 2+2 fits in 5; a third request's pair would not
     # Oldest first within the expert's group.
-    assert plan.groups[0].request_ids == ("r0", "r1")
+    assert [g.request_ids for g in groups] == [("r0", "r1"), ("r2", "r3"), ("r4", "r5")]
     # A request larger than the cap runs alone (its rows are never split).
     e2 = make(max_batch=3)
     e2.add("big", [A], rows=4)
     e2.add("small", [A], rows=2)
-    plan = e2.tick()
-    assert [g.request_ids for g in plan.groups] == [("big",), ("small",)]
+    e2.run()
+    assert [g.request_ids for plan in e2.plans for g in plan.groups] == [("big",), ("small",)]
 
 
-def test_every_pending_evaluation_runs_each_tick_without_budget():
-    e = make(max_batch=4)
+def test_request_policy_runs_every_pending_evaluation_of_its_cohort_each_tick():
+    e = make("request", max_batch=4, cohort_rows=100)
     rng = random.Random(0)
     for i in range(12):
         e.add(f"r{i}", [rng.choice([A, B, SR]) for _ in range(rng.randint(2, 9))])
@@ -148,15 +151,17 @@ def test_fairness_bounded_wait_under_a_row_budget():
     assert all(not s for s in e.scripts.values())
 
 
-def test_budget_serves_oldest_first():
-    """With a budget of one request's rows, a tick serves the oldest request:
-    first-come-first-served, as long as nobody hits the wait guard."""
+def test_budget_caps_the_tick_and_ties_go_to_the_oldest():
+    """With a budget of one request's rows a tick serves one request; equal
+    batches go oldest first, then to whoever waited (aging)."""
     e = make(max_batch=8, max_rows_per_tick=2, max_wait_ticks=1000)
     e.add("first", [A, B, SR])
     e.add("second", [A, A])
     e.add("third", [B])
     order = [e.tick().request_ids for _ in range(6)]
-    assert order == [("first",)] * 3 + [("second",)] * 2 + [("third",)]
+    assert all(len(ids) == 1 for ids in order)
+    assert order[0] == ("first",)
+    assert sorted(ids[0] for ids in order) == ["first"] * 3 + ["second"] * 2 + ["third"]
 
 
 def test_fairness_bound_random_load():
@@ -174,14 +179,19 @@ def test_fairness_bound_random_load():
     assert all(not s for s in e.scripts.values())
 
 
+def cost_model(**curves: dict[int, float]) -> CostModel:
+    """Experts of stage "base" named by keyword, {rows: seconds per call}."""
+    return CostModel.from_timings({("base", name): {r: [s] for r, s in c.items()} for name, c in curves.items()})
+
+
 def test_auto_row_budget():
     # GPU-like: a call costs about the same at any batch -> no budget.
-    assert auto_row_budget({1: 1.0, 2: 1.0, 4: 1.05, 8: 1.1, 16: 1.3}) is None
-    # CPU-like: a row costs the same in any batch -> one request's rows.
-    assert auto_row_budget({1: 1.0, 2: 1.9, 4: 3.8, 8: 7.7, 16: 15.0}) == 2
-    # Pays up to 8 rows, then flat.
-    assert auto_row_budget({1: 1.0, 2: 1.0, 4: 1.1, 8: 1.2, 16: 2.4}) == 8
-    assert auto_row_budget({}) is None
+    assert auto_row_budget(cost_model(base0={1: 1.0, 2: 1.0, 4: 1.05, 8: 1.1, 16: 1.3}), 16) is None
+    # Cheapest per row at 8 rows for one expert, 4 for the other -> 8.
+    gpu_then_flat = {1: 1.0, 2: 1.0, 4: 1.1, 8: 1.2, 16: 2.5}
+    cache_bound = {1: 1.0, 2: 1.5, 4: 2.0, 8: 4.4, 16: 9.0}
+    assert auto_row_budget(cost_model(base0=gpu_then_flat, base1=cache_bound), 16) == 8
+    assert auto_row_budget(CostModel(), 16) is None
 
 
 def test_join_and_leave_between_ticks():
@@ -206,8 +216,9 @@ def test_heun_correction_crossing_an_expert_boundary():
     e.add("heun", [A, B, B])  # predictor on A, correction on B
     e.add("on_b", [B, B, B])
     first = e.tick()
-    assert {g.key: g.request_ids for g in first.groups} == {A: ("heun",), B: ("on_b",)}
+    assert {g.key: g.request_ids for g in first.groups} == {A: ("heun",)}  # equal batches: the oldest first
     second = e.tick()
+    # on_b waited one tick and now shares the call: the two traverse B together.
     assert {g.key: g.request_ids for g in second.groups} == {B: ("heun", "on_b")}
 
 
@@ -326,15 +337,16 @@ def test_every_policy_serves_everything(policy):
             assert group.total_rows <= 4 or len(group.request_ids) == 1
 
 
-def test_step_needs_fewer_ticks_than_request_and_none():
-    def ticks(policy):
+def test_step_needs_fewer_calls_than_request_and_none():
+    def calls(policy):
         e = make(policy, max_batch=8, max_active_requests=8, cohort_rows=8)
         rng = random.Random(4)
         for i in range(16):
-            e.add(f"r{i}", [A] * rng.randint(2, 20))
-        return e.run()
+            e.add(f"r{i}", [rng.choice([A, B, SR]) for _ in range(rng.randint(2, 20))])
+        e.run()
+        return e.s.stats.batches
 
-    assert ticks("step") < ticks("request") < ticks("none")
+    assert calls("step") < calls("request") < calls("none")
 
 
 def test_unknown_policy_rejected():
