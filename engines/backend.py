@@ -76,24 +76,23 @@ class Backend(ABC):
 
     def time_buckets(self, repeats: int = 5) -> tuple[dict, dict]:
         """Time `repeats` calls of every expert at every batch bucket, after
-        an untimed one: ({(stage, expert): {rows: [wall seconds]}}, the same
-        in process CPU seconds)."""
+        an untimed round: ({(stage, expert): {rows: [wall seconds]}}, the
+        same in process CPU seconds). Rounds go over every (expert, bucket)
+        in turn, so a shared machine's load drifting during the measurement
+        weighs on every bucket alike instead of on the ones timed last."""
+        cells = [(stage, expert, rows) for stage, expert in self.experts() for rows in self.buckets(stage, expert)]
+        inputs = {(stage, rows): self.dummy_inputs(stage, rows) for stage, _, rows in cells}
         wall: dict[tuple[str, str], dict[int, list[float]]] = {}
         cpu: dict[tuple[str, str], dict[int, list[float]]] = {}
         with torch.inference_mode():
-            for stage, expert in self.experts():
-                for rows in self.buckets(stage, expert):
-                    inputs = self.dummy_inputs(stage, rows)
-                    self.run(stage, expert, inputs)
+            for round_ in range(repeats + 1):
+                for stage, expert, rows in cells:
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    self.run(stage, expert, inputs[(stage, rows)])
                     self.synchronize()
-                    walls, cpus = wall.setdefault((stage, expert), {}).setdefault(rows, []), []
-                    for _ in range(repeats):
-                        start, cpu_start = time.perf_counter(), time.process_time()
-                        self.run(stage, expert, inputs)
-                        self.synchronize()
-                        walls.append(time.perf_counter() - start)
-                        cpus.append(time.process_time() - cpu_start)
-                    cpu.setdefault((stage, expert), {})[rows] = cpus
+                    if round_:  # the first round warms allocators and kernels
+                        wall.setdefault((stage, expert), {}).setdefault(rows, []).append(time.perf_counter() - start)
+                        cpu.setdefault((stage, expert), {}).setdefault(rows, []).append(time.process_time() - cpu_start)
         return wall, cpu
 
     @abstractmethod

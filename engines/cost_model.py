@@ -109,12 +109,14 @@ class ExpertCost:
         return self(rows) / rows
 
     def best_rows(self, cap: int, tolerance: float = 0.0) -> int:
-        """The batch (<= cap) where a row is cheapest; with a `tolerance`,
-        the smallest batch within it of the cheapest (bigger batches than
-        that would only add latency)."""
+        """The batch where a row is cheapest, among the measured sizes up to
+        `cap` and `cap` itself; with a `tolerance`, the largest one within it
+        of the cheapest (timings on a shared machine are noisy, and a bigger
+        batch is the safer bet)."""
         cap = max(1, int(cap))
-        best = min(self.per_row(r) for r in range(1, cap + 1))
-        return next(r for r in range(1, cap + 1) if self.per_row(r) <= best * (1 + tolerance))
+        per_row = {r: self.per_row(r) for r in {*(r for r in self.rows if r <= cap), cap}}
+        best = min(per_row.values())
+        return max(r for r, c in per_row.items() if c <= best * (1 + tolerance))
 
 
 @dataclass

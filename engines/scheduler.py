@@ -72,6 +72,12 @@ from engines.cost_model import CostModel
 
 POLICIES = ("step", "request", "none")
 
+# A batch within this of an expert's cheapest seconds per row counts as
+# cheapest; the step policy fills batches up to the largest such size (the
+# warm-up timings of a shared machine are noisy; a bigger batch is the
+# safer bet).
+TARGET_TOLERANCE = 0.05
+
 
 @dataclass(frozen=True, order=True)
 class GroupKey:
@@ -415,7 +421,7 @@ class StepScheduler:
         its rows per second relative to that cheapest batch, times an aging
         factor."""
         cost = self.cost_model.expert(key.stage, key.expert)
-        target = cost.best_rows(self._cap(key))
+        target = cost.best_rows(self._cap(key), TARGET_TOLERANCE)
         group = self._split(key, entries, target)[0]
         members = entries[: len(group.request_ids)]
         rows = group.total_rows
@@ -461,13 +467,15 @@ class StepScheduler:
 
 def auto_row_budget(cost_model: CostModel, max_batch: int | Callable[[str, str], int]) -> int | None:
     """The "auto" tick budget: the largest of the experts' cheapest batches
-    per row, from the measured cost model. None (no budget) when that is the max batch, as on
+    per row (within `TARGET_TOLERANCE`), from the measured cost model. None (no budget) when that is the max batch, as on
     a GPU where a call of 16 rows costs about one of 2, or when nothing was
     measured."""
     if not cost_model:
         return None
     caps = {key: (max_batch(*key) if callable(max_batch) else int(max_batch)) for key in cost_model.experts}
-    best = max(cost_model.best_rows(stage, expert, caps[(stage, expert)]) for stage, expert in cost_model.experts)
+    best = max(
+        cost_model.best_rows(stage, expert, caps[(stage, expert)], TARGET_TOLERANCE) for stage, expert in cost_model.experts
+    )
     return None if best >= max(caps.values()) else best
 
 

@@ -35,8 +35,10 @@ def test_cheapest_batch_comes_from_the_points_not_the_line():
     cost = ExpertCost.from_timings({1: [10.0], 2: [15.0], 4: [24.0], 8: [44.0], 16: [112.0]})
     assert cost.best_rows(16) == 8
     assert cost.best_rows(4) == 4
-    # With a tolerance, the smallest batch within it of the cheapest.
-    assert cost.best_rows(16, tolerance=0.1) == 4
+    # Only measured sizes (and the cap) are candidates.
+    assert cost.best_rows(6) == 6 and cost.best_rows(3) == 3
+    # With a tolerance, the largest size within it of the cheapest.
+    assert cost.best_rows(16, tolerance=0.3) == 16 and cost.best_rows(16, tolerance=0.2) == 8
 
 
 def test_compute_limit_and_unknown_experts():

@@ -188,7 +188,7 @@ def test_auto_row_budget():
     # GPU-like: a call costs about the same at any batch -> no budget.
     assert auto_row_budget(cost_model(base0={1: 1.0, 2: 1.0, 4: 1.05, 8: 1.1, 16: 1.3}), 16) is None
     # Cheapest per row at 8 rows for one expert, 4 for the other -> 8.
-    gpu_then_flat = {1: 1.0, 2: 1.0, 4: 1.1, 8: 1.2, 16: 2.5}
+    gpu_then_flat = {1: 1.0, 2: 1.0, 4: 1.1, 8: 1.2, 16: 2.8}
     cache_bound = {1: 1.0, 2: 1.5, 4: 2.0, 8: 4.4, 16: 9.0}
     assert auto_row_budget(cost_model(base0=gpu_then_flat, base1=cache_bound), 16) == 8
     assert auto_row_budget(CostModel(), 16) is None
