@@ -48,7 +48,12 @@ class SimStage:
 
 def cascade_from_config(config) -> tuple[SimStage, ...]:
     """The cascade of a `ModelConfig` (stages, shapes, sigma schedules,
-    expert ranges), as the simulation routes it."""
+    expert ranges), as the simulation routes it: pixel-space stages on
+    Karras sigmas (a latent stage's shape depends on the request's size,
+    and a discrete-time schedule is not modelled)."""
+    for stage in config.stages:
+        if getattr(stage, "latent", None) is not None or getattr(stage, "schedule", None) is not None:
+            raise ValueError(f"stage {stage.name!r}: the simulation models pixel-space Karras stages only")
     return tuple(
         SimStage(
             stage.name, (stage.channels, stage.image_size, stage.image_size),
