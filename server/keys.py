@@ -15,6 +15,10 @@ Layout (with the default prefix)::
     ediffi:worker:{id}              worker heartbeat, JSON info (TTL heartbeat_ttl_s)
     ediffi:workers                  sorted set: worker id -> heartbeat expiry (ms, Redis clock)
     ediffi:rate:{key}:{minute}      fixed-window request counter of one API key
+    ediffi:inputs:bytes             bytes of the inputs of unfinished jobs (the submit budget)
+    ediffi:inputs:jobs              hash: job id -> its input bytes counted in inputs:bytes
+    ediffi:inputs:deadlines         sorted set: job id by the epoch ms its unfinished life ends
+    ediffi:owner:{key}:jobs         sorted set: unfinished jobs of one API key, by the same deadline
 """
 
 from __future__ import annotations
@@ -85,4 +89,25 @@ class RedisKeys:
 
     def rate(self, key: str, minute: int) -> str:
         """Request counter of one API key during one minute (epoch seconds // 60)."""
-        return f"{self.prefix}rate:{key}:{minute}"
+        return f"{self.rate_prefix(key)}{minute}"
+
+    def rate_prefix(self, key: str) -> str:
+        """The rate counters of one API key without the minute (the rate script appends Redis's own)."""
+        return f"{self.prefix}rate:{key}:"
+
+    @property
+    def input_bytes(self) -> str:
+        """Total bytes of the inputs of unfinished jobs (checked against the budget at submit)."""
+        return f"{self.prefix}inputs:bytes"
+
+    @property
+    def input_bytes_by_job(self) -> str:
+        return f"{self.prefix}inputs:jobs"
+
+    @property
+    def input_deadlines(self) -> str:
+        return f"{self.prefix}inputs:deadlines"
+
+    def owner_jobs(self, owner: str) -> str:
+        """Unfinished jobs of one API key (or of anonymous callers)."""
+        return f"{self.prefix}owner:{owner}:jobs"

@@ -174,6 +174,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Unfinished jobs (queued + running) one API key (or anonymous client) may have; beyond: 429.",
     )
+    max_job_age_s: float = Field(
+        default=24 * 3600,
+        gt=0,
+        description="An unfinished job (its record, events, inputs and Idempotency-Key) expires this long after "
+        "submission: the bound on how long an unserved job holds Redis memory.",
+    )
     max_consecutive_engine_failures: int = Field(
         default=5,
         ge=1,

@@ -172,8 +172,8 @@ class Worker:
     async def _claim_loop(self) -> None:
         backoff = Backoff()
         while not self._stop.is_set():
-            if self.free_slots == 0:
-                await asyncio.sleep(0.05)
+            if self.free_slots == 0 or any(a.job.exclusive for a in self.active.values()):
+                await asyncio.sleep(0.05)  # full, or running a suspect job alone
                 continue
             # Block briefly only when idle, so a busy worker keeps its loop responsive.
             block_ms = 500 if not self.active else 50
@@ -214,8 +214,10 @@ class Worker:
             inputs = {}
             for name in job.input_names:
                 data = await self.queue.load_input(job.job_id, name)
-                if data is not None:
-                    inputs[name] = data
+                if data is None:  # expired with the job's age limit, or lost with Redis's data
+                    await self._finish(job, "failed", Failure.of(FailureKind.LOST))
+                    return
+                inputs[name] = data
             try:
                 request = build_request(params, inputs)
                 self.engine.submit(

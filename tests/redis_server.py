@@ -54,7 +54,7 @@ class RedisServerProcess:
     node: the queue must recreate its consumer group by itself.
     """
 
-    def __init__(self, port: int | None = None, data_dir: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, data_dir: Path | None = None, extra_args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail(
@@ -66,6 +66,7 @@ class RedisServerProcess:
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="ediffi-redis-"))
+        self.extra_args = extra_args  # more redis-server options, e.g. ("--maxmemory", "2mb")
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -90,6 +91,7 @@ class RedisServerProcess:
                 "--appendonly", "no",
                 "--dir", str(self.data_dir),
                 "--logfile", str(log_file),
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -26,7 +26,7 @@ from PIL import Image
 from ediffi.failure import Failure
 from server.app import DEFAULT_CANVAS_SIZE, create_app
 from server.metrics import Metrics
-from server.queue import ClaimedJob, InProcessQueue, JobQueue, RedisStreamsQueue
+from server.queue import ClaimedJob, InProcessQueue, JobQueue, RedisStreamsQueue, queue_limits
 from server.settings import Settings
 
 TEST_TIMEOUT_S = 20.0
@@ -74,13 +74,7 @@ class Backend:
     key_prefix: str = ""
 
     def build(self, settings: Settings) -> JobQueue:
-        limits = dict(
-            max_queue=settings.max_queue,
-            claim_timeout_s=settings.claim_timeout_s,
-            max_deliveries=settings.max_deliveries,
-            result_ttl_s=settings.result_ttl_s,
-            heartbeat_ttl_s=settings.heartbeat_ttl_s,
-        )
+        limits = queue_limits(settings)
         if self.name == "redis":
             return RedisStreamsQueue.from_url(self.redis_url, prefix=self.key_prefix, **limits)
         return InProcessQueue(**limits)

@@ -314,9 +314,9 @@ async def test_keep_alive_stops_a_live_workers_jobs_from_being_reclaimed(backend
 @run_async
 async def test_reclaimed_and_new_jobs_together_never_exceed_max_jobs(backend: Backend) -> None:
     async with backend.open(claim_timeout_s=0.1) as queue:
-        for _ in range(3):
+        for k in range(3):  # three dead workers with one job each (a shared crash would isolate its jobs)
             await submit_job(queue)
-        assert len(await queue.claim("dead-worker", max_jobs=3)) == 3
+            assert len(await queue.claim(f"dead-worker-{k}", max_jobs=1)) == 1
         for _ in range(2):
             await submit_job(queue)
         await asyncio.sleep(0.2)

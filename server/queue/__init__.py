@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ediffi.failure import Failure, FailureKind
 from server.queue.base import (
@@ -44,8 +44,23 @@ __all__ = [
     "QueueUnavailable",
     "RedisStreamsQueue",
     "make_queue",
+    "queue_limits",
     "failed_event_data",
 ]
+
+
+def queue_limits(settings: "Settings") -> dict[str, Any]:
+    """The constructor limits of either queue implementation, from the settings."""
+    return dict(
+        max_queue=settings.max_queue,
+        claim_timeout_s=settings.claim_timeout_s,
+        max_deliveries=settings.max_deliveries,
+        result_ttl_s=settings.result_ttl_s,
+        heartbeat_ttl_s=settings.heartbeat_ttl_s,
+        max_input_bytes=settings.max_queued_input_bytes,
+        max_unfinished_per_owner=settings.max_unfinished_per_key,
+        max_job_age_s=settings.max_job_age_s,
+    )
 
 
 def make_queue(settings: "Settings", *, key_prefix: str | None = None) -> JobQueue:
@@ -54,13 +69,7 @@ def make_queue(settings: "Settings", *, key_prefix: str | None = None) -> JobQue
     Call it inside the event loop that will use the queue (once per process);
     ``key_prefix`` overrides the default Redis key prefix (tests, shared Redis).
     """
-    limits = dict(
-        max_queue=settings.max_queue,
-        claim_timeout_s=settings.claim_timeout_s,
-        max_deliveries=settings.max_deliveries,
-        result_ttl_s=settings.result_ttl_s,
-        heartbeat_ttl_s=settings.heartbeat_ttl_s,
-    )
+    limits = queue_limits(settings)
     if settings.redis_url:
         if key_prefix is not None:
             limits["prefix"] = key_prefix

@@ -114,6 +114,9 @@ class ClaimedJob:
     input_names: tuple[str, ...]
     deliveries: int  # including this one
     reclaimed: bool  # taken over from a worker that stopped renewing it
+    # Suspected of crashing a worker it shared with other jobs: run it alone (claim nothing
+    # more while it runs), so a crash then is attributed to it (and counts toward max_deliveries).
+    exclusive: bool = False
 
 
 @dataclass
@@ -139,13 +142,30 @@ class QueueUnavailable(QueueError):
 
 
 class QueueFull(QueueError):
-    """The queue holds ``max_queue`` unfinished jobs (the API answers 429 with ``Retry-After``)."""
+    """A submission over a limit (the API answers 429 with ``Retry-After``).
 
-    def __init__(self, depth: int, max_queue: int, retry_after_s: float = 5.0) -> None:
-        super().__init__(f"queue full: {depth} unfinished jobs, limit {max_queue}")
-        self.depth = depth
-        self.max_queue = max_queue
+    ``limit`` says which: ``"queue"`` (``max_queue`` unfinished jobs), ``"inputs"`` (the
+    ``max_queued_input_bytes`` budget of uploaded inputs) or ``"key"`` (the caller's
+    ``max_unfinished_per_key``). ``used`` and ``maximum`` are in the limit's unit.
+    """
+
+    _MESSAGES = {
+        "queue": "queue full: {used} unfinished jobs, limit {maximum}",
+        "inputs": "queued inputs over budget: {used} bytes held, limit {maximum} bytes",
+        "key": "too many unfinished jobs for this API key: {used}, limit {maximum}",
+    }
+
+    def __init__(self, used: int, maximum: int, retry_after_s: float = 5.0, limit: str = "queue") -> None:
+        super().__init__(self._MESSAGES[limit].format(used=used, maximum=maximum))
+        self.limit = limit
+        self.used = used
+        self.maximum = maximum
         self.retry_after_s = retry_after_s
+
+    @property
+    def depth(self) -> int:
+        """Unfinished jobs, for a full queue (kept for callers of the first version)."""
+        return self.used
 
 
 def failed_event_data(failure: Failure) -> dict[str, Any]:
@@ -160,10 +180,13 @@ class JobQueue(abc.ABC):
 
     Implementations take their limits as constructor arguments (``max_queue``,
     ``claim_timeout_s``, ``max_deliveries``, ``result_ttl_s``,
-    ``heartbeat_ttl_s``). Every method may raise :class:`QueueUnavailable`.
+    ``heartbeat_ttl_s``, ``max_input_bytes``, ``max_unfinished_per_owner``,
+    ``max_job_age_s``). Every method may raise :class:`QueueUnavailable`.
     Finished jobs (hash, images, events, idempotency key) expire
     ``result_ttl_s`` after their terminal transition; their inputs are deleted
-    at that transition. Unfinished jobs do not expire: they are in the queue.
+    at that transition. Unfinished jobs (hash, events, inputs, idempotency
+    key) expire ``max_job_age_s`` after submission: a bound on what a job
+    nobody runs can hold in memory, far above any real wait.
     """
 
     counters: QueueCounters
@@ -177,6 +200,7 @@ class JobQueue(abc.ABC):
         inputs: dict[str, bytes],
         n_images: int,
         idempotency_key: str | None = None,
+        owner: str | None = None,
     ) -> JobRecord:
         """Enqueue a job and return its record (status ``queued``).
 
@@ -185,7 +209,11 @@ class JobQueue(abc.ABC):
         ``idempotency_key`` already used by a live job, that job is returned
         and nothing new is queued (atomic: concurrent submissions under one
         key create one job). Raises :class:`QueueFull` when :meth:`depth`
-        has reached ``max_queue``.
+        has reached ``max_queue``, when ``owner`` (the API key; None: the
+        anonymous callers together) has ``max_unfinished_per_key`` unfinished
+        jobs, or when the inputs would take the bytes held by unfinished
+        jobs' inputs over ``max_input_bytes``. All checks and the enqueue are
+        one atomic step.
         """
 
     @abc.abstractmethod

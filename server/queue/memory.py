@@ -55,6 +55,7 @@ class _StoredJob:
     message_id: str
     inputs: dict[str, bytes]
     idempotency_key: str | None
+    owner: str | None = None
     images: list[bytes] = field(default_factory=list)
     events: list[JobEvent] = field(default_factory=list)
     cancel_requested: bool = False
@@ -82,8 +83,14 @@ class InProcessQueue(JobQueue):
         max_deliveries: int,
         result_ttl_s: float,
         heartbeat_ttl_s: float,
+        max_input_bytes: int = 512 * 1024 * 1024,
+        max_unfinished_per_owner: int = 1_000_000,
+        max_job_age_s: float = 24 * 3600,
     ) -> None:
         self._max_queue = max_queue
+        self._max_input_bytes = max_input_bytes
+        self._max_unfinished_per_owner = max_unfinished_per_owner
+        self._max_job_age_s = max_job_age_s
         self._claim_timeout_s = claim_timeout_s
         self._max_deliveries = max_deliveries
         self._result_ttl_s = result_ttl_s
@@ -112,6 +119,7 @@ class InProcessQueue(JobQueue):
         inputs: dict[str, bytes],
         n_images: int,
         idempotency_key: str | None = None,
+        owner: str | None = None,
     ) -> JobRecord:
         self._purge_expired()
         if idempotency_key is not None and idempotency_key in self._idempotency:
@@ -121,6 +129,14 @@ class InProcessQueue(JobQueue):
         depth = len(self._entries)
         if depth >= self._max_queue:
             raise QueueFull(depth, self._max_queue)
+        unfinished = [self._jobs[job_id] for job_id in self._entries.values() if job_id in self._jobs]
+        owned = sum(1 for stored in unfinished if stored.owner == owner)
+        if owned >= self._max_unfinished_per_owner:
+            raise QueueFull(owned, self._max_unfinished_per_owner, limit="key")
+        new_bytes = sum(len(data) for data in inputs.values())
+        held = sum(len(data) for stored in unfinished for data in stored.inputs.values())
+        if new_bytes and held + new_bytes > self._max_input_bytes:
+            raise QueueFull(held, self._max_input_bytes, limit="inputs")
         job_id = uuid.uuid4().hex
         message_id = f"{next(self._message_seq)}-0"
         record = JobRecord(
@@ -130,12 +146,15 @@ class InProcessQueue(JobQueue):
             n_images=n_images,
             queued_at=time.time(),
         )
-        stored = _StoredJob(record=record, message_id=message_id, inputs=dict(inputs), idempotency_key=idempotency_key)
+        stored = _StoredJob(
+            record=record, message_id=message_id, inputs=dict(inputs), idempotency_key=idempotency_key, owner=owner
+        )
         self._jobs[job_id] = stored
         self._entries[message_id] = job_id
         self._undelivered[message_id] = None
         if idempotency_key is not None:
-            self._idempotency[idempotency_key] = (job_id, time.monotonic() + self._result_ttl_s)
+            # As long as the job may still be queued or running; its terminal transition shortens it.
+            self._idempotency[idempotency_key] = (job_id, time.monotonic() + self._max_job_age_s)
         await self._append_event(stored, EventType.QUEUED, {})
         await self._notify(self._entry_added)
         return self._copy(record)

@@ -6,7 +6,7 @@ Layout (key names in :mod:`server.keys`):
   the job hash as JSON and large inputs in their own keys, never inline.
   Workers read it through the consumer group (``XREADGROUP``), acknowledge
   after the outcome is stored (``XACK``) and take over entries idle on a
-  silent worker (``XAUTOCLAIM``).
+  silent worker (``XPENDING`` + ``XCLAIM``, which also tell whose they were).
 * An acknowledged entry is also deleted (``XDEL``), so the stream holds exactly
   the unfinished jobs and **queue depth is ``XLEN``**: not yet delivered plus
   pending on a worker. (``XINFO GROUPS`` lag+pending was the alternative; it
@@ -29,7 +29,13 @@ Redis restarts: the client reconnects by itself (one immediate retry per
 command covers a pooled connection that died); connection errors surface as
 :class:`QueueUnavailable`; a missing consumer group (``NOGROUP`` after an
 empty restart) is recreated on first use; scripts are reloaded by redis-py.
-Requires Redis >= 7 (``XAUTOCLAIM`` reporting deleted entries).
+Redis error replies (``READONLY``, ``MISCONF``, ``OOM``...) are
+:class:`QueueUnavailable` too. Memory: run Redis with ``maxmemory`` and
+``maxmemory-policy noeviction`` (evicting would lose queued jobs; a full Redis
+answers ``OOM``, i.e. 503); the submit script keeps uploads within
+``max_input_bytes`` and each caller within ``max_unfinished_per_owner``, and
+everything an unfinished job stores expires after ``max_job_age_s``.
+Requires Redis >= 7.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import re
 import time
 import uuid
@@ -47,7 +54,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ediffi.failure import Failure, FailureKind
@@ -67,6 +75,7 @@ from server.queue.base import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # An event stream id as Redis writes it ("1700000000000-0") or a bare millisecond part.
 _STREAM_ID = re.compile(r"^\d+(-\d+)?$")
@@ -74,37 +83,79 @@ _STREAM_ID = re.compile(r"^\d+(-\d+)?$")
 # "now" in epoch milliseconds (Redis clamps a delivery time in the future to now).
 _RELEASED_IDLE_MS = 30 * 24 * 3600 * 1000
 _UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+#: Owner of the jobs submitted without an API key (keys off): they share one cap.
+ANONYMOUS_OWNER = "-anonymous-"
+# Submit script verdicts for a limit reached -> QueueFull.limit
+_FULL_LIMITS = {"full": "queue", "owner_full": "key", "inputs_full": "inputs"}
 
-# Enqueue a job atomically: idempotency check, depth check, inputs, hash, stream entry, first event.
+# Enqueue a job atomically: idempotency check, limits, inputs, hash, stream entry, first event.
 # Checking and then setting the idempotency key inside one script is the SET NX
-# of the design with the depth check and the enqueue folded in, so a rejected
+# of the design with the limit checks and the enqueue folded in, so a rejected
 # submission leaves nothing behind and two submissions under one key create one job.
-_SUBMIT_LUA = """
+# Limits: queue depth (XLEN), the caller's unfinished jobs (its owner set), and the
+# bytes of inputs unfinished jobs hold. Everything an unfinished job stores expires
+# with its age limit (ARGV[4]); a job that reaches it unfinished gives its budget
+# back the next time anybody submits (the sweep over the deadlines set).
+_SUBMIT_LUA = """#!lua
+-- The shebang (no allow-oom flag) makes Redis refuse the whole script while over maxmemory;
+-- without it Redis checks memory only before a script's first write, and this one writes first.
 -- KEYS[1] jobs stream, KEYS[2] job hash, KEYS[3] job events, KEYS[4] idempotency key,
--- KEYS[5 .. 4+n] input keys
--- ARGV[1] job id, ARGV[2] max_queue, ARGV[3] idempotency ttl ms ("0": no idempotency key),
--- ARGV[4] queued event data, ARGV[5] n inputs, ARGV[6 .. 5+n] input bytes, then hash field/value pairs
-if ARGV[3] ~= '0' then
+-- KEYS[5] input bytes total, KEYS[6] input bytes by job (hash), KEYS[7] input deadlines (zset),
+-- KEYS[8] owner's unfinished jobs (zset), KEYS[9 .. 8+n] input keys
+-- ARGV[1] job id, ARGV[2] max_queue, ARGV[3] "1": use the idempotency key, ARGV[4] age limit ms,
+-- ARGV[5] queued event data, ARGV[6] max input bytes, ARGV[7] max unfinished per owner,
+-- ARGV[8] n inputs, ARGV[9 .. 8+n] input bytes, then hash field/value pairs
+if ARGV[3] == '1' then
   local existing = redis.call('GET', KEYS[4])
   if existing then return {'existing', existing} end
 end
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local age_ms = tonumber(ARGV[4])
+for _, stale in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now_ms, 'LIMIT', 0, 100)) do
+  local held = redis.call('HGET', KEYS[6], stale)
+  if held then redis.call('DECRBY', KEYS[5], held) end
+  redis.call('HDEL', KEYS[6], stale)
+  redis.call('ZREM', KEYS[7], stale)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now_ms)
 local depth = redis.call('XLEN', KEYS[1])
-if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
-local n = tonumber(ARGV[5])
-for i = 1, n do redis.call('SET', KEYS[4 + i], ARGV[5 + i]) end
-redis.call('HSET', KEYS[2], unpack(ARGV, 6 + n, #ARGV))
+if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth), ARGV[2]} end
+local owned = redis.call('ZCARD', KEYS[8])
+if owned >= tonumber(ARGV[7]) then return {'owner_full', tostring(owned), ARGV[7]} end
+local n = tonumber(ARGV[8])
+local bytes = 0
+for i = 1, n do bytes = bytes + string.len(ARGV[8 + i]) end
+local held = tonumber(redis.call('GET', KEYS[5]) or '0')
+if bytes > 0 and held + bytes > tonumber(ARGV[6]) then
+  return {'inputs_full', tostring(held), ARGV[6]}
+end
+local deadline = now_ms + age_ms
+for i = 1, n do redis.call('SET', KEYS[8 + i], ARGV[8 + i], 'PX', age_ms) end
+redis.call('HSET', KEYS[2], unpack(ARGV, 9 + n, #ARGV))
 local message_id = redis.call('XADD', KEYS[1], '*', 'job_id', ARGV[1])
-redis.call('HSET', KEYS[2], 'message_id', message_id)
-redis.call('XADD', KEYS[3], '*', 'type', 'queued', 'data', ARGV[4])
-if ARGV[3] ~= '0' then redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[3]) end
+redis.call('HSET', KEYS[2], 'message_id', message_id, 'owner_set', KEYS[8], 'input_bytes', bytes)
+redis.call('PEXPIRE', KEYS[2], age_ms)
+redis.call('XADD', KEYS[3], '*', 'type', 'queued', 'data', ARGV[5])
+redis.call('PEXPIRE', KEYS[3], age_ms)
+if bytes > 0 then
+  redis.call('INCRBY', KEYS[5], bytes)
+  redis.call('HSET', KEYS[6], ARGV[1], bytes)
+  redis.call('ZADD', KEYS[7], deadline, ARGV[1])
+end
+redis.call('ZADD', KEYS[8], deadline, ARGV[1])
+redis.call('PEXPIRE', KEYS[8], age_ms)
+if ARGV[3] == '1' then redis.call('SET', KEYS[4], ARGV[1], 'PX', age_ms) end
 return {'created', message_id}
 """
 
 # Change a job's status if it is in one of the allowed states; write everything that goes with it.
 _TRANSITION_LUA = """
--- KEYS[1] job hash, KEYS[2] job events, then n_set keys to SET, then n_delete keys to DEL
+-- KEYS[1] job hash, KEYS[2] job events, KEYS[3] input bytes total, KEYS[4] input bytes by job,
+-- KEYS[5] input deadlines, then n_set keys to SET, then n_delete keys to DEL
 -- ARGV[1] allowed current statuses, space separated and padded (" queued running ")
--- ARGV[2] ttl ms for the hash, the events and the set keys ("0": leave TTLs alone)
+-- ARGV[2] ttl ms for the hash, the events and the set keys ("0": leave TTLs alone); a
+--   terminal transition (ttl > 0) also gives back the job's input budget and owner slot
 -- ARGV[3] event type ("" for none), ARGV[4] event data JSON; events are trimmed to about
 --   10000 per job, far above steps * stages
 -- ARGV[5] n_set, ARGV[6] n_delete, ARGV[7 .. 6+n_set] values of the set keys,
@@ -116,11 +167,12 @@ local idem = redis.call('HGET', KEYS[1], 'idempotency_key') or ''
 if not string.find(ARGV[1], ' ' .. status .. ' ', 1, true) then return {0, status, idem} end
 local ttl = tonumber(ARGV[2])
 local n_set, n_delete = tonumber(ARGV[5]), tonumber(ARGV[6])
+local first_key = 6
 for i = 1, n_set do
   if ttl > 0 then
-    redis.call('SET', KEYS[2 + i], ARGV[6 + i], 'PX', ttl)
+    redis.call('SET', KEYS[first_key - 1 + i], ARGV[6 + i], 'PX', ttl)
   else
-    redis.call('SET', KEYS[2 + i], ARGV[6 + i])
+    redis.call('SET', KEYS[first_key - 1 + i], ARGV[6 + i])
   end
 end
 local first_field = 7 + n_set
@@ -131,16 +183,32 @@ end
 if ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
+  local id = redis.call('HGET', KEYS[1], 'id')
+  local held = redis.call('HGET', KEYS[4], id)
+  if held then
+    redis.call('DECRBY', KEYS[3], held)
+    redis.call('HDEL', KEYS[4], id)
+    redis.call('ZREM', KEYS[5], id)
+  end
+  local owner_set = redis.call('HGET', KEYS[1], 'owner_set')
+  if owner_set then redis.call('ZREM', owner_set, id) end
 end
-for i = 1, n_delete do redis.call('DEL', KEYS[2 + n_set + i]) end
+for i = 1, n_delete do redis.call('DEL', KEYS[first_key - 1 + n_set + i]) end
 return {1, status, idem}
 """
 
 # Decide what to do with one delivery of a job, counting it if it may run.
+# Crash attribution: a job taken over from a worker that held only it ("sole") is
+# charged one crash; one taken over from a worker that held several ("shared") is
+# not charged (the crash may be another job's) but becomes a suspect, which is
+# handed out alone (``ClaimedJob.exclusive``), so if it is the culprit its next
+# crash is a sole one. The job fails once its crashes reach max deliveries.
 _DELIVER_LUA = """
--- KEYS[1] job hash, KEYS[2] cancel key; ARGV[1] max deliveries
+-- KEYS[1] job hash, KEYS[2] cancel key
+-- ARGV[1] max deliveries, ARGV[2] "new" | "takeover", ARGV[3] consumer taken over from,
+-- ARGV[4] entries that consumer held
 -- Returns {'missing'} | {'finished'} | {'cancel'} | {'exceeded', n}
---       | {'deliver', deliveries, released 0|1, params, n_images, input_names}
+--       | {'deliver', deliveries, released 0|1, params, n_images, input_names, exclusive 0|1}
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing'} end
 if status ~= 'queued' and status ~= 'running' then return {'finished'} end
@@ -151,10 +219,40 @@ if released == 1 then
   deliveries = tonumber(redis.call('HGET', KEYS[1], 'deliveries') or '0')
 else
   deliveries = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+  if ARGV[2] == 'takeover' then
+    local shared_with = redis.call('HGET', KEYS[1], 'shared_with')
+    if tonumber(ARGV[4]) > 1 or shared_with == ARGV[3] then
+      redis.call('HSET', KEYS[1], 'suspect', '1')
+    else
+      redis.call('HINCRBY', KEYS[1], 'crashes', 1)
+    end
+  end
 end
-if deliveries > tonumber(ARGV[1]) then return {'exceeded', deliveries} end
-local fields = redis.call('HMGET', KEYS[1], 'params', 'n_images', 'input_names')
-return {'deliver', deliveries, released, fields[1], fields[2], fields[3]}
+redis.call('HDEL', KEYS[1], 'shared_with')
+local crashes = tonumber(redis.call('HGET', KEYS[1], 'crashes') or '0')
+if crashes >= tonumber(ARGV[1]) then return {'exceeded', deliveries} end
+local fields = redis.call('HMGET', KEYS[1], 'params', 'n_images', 'input_names', 'suspect')
+return {'deliver', deliveries, released, fields[1], fields[2], fields[3], fields[4] and 1 or 0}
+"""
+
+# Remember which dead consumer held a job together with others (see _DELIVER_LUA), before
+# any of its entries is taken over, so the last one taken is not mistaken for a sole holding.
+_MARK_SHARED_LUA = """
+-- KEYS: job hashes; ARGV[1] consumer name
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'shared_with', ARGV[1]) end
+end
+return #KEYS
+"""
+
+# Count one request in the current minute of Redis's clock (the window key is the prefix plus
+# that minute, built here because only the script knows the minute; a single Redis, not a cluster).
+_RATE_LUA = """
+local clock = redis.call('TIME')
+local window = KEYS[1] .. math.floor(tonumber(clock[1]) / 60)
+local count = redis.call('INCR', window)
+if count == 1 then redis.call('EXPIRE', window, 120) end
+return count
 """
 
 # Report a worker alive: its heartbeat key (JSON info) and its expiry, scored in a sorted set so that
@@ -186,8 +284,19 @@ return 0
 """
 
 
+# What a client may learn about an error reply (the reply itself goes to the log).
+_REPLY_KINDS = {ReadOnlyError: "is a read-only replica", RedisOutOfMemoryError: "is out of memory"}
+
+
 def _translate_redis_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Turn connection-level Redis failures into :class:`QueueUnavailable` (the API's 503)."""
+    """Turn Redis failures into :class:`QueueUnavailable` (the API's 503, the worker's retry).
+
+    Connection failures, and error replies: ``READONLY`` (a replica after a
+    failover), ``MISCONF`` (persistence failing, e.g. a full disk), ``OOM``
+    (``maxmemory`` reached under ``noeviction``), ``LOADING`` and any other.
+    The message names the reply's code only; the details (addresses, paths)
+    go to the log.
+    """
 
     @functools.wraps(method)
     async def wrapper(self: "RedisStreamsQueue", *args: Any, **kwargs: Any) -> T:
@@ -196,7 +305,11 @@ def _translate_redis_errors(method: Callable[..., Awaitable[T]]) -> Callable[...
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             # The group may be gone when Redis comes back (restart without persistence).
             self._group_ready = False
-            raise QueueUnavailable(f"redis unavailable: {exc}") from exc
+            log.warning("redis unreachable in %s: %s", method.__name__, exc)
+            raise QueueUnavailable("redis unreachable") from exc
+        except ResponseError as exc:
+            log.warning("redis error reply in %s: %s", method.__name__, exc)
+            raise QueueUnavailable(f"redis {_REPLY_KINDS.get(type(exc), 'error reply')}") from exc
 
     return wrapper
 
@@ -251,6 +364,16 @@ def _failure_fields(failure: Failure) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class _TakeOver:
+    """An idle delivery this worker took over, and from whom."""
+
+    message_id: str
+    job_id: str
+    consumer: str  # who held it: a dead or stalled worker, or the ``released`` consumer
+    consumer_held: int  # how many entries that consumer held (1: this job alone)
+
+
+@dataclass(frozen=True)
 class _TransitionOutcome:
     applied: bool
     previous: JobStatus | None  # None: the job does not exist (never did, or expired)
@@ -268,6 +391,9 @@ class RedisStreamsQueue(JobQueue):
         max_deliveries: int,
         result_ttl_s: float,
         heartbeat_ttl_s: float,
+        max_input_bytes: int = 512 * 1024 * 1024,
+        max_unfinished_per_owner: int = 1_000_000,
+        max_job_age_s: float = 24 * 3600,
         prefix: str = DEFAULT_PREFIX,
         blocking_client: aioredis.Redis | None = None,
         blocking_reads: int = 32,
@@ -287,6 +413,10 @@ class RedisStreamsQueue(JobQueue):
         self._max_deliveries = max_deliveries
         self._result_ttl_ms = max(1, int(result_ttl_s * 1000))
         self._heartbeat_ttl_ms = max(1, int(heartbeat_ttl_s * 1000))
+        self._max_input_bytes = max_input_bytes
+        self._max_unfinished_per_owner = max_unfinished_per_owner
+        self._job_age_ms = max(1, int(max_job_age_s * 1000))
+        self._next_consumer_sweep = 0.0
         self._group_ready = False
         self._submit_script = client.register_script(_SUBMIT_LUA)
         self._transition_script = client.register_script(_TRANSITION_LUA)
@@ -294,6 +424,8 @@ class RedisStreamsQueue(JobQueue):
         self._delete_if_equal_script = client.register_script(_DELETE_IF_EQUAL_LUA)
         self._heartbeat_script = client.register_script(_HEARTBEAT_LUA)
         self._workers_alive_script = client.register_script(_WORKERS_ALIVE_LUA)
+        self._mark_shared_script = client.register_script(_MARK_SHARED_LUA)
+        self._rate_script = client.register_script(_RATE_LUA)
         self.counters = QueueCounters()
 
     @classmethod
@@ -363,6 +495,7 @@ class RedisStreamsQueue(JobQueue):
         inputs: dict[str, bytes],
         n_images: int,
         idempotency_key: str | None = None,
+        owner: str | None = None,
     ) -> JobRecord:
         for _ in range(3):  # the retry only happens when an idempotency key names an expired job
             job_id = uuid.uuid4().hex
@@ -387,21 +520,28 @@ class RedisStreamsQueue(JobQueue):
                 self._keys.job(job_id),
                 self._keys.job_events(job_id),
                 idem_key,
+                self._keys.input_bytes,
+                self._keys.input_bytes_by_job,
+                self._keys.input_deadlines,
+                self._keys.owner_jobs(owner or ANONYMOUS_OWNER),
                 *(self._keys.job_input(job_id, name) for name in input_names),
             ]
             args: list[Any] = [
                 job_id,
                 self._max_queue,
-                self._result_ttl_ms if idempotency_key is not None else 0,
+                "1" if idempotency_key is not None else "0",
+                self._job_age_ms,
                 json.dumps({}),
+                self._max_input_bytes,
+                self._max_unfinished_per_owner,
                 len(input_names),
                 *(inputs[name] for name in input_names),
                 *(item for pair in hash_fields.items() for item in pair),
             ]
-            outcome, detail = await self._submit_script(keys=keys, args=args)
+            outcome, detail, *limit = await self._submit_script(keys=keys, args=args)
             outcome, detail = _text(outcome), _text(detail)
-            if outcome == "full":
-                raise QueueFull(int(detail or 0), self._max_queue)
+            if outcome in _FULL_LIMITS:
+                raise QueueFull(int(detail or 0), int(_text(limit[0]) or 0), limit=_FULL_LIMITS[outcome])
             if outcome == "created":
                 record = await self.get(job_id)
                 assert record is not None, "job hash written by the submit script"
@@ -484,11 +624,8 @@ class RedisStreamsQueue(JobQueue):
 
     @_translate_redis_errors
     async def rate_limit(self, key: str, per_minute: int) -> bool:
-        window_key = self._keys.rate(key, int(time.time() // 60))
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(window_key)
-            pipe.expire(window_key, 120)  # outlives its minute, then disappears
-            count, _ = await pipe.execute()
+        # The minute is Redis's, so every API replica counts in the same window whatever its own clock says.
+        count = await self._rate_script(keys=[self._keys.rate_prefix(key)], args=[])
         return int(count) <= per_minute
 
     # ------------------------------------------------------------ worker side
@@ -498,10 +635,13 @@ class RedisStreamsQueue(JobQueue):
         if max_jobs <= 0:
             return []
         claimed: list[ClaimedJob] = []
-        for message_id, job_id in await self._take_over_idle(worker_id, max_jobs):
-            job = await self._accept_delivery(message_id, job_id, taken_over=True)
+        for take_over in await self._take_over_idle(worker_id, max_jobs):
+            job = await self._accept_delivery(take_over.message_id, take_over.job_id, take_over=take_over)
             if job is not None:
                 claimed.append(job)
+                if job.exclusive:
+                    return claimed  # a suspect runs alone: nothing new with it
+        await self._remove_dead_consumers(worker_id)
         remaining = max_jobs - len(claimed)
         if remaining > 0:
             # Block only when there is nothing to hand out yet; taken-over jobs go out at once.
@@ -518,7 +658,7 @@ class RedisStreamsQueue(JobQueue):
             for _stream, entries in response or []:
                 for message_id, fields in entries:
                     job = await self._accept_delivery(
-                        _text(message_id) or "", _text((fields or {}).get(b"job_id")) or "", taken_over=False
+                        _text(message_id) or "", _text((fields or {}).get(b"job_id")) or "", take_over=None
                     )
                     if job is not None:
                         claimed.append(job)
@@ -702,39 +842,125 @@ class RedisStreamsQueue(JobQueue):
             await self._ensure_group()
             return await call()
 
-    async def _take_over_idle(self, worker_id: str, max_jobs: int) -> list[tuple[str, str]]:
-        """XAUTOCLAIM up to ``max_jobs`` entries idle longer than the claim timeout: (message id, job id)."""
-        taken: list[tuple[str, str]] = []
-        cursor = "0-0"
-        for _ in range(10):  # each call scans at most 10*count PEL entries; bound the total work
-            next_cursor, entries, *_deleted = await self._with_group(
-                lambda: self._redis.xautoclaim(
-                    self._keys.jobs_stream,
-                    self._keys.consumer_group,
-                    worker_id,
-                    self._claim_timeout_ms,
-                    start_id=cursor,
-                    count=max_jobs - len(taken),
-                )
-            )
-            for message_id, fields in entries:
-                if fields is None:  # entry deleted (canceled while held); Redis drops it from the PEL
-                    continue
-                taken.append((_text(message_id) or "", _text(fields.get(b"job_id")) or ""))
-            cursor = _text(next_cursor) or "0-0"
-            if cursor == "0-0" or len(taken) >= max_jobs:
-                break
-        return taken
+    async def _take_over_idle(self, worker_id: str, max_jobs: int) -> list["_TakeOver"]:
+        """XCLAIM up to ``max_jobs`` entries idle longer than the claim timeout, saying whose they were.
 
-    async def _accept_delivery(self, message_id: str, job_id: str, *, taken_over: bool) -> ClaimedJob | None:
+        A suspect job (see :data:`_DELIVER_LUA`) is taken only by a worker that holds
+        nothing, and then alone. Entries whose job was deleted (canceled while held)
+        are acknowledged. Before the first entry of a dead consumer that held several
+        is taken, all its jobs are marked as held together.
+        """
+        stream, group = self._keys.jobs_stream, self._keys.consumer_group
+        summary = await self._with_group(lambda: self._redis.xpending(stream, group))
+        if not summary or not summary.get("pending"):
+            return []
+        held = {_text(row["name"]) or "": int(row["pending"]) for row in summary.get("consumers") or []}
+        rows = await self._with_group(
+            lambda: self._redis.xpending_range(
+                stream, group, min="-", max="+", count=max(100, 10 * max_jobs), idle=self._claim_timeout_ms
+            )
+        )
+        rows = [row for row in rows if _text(row["consumer"]) != worker_id]
+        if not rows:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.xrange(stream, row["message_id"], row["message_id"], count=1)
+            entries = await pipe.execute()
+        job_ids = [_text(found[0][1].get(b"job_id")) if found else None for found in entries]
+        deleted = [row["message_id"] for row, job_id in zip(rows, job_ids) if job_id is None]
+        if deleted:  # canceled while a dead worker held it: nothing to run
+            await self._redis.xack(stream, group, *deleted)
+        live = [(row, job_id) for row, job_id in zip(rows, job_ids) if job_id is not None]
+        for consumer in {_text(row["consumer"]) or "" for row, _ in live}:
+            if consumer != self._keys.released_consumer and held.get(consumer, 0) > 1:
+                await self._mark_held_together(consumer, held[consumer])
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for _row, job_id in live:
+                pipe.hmget(self._keys.job(job_id), "suspect", "shared_with")
+            flags = await pipe.execute()
+        chosen: list[_TakeOver] = []
+        for (row, job_id), (suspect, shared_with) in zip(live, flags):
+            if len(chosen) >= max_jobs:
+                break
+            consumer = _text(row["consumer"]) or ""
+            take = _TakeOver(_text(row["message_id"]) or "", job_id, consumer, held.get(consumer, 0))
+            # Suspect already, or about to become one (taken from a crash it shared): see _DELIVER_LUA.
+            shared_crash = consumer != self._keys.released_consumer and (
+                take.consumer_held > 1 or _text(shared_with) == consumer
+            )
+            if suspect or shared_crash:
+                if chosen or held.get(worker_id, 0):
+                    continue  # left for a worker with nothing else on it
+                chosen = [take]
+                break
+            chosen.append(take)
+        if not chosen:
+            return []
+        taken = await self._with_group(
+            lambda: self._redis.xclaim(
+                stream, group, worker_id, self._claim_timeout_ms, [t.message_id for t in chosen], justid=True
+            )
+        )
+        # Another worker may have taken some first (XCLAIM with a minimum idle time is the arbiter).
+        taken_ids = {_text(message_id) for message_id in taken}
+        return [t for t in chosen if t.message_id in taken_ids]
+
+    async def _mark_held_together(self, consumer: str, count: int) -> None:
+        rows = await self._redis.xpending_range(
+            self._keys.jobs_stream, self._keys.consumer_group, min="-", max="+", count=count, consumername=consumer
+        )
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.xrange(self._keys.jobs_stream, row["message_id"], row["message_id"], count=1)
+            entries = await pipe.execute()
+        job_keys = [self._keys.job(_text(found[0][1].get(b"job_id")) or "") for found in entries if found]
+        if job_keys:
+            await self._mark_shared_script(keys=job_keys, args=[consumer])
+
+    async def _remove_dead_consumers(self, worker_id: str) -> None:
+        """Delete group consumers that hold nothing and whose worker's heartbeat is gone.
+
+        Cheap, but not needed on every claim: at most once per claim timeout per process.
+        Deleting a consumer with no pending entries loses nothing, and a live worker
+        wrongly taken for dead is recreated by its next XREADGROUP.
+        """
+        now = time.monotonic()
+        if now < self._next_consumer_sweep:
+            return
+        self._next_consumer_sweep = now + self._claim_timeout_ms / 1000
+        consumers = await self._with_group(
+            lambda: self._redis.xinfo_consumers(self._keys.jobs_stream, self._keys.consumer_group)
+        )
+        idle = [
+            _text(row["name"]) or ""
+            for row in consumers
+            if int(row["pending"]) == 0 and _text(row["name"]) not in (worker_id, self._keys.released_consumer)
+        ]
+        if not idle:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in idle:
+                pipe.exists(self._keys.worker_heartbeat(name))
+            alive = await pipe.execute()
+        for name, beating in zip(idle, alive):
+            if not beating:
+                await self._redis.xgroup_delconsumer(self._keys.jobs_stream, self._keys.consumer_group, name)
+
+    async def _accept_delivery(
+        self, message_id: str, job_id: str, *, take_over: "_TakeOver | None"
+    ) -> ClaimedJob | None:
         """Count a delivery and return the job if it may run; otherwise settle and ack it."""
+        args: list[Any] = [self._max_deliveries, "new", "", 0]
+        if take_over is not None:
+            args = [self._max_deliveries, "takeover", take_over.consumer, take_over.consumer_held]
         verdict, *rest = await self._deliver_script(
-            keys=[self._keys.job(job_id), self._keys.job_cancel(job_id)], args=[self._max_deliveries]
+            keys=[self._keys.job(job_id), self._keys.job_cancel(job_id)], args=args
         )
         verdict = _text(verdict)
         if verdict == "deliver":
-            deliveries, released, params, n_images, input_names = rest
-            reclaimed = taken_over and not int(released)
+            deliveries, released, params, n_images, input_names, exclusive = rest
+            reclaimed = take_over is not None and not int(released)
             if reclaimed:
                 self.counters.reclaimed += 1
             return ClaimedJob(
@@ -745,6 +971,7 @@ class RedisStreamsQueue(JobQueue):
                 input_names=tuple(json.loads(input_names or b"[]")),
                 deliveries=int(deliveries),
                 reclaimed=reclaimed,
+                exclusive=bool(int(exclusive)),
             )
         input_names = tuple(json.loads(await self._redis.hget(self._keys.job(job_id), "input_names") or b"[]"))
         if verdict == "exceeded":
@@ -813,7 +1040,15 @@ class RedisStreamsQueue(JobQueue):
             if finish
             else []
         )
-        keys = [self._keys.job(job_id), self._keys.job_events(job_id), *set_values, *delete_keys]
+        keys = [
+            self._keys.job(job_id),
+            self._keys.job_events(job_id),
+            self._keys.input_bytes,
+            self._keys.input_bytes_by_job,
+            self._keys.input_deadlines,
+            *set_values,
+            *delete_keys,
+        ]
         event_type, event_data = event if event else ("", {})
         args: list[Any] = [
             " " + " ".join(status.value for status in allowed) + " ",

@@ -188,7 +188,9 @@ async def submit_job(
         owner=principal.key_id, submission_id=uuid.uuid4().hex, request_hash=validated.request_hash, api=api
     )
     params = {**validated.params, "client": client.model_dump(mode="json")}
-    record = await queue.submit(params, validated.inputs, validated.n, idempotency_key=queue_key)
+    record = await queue.submit(
+        params, validated.inputs, validated.n, idempotency_key=queue_key, owner=principal.key_id
+    )
     stored_client = record.params.get("client") or {}
     replayed = stored_client.get("submission_id") != client.submission_id
     if replayed and stored_client.get("request_hash") != validated.request_hash:

@@ -20,7 +20,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.auth import Principal, PrincipalDep, WaitSlotsDep, authenticate
 from server.deps import QueueDep
-from server.queue import TERMINAL_STATUSES, EventType, JobEvent, JobQueue, JobRecord, JobStatus, QueueUnavailable
+from ediffi.failure import Failure, FailureKind
+from server.queue import (
+    TERMINAL_STATUSES,
+    EventType,
+    JobEvent,
+    JobQueue,
+    JobRecord,
+    JobStatus,
+    QueueUnavailable,
+    failed_event_data,
+)
 from server.schemas import ErrorMessage, FailureView, FieldErrors, ImageLink, JobLinks, JobView, Progress
 from server.validation import field_error, raise_invalid
 
@@ -134,16 +144,29 @@ class ClientDisconnected(Exception):
     """The HTTP client went away while a synchronous request waited for its job."""
 
 
+def lost_job(job_id: str) -> JobRecord:
+    """The record a job whose data vanished unfinished is answered with: failed, kind ``lost``."""
+    failure = Failure.of(FailureKind.LOST)
+    return JobRecord(
+        id=job_id, status=JobStatus.FAILED, params={}, n_images=0, error=str(failure), failure=failure
+    )
+
+
 async def wait_for_terminal(
     queue: JobQueue, job_id: str, timeout_s: float, request: Request | None = None
 ) -> JobRecord | None:
     """Wait on the job's event stream until it is terminal; None on timeout.
 
-    Raises :class:`ClientDisconnected` if ``request``'s client goes away.
+    A job whose data vanished before it finished (Redis restarted without
+    persistence, or its age limit passed) ends as a ``lost`` failure
+    (:func:`lost_job`). Raises :class:`ClientDisconnected` if ``request``'s
+    client goes away.
     """
     deadline = time.monotonic() + timeout_s
     record = await queue.get(job_id)
-    if record is None or record.status in TERMINAL_STATUSES:
+    if record is None:
+        return lost_job(job_id)
+    if record.status in TERMINAL_STATUSES:
         return record
     last_id: str | None = None
     while True:
@@ -154,11 +177,11 @@ async def wait_for_terminal(
         for event in events:
             last_id = event.id
             if event.type in _TERMINAL_EVENTS:
-                return await queue.get(job_id)
+                return await queue.get(job_id) or lost_job(job_id)
         if request is not None and await request.is_disconnected():
             raise ClientDisconnected()
-        if not events and await queue.get(job_id) is None:  # expired while we waited
-            return None
+        if not events and await queue.get(job_id) is None:  # its data vanished while we waited
+            return lost_job(job_id)
 
 
 # --------------------------------------------------------------------- routes
@@ -292,6 +315,12 @@ def _valid_event_id(text: str) -> bool:
     return match is not None and all(int(part) < 2**64 for part in match.groups() if part is not None)
 
 
+def _sse_lost(job_id: str) -> str:
+    """A final ``failed`` event (kind ``lost``, no id: it is not on the job's stream) for a vanished job."""
+    data = failed_event_data(Failure.of(FailureKind.LOST))
+    return f"event: {EventType.FAILED.value}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
 def _sse(event: JobEvent, job_id: str) -> str:
     data: dict[str, Any] = dict(event.data)
     if event.type == EventType.SUCCEEDED:
@@ -341,7 +370,8 @@ async def _event_stream(
                 yield ": keep-alive\n\n"
                 last_sent_at = time.monotonic()
             record = await queue.get(job_id)
-            if record is None:  # expired
+            if record is None:  # vanished before its terminal event: say so, and end
+                yield _sse_lost(job_id)
                 return
             if record.status in TERMINAL_STATUSES:
                 # The terminal event may have been written between two reads; fetch it once more.
