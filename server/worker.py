@@ -233,11 +233,11 @@ class Worker:
             if outcome.ok:
                 pngs = await asyncio.to_thread(outcome.png_bytes)
                 timings = engine_timings(outcome)
-                await self._finish(job, "succeeded", images=pngs, seeds=outcome.seeds, timings=timings)
+                await self._store_outcome(job, "succeeded", images=pngs, seeds=outcome.seeds, timings=timings)
             elif outcome.status in ("canceled", "expired") and active.job.job_id not in self._released:
-                await self._finish(job, "canceled")
+                await self._store_outcome(job, "canceled")
             elif outcome.status == "failed":
-                await self._finish(job, "failed", outcome.failure or Failure.of(FailureKind.INTERNAL))
+                await self._store_outcome(job, "failed", outcome.failure or Failure.of(FailureKind.INTERNAL))
             self._count_engine_outcome(outcome)
         except QueueUnavailable as exc:
             # The job stays pending in the queue and is reclaimed later: nothing is lost.
@@ -269,6 +269,22 @@ class Worker:
             )
             self.unhealthy = True
             self.stop()
+
+    async def _store_outcome(self, job: ClaimedJob, status: str, failure: Failure | None = None, **result) -> None:
+        """Store a computed outcome, retrying through a Redis outage (with backoff) while this
+        worker still holds the job: recomputing it elsewhere would run it twice. Gives up when
+        another worker took the job over, or when shutdown hands it back."""
+        backoff = Backoff()
+        while True:
+            try:
+                await self._finish(job, status, failure, **result)
+                return
+            except QueueUnavailable as exc:
+                if job.job_id in self._released:  # taken over, or handed back at shutdown
+                    raise
+                delay = backoff.next_delay()
+                log.warning("job %s: outcome not stored (%s); retrying in %.2f s", job.job_id, exc, delay)
+                await asyncio.sleep(delay)
 
     async def _finish(self, job: ClaimedJob, status: str, failure: Failure | None = None, *,
                       images: list[bytes] | None = None, seeds: list[int] | None = None,
@@ -313,22 +329,32 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         backoff = Backoff(max_s=self.settings.heartbeat_interval_s)
         while True:
+            # Two steps, each on its own: a full Redis refuses the heartbeat (a write that
+            # grows memory) but may still take the renewals that keep our jobs ours.
+            failed = False
             try:
                 await self.queue.heartbeat(self.worker_id, {"slots": self.settings.worker_slots,
                                                             "active": len(self.active), "engine": self.engine.name,
                                                             "row_budget": _row_budget(self.engine)})
                 self.metrics.worker_heartbeats.inc()
+            except Exception as exc:  # never let the heartbeat stop for good
+                failed = True
+                log.warning("heartbeat failed (%s: %s)", type(exc).__name__, exc)
+            try:
                 lost = await self.queue.keep_alive(self.worker_id, [a.job for a in self.active.values()])
                 for job in lost:  # another worker took it over: stop spending compute on it
                     active = self.active.get(job.job_id)
                     if active is not None:
                         self._released.add(job.job_id)
                         self.engine.cancel(active.engine_id)
+            except Exception as exc:
+                failed = True
+                log.warning("renewing held jobs failed (%s: %s)", type(exc).__name__, exc)
+            if failed:
+                delay = backoff.next_delay()
+            else:
                 backoff.reset()
                 delay = self.settings.heartbeat_interval_s
-            except Exception as exc:  # never let the heartbeat (and the jobs' renewal) stop for good
-                delay = backoff.next_delay()
-                log.warning("heartbeat failed (%s: %s); retrying in %.2f s", type(exc).__name__, exc, delay)
             await asyncio.sleep(delay)
 
     async def _cancel_loop(self) -> None:

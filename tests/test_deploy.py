@@ -299,6 +299,70 @@ def test_redis_is_persistent_and_password_protected(compose, example_env):
         assert url == f"redis://:{example_env['REDIS_PASSWORD']}@redis:6379/0"
 
 
+def _bytes(size: str) -> int:
+    """A Redis / Kubernetes memory size ("1gb", "1200mb", "2Gi") in bytes."""
+    number, unit = re.fullmatch(r"(\d+)\s*([a-zA-Z]*)", size.strip()).groups()
+    scale = {"": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "k": 1000, "m": 1000**2, "g": 1000**3,
+             "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+    return int(number) * scale[unit.lower()]
+
+
+def test_redis_memory_is_capped_without_eviction_and_uploads_fit_in_it(compose, example_env):
+    """Issue 19 item 3: before, compose Redis had no maxmemory (and k8s only a container
+    limit, so Redis was OOM-killed and replayed the same AOF in a loop)."""
+    from server.settings import Settings
+
+    argv = [interpolate(str(a), example_env) for a in compose["services"]["redis"]["command"]]
+    compose_max = _bytes(option_value(argv, "--maxmemory"))
+    assert option_value(argv, "--maxmemory-policy") == "noeviction"
+    uploads = int(interpolate(env_dict(compose["services"]["api"])["EDIFFI_MAX_QUEUED_INPUT_BYTES"], example_env))
+    assert uploads <= compose_max // 2, "uploads of queued jobs must leave room for results and events"
+
+    (redis_set,) = _by_kind("StatefulSet").values()
+    container = redis_set["spec"]["template"]["spec"]["containers"][0]
+    k8s_max = _bytes(option_value(container["args"], "--maxmemory"))
+    assert option_value(container["args"], "--maxmemory-policy") == "noeviction"
+    assert k8s_max <= 0.7 * _bytes(container["resources"]["limits"]["memory"]), "room for AOF rewrite and buffers"
+    k8s_uploads = int(_by_kind("ConfigMap")["ediffi-config"]["data"]["EDIFFI_MAX_QUEUED_INPUT_BYTES"])
+    assert k8s_uploads <= k8s_max // 2
+    assert Settings().max_queued_input_bytes <= k8s_max, "the default budget fits the shipped Redis"
+
+
+def _refuse_placeholders(value: str | None) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    if value is not None:
+        env["SECRET"] = value
+    return subprocess.run(
+        ["sh", str(ROOT / "deploy" / "refuse-placeholders.sh"), "SECRET", "--", "echo", "started"],
+        env=env, capture_output=True, text=True, timeout=10,
+    )
+
+
+def test_redis_and_grafana_refuse_placeholder_secrets(compose, example_env):
+    """Issue 19 item 9: before, `cp .env.example .env` started Grafana with the password "change-me"."""
+    guarded = {"redis": "REDIS_PASSWORD", "grafana": "GF_SECURITY_ADMIN_PASSWORD"}
+    for name, variable in guarded.items():
+        service = compose["services"][name]
+        entrypoint = [str(a) for a in service["entrypoint"]]
+        assert entrypoint[:3] == ["/bin/sh", "/etc/ediffi/refuse-placeholders.sh", variable], name
+        assert "./deploy/refuse-placeholders.sh:/etc/ediffi/refuse-placeholders.sh:ro" in service["volumes"]
+        assert variable in env_dict(service), name
+        # .env.example's values are placeholders the entrypoint refuses.
+        assert _refuse_placeholders(interpolate(env_dict(service)[variable], example_env)).returncode != 0
+    for value in ("change-me", "CHANGE-ME-openssl-rand-hex-32", "", None):
+        refused = _refuse_placeholders(value)
+        assert refused.returncode == 64 and "refusing to start" in refused.stderr and not refused.stdout
+    started = _refuse_placeholders("3f9a1c0e5b7d4a2f8e6c1b0d9a7f5e3c")
+    assert started.returncode == 0 and started.stdout.strip() == "started"
+
+
+def test_grafana_is_published_on_loopback_by_default(compose, example_env):
+    (port,) = compose["services"]["grafana"]["ports"]
+    for env in ({}, example_env):  # compose's own default and the example .env
+        published = interpolate(str(port), env)
+        assert published.startswith("127.0.0.1:"), published
+
+
 def test_worker_is_scalable_and_reserves_a_gpu(compose):
     worker = compose["services"]["worker"]
     assert "container_name" not in worker and "ports" not in worker, "--scale worker=N needs both absent"
@@ -709,6 +773,79 @@ def test_k8s_kustomization_lists_every_manifest():
     assert set(kustomization["resources"]) == manifests
     for _, doc in _k8s_documents():
         assert doc["metadata"].get("namespace", kustomization["namespace"]) == kustomization["namespace"]
+
+
+def test_k8s_pods_mount_no_service_account_token():
+    """Issue 19 item 9: none of the pods talks to the Kubernetes API."""
+    workloads = {**_by_kind("Deployment"), **_by_kind("StatefulSet")}
+    assert set(workloads) == {"ediffi-api", "ediffi-worker", "ediffi-redis"}
+    for name, workload in workloads.items():
+        assert workload["spec"]["template"]["spec"]["automountServiceAccountToken"] is False, name
+
+
+def _policy_allows(policy: dict, direction: str, pod_labels: dict[str, str], namespace: str, port: int) -> bool:
+    """Whether one NetworkPolicy rule admits a peer (its labels and namespace) on ``port``.
+    Namespace selectors match the ``kubernetes.io/metadata.name`` label Kubernetes sets."""
+    for rule in policy["spec"].get(direction, []):
+        if "ports" in rule and port not in {p["port"] for p in rule["ports"]}:
+            continue
+        peers = rule.get("from" if direction == "ingress" else "to")
+        if peers is None:
+            return True  # any peer
+        for peer in peers:
+            ns_selector = peer.get("namespaceSelector")
+            ns_ok = (
+                namespace == "ediffi"
+                if ns_selector is None
+                else ns_selector.get("matchLabels", {}).items() <= {"kubernetes.io/metadata.name": namespace}.items()
+            )
+            pod_ok = peer.get("podSelector", {}).get("matchLabels", {}).items() <= pod_labels.items()
+            if ns_ok and pod_ok:
+                return True
+    return False
+
+
+def _ingress_allowed(target: str, peer_labels: dict[str, str], namespace: str, port: int) -> bool:
+    """Ingress to the pods named ``target`` is allowed if any policy selecting them admits the peer."""
+    target_labels = {"app.kubernetes.io/name": target, "app.kubernetes.io/part-of": "ediffi"}
+    policies = [
+        p for p in _by_kind("NetworkPolicy").values()
+        if p["spec"]["podSelector"].get("matchLabels", {}).items() <= target_labels.items()
+        and "Ingress" in p["spec"]["policyTypes"]
+    ]
+    assert policies, f"no ingress policy selects {target}: everything may reach it"
+    return any(_policy_allows(p, "ingress", peer_labels, namespace, port) for p in policies)
+
+
+def test_k8s_network_policies_let_only_the_api_the_workers_and_keda_reach_redis():
+    """Issue 19 item 9: before, any pod in the cluster reached Redis, the metrics and the API."""
+    ours = lambda name: {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "ediffi"}  # noqa: E731
+    keda = {"app.kubernetes.io/name": "keda-operator"}
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    stranger = {"app": "something-else"}
+    assert _ingress_allowed("ediffi-redis", ours("ediffi-api"), "ediffi", 6379)
+    assert _ingress_allowed("ediffi-redis", ours("ediffi-worker"), "ediffi", 6379)
+    assert _ingress_allowed("ediffi-redis", keda, "keda", 6379)
+    assert not _ingress_allowed("ediffi-redis", keda, "default", 6379)
+    assert not _ingress_allowed("ediffi-redis", stranger, "ediffi", 6379)
+    assert not _ingress_allowed("ediffi-redis", stranger, "default", 6379)
+    assert not _ingress_allowed("ediffi-redis", ours("ediffi-api"), "ediffi", 6380)
+    # Workers: metrics for Prometheus only; nobody else reaches them.
+    assert _ingress_allowed("ediffi-worker", prometheus, "monitoring", WORKER_METRICS_PORT)
+    assert not _ingress_allowed("ediffi-worker", stranger, "default", WORKER_METRICS_PORT)
+    assert not _ingress_allowed("ediffi-worker", ours("ediffi-api"), "ediffi", WORKER_METRICS_PORT)
+    # The API: its HTTP port is public (clients via the ingress), nothing else is open.
+    assert _ingress_allowed("ediffi-api", stranger, "ingress-nginx", API_PORT)
+    assert not _ingress_allowed("ediffi-api", stranger, "ingress-nginx", 9999)
+    # The namespace's default: deny all ingress.
+    default = _by_kind("NetworkPolicy")["ediffi-default-deny"]["spec"]
+    assert default["podSelector"] == {} and default["policyTypes"] == ["Ingress"] and "ingress" not in default
+    # The API and the workers reach only Redis (and DNS).
+    for name in ("ediffi-api", "ediffi-worker"):
+        policy = _by_kind("NetworkPolicy")[name]
+        assert "Egress" in policy["spec"]["policyTypes"]
+        assert _policy_allows(policy, "egress", ours("ediffi-redis"), "ediffi", 6379)
+        assert not _policy_allows(policy, "egress", stranger, "default", 443)
 
 
 def _container(deployment: dict) -> dict:

@@ -636,7 +636,9 @@ class RedisStreamsQueue(JobQueue):
             return []
         claimed: list[ClaimedJob] = []
         for take_over in await self._take_over_idle(worker_id, max_jobs):
-            job = await self._accept_delivery(take_over.message_id, take_over.job_id, take_over=take_over)
+            job = await self._accept_delivery(
+                take_over.message_id, take_over.job_id, take_over=take_over, worker_id=worker_id
+            )
             if job is not None:
                 claimed.append(job)
                 if job.exclusive:
@@ -658,7 +660,10 @@ class RedisStreamsQueue(JobQueue):
             for _stream, entries in response or []:
                 for message_id, fields in entries:
                     job = await self._accept_delivery(
-                        _text(message_id) or "", _text((fields or {}).get(b"job_id")) or "", take_over=None
+                        _text(message_id) or "",
+                        _text((fields or {}).get(b"job_id")) or "",
+                        take_over=None,
+                        worker_id=worker_id,
                     )
                     if job is not None:
                         claimed.append(job)
@@ -860,7 +865,6 @@ class RedisStreamsQueue(JobQueue):
                 stream, group, min="-", max="+", count=max(100, 10 * max_jobs), idle=self._claim_timeout_ms
             )
         )
-        rows = [row for row in rows if _text(row["consumer"]) != worker_id]
         if not rows:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -873,7 +877,7 @@ class RedisStreamsQueue(JobQueue):
             await self._redis.xack(stream, group, *deleted)
         live = [(row, job_id) for row, job_id in zip(rows, job_ids) if job_id is not None]
         for consumer in {_text(row["consumer"]) or "" for row, _ in live}:
-            if consumer != self._keys.released_consumer and held.get(consumer, 0) > 1:
+            if consumer not in (self._keys.released_consumer, worker_id) and held.get(consumer, 0) > 1:
                 await self._mark_held_together(consumer, held[consumer])
         async with self._redis.pipeline(transaction=False) as pipe:
             for _row, job_id in live:
@@ -886,7 +890,8 @@ class RedisStreamsQueue(JobQueue):
             consumer = _text(row["consumer"]) or ""
             take = _TakeOver(_text(row["message_id"]) or "", job_id, consumer, held.get(consumer, 0))
             # Suspect already, or about to become one (taken from a crash it shared): see _DELIVER_LUA.
-            shared_crash = consumer != self._keys.released_consumer and (
+            # Our own idle entries (renewals failed through an outage) are no crash at all.
+            shared_crash = consumer not in (self._keys.released_consumer, worker_id) and (
                 take.consumer_held > 1 or _text(shared_with) == consumer
             )
             if suspect or shared_crash:
@@ -948,11 +953,11 @@ class RedisStreamsQueue(JobQueue):
                 await self._redis.xgroup_delconsumer(self._keys.jobs_stream, self._keys.consumer_group, name)
 
     async def _accept_delivery(
-        self, message_id: str, job_id: str, *, take_over: "_TakeOver | None"
+        self, message_id: str, job_id: str, *, take_over: "_TakeOver | None", worker_id: str
     ) -> ClaimedJob | None:
         """Count a delivery and return the job if it may run; otherwise settle and ack it."""
         args: list[Any] = [self._max_deliveries, "new", "", 0]
-        if take_over is not None:
+        if take_over is not None and take_over.consumer != worker_id:
             args = [self._max_deliveries, "takeover", take_over.consumer, take_over.consumer_held]
         verdict, *rest = await self._deliver_script(
             keys=[self._keys.job(job_id), self._keys.job_cancel(job_id)], args=args
