@@ -171,9 +171,8 @@ async def test_redis_out_of_memory_is_503_for_the_api_and_a_retry_for_the_queue(
         fill(tiny_redis.url)
         response = await svc.client.post("/generate", json={"prompt": "a fox"}, headers={"Prefer": "respond-async"})
         assert response.status_code == 503, response.text
-        assert response.headers["Retry-After"] and "out of memory" in response.json()["detail"]
-        assert str(tiny_redis.port) not in response.text
-        with pytest.raises(QueueUnavailable):
+        assert response.headers["Retry-After"] and str(tiny_redis.port) not in response.text
+        with pytest.raises(QueueUnavailable, match="out of memory"):  # what the worker sees and logs
             await svc.queue.claim("w1", max_jobs=1, block_ms=10)
 
 
@@ -192,7 +191,8 @@ async def test_a_read_only_replica_is_503(restartable_redis: RedisServerProcess)
                 "/generate", json={"prompt": "a fox"}, headers={"Prefer": "respond-async"}
             )
             assert response.status_code == 503, response.text
-            assert "read-only" in response.json()["detail"]
+            with pytest.raises(QueueUnavailable, match="read-only"):
+                await svc.queue.submit({"prompt": "a fox"}, {}, 1)
     finally:
         replica.cleanup()
 
