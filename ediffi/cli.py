@@ -78,6 +78,7 @@ def cmd_import(args, settings) -> int:
     try:
         config = import_diffusers(
             args.base_dir, args.out, refiner_dir=args.refiner, high_noise_frac=args.high_noise_frac, copy=args.copy,
+            sr_dir=args.sr,
         )
     except (DiffusersImportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -206,9 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import", help="make a model directory from another format's checkpoint on disk")
     imp_sub = imp.add_subparsers(dest="import_format", required=True)
-    dif = imp_sub.add_parser("diffusers", help="a local diffusers pipeline folder (SD 1.x/2.x, SDXL + refiner)")
+    dif = imp_sub.add_parser(
+        "diffusers", help="a local diffusers pipeline folder (SD 1.x/2.x, SDXL + refiner, DeepFloyd IF stage I + II)"
+    )
     dif.add_argument("base_dir", help="pipeline folder with model_index.json")
     dif.add_argument("--refiner", help="SDXL refiner folder (StableDiffusionXLImg2ImgPipeline): the low-noise expert")
+    dif.add_argument("--sr", help="DeepFloyd IF stage II folder (IFSuperResolutionPipeline): the super-resolution stage")
     dif.add_argument("--high-noise-frac", type=float, default=0.8,
                      help="share of the noise schedule the base denoises (diffusers' denoising_end / denoising_start)")
     dif.add_argument("--copy", action="store_true", help="copy the components (default: symbolic links to them)")

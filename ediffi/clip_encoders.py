@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-from ediffi.config import ConditioningConfig, DiffusersEncodersConfig
+from ediffi.config import ConditioningConfig, DiffusersEncodersConfig, T5TextEncoderConfig
 from ediffi.encoders import TextEmbeddings
 from ediffi.failure import InputError
 
@@ -36,9 +36,13 @@ class DiffusersTextEncoders(torch.nn.Module):
             folder = model_dir / enc.path
             if not (folder / "config.json").is_file():
                 raise FileNotFoundError(f"text encoder {enc.name!r}: {folder} has no config.json")
-            model_class = CLIPTextModelWithProjection if enc.with_projection else CLIPTextModel
+            if isinstance(enc, T5TextEncoderConfig):
+                model_class, tokenizer_class = T5EncoderModel, AutoTokenizer
+            else:
+                model_class = CLIPTextModelWithProjection if enc.with_projection else CLIPTextModel
+                tokenizer_class = CLIPTokenizer
             towers[enc.name] = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
-            self.tokenizers[enc.name] = CLIPTokenizer.from_pretrained(model_dir / enc.tokenizer_path, local_files_only=True)
+            self.tokenizers[enc.name] = tokenizer_class.from_pretrained(model_dir / enc.tokenizer_path, local_files_only=True)
         self.towers = torch.nn.ModuleDict(towers)
         self.context_columns: dict[str, tuple[int, int]] = {}
         self.pooled_columns: dict[str, tuple[int, int]] = {}
@@ -95,16 +99,30 @@ class DiffusersTextEncoders(torch.nn.Module):
         The encoder subset flags are for the project's own models (trained
         with embedding dropout) and do not apply here."""
         hidden, pooled_out, offsets = {}, {}, None
+        mask = torch.ones(len(prompts), self._length, dtype=torch.bool, device=self.device)
         for enc in self.cfg.text_encoders:
+            t5 = isinstance(enc, T5TextEncoderConfig)
+            # IF lower-cases and strips the prompt; offsets are shifted back
+            # onto the prompt as given (paint-with-words phrases).
+            texts = [p.lower().strip() for p in prompts] if t5 else prompts
             batch = self.tokenizers[enc.name](
-                prompts, padding="max_length", max_length=enc.max_length, truncation=True,
+                texts, padding="max_length", max_length=enc.max_length, truncation=True,
                 return_offsets_mapping=True, return_tensors="pt",
             )
             if offsets is None:
-                offsets = [[tuple(map(int, pair)) for pair in row] for row in batch["offset_mapping"].tolist()]
-            out = self.towers[enc.name](input_ids=batch["input_ids"].to(self.device), output_hidden_states=True)
+                shifts = [len(p) - len(p.lstrip()) if t5 else 0 for p in prompts]
+                offsets = [
+                    [(a + shift, b + shift) if b > a else (a, b) for a, b in row]
+                    for row, shift in zip(batch["offset_mapping"].tolist(), shifts)
+                ]
+            # T5 sees its attention mask (IF's encode_prompt); CLIP does not
+            # (SD's). The UNets get no mask either way, as in diffusers.
+            extra = {"attention_mask": batch["attention_mask"].to(self.device)} if t5 else {}
+            if t5:
+                mask = batch["attention_mask"].bool().to(self.device)
+            out = self.towers[enc.name](input_ids=batch["input_ids"].to(self.device), output_hidden_states=True, **extra)
             hidden[enc.name] = {"last": out.last_hidden_state, "penultimate": out.hidden_states[-2]}
-            if enc.with_projection:
+            if not t5 and enc.with_projection:
                 pooled_out[enc.name] = out.text_embeds
         b = len(prompts)
         dtype = next(self.towers.parameters()).dtype
@@ -117,7 +135,6 @@ class DiffusersTextEncoders(torch.nn.Module):
                 p_start = self.pooled_columns[cond.name][0]
                 text_embeds = pooled_out[cond.pooled_from]
                 pooled[:, p_start : p_start + text_embeds.shape[1]] = text_embeds
-        mask = torch.ones(b, self._length, dtype=torch.bool, device=self.device)
         return TextEmbeddings(context, mask, pooled, [[] for _ in prompts], offsets)
 
     def empty_negative(self, encode_text) -> TextEmbeddings:

@@ -72,6 +72,20 @@ class TrainingScheduleConfig(_Strict):
     # its Karras schedule and how it scales the initial noise (see discrete.py).
     timestep_spacing: Literal["linspace", "leading", "trailing"] = "linspace"
     steps_offset: int = 0
+    # The diffusers scheduler (with use_karras_sigmas) whose conventions the
+    # sampler reproduces: its Karras end points, the timesteps its UNet calls
+    # see and its initial noise scale (discrete.py). IF uses DPM-Solver++:
+    # diffusers' Euler cannot take a learned-variance output.
+    karras_scheduler: Literal["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"] = "EulerDiscreteScheduler"
+
+
+class DynamicThresholdingConfig(_Strict):
+    """Imagen's dynamic thresholding of the predicted x0 (Saharia et al. 2022,
+    §2.3) as a diffusers scheduler config turns it on (`thresholding`):
+    s = clamp(quantile(|x0|, ratio), 1, max_value) per sample, x0 <- clamp(x0, -s, s) / s."""
+
+    ratio: float = Field(0.995, gt=0.0, le=1.0)
+    max_value: float = Field(1.0, ge=1.0)
 
 
 class DiffusersUNetConfig(_Strict):
@@ -86,6 +100,20 @@ class DiffusersUNetConfig(_Strict):
     # Which conditioning block of the encoders this expert reads (its context
     # columns and its pooled columns), by name.
     conditioning: str
+    # The UNet also predicts its variance (IF: out_channels = 2 x channels);
+    # the sampler keeps the first half, as diffusers' IF pipelines do.
+    learned_variance: bool = False
+    # Super-resolution (IF stage II): channels of the upsampled low-res image
+    # concatenated to the input, and the image-noising schedule whose timestep
+    # (the noise level) is the UNet's class label.
+    low_res_channels: int = Field(0, ge=0)
+    noise_level_schedule: TrainingScheduleConfig | None = None
+
+    @model_validator(mode="after")
+    def _super_resolution_has_noise_levels(self) -> DiffusersUNetConfig:
+        if (self.low_res_channels > 0) != (self.noise_level_schedule is not None):
+            raise ValueError("a super-resolution diffusers UNet needs low_res_channels and its noise_level_schedule together")
+        return self
 
 
 class ExpertConfig(_Strict):
@@ -151,6 +179,15 @@ class StageConfig(_Strict):
     # Noise augmentation level applied to the low-res conditioning image at
     # inference (cascaded diffusion, Ho et al. 2021); SR stages only.
     low_res_aug_sigma: float = 0.0
+    # Imported SR stages (IF stage II): the default noise level of the low-res
+    # image in timesteps of the image-noising schedule (diffusers'
+    # `noise_level`; low_res_aug_sigma is its sigma), and the upsampling of
+    # the previous stage's image (IF: bilinear with align_corners=True).
+    low_res_noise_level: int | None = Field(None, ge=0)
+    low_res_align_corners: bool = False
+    # Applied to the (guided) denoised image before each sampler step, where
+    # diffusers' scheduler applies it to its predicted x0.
+    dynamic_thresholding: DynamicThresholdingConfig | None = None
     experts: list[ExpertConfig]
 
     @model_validator(mode="after")
@@ -167,8 +204,7 @@ class StageConfig(_Strict):
 
     @property
     def is_super_resolution(self) -> bool:
-        network = self.experts[0].network
-        return isinstance(network, UNetConfig) and network.low_res_channels > 0
+        return self.experts[0].network.low_res_channels > 0
 
     @property
     def is_discrete(self) -> bool:
@@ -179,6 +215,12 @@ class StageConfig(_Strict):
     def schedule(self) -> TrainingScheduleConfig | None:
         network = self.experts[0].network
         return network.schedule if isinstance(network, DiffusersUNetConfig) else None
+
+    @property
+    def noise_level_schedule(self) -> TrainingScheduleConfig | None:
+        """The image-noising schedule of an imported SR stage (IF stage II)."""
+        network = self.experts[0].network
+        return network.noise_level_schedule if isinstance(network, DiffusersUNetConfig) else None
 
 
 def validate_expert_coverage(stage: str, experts: list[ExpertConfig]) -> None:
@@ -245,6 +287,19 @@ class ClipTextEncoderConfig(_Strict):
     with_projection: bool = False
 
 
+class T5TextEncoderConfig(_Strict):
+    """The transformers T5 encoder of an imported DeepFloyd IF checkpoint. IF's
+    pipelines encode max_length (77) tokens with the attention mask given to
+    T5, after lower-casing and stripping the prompt (their text
+    preprocessing without the optional caption cleaning)."""
+
+    kind: Literal["t5"]
+    name: str
+    path: str
+    tokenizer_path: str
+    max_length: int = Field(77, gt=1)
+
+
 class ConditioningConfig(_Strict):
     """The conditioning one expert reads, as its checkpoint expects it.
 
@@ -276,7 +331,7 @@ class ConditioningConfig(_Strict):
 
 class DiffusersEncodersConfig(_Strict):
     kind: Literal["diffusers_clip"]
-    text_encoders: list[ClipTextEncoderConfig]
+    text_encoders: list[ClipTextEncoderConfig | T5TextEncoderConfig]
     conditionings: list[ConditioningConfig]
 
     @model_validator(mode="after")

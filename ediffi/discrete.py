@@ -54,6 +54,12 @@ def training_sigmas(schedule: TrainingScheduleConfig) -> torch.Tensor:
     return ((1 - acp) / acp) ** 0.5
 
 
+def _log_sigmas(schedule: TrainingScheduleConfig) -> torch.Tensor:
+    """log sigma_t as diffusers' DPM-Solver takes it: numpy's float32 log of
+    the float32 sigmas, as float64 for its float64 interpolation."""
+    return torch.from_numpy(np.log(training_sigmas(schedule).numpy())).double()
+
+
 def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
     """Fractional training timestep of each sigma: linear interpolation of
     log sigma between the two neighbouring training sigmas, clamped to the
@@ -83,15 +89,19 @@ def _spaced_timesteps(schedule: TrainingScheduleConfig, steps: int) -> np.ndarra
 
 
 def inference_sigmas(schedule: TrainingScheduleConfig, steps: int) -> torch.Tensor:
-    """The Karras schedule (EDM eq. 5, rho = 7) diffusers' Euler scheduler
-    with use_karras_sigmas uses, then 0. Its end points are the training
-    sigmas at the first and last spaced timestep (interpolated linearly in
-    t), so it stays within the checkpoint's trained sigma range."""
+    """The Karras schedule (EDM eq. 5, rho = 7) diffusers' scheduler with
+    use_karras_sigmas uses, then 0, within the checkpoint's trained sigma
+    range. Euler's end points are the training sigmas at the first and last
+    spaced timestep (interpolated linearly in t); DPM-Solver's are the ends
+    of the whole training schedule."""
     if steps < 1:
         raise ValueError("steps must be >= 1")
     sigmas = training_sigmas(schedule).numpy()
-    spaced = np.interp(_spaced_timesteps(schedule, steps), np.arange(0, len(sigmas)), sigmas)
-    sigma_min, sigma_max = float(spaced[-1]), float(spaced[0])
+    if schedule.karras_scheduler == "DPMSolverMultistepScheduler":
+        sigma_min, sigma_max = float(sigmas[0]), float(sigmas[-1])
+    else:
+        spaced = np.interp(_spaced_timesteps(schedule, steps), np.arange(0, len(sigmas)), sigmas)
+        sigma_min, sigma_max = float(spaced[-1]), float(spaced[0])
     ramp = np.linspace(0, 1, steps)
     karras = (sigma_max ** (1 / KARRAS_RHO) + ramp * (sigma_min ** (1 / KARRAS_RHO) - sigma_max ** (1 / KARRAS_RHO))) ** KARRAS_RHO
     # diffusers rounds its schedule to float32; so do we, for the same steps.
@@ -99,12 +109,25 @@ def inference_sigmas(schedule: TrainingScheduleConfig, steps: int) -> torch.Tens
 
 
 def initial_noise_scale(schedule: TrainingScheduleConfig, sigma_max: float) -> float:
-    """diffusers' `init_noise_sigma`: sigma_max for linspace/trailing spacing,
-    but sqrt(sigma_max^2 + 1) for "leading" (SDXL) -- a diffusers convention
-    we reproduce so that seeds give the same pictures."""
-    if schedule.timestep_spacing == "leading":
+    """diffusers' `init_noise_sigma`: sigma_max for Euler with linspace/trailing
+    spacing, but sqrt(sigma_max^2 + 1) for "leading" (SDXL), and for
+    DPM-Solver, which samples the variance-preserving x (init_noise_sigma 1,
+    i.e. sqrt(sigma_max^2 + 1) here) -- diffusers conventions we reproduce so
+    that seeds give the same pictures."""
+    if schedule.timestep_spacing == "leading" or schedule.karras_scheduler == "DPMSolverMultistepScheduler":
         return math.sqrt(sigma_max**2 + 1)
     return sigma_max
+
+
+def unet_timesteps(sigma: torch.Tensor, log_sigmas: torch.Tensor, schedule: TrainingScheduleConfig) -> torch.Tensor:
+    """The timestep a UNet call at sigma gets from the scheduler reproduced.
+    Euler: the fractional t. DPM-Solver stores its timesteps as int64: rounded,
+    except for the cosine schedule (IF), where it skips the rounding and the
+    cast truncates (diffusers' DPMSolverMultistepScheduler.set_timesteps)."""
+    t = sigma_to_t(sigma, log_sigmas)
+    if schedule.karras_scheduler == "EulerDiscreteScheduler":
+        return t
+    return t.trunc() if schedule.beta_schedule == "squaredcos_cap_v2" else t.round()
 
 
 def boundary_sigma(schedule: TrainingScheduleConfig, high_noise_frac: float) -> float:
@@ -133,21 +156,38 @@ class DiscreteUNetDenoiser(nn.Module):
         conditioning: ConditioningConfig,
         context_columns: tuple[int, int],
         pooled_columns: tuple[int, int],
+        learned_variance: bool = False,
+        noise_level_schedule: TrainingScheduleConfig | None = None,
     ):
         super().__init__()
         self.unet = unet
         self.prediction_type = prediction_type
+        self.schedule = schedule
         self.conditioning = conditioning
         self.context_columns = context_columns
         self.pooled_columns = pooled_columns
-        self.log_sigmas = training_sigmas(schedule).log()  # float32; not a buffer, so .to(dtype) keeps it
+        # IF predicts [epsilon | variance]; the ODE needs epsilon only.
+        self.learned_variance = learned_variance
+        # Not buffers, so .to(dtype) keeps them. DPM-Solver's timesteps are
+        # computed in float64 (IF's truncated ones depend on the last bit).
+        if schedule.karras_scheduler == "DPMSolverMultistepScheduler":
+            self.log_sigmas = _log_sigmas(schedule)
+        else:
+            self.log_sigmas = training_sigmas(schedule).log()  # float32, as Euler's arithmetic
+        self.noise_level_log_sigmas = None if noise_level_schedule is None else _log_sigmas(noise_level_schedule)
 
     @property
     def is_super_resolution(self) -> bool:
-        return False
+        return self.noise_level_log_sigmas is not None
 
     def timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
-        return sigma_to_t(sigma.cpu(), self.log_sigmas)
+        return unet_timesteps(sigma.cpu(), self.log_sigmas, self.schedule)
+
+    def noise_levels(self, low_res_sigma: torch.Tensor) -> torch.Tensor:
+        """The class label of an SR UNet (IF stage II): the image-noising
+        timestep whose sigma the low-res image was noised with (an integer,
+        as diffusers' `noise_level`)."""
+        return sigma_to_t(low_res_sigma.cpu(), self.noise_level_log_sigmas).round().to(low_res_sigma.device)
 
     def added_conditions(self, pooled: torch.Tensor) -> dict | None:
         if self.conditioning.micro_conditioning == "none":
@@ -177,14 +217,26 @@ class DiscreteUNetDenoiser(nn.Module):
         # SD does not mask the padded prompt tokens: neither do we, so the
         # context mask is not passed on (diffusers' pipelines pass none).
         attention_kwargs = {"pww": (pww_mask, pww_strength, sigma)} if pww_strength.abs().max() > 0 else None
+        model_input, class_labels = x / variance**0.5, None
+        if self.is_super_resolution:
+            # low_res = up + sigma_aug * noise; the UNet was trained on
+            # DDPM's add_noise, sqrt(abar) up + sqrt(1 - abar) noise, which is
+            # the same image scaled by 1 / sqrt(sigma_aug^2 + 1).
+            aug = low_res_sigma.to(dtype)[:, None, None, None]
+            model_input = torch.cat([model_input, low_res.to(dtype) / (aug**2 + 1) ** 0.5], dim=1)
+            class_labels = self.noise_levels(low_res_sigma)
         out = self.unet(
-            x / variance**0.5,
-            self.timesteps(sigma).to(x.device),
+            model_input,
+            self.timesteps(sigma).to(x.device, torch.float32),
             encoder_hidden_states=context[:, :, start:stop],
+            class_labels=class_labels,
             added_cond_kwargs=self.added_conditions(pooled),
             cross_attention_kwargs=attention_kwargs,
             return_dict=False,
-        )[0].to(dtype)
+        )[0]
+        if self.learned_variance:
+            out = out[:, : x.shape[1]]
+        out = out.to(dtype)
         if self.prediction_type == "epsilon":
             return x - s * out
         if self.prediction_type == "v_prediction":
@@ -214,3 +266,21 @@ class LatentDecoder(nn.Module):
             if cfg.shift_factor is not None:
                 latents = latents + cfg.shift_factor
         return self.vae.decode(latents, return_dict=False)[0]
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3), as diffusers'
+    schedulers apply it to their predicted x0: per sample, s = the `ratio`
+    quantile of |x0| clamped to [1, max_value]; x0 <- clamp(x0, -s, s) / s.
+    With s = 1 this is plain clipping to [-1, 1]."""
+    flat = x0.float().reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]
+    return (flat.clamp(-s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+
+def noise_level_sigma(schedule: TrainingScheduleConfig, level: int) -> float:
+    """The sigma of timestep `level` of an image-noising schedule: DDPM's
+    add_noise at that level is sqrt(abar) (x + sigma noise)."""
+    if not 0 <= level < schedule.num_train_timesteps:
+        raise ValueError(f"noise level must be within [0, {schedule.num_train_timesteps}), got {level}")
+    return float(training_sigmas(schedule)[level])

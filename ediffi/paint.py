@@ -205,7 +205,64 @@ def resize_pww_mask_to_tokens(mask: torch.Tensor, tokens: int) -> torch.Tensor:
     return mask.flatten(2).transpose(1, 2)
 
 
+class PaintWithWordsAddedKVAttnProcessor:
+    """Paint-with-words in DeepFloyd IF's attention (diffusers'
+    `AttnAddedKVProcessor2_0`, the SimpleCrossAttn blocks): one softmax over
+    the text tokens' keys (add_k_proj of the T5 states) followed by the
+    image tokens' own keys. The bias w A (eDiff-I §4.3, w = w' log(1 + sigma)
+    max(Q K^T), max per sample over the text columns) goes into the text
+    columns only; image columns and rows with strength 0 are unchanged."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
+
+        self.plain = AttnAddedKVProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, pww=None, **kwargs):
+        if pww is None or encoder_hidden_states is None:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask)
+        if attention_mask is not None:
+            raise ValueError("paint-with-words in added-KV attention takes no attention mask (IF's pipelines pass none)")
+        probs, value = self._attend(attn, hidden_states, encoder_hidden_states, pww)
+        b, tokens = probs.shape[0], probs.shape[2]
+        out = (probs @ value).transpose(1, 2).reshape(b, tokens, -1).to(hidden_states.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out.transpose(-1, -2).reshape(hidden_states.shape) + hidden_states
+
+    def probabilities(self, attn, hidden_states, encoder_hidden_states, pww) -> torch.Tensor:
+        """The attention weights [B, heads, tokens, L_text (+ tokens)] (tests)."""
+        return self._attend(attn, hidden_states, encoder_hidden_states, pww)[0]
+
+    def _attend(self, attn, hidden_states, encoder_hidden_states, pww):
+        mask, strength, sigma = pww
+        b, channels = hidden_states.shape[:2]
+        hidden_states = hidden_states.view(b, channels, -1).transpose(1, 2)
+        tokens = hidden_states.shape[1]
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        heads = attn.heads
+        split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+        query = split(attn.to_q(hidden_states))
+        key, value = split(attn.add_k_proj(encoder_hidden_states)), split(attn.add_v_proj(encoder_hidden_states))
+        text_tokens = key.shape[2]
+        if not attn.only_cross_attention:
+            key = torch.cat([key, split(attn.to_k(hidden_states))], dim=2)
+            value = torch.cat([value, split(attn.to_v(hidden_states))], dim=2)
+        logits = query @ key.transpose(-1, -2)  # [B, heads, tokens, L_text (+ tokens)]
+        area = resize_pww_mask_to_tokens(mask, tokens).to(logits.dtype)  # [B, tokens, L_text]
+        per_sample_max = logits[..., :text_tokens].detach().amax(dim=(1, 2, 3))
+        weight = strength.to(logits.dtype) * torch.log1p(sigma.to(logits.dtype)) * per_sample_max
+        bias = F.pad(weight[:, None, None, None] * area[:, None], (0, logits.shape[-1] - text_tokens))
+        return ((logits + bias) * attn.scale).softmax(dim=-1), value
+
+
 def install_pww_processors(unet) -> None:
     """Give every attention layer of a diffusers UNet the paint-with-words
-    processor (it defers to the plain one when not painting)."""
-    unet.set_attn_processor(PaintWithWordsAttnProcessor())
+    processor for its layout (it defers to the plain one when not painting):
+    added-KV layers (IF) get the added-KV variant."""
+    processors = {}
+    for name, processor in unet.attn_processors.items():
+        added_kv = type(processor).__name__.startswith("AttnAddedKV")
+        processors[name] = PaintWithWordsAddedKVAttnProcessor() if added_kv else PaintWithWordsAttnProcessor()
+    unet.set_attn_processor(processors)

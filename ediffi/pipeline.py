@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ediffi.config import ModelConfig, StageConfig
-from ediffi.discrete import inference_sigmas, initial_noise_scale
+from ediffi.discrete import dynamic_threshold, inference_sigmas, initial_noise_scale, noise_level_sigma
 from ediffi.encoders import ENCODER_NAMES
 from ediffi.failure import InputError
 from ediffi.model import DECODER, EDiffIModel
@@ -46,6 +46,10 @@ class GenerationRequest:
     # Output size in pixels; None: the model's native (default) size.
     width: int | None = None
     height: int | None = None
+    # Imported SR stages (IF stage II): the noise level of the upsampled
+    # low-res image, in timesteps of the image-noising schedule (diffusers'
+    # `noise_level`); None: the pipeline's default.
+    sr_noise_level: int | None = None
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -63,6 +67,8 @@ class GenerationRequest:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(name, "must be >= 1")
+        if self.sr_noise_level is not None and self.sr_noise_level < 0:
+            raise InputError("sr_noise_level", "must be >= 0")
 
     @property
     def image_seeds(self) -> list[int]:
@@ -94,6 +100,26 @@ def stage_shape(stage: StageConfig, height: int, width: int) -> tuple[int, int, 
         return stage.channels, stage.image_size, stage.image_size
     f = stage.latent.scale_factor
     return stage.channels, height // f, width // f
+
+
+def low_res_sigma(stage: StageConfig, request: GenerationRequest) -> float:
+    """The noise augmentation of an SR stage's low-res image: the request's
+    `sr_noise_level` on the stage's image-noising schedule, else the stage's
+    default."""
+    if request.sr_noise_level is None or stage.noise_level_schedule is None:
+        return stage.low_res_aug_sigma
+    return noise_level_sigma(stage.noise_level_schedule, request.sr_noise_level)
+
+
+def validate_sr_noise_level(config: ModelConfig, request: GenerationRequest) -> None:
+    if request.sr_noise_level is None:
+        return
+    schedules = [s.noise_level_schedule for s in config.stages if s.noise_level_schedule is not None]
+    if not schedules:
+        raise InputError("sr_noise_level", "this model has no super-resolution stage with noise levels")
+    limit = min(s.num_train_timesteps for s in schedules)
+    if not 0 <= request.sr_noise_level < limit:
+        raise InputError("sr_noise_level", f"must be within [0, {limit}), got {request.sr_noise_level}")
 
 
 def stage_sigmas(stage: StageConfig, steps: int) -> torch.Tensor:
@@ -165,6 +191,7 @@ def encode_request(model: EDiffIModel, request: GenerationRequest, text_cache: C
     if request.style_image is not None and not enc.has_image_encoder:
         raise InputError("style_image", "this model has no image encoder, so it takes no style image")
     height, width = output_size(model.config, request)
+    validate_sr_noise_level(model.config, request)
     encode_text = text_cache or enc.encode_text
     use_t5, use_clip = "t5" in request.encoders, "clip_text" in request.encoders
     text = encode_text([request.prompt], use_t5, use_clip)
@@ -271,8 +298,11 @@ class RequestRun:
         if stage.is_super_resolution:
             # Cascaded diffusion: condition on the upsampled previous image,
             # noise-augmented at a level the network is told about.
-            up = F.interpolate(self._images, size=(stage.image_size,) * 2, mode="bilinear", align_corners=False)
-            aug = stage.low_res_aug_sigma
+            # Drawn after the stage's initial noise, as diffusers' IF stage II.
+            up = F.interpolate(
+                self._images, size=(stage.image_size,) * 2, mode="bilinear", align_corners=stage.low_res_align_corners
+            )
+            aug = low_res_sigma(stage, self.request)
             noise = self._noise(tuple(up.shape[1:])).to(up)
             self._low_res = (up + aug * noise).to(device, dtype)
             # Noise levels stay float32 at any model dtype (ediffi/unet.py FourierEmbedding).
@@ -336,6 +366,11 @@ class RequestRun:
         n = self.request.n
         if self.cond.guided:
             denoised = classifier_free_guidance(denoised[:n], denoised[n:], self.cond.guidance_scale.to(denoised))
+        thresholding = self.stage.dynamic_thresholding
+        if thresholding is not None:
+            # After guidance, on the x0 the sampler steps with: where
+            # diffusers' scheduler thresholds its (guided) predicted x0.
+            denoised = dynamic_threshold(denoised, thresholding.ratio, thresholding.max_value)
         self.sampler.advance(denoised)
         self.evaluations_done += 1
         if self.sampler.done:

@@ -49,3 +49,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_if(tmp_path_factory):
+    """Tiny random DeepFloyd IF stage I and stage II diffusers folders."""
+    from tests.if_support import build_tiny_if
+
+    return build_tiny_if(tmp_path_factory.mktemp("tiny-if"))

@@ -28,14 +28,16 @@ from ediffi.config import (
     ClipTextEncoderConfig,
     ConditioningConfig,
     DiffusersEncodersConfig,
+    DynamicThresholdingConfig,
     DiffusersUNetConfig,
     ExpertConfig,
     LatentConfig,
     ModelConfig,
     StageConfig,
+    T5TextEncoderConfig,
     TrainingScheduleConfig,
 )
-from ediffi.discrete import boundary_sigma, training_sigmas
+from ediffi.discrete import boundary_sigma, noise_level_sigma, training_sigmas
 
 DEFAULT_HIGH_NOISE_FRAC = 0.8
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
@@ -293,12 +295,118 @@ def import_stable_diffusion_xl(base: PipelineFolder, refiner: PipelineFolder | N
     return plan
 
 
+# IF's pipelines encode the prompt to this many T5 tokens, whatever the
+# tokenizer says ("the text encoder was trained with a max length of 77").
+IF_TOKENS = 77
+
+
+def _if_noise_level_default() -> int:
+    """IFSuperResolutionPipeline's default `noise_level`, read from diffusers."""
+    import inspect
+
+    from diffusers import IFSuperResolutionPipeline
+
+    return int(inspect.signature(IFSuperResolutionPipeline.__call__).parameters["noise_level"].default)
+
+
+def _if_schedule(folder: PipelineFolder, component: str = "scheduler") -> TrainingScheduleConfig:
+    """An IF scheduler config's training schedule, sampled with DPM-Solver's
+    conventions (diffusers' Euler cannot take IF's learned-variance output)."""
+    cfg = folder.config(component, "scheduler_config.json")
+    fields = {k: cfg[k] for k in _SCHEDULE_FIELDS if cfg.get(k) is not None}
+    return TrainingScheduleConfig(**{**fields, "karras_scheduler": "DPMSolverMultistepScheduler"})
+
+
+def _if_stage(folder: PipelineFolder, prefix: str, plan: ImportPlan, super_resolution: bool) -> StageConfig:
+    """One IF stage: a pixel-space UNet (learned variance when out_channels is
+    twice the image channels) with its scheduler's dynamic thresholding; an SR
+    stage also concatenates the upsampled image and takes the noise level of
+    its image-noising scheduler as class label."""
+    plan.components[f"{prefix}/unet"] = folder.component("unet")
+    plan.components[f"{prefix}/scheduler"] = folder.component("scheduler", weights=False)
+    unet_cfg = folder.config("unet")
+    in_channels = int(unet_cfg.get("in_channels", 3))
+    channels = in_channels // 2 if super_resolution else in_channels
+    out_channels = int(unet_cfg.get("out_channels", channels))
+    if out_channels not in (channels, 2 * channels):
+        raise DiffusersImportError(
+            f"{folder.root}/unet: out_channels {out_channels} is neither the image channels ({channels}) nor twice them"
+        )
+    _, prediction = schedule_of(folder)  # checks the config, as for SD
+    schedule = _if_schedule(folder)
+    cfg = folder.config("scheduler", "scheduler_config.json")
+    learned = out_channels == 2 * channels
+    if learned != (cfg.get("variance_type") in ("learned", "learned_range")):
+        raise DiffusersImportError(
+            f"{folder.root}: the UNet's out_channels ({out_channels}) and the scheduler's variance_type "
+            f"({cfg.get('variance_type')!r}) disagree about a learned variance"
+        )
+    thresholding = None
+    if cfg.get("thresholding"):
+        thresholding = DynamicThresholdingConfig(
+            ratio=cfg.get("dynamic_thresholding_ratio", 0.995), max_value=cfg.get("sample_max_value", 1.0)
+        )
+    low_res = {}
+    noise_levels = None
+    if super_resolution:
+        plan.components[f"{prefix}/image_noising_scheduler"] = folder.component("image_noising_scheduler", weights=False)
+        noise_levels = _if_schedule(folder, "image_noising_scheduler")
+        level = _if_noise_level_default()
+        low_res = dict(
+            low_res_noise_level=level, low_res_aug_sigma=noise_level_sigma(noise_levels, level), low_res_align_corners=True
+        )
+    network = DiffusersUNetConfig(
+        kind="diffusers_unet", path=f"{prefix}/unet", prediction_type=prediction, schedule=schedule, conditioning="t5",
+        learned_variance=learned, low_res_channels=channels if super_resolution else 0, noise_level_schedule=noise_levels,
+    )
+    sample = unet_cfg.get("sample_size", 64)
+    sigmas = training_sigmas(schedule)
+    return StageConfig(
+        name="sr" if super_resolution else "base", image_size=int(sample[0] if isinstance(sample, (list, tuple)) else sample),
+        channels=channels, sigma_min=float(sigmas[0]), sigma_max=float(sigmas[-1]), dynamic_thresholding=thresholding,
+        experts=[ExpertConfig(name="unet", sigma_lo=0.0, sigma_hi=None, network=network)], **low_res,
+    )
+
+
+def import_deepfloyd_if(stage_1: PipelineFolder, stage_2: PipelineFolder | None, high_noise_frac: float) -> ImportPlan:
+    """DeepFloyd IF: stage I (T5 conditioning, 64 px) and optionally stage II
+    (super-resolution of stage I's image), a two-stage pixel cascade. Stage
+    II reads stage I's prompt encoding (diffusers' IF example passes stage
+    I's prompt_embeds to it), so a text encoder it carries must be stage I's."""
+    plan = ImportPlan()
+    plan.components["base/text_encoder"] = stage_1.component("text_encoder")
+    tokenizer = stage_1.component("tokenizer", weights=False)
+    if not (tokenizer / "tokenizer.json").is_file():
+        raise DiffusersImportError(
+            f"{tokenizer}: tokenizer.json is missing (a sentencepiece-only T5 tokenizer); write one with "
+            "transformers' AutoTokenizer.from_pretrained(folder).save_pretrained(folder)"
+        )
+    plan.components["base/tokenizer"] = tokenizer
+    t5 = T5TextEncoderConfig(kind="t5", name="text_encoder", path="base/text_encoder", tokenizer_path="base/tokenizer", max_length=IF_TOKENS)
+    cond = ConditioningConfig(name="t5", encoders=[t5.name], hidden_state="last", empty_negative="encode")
+    plan.encoders = DiffusersEncodersConfig(kind="diffusers_clip", text_encoders=[t5], conditionings=[cond])
+    plan.stages = [_if_stage(stage_1, "base", plan, super_resolution=False)]
+    if stage_2 is not None:
+        if stage_2.pipeline_class != "IFSuperResolutionPipeline":
+            raise DiffusersImportError(
+                f"{stage_2.root}: --sr must be an IFSuperResolutionPipeline folder, got {stage_2.pipeline_class!r}"
+            )
+        if stage_2.has("text_encoder"):
+            require_same_text_encoder(stage_1, "text_encoder", stage_2, "text_encoder")
+        plan.stages.append(_if_stage(stage_2, "sr", plan, super_resolution=True))
+        plan.provenance["sr"] = str(stage_2.root.resolve())
+    return plan
+
+
 # Pipeline class (model_index.json `_class_name`) -> importer. Another family
-# is one more entry here.
+# is one more entry here. The second folder is the SDXL refiner (--refiner)
+# or IF's stage II (--sr), as COMPANION_FLAGS says.
 PIPELINES: dict[str, Callable[[PipelineFolder, PipelineFolder | None, float], ImportPlan]] = {
     "StableDiffusionPipeline": import_stable_diffusion,
     "StableDiffusionXLPipeline": import_stable_diffusion_xl,
+    "IFPipeline": import_deepfloyd_if,
 }
+COMPANION_FLAGS = {"IFPipeline": "--sr"}
 
 
 def _place(source: Path, target: Path, copy: bool) -> None:
@@ -320,16 +428,23 @@ def import_diffusers(
     refiner_dir: str | Path | None = None,
     high_noise_frac: float = DEFAULT_HIGH_NOISE_FRAC,
     copy: bool = False,
+    sr_dir: str | Path | None = None,
 ) -> ModelConfig:
-    """Write a model directory for a diffusers pipeline folder (and refiner)."""
+    """Write a model directory for a diffusers pipeline folder (and its
+    refiner, or for IF its super-resolution stage)."""
     base = PipelineFolder.open(base_dir)
-    refiner = PipelineFolder.open(refiner_dir) if refiner_dir is not None else None
     importer = PIPELINES.get(base.pipeline_class)
     if importer is None:
         raise DiffusersImportError(
             f"{base.root}: pipeline class {base.pipeline_class!r} is not supported; supported: {', '.join(PIPELINES)}"
         )
-    plan = importer(base, refiner, high_noise_frac)
+    flag = COMPANION_FLAGS.get(base.pipeline_class, "--refiner")
+    for given, wrong in ((refiner_dir, "--refiner"), (sr_dir, "--sr")):
+        if given is not None and wrong != flag:
+            raise DiffusersImportError(f"{wrong} does not go with a {base.pipeline_class} (it takes {flag})")
+    companion_dir = refiner_dir if refiner_dir is not None else sr_dir
+    companion = PipelineFolder.open(companion_dir) if companion_dir is not None else None
+    plan = importer(base, companion, high_noise_frac)
     out_dir = Path(out_dir)
     config = ModelConfig(
         name=base.root.resolve().name, encoders=plan.encoders, stages=plan.stages,
