@@ -128,6 +128,16 @@ class GenerationOptions(BaseModel):
         Field(strict=True, min_length=1, description="Base64 PNG or JPEG (optionally a data: URL) used as style."),
     ] = None
     paint_with_words: PaintWithWords | None = None
+    sr_noise_level: Annotated[
+        int | None,
+        Field(
+            strict=True,
+            ge=0,
+            description="Models with a noise-level super-resolution stage (DeepFloyd IF stage II): the noise level "
+            "of the upsampled low-res image, in timesteps of its image-noising schedule (diffusers' noise_level; "
+            "below the schedule's length). Absent: the pipeline's default (250 for IF).",
+        ),
+    ] = None
     response_format: Annotated[
         ResponseFormat, Field(description="b64_json: images inline; url: links to /jobs/{id}/images/{k}.png.")
     ] = "b64_json"
@@ -199,6 +209,7 @@ class JobParams(BaseModel):
           "sampler": "heun" | "euler" | "dpmpp_2m",
           "inputs": ["color_map"?, "style_image"?],   # names of the job's byte inputs, sorted
           "paint_with_words": null | {"regions": [{"color": "#rrggbb", "phrase": str, "strength": float}]},
+          "sr_noise_level": null | int,     # >= 0; the model checks its range (IF stage II)
           "response_format": "b64_json" | "url",      # how the API will answer; not the worker's concern
           "client": {"owner": str | null, "submission_id": str, "request_hash": str,
                      "api": "generate" | "openai"}     # API bookkeeping; the worker ignores it
@@ -232,6 +243,7 @@ class JobParams(BaseModel):
     sampler: Sampler
     inputs: list[str] = Field(default_factory=list)
     paint_with_words: JobPaintWithWords | None = None
+    sr_noise_level: int | None = None
     response_format: ResponseFormat = "b64_json"
     client: JobClient | None = None
 

@@ -336,6 +336,7 @@ def validate_generation(request: GenerationOptions, settings: Settings) -> Valid
         sampler=request.sampler,
         inputs=sorted(inputs),
         paint_with_words=pww_params,
+        sr_noise_level=request.sr_noise_level,
         response_format=request.response_format,
     ).model_dump(mode="json", exclude={"client"})
     return ValidatedJob(

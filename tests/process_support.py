@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -121,6 +122,32 @@ class ChildProcess:
     def check_alive(self) -> None:
         if not self.alive:
             raise AssertionError(f"{self.name} exited with {self.process.returncode}\n{self.log_tail()}")
+
+
+@contextmanager
+def serve_process(model_dir: Path, settings: dict[str, Any], log_dir: Path, timeout_s: float = 120.0):
+    """``python -m ediffi serve`` on ``model_dir`` and a free port, without Redis
+    (the in-process queue); yields its base URL once /readyz answers 200."""
+    env = service_env("", model_dir, settings)
+    env.pop("EDIFFI_REDIS_URL")
+    port = free_port()
+    child = ChildProcess("serve", ["serve", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            child.check_alive()
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, child.log_tail()
+            time.sleep(0.2)
+        yield url
+        child.check_alive()  # the requests did not bring it down
+    finally:
+        child.stop()
 
 
 class ApiProcess(ChildProcess):

@@ -42,6 +42,7 @@ JOB_PARAM_KEYS = {
     "sampler",
     "inputs",
     "paint_with_words",
+    "sr_noise_level",
     "response_format",
     "client",
 }

@@ -11,9 +11,13 @@ use_karras_sigmas=True)`, one CPU generator seeded with S passed to both.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 from pathlib import Path
+
+import httpx
 
 import numpy as np
 import pytest
@@ -31,6 +35,7 @@ from ediffi.pipeline import GenerationRequest, encode_request, generate
 from engines import Engine, EngineConfig, TextEmbeddingCache, TorchBackend
 from tests.diffusers_support import psnr
 from tests.if_support import STAGE_I_SIZE, STAGE_II_SIZE, diffusers_if_images, load_if_pipelines
+from tests.process_support import serve_process
 
 PROMPT = "a red cat on the left of a blue house"
 STEPS = 6  # < 15: diffusers' DPM-Solver takes its last step first order
@@ -171,6 +176,23 @@ def test_generate_equals_diffusers_at_both_resolutions(if_model_dir, if_stage_1_
     with capsys.disabled():
         print(f"\nIF parity vs diffusers (PSNR dB): {figures}")
     assert min(figures.values()) >= MIN_PSNR, figures
+
+
+def test_serve_over_http_equals_diffusers(if_model_dir, reference, tmp_path):
+    """`ediffi serve` on the imported model (EDIFFI_MODEL_DIR, the in-process
+    queue): POST /generate answers diffusers' image for the same seed; an
+    out-of-range sr_noise_level is a 422 naming the field."""
+    _, high_ref = reference
+    with serve_process(if_model_dir, {"intra_op_threads": 1}, tmp_path) as url:
+        body = dict(prompt=PROMPT, steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, sampler="dpmpp_2m")
+        response = httpx.post(url + "/generate", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        (image,) = response.json()["images"]
+        ours = np.asarray(Image.open(io.BytesIO(base64.b64decode(image["b64_json"]))).convert("RGB"))
+        assert psnr(ours, high_ref) >= MIN_PSNR
+        response = httpx.post(url + "/generate", json={**body, "sr_noise_level": 1000}, timeout=120)
+        assert response.status_code == 422, response.text
+        assert "sr_noise_level" in json.dumps(response.json()["detail"])
 
 
 def test_sr_noise_level_per_request_equals_diffusers_noise_level(tiny_if, if_model):

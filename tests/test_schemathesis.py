@@ -34,8 +34,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 
 from server.app import create_app  # noqa: E402
 from server.settings import Settings  # noqa: E402
-from tests.process_support import ChildProcess, service_env  # noqa: E402
-from tests.redis_server import free_port  # noqa: E402
+from tests.process_support import serve_process  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(240)]
 
@@ -72,27 +71,8 @@ schema = schemathesis.openapi.from_dict(_openapi())
 @pytest.fixture(scope="module")
 def serve_url(tiny_model_dir, tmp_path_factory):
     """``python -m ediffi serve`` on a free port, without Redis (the in-process queue)."""
-    env = service_env("", tiny_model_dir, SERVER_SETTINGS)
-    env.pop("EDIFFI_REDIS_URL")
-    port = free_port()
-    child = ChildProcess("serve", ["serve", "--host", "127.0.0.1", "--port", str(port)], env,
-                         tmp_path_factory.mktemp("serve-logs"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            child.check_alive()
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, child.log_tail()
-            time.sleep(0.2)
-        yield url
-        child.check_alive()  # the fuzzing did not bring it down
-    finally:
-        child.stop()
+    with serve_process(tiny_model_dir, SERVER_SETTINGS, tmp_path_factory.mktemp("serve-logs")) as url:
+        yield url  # on exit: the fuzzing did not bring it down
 
 
 def test_the_server_serves_the_schema_under_test(serve_url):
