@@ -64,16 +64,16 @@ def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
     """Fractional training timestep of each sigma: linear interpolation of
     log sigma between the two neighbouring training sigmas, clamped to the
     trained range (k-diffusion `DiscreteSchedule.sigma_to_t`)."""
-    # float32 throughout, as diffusers computes it: the timestep embedding
-    # is sensitive to the last bits of t at t ~ 1000.
-    log_sigma = sigma.float().clamp_min(1e-10).log()
-    log_sigmas = log_sigmas.float()
+    # In the table's dtype: float32 as diffusers' Euler computes it (the
+    # timestep embedding is sensitive to the last bits of t at t ~ 1000);
+    # float64 as DPM-Solver does (its truncated timesteps, see unet_timesteps).
+    log_sigma = sigma.to(log_sigmas.dtype).clamp_min(1e-10).log()
     dists = log_sigma - log_sigmas[:, None]
     low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
     high_idx = low_idx + 1
     low, high = log_sigmas[low_idx], log_sigmas[high_idx]
     w = ((low - log_sigma) / (low - high)).clamp(0, 1)
-    return ((1 - w).double() * low_idx + w.double() * high_idx).float()
+    return ((1 - w).double() * low_idx + w.double() * high_idx).to(log_sigmas.dtype)
 
 
 def _spaced_timesteps(schedule: TrainingScheduleConfig, steps: int) -> np.ndarray:
