@@ -84,8 +84,10 @@ def _paint(scene, size: int, rng: np.random.Generator):
     return Image.fromarray(canvas), [Region(REGION_COLOR, phrase, float(rng.choice([0.3, 0.4, 0.6])))]
 
 
-def synthetic_requests(load: LoadConfig, image_size: int = 64) -> list[GenerationRequest]:
-    """The load's requests, a pure function of `load` (its seed)."""
+def synthetic_requests(load: LoadConfig, image_size: int = 64, style: bool = True) -> list[GenerationRequest]:
+    """The load's requests, a pure function of `load` (its seed); without
+    `style` (a model with no image encoder, e.g. an imported one) the
+    style-image draws are kept but not attached."""
     from ediffi.world.shapes import render, sample_scene
 
     rng = np.random.default_rng(load.seed)
@@ -104,7 +106,9 @@ def synthetic_requests(load: LoadConfig, image_size: int = 64) -> list[Generatio
             if regions:
                 kwargs.update(color_map=color_map, regions=regions)
         if rng.random() < load.p_style:
-            kwargs["style_image"] = Image.fromarray(render(sample_scene(rng), size=image_size))
+            style_image = Image.fromarray(render(sample_scene(rng), size=image_size))
+            if style:
+                kwargs["style_image"] = style_image
         requests.append(GenerationRequest(**kwargs))
     return requests
 
@@ -351,7 +355,7 @@ def run_bench(
     budget as "step:N", "step:none" or "step:auto" (else `max_rows_per_tick`)."""
     specs = [parse_policy(p, max_rows_per_tick) for p in policies]
     image_size = backend.model.config.image_size
-    requests = synthetic_requests(load, image_size)
+    requests = synthetic_requests(load, image_size, style=backend.model.encoders.has_image_encoder)
     results = []
     for label, (policy, budget) in zip(policies, specs):
         if log:
@@ -405,7 +409,7 @@ def format_table(results: list[PolicyResult]) -> str:
             r.policy, "-" if r.row_budget is None else r.row_budget, r.backend, r.load,
             f"{r.throughput_images_per_s:.3f}", f"{r.latency_p50_s:.2f}", f"{r.latency_p95_s:.2f}",
             f"{r.latency_p99_s:.2f}", f"{r.mean_batch_size:.2f}",
-            " ".join(f"{k.split('/')[1]}={v:g}" for k, v in r.mean_batch_size_per_expert.items()),
+            " ".join(f"{k}={v:g}" for k, v in r.mean_batch_size_per_expert.items()),
             f"{100 * r.efficiency:.1f}%", f"{r.cpu_share:.2f}", f"{r.throughput_images_per_cpu_s:.3f}",
             f"{r.latency_p95_normalized_s:.2f}", f"{100 * r.efficiency_cpu:.1f}%",
         ]

@@ -293,6 +293,19 @@ def test_batch_invariance_across_stages_and_requests(if_model):
     assert generate(if_model, _paint_request(SEED))[0].size == (STAGE_II_SIZE, STAGE_II_SIZE)
 
 
+def test_engine_bench_load_runs_on_the_imported_cascade(if_model):
+    """`ediffi bench engine`'s synthetic load (paint-with-words, no style
+    images for a model without an image encoder) on the IF cascade: every
+    request succeeds and both stages' UNets are batched."""
+    from engines.bench import LoadConfig, run_bench
+
+    (result,) = run_bench(
+        TorchBackend(if_model, max_batch=8), ["step"], LoadConfig(clients=4, requests=4, min_steps=2, max_steps=3)
+    )
+    assert result.failed == 0 and result.images == 4
+    assert set(result.mean_batch_size_per_expert) == {"base/unet", "sr/unet"}
+
+
 # ---------------------------------------------------------------- import errors
 
 
