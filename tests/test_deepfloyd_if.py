@@ -183,7 +183,7 @@ def test_serve_over_http_equals_diffusers(if_model_dir, reference, tmp_path):
     queue): POST /generate answers diffusers' image for the same seed; an
     out-of-range sr_noise_level is a 422 naming the field."""
     _, high_ref = reference
-    with serve_process(if_model_dir, {"intra_op_threads": 1}, tmp_path) as url:
+    with serve_process(if_model_dir, {"intra_op_threads": 1, "allow_anonymous": True}, tmp_path) as url:
         body = dict(prompt=PROMPT, steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, sampler="dpmpp_2m")
         response = httpx.post(url + "/generate", json=body, timeout=120)
         assert response.status_code == 200, response.text
