@@ -203,6 +203,12 @@ class Settings(BaseSettings):
             return int(value)
         return value
 
+    @field_validator("public_base_url", mode="before")
+    @classmethod
+    def _empty_url_is_unset(cls, value: object) -> object:
+        """``EDIFFI_PUBLIC_BASE_URL=`` (as compose passes an unset variable) means no public URL."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("trt_batch_buckets", mode="before")
     @classmethod
     def _split_buckets(cls, value: object) -> object:
