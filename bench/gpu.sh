@@ -23,11 +23,16 @@
 #   none at 1, 8, 32 clients, 3 requests per client, max batch 64, eager and
 #   CUDA graphs, bf16, efficiency vs the max-batch compute rate of the same
 #   run); tensorrt (bf16 engines, same load; skipped without TensorRT);
-#   realsize (SD 1.5 / SDXL UNets; skipped without the diffusers importer).
+#   realsize (SD 1.5 at 512 px and SDXL at 1024 px UNet architectures with
+#   random weights, imported with `ediffi import diffusers`, our engine with
+#   CUDA graphs next to diffusers' own pipeline one request at a time and at
+#   static batches 1..16; it needs more than what the budget leaves after the
+#   stages before it: run it alone with STAGES=env,realsize).
 #
 # Environment: PYTHON (default python3; the dry run: .venv/bin/python if
 # present), OUT (default bench/results/gpu-<UTC time>; dry run: a temp dir),
-# MODEL_DIR (default models/default), BUDGET_S, SITE (wheel install folder).
+# MODEL_DIR (default models/default), BUDGET_S, SITE (wheel install folder),
+# STAGES (comma-separated subset), REALSIZE_ARCHS (default sd15,sdxl).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -111,8 +116,10 @@ EOF
 }
 
 # stage NAME LIMIT_S ARGS...: run one stage under min(LIMIT_S, what is left of the budget).
+# STAGES=a,b,c runs only those (e.g. STAGES=env,realsize for the real-size networks alone).
 stage() {
   local name="$1" limit="$2"; shift 2
+  if [[ -n "${STAGES:-}" && ",$STAGES," != *",$name,"* ]]; then return; fi
   local left=$((BUDGET_S - (SECONDS - STARTED)))
   ORDER+=("$name")
   if (( left < 15 )); then
@@ -135,7 +142,7 @@ LOAD=(--clients "$CLIENTS" --requests-per-client 3 --min-steps "$MIN_STEPS" --ma
 if [[ "$DRY_RUN" == 1 ]]; then stage model 60 model --dir "$MODEL_DIR"; fi
 ENV_ARGS=(); [[ "$DRY_RUN" == 0 ]] && ENV_ARGS=(--require-cuda)
 stage env 30 env "${ENV_ARGS[@]}"
-if [[ "$DRY_RUN" == 0 && "${RC[env]}" != 0 ]]; then
+if [[ "$DRY_RUN" == 0 && "${RC[env]:-0}" != 0 ]]; then
   echo "error: no usable CUDA device (see $OUT/env.json); nothing else is worth running" >&2
   exit 1
 fi
@@ -146,7 +153,12 @@ stage engine-cuda_graphs 75 engine "${COMMON[@]}" "${LOAD[@]}" --compile cuda_gr
 stage engine-eager 75 engine "${COMMON[@]}" "${LOAD[@]}" --compile none
 stage percall-torch_compile 75 percall "${COMMON[@]}" --mode torch_compile --batches "$COMPILE_BATCHES" --repeats "$REPEATS"
 stage tensorrt 90 tensorrt "${COMMON[@]}" "${LOAD[@]}" --work-dir "$SCRATCH/tensorrt"
-stage realsize 120 realsize
+if [[ "$DRY_RUN" == 1 ]]; then
+  REALSIZE=(--archs tiny-sd --steps 2 --clients 1 --diffusers-batches 1,2)
+else
+  REALSIZE=(--archs "${REALSIZE_ARCHS:-sd15,sdxl}" --steps 10 --clients 1,8,32 --diffusers-batches 1,2,4,8,16)
+fi
+stage realsize 300 realsize "${COMMON[@]}" "${REALSIZE[@]}" --work-dir "$SCRATCH/realsize"
 
 echo "== done in $((SECONDS - STARTED))s: $OUT/summary.json"
 rm -rf "$SCRATCH"

@@ -359,8 +359,8 @@ def stage_tensorrt(args) -> None:
 
     from engines import trt_runtime
     from export.onnx_export import export_onnx
-    from export.tensorrt_build import DTYPE_TO_PRECISION, build_engines, half_precision_graph, make_profile, strip_float64
     from export.manifest import find_manifests
+    from export.tensorrt_build import DTYPE_TO_PRECISION, build_engines, make_profile, tensorrt_input_graph
 
     precision = DTYPE_TO_PRECISION[args.dtype]
     report = Report(args.out, "tensorrt", precision=precision, device=args.device, model_dir=str(args.model_dir))
@@ -370,8 +370,7 @@ def stage_tensorrt(args) -> None:
     export_onnx(args.model_dir, onnx_dir, simplify=False, encoders=False, log=log)
     graphs = {}
     for folder, manifest in find_manifests(onnx_dir, "denoiser"):
-        graph = half_precision_graph(onnx.load(str(folder / manifest.artifact)), precision)
-        strip_float64(graph)
+        graph = tensorrt_input_graph(folder / manifest.artifact, precision)
         onnx.checker.check_model(graph)
         graphs[f"{manifest.stage}/{manifest.expert}"] = len(graph.graph.node)
     report.update(export_s=round(time.perf_counter() - start, 2), half_precision_graphs=graphs)
@@ -393,16 +392,16 @@ def stage_tensorrt(args) -> None:
 
 
 REALSIZE_CONFIGS = ROOT / "bench" / "configs"
+REALSIZE_ARCHS = {"sd15": 512, "sdxl": 1024}  # architecture -> native size in pixels
 
 
 def diffusers_importer_available() -> tuple[bool, str]:
-    """Whether `ediffi import diffusers` (issue 17) exists in this tree."""
-    from ediffi.cli import build_parser
-
-    parser = build_parser()
-    commands = next((a.choices for a in parser._subparsers._group_actions if a.choices), {})  # noqa: SLF001
-    if "import" not in commands:
-        return False, "`ediffi import diffusers` (the diffusers importer of issue 17) is not in this tree"
+    """Whether `ediffi import diffusers` (issue 17) and diffusers itself
+    are importable here."""
+    try:
+        from ediffi.importers.diffusers import import_diffusers  # noqa: F401
+    except ImportError as exc:
+        return False, f"`ediffi import diffusers` (the diffusers importer of issue 17) is not importable here ({exc})"
     try:
         import diffusers  # noqa: F401
     except ImportError as exc:
@@ -410,14 +409,133 @@ def diffusers_importer_available() -> tuple[bool, str]:
     return True, ""
 
 
+def random_pipeline(arch: str, folder: Path, device: str, dtype) -> Path:
+    """A diffusers pipeline folder with the real UNet architecture of `arch`
+    (bench/configs/<arch>/unet/config.json) and random weights, built on
+    `device`; small text encoders of the real widths (2 layers) and a small
+    VAE with the real 8x latent factor: the UNet is what is measured."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+
+    from tests.diffusers_support import SD_SCHEDULER, SDXL_SCHEDULER, clip_text_encoder, clip_tokenizer
+
+    config = json.loads((REALSIZE_CONFIGS / arch / "unet" / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(config).to(dtype).eval()
+        vae = AutoencoderKL(block_out_channels=[16, 16, 16, 16], latent_channels=4, norm_num_groups=8,
+                            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                            sample_size=REALSIZE_ARCHS.get(arch, 64)).to(dtype).eval()
+    tokenizer = clip_tokenizer()
+    if config.get("addition_embed_type") == "text_time":
+        from diffusers import StableDiffusionXLPipeline
+
+        tokenizer_2 = clip_tokenizer(pad_token="!")
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, unet=unet, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+            text_encoder=clip_text_encoder(tokenizer, 768, None, 1).to(dtype),
+            text_encoder_2=clip_text_encoder(tokenizer_2, 1280, 1280, 2).to(dtype),
+            scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), force_zeros_for_empty_prompt=True, add_watermarker=False,
+        )
+    else:
+        from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=vae, unet=unet, tokenizer=tokenizer, text_encoder=clip_text_encoder(tokenizer, config["cross_attention_dim"], None, 1).to(dtype),
+            scheduler=PNDMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def diffusers_side(folder: Path, size: int, device: str, dtype, steps: int, guidance: float, requests: int,
+                   batches: list[int]) -> dict:
+    """diffusers' own pipeline on the same weights (Euler with Karras sigmas,
+    as the imported model samples): one request at a time, then each static
+    batch; images/s of each and the best."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from tests.diffusers_support import karras_euler
+
+    pipe = karras_euler(DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def call(batch: int, seed: int) -> float:
+        generator = torch.Generator(device).manual_seed(seed)
+        start = time.perf_counter()
+        pipe(["a red house on a hill"] * batch, num_inference_steps=steps, guidance_scale=guidance, height=size,
+             width=size, generator=generator, output_type="np")
+        sync()
+        return time.perf_counter() - start
+
+    call(1, 0)  # warm: kernels, allocator
+    latencies = [call(1, seed) for seed in range(requests)]
+    out = {"one_at_a_time": {"requests": requests, "images_per_s": requests / sum(latencies),
+                             "latency_p50_s": _median(latencies)}}
+    static = {}
+    for batch in batches:
+        call(batch, 0)
+        seconds = call(batch, 1)
+        static[str(batch)] = {"images_per_s": batch / seconds, "seconds": seconds}
+    out["static_batch"] = static
+    out["best_static_batch"] = max(static, key=lambda b: static[b]["images_per_s"]) if static else None
+    return out
+
+
 def stage_realsize(args) -> None:
-    configs = sorted(p.name for p in REALSIZE_CONFIGS.glob("*/unet/config.json"))
-    report = Report(args.out, "realsize", configs=configs)
+    archs = [a for a in args.archs.split(",") if a]
+    report = Report(args.out, "realsize", archs=archs, device=args.device, dtype=args.dtype, steps=args.steps,
+                    clients=args.clients, configs=sorted(str(p.relative_to(ROOT)) for p in REALSIZE_CONFIGS.glob("*/unet/config.json")))
     ok, why = diffusers_importer_available()
     if not ok:
         report.finish("skipped", reason=why)
         return
-    report.finish("skipped", reason="the real-size stage is not written yet (the importer landed after this script)")
+    import torch
+
+    from ediffi.importers.diffusers import import_diffusers
+    from engines.bench import LoadConfig, run_bench
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    work = Path(args.work_dir)
+    results: dict[str, dict] = {}
+    for arch in archs:
+        size = REALSIZE_ARCHS.get(arch, args.size)
+        entry: dict = {"size": size}
+        results[arch] = entry
+        start = time.perf_counter()
+        if arch in REALSIZE_ARCHS:
+            folder = random_pipeline(arch, work / arch, args.device, dtype)
+        else:  # the dry run: the tests' tiny pipelines, same code path after this
+            from tests.diffusers_support import build_tiny_sd, build_tiny_sdxl
+
+            folder = build_tiny_sd(work / "tiny") if arch == "tiny-sd" else build_tiny_sdxl(work / "tiny")[0]
+        model_dir = work / f"{arch}-model"
+        import_diffusers(folder, model_dir)
+        entry["build_and_import_s"] = round(time.perf_counter() - start, 2)
+        report.update(results=results)
+        backend = _backend(argparse.Namespace(**{**vars(args), "model_dir": model_dir}),
+                           compile_mode="cuda_graphs" if args.device.startswith("cuda") else None)
+        backend.warmup()
+        entry["ours_backend"] = backend.describe()
+        ours = {}
+        for count in [int(c) for c in args.clients.split(",")]:
+            load = LoadConfig(clients=count, requests=3 * count, min_steps=args.steps, max_steps=args.steps,
+                              samplers=("euler",), guidance=(args.guidance,), p_paint=0.0, p_style=0.0, seed=0)
+            ours[str(count)] = [r.to_json() for r in run_bench(backend, ["step", "request", "none"], load,
+                                                                max_active_requests=max(32, count), log=log)]
+            entry["ours"] = ours
+            entry["ours_summary"] = summarize(ours)
+            report.update(results=results)
+        del backend
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        entry["diffusers"] = diffusers_side(folder, size, args.device, dtype, args.steps, args.guidance,
+                                            requests=3, batches=[int(b) for b in args.diffusers_batches.split(",")])
+        report.update(results=results)
+    report.finish()
 
 
 # ------------------------------------------------------------------ main
@@ -471,7 +589,15 @@ def main(argv: list[str] | None = None) -> None:
     run_options(p)
     load_options(p)
     p.add_argument("--work-dir", required=True)
-    add("realsize", stage_realsize)
+    p = add("realsize", stage_realsize)
+    run_options(p)
+    p.add_argument("--archs", default="sd15,sdxl", help="sd15, sdxl (bench/configs), or tiny-sd / tiny-sdxl (dry run)")
+    p.add_argument("--size", type=int, default=64, help="image size of the tiny pipelines")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--diffusers-batches", default="1,2,4,8,16")
+    p.add_argument("--work-dir", required=True)
     args = parser.parse_args(argv)
     args.func(args)
 

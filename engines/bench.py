@@ -228,8 +228,10 @@ def measure_seconds_per_row(backend: Backend, repeats: int = 2) -> Calibration:
 
 
 def compute_limit(seconds_per_row: dict[str, float], rows_per_image: dict[str, float]) -> float:
-    """Images/s if every denoiser row ran at max-batch speed, nothing else."""
-    seconds = sum(rows_per_image[k] * seconds_per_row[k] for k in rows_per_image)
+    """Images/s if every denoiser row ran at max-batch speed, nothing else.
+    Batches of other calls (an imported model's batched VAE decode) are not
+    denoiser rows and are left out of the limit."""
+    seconds = sum(rows * seconds_per_row[k] for k, rows in rows_per_image.items() if k in seconds_per_row)
     return 1.0 / seconds if seconds > 0 else float("inf")
 
 

@@ -56,7 +56,26 @@ def test_gpu_script_dry_run_runs_every_stage(tmp_path):
     trt = stage["tensorrt"]
     assert trt["status"] == "skipped" and "TensorRT" in trt["reason"] or "tensorrt" in trt["reason"]
     assert set(trt["half_precision_graphs"]) == experts
-    assert stage["realsize"]["status"] == "skipped" and stage["realsize"]["reason"]
+    realsize = stage["realsize"]
+    if realsize["status"] == "skipped":  # no diffusers (or importer) in this interpreter
+        assert "diffusers" in realsize["reason"]
+    else:
+        entry = realsize["results"]["tiny-sd"]
+        assert [r["policy"] for r in entry["ours"]["1"]] == ["step", "request", "none"]
+        assert entry["diffusers"]["one_at_a_time"]["images_per_s"] > 0 and entry["diffusers"]["best_static_batch"]
+
+
+@pytest.mark.parametrize("arch, params_millions", [("sd15", 859.5), ("sdxl", 2567.5)])
+def test_real_size_unet_configs_are_the_published_architectures(arch, params_millions):
+    """bench/configs/<arch>/unet/config.json builds (on the meta device: no
+    memory, no weights) a UNet of the published parameter count."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    config = json.loads((ROOT / "bench" / "configs" / arch / "unet" / "config.json").read_text())
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    count = sum(p.numel() for p in unet.parameters()) / 1e6
+    assert abs(count - params_millions) < 1.0, count
 
 
 def test_bench_engine_cuda_graphs_flag_reaches_the_backend(tiny_model_dir):
