@@ -74,6 +74,10 @@ class Settings(BaseSettings):
         "cheaper per row (measured at warmup); unset/none: every pending row every tick.",
     )
     worker_slots: int = Field(default=8, ge=1, description="Most jobs one worker holds (claims) at once.")
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0,
+        description="On SIGTERM, how long a worker lets its running jobs finish before releasing the rest to the queue.",
+    )
     compile_mode: Literal["none", "cuda_graphs", "torch_compile"] = Field(
         default="none",
         description="torch backend on CUDA: a CUDA graph per batch bucket, or torch.compile per expert; none: eager.",

@@ -132,13 +132,13 @@ class Backoff:
 
 class Worker:
     def __init__(self, settings: Settings, queue: JobQueue, engine: Engine, metrics: Metrics,
-                 worker_id: str | None = None, shutdown_grace_s: float = 10.0):
+                 worker_id: str | None = None, shutdown_grace_s: float | None = None):
         self.settings = settings
         self.queue = queue
         self.engine = engine
         self.metrics = metrics
         self.worker_id = worker_id or new_worker_id()
-        self.shutdown_grace_s = shutdown_grace_s
+        self.shutdown_grace_s = settings.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
         self.active: dict[str, ActiveJob] = {}
         # Jobs given back (shutdown) or taken over by another worker: their
         # engine cancellation must not mark them canceled in the queue.
