@@ -197,10 +197,11 @@ async def test_sync_wait_past_the_timeout_answers_202_with_links(backend: Backen
         assert response.status_code == 202
         assert "preference-applied" not in response.headers
         assert response.json()["links"]["self"] == f"/jobs/{response.json()['id']}"
-        # Prefer: wait=N shortens the wait further.
+    # Prefer: wait=N shortens the wait: 0.05 s instead of the 10 s sync timeout.
+    async with service(backend, sync_timeout_s=10) as svc:
         started = time.monotonic()
         response = await svc.client.post("/generate", json={"prompt": "a fox"}, headers={"Prefer": "wait=0.05"})
-        assert response.status_code == 202 and time.monotonic() - started < 0.3
+        assert response.status_code == 202 and 0.05 <= time.monotonic() - started < 5
 
 
 @run_async
@@ -225,6 +226,70 @@ async def test_failed_jobs_answer_by_failure_kind_with_no_exception_text(backend
         async with QueueWorker(svc.queue, mode="fail", failure=Failure.of(FailureKind.INTERNAL)):
             response = await svc.client.post("/generate", json={"prompt": "a fox", "steps": 1})
         assert response.status_code == 500 and response.json()["kind"] == "internal"
+
+
+def test_real_worker_images_equal_the_reference_pipeline_for_the_same_request(backend: Backend, tiny_model) -> None:
+    """The real `Worker` (claim -> `build_request` -> engine -> PNG) on a tiny engine,
+    behind the API: its images equal `ediffi.pipeline.generate()` for the request
+    written out by hand (negative prompt, guidance, sampler, seed, n, style image,
+    colour map and regions, a region's default strength) within 2/255."""
+    import numpy as np
+    import torch
+
+    from ediffi.paint import Region
+    from ediffi.pipeline import GenerationRequest, generate
+    from engines import Engine, EngineConfig, TorchBackend
+    from server.metrics import Metrics
+    from server.worker import Worker
+
+    style_pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    style_buffer = io.BytesIO()
+    Image.fromarray(style_pixels).save(style_buffer, "PNG")
+    style = style_buffer.getvalue()
+    color_map = color_map_png(32)  # left half red, right half blue
+    body = {
+        "prompt": "a red circle on the left and a blue square", "negative_prompt": "a dog",
+        "guidance_scale": 4.5, "sampler": "dpmpp_2m", "steps": 3, "seed": 11, "n": 2,
+        "style_image": b64(style),
+        "paint_with_words": {
+            "color_map": b64(color_map),
+            "regions": [{"color": "#FF0000", "phrase": "red circle"},
+                        {"color": "#0000ff", "phrase": "blue square", "strength": 1.5}],
+        },
+    }
+
+    async def served_by_the_real_worker(engine: Engine) -> list[np.ndarray]:
+        async with service(backend) as svc:
+            worker = Worker(svc.settings, svc.queue, engine, Metrics(), worker_id="real-worker")
+            worker_task = asyncio.create_task(worker.run())
+            try:
+                response = await svc.client.post("/generate", json=body)
+            finally:
+                worker.stop()
+                await worker_task
+        assert response.status_code == 200, response.text
+        images = response.json()["images"]
+        assert [image["seed"] for image in images] == [11, 12]
+        return [np.asarray(decode_png(image["b64_json"]).convert("RGB"), np.int16) for image in images]
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = generate(tiny_model, GenerationRequest(
+            prompt=body["prompt"], negative_prompt="a dog", guidance_scale=4.5, sampler="dpmpp_2m", steps=3, seed=11,
+            n=2, style_image=Image.open(io.BytesIO(style)), color_map=Image.open(io.BytesIO(color_map)),
+            regions=[Region("#ff0000", "red circle"), Region("#0000ff", "blue square", 1.5)],
+        ))
+        # The reference depends on what the worker must pass on, so the comparison can fail.
+        plain = generate(tiny_model, GenerationRequest(prompt=body["prompt"], steps=3, seed=11, sampler="dpmpp_2m"))
+        assert np.abs(np.asarray(plain[0], np.int16) - np.asarray(reference[0], np.int16)).max() > 8
+        with Engine(TorchBackend(tiny_model, max_batch=8), EngineConfig()) as engine:
+            served = asyncio.run(asyncio.wait_for(served_by_the_real_worker(engine), 120))
+    finally:
+        torch.set_num_threads(previous_threads)
+    for image, expected in zip(served, reference, strict=True):
+        assert image.shape == np.asarray(expected).shape
+        assert np.abs(image - np.asarray(expected, np.int16)).max() <= 2
 
 
 @run_async
@@ -294,11 +359,15 @@ async def test_progress_events_are_coalesced_to_one_per_250_ms(backend: Backend)
         (job,) = await svc.queue.claim("w", 1)
         await svc.queue.mark_running(job, "w")
 
+        produced: list[float] = []
+
         async def produce() -> None:
-            for step in range(1, 121):  # 120 reports over about 0.7 s
+            produced.append(time.monotonic())
+            for step in range(1, 121):  # 120 reports, 0.7 s or more
                 await svc.queue.progress(record.id, step, 120)
                 await asyncio.sleep(0.006)
             await svc.queue.complete(job, [png_bytes()], [0], {})
+            produced.append(time.monotonic())
 
         first = await svc.queue.events(record.id)
         received: list[tuple[float, dict]] = []
@@ -310,7 +379,10 @@ async def test_progress_events_are_coalesced_to_one_per_250_ms(backend: Backend)
 
     progress = [(at, event) for at, event in received if event["event"] == "progress"]
     assert [event["event"] for _, event in received][-1] == "succeeded"
-    assert 1 <= len(progress) <= 6, len(progress)  # 120 reports coalesced
+    # 120 reports coalesced to at most one per 250 ms of the producer's measured
+    # run (and the last report, flushed with the end).
+    producer_s = produced[1] - produced[0]
+    assert 1 <= len(progress) <= 2 + producer_s / 0.25, (len(progress), producer_s)
     gaps = [later - earlier for (earlier, _), (later, _) in zip(progress, progress[1:])]
     assert all(gap >= 0.24 for gap in gaps), gaps
     steps = [event["data"]["step"] for _, event in progress]
