@@ -2,7 +2,12 @@
 
 Each test is written once and parametrised over the backends, so the
 embedded server and the production deployment cannot drift apart. Timeouts
-and TTLs are shrunk to fractions of a second; nothing is mocked.
+and TTLs are shrunk; nothing is mocked. Where a test asserts something has
+NOT happened yet (a job not yet reclaimable, a worker or a result still
+there), the timeout is WINDOW_S, a second, far longer than any stall of a loaded
+machine between two consecutive calls; the waits past a timeout are measured
+from the event that started it. Sub-second timeouts remain only where the
+test merely waits past them (a lower bound).
 """
 
 from __future__ import annotations
@@ -36,8 +41,15 @@ TEST_TIMEOUT_S = 15.0
 DEFAULT_LIMITS: dict[str, Any] = dict(
     max_queue=100, claim_timeout_s=30.0, max_deliveries=3, result_ttl_s=60.0, heartbeat_ttl_s=10.0
 )
+#: A timeout the test must still be inside of a few calls later.
+WINDOW_S = 1.0
 PNG_A = b"\x89PNG fake image A"
 PNG_B = b"\x89PNG fake image B"
+
+
+async def sleep_past(started: float, timeout_s: float) -> None:
+    """Sleep until a little more than ``timeout_s`` has passed since ``started`` (monotonic)."""
+    await asyncio.sleep(max(0.0, started + timeout_s + 0.1 - time.monotonic()))
 
 
 def run_async(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -285,13 +297,14 @@ async def test_fail_records_the_structured_failure(backend: Backend) -> None:
 
 @run_async
 async def test_job_of_a_dead_worker_is_reclaimed_after_the_claim_timeout(backend: Backend) -> None:
-    async with backend.open(claim_timeout_s=0.2) as queue:
+    async with backend.open(claim_timeout_s=WINDOW_S) as queue:
         record = await submit_job(queue)
         first = await claim_one(queue, "dead-worker")
+        claimed_at = time.monotonic()
         await queue.mark_running(first, "dead-worker")
         assert await queue.claim("w2", max_jobs=1) == []  # not idle long enough yet
 
-        await asyncio.sleep(0.3)
+        await sleep_past(claimed_at, WINDOW_S)
         second = await claim_one(queue, "w2")
         assert second.job_id == record.id and second.reclaimed and second.deliveries == 2
         assert queue.counters.reclaimed == 1
@@ -302,24 +315,26 @@ async def test_job_of_a_dead_worker_is_reclaimed_after_the_claim_timeout(backend
 
 @run_async
 async def test_keep_alive_stops_a_live_workers_jobs_from_being_reclaimed(backend: Backend) -> None:
-    async with backend.open(claim_timeout_s=0.2) as queue:
+    async with backend.open(claim_timeout_s=WINDOW_S) as queue:
         await submit_job(queue)
         job = await claim_one(queue, "w1")
-        for _ in range(4):
-            await asyncio.sleep(0.1)
+        claimed_at = time.monotonic()
+        while time.monotonic() - claimed_at < 1.5 * WINDOW_S:  # outlive the claim timeout
+            await asyncio.sleep(WINDOW_S / 5)
             assert await queue.keep_alive("w1", [job]) == []
             assert await queue.claim("w2", max_jobs=1) == []
 
 
 @run_async
 async def test_reclaimed_and_new_jobs_together_never_exceed_max_jobs(backend: Backend) -> None:
-    async with backend.open(claim_timeout_s=0.1) as queue:
+    async with backend.open(claim_timeout_s=WINDOW_S) as queue:
         for k in range(3):  # three dead workers with one job each (a shared crash would isolate its jobs)
             await submit_job(queue)
             assert len(await queue.claim(f"dead-worker-{k}", max_jobs=1)) == 1
+        claimed_at = time.monotonic()
         for _ in range(2):
             await submit_job(queue)
-        await asyncio.sleep(0.2)
+        await sleep_past(claimed_at, WINDOW_S)
         claimed = await queue.claim("w2", max_jobs=4, block_ms=1000)
         assert len(claimed) == 4
         assert [job.reclaimed for job in claimed] == [True, True, True, False]
@@ -490,18 +505,19 @@ async def test_events_replay_after_an_id_and_block_for_new_ones(backend: Backend
 
 @run_async
 async def test_finished_jobs_expire_after_the_result_ttl(backend: Backend) -> None:
-    async with backend.open(result_ttl_s=0.5) as queue:
+    async with backend.open(result_ttl_s=WINDOW_S) as queue:
         record = await queue.submit({"prompt": "x"}, {"mask": b"m"}, 1, idempotency_key="ttl-key")
         job = await claim_one(queue, "w1")
         await queue.mark_running(job, "w1")
-        await asyncio.sleep(0.7)  # unfinished jobs never expire, however long they run
+        await sleep_past(time.monotonic(), WINDOW_S)  # unfinished jobs never expire, however long they run
         assert (await queue.get(record.id)).status == JobStatus.RUNNING
         await queue.progress(record.id, 1, 1)
+        completed_at = time.monotonic()
         await queue.complete(job, [PNG_A], [1], {})
         assert await backend.stored_keys(queue, record.id)
         assert await queue.get_image(record.id, 0) == PNG_A
 
-        await asyncio.sleep(0.7)
+        await sleep_past(completed_at, WINDOW_S)
         assert await queue.get(record.id) is None
         assert await queue.get_image(record.id, 0) is None
         assert await queue.events(record.id) == []
@@ -515,13 +531,14 @@ async def test_finished_jobs_expire_after_the_result_ttl(backend: Backend) -> No
 
 @run_async
 async def test_heartbeats_count_live_workers_until_they_expire(backend: Backend) -> None:
-    async with backend.open(heartbeat_ttl_s=0.3) as queue:
+    async with backend.open(heartbeat_ttl_s=WINDOW_S) as queue:
         assert await queue.workers_alive() == 0
         await queue.heartbeat("w1", {"slots": 8})
         await queue.heartbeat("w2", {"slots": 8})
         await queue.heartbeat("w1", {"slots": 8})
+        last_beat = time.monotonic()
         assert await queue.workers_alive() == 2
-        await asyncio.sleep(0.4)
+        await sleep_past(last_beat, WINDOW_S)
         assert await queue.workers_alive() == 0
 
 
