@@ -207,6 +207,12 @@ class Settings(BaseSettings):
             return int(value)
         return value
 
+    @field_validator("allow_anonymous", mode="before")
+    @classmethod
+    def _empty_flag_is_off(cls, value: object) -> object:
+        """``EDIFFI_ALLOW_ANONYMOUS=`` (set but empty) means off, like unset."""
+        return False if isinstance(value, str) and not value.strip() else value
+
     @field_validator("public_base_url", mode="before")
     @classmethod
     def _empty_url_is_unset(cls, value: object) -> object:
