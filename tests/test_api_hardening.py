@@ -239,6 +239,10 @@ def test_api_without_keys_refuses_to_start_unless_anonymous_is_allowed(api_facto
     log = api.log_tail()
     assert code != 0, log
     assert "EDIFFI_API_KEYS" in log and "EDIFFI_ALLOW_ANONYMOUS" in log, log
+    # A key copied unchanged from .env.example / secret.example.yaml is no key either.
+    placeholder = api_factory.start(wait=False, api_keys="change-me-to-your-client-keys")
+    assert placeholder.process.wait(timeout=60) != 0
+    assert "placeholder" in placeholder.log_tail()
 
 
 def test_anonymous_api_says_so_and_rate_limits_callers_by_address(api_factory: ApiFactory) -> None:
