@@ -53,6 +53,9 @@ def tiny_t5(seed: int):
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = build_word_tokenizer(WORDS, "t5")
+    # Case-sensitive, as T5's sentencepiece model: "A" is not "a", so IF's
+    # lower-casing of the prompt shows.
+    tokenizer.backend_tokenizer.normalizer = None
     torch.manual_seed(seed)
     config = T5Config(
         vocab_size=len(tokenizer), d_model=T5_WIDTH, d_kv=8, d_ff=2 * T5_WIDTH, num_layers=2, num_heads=4,

@@ -195,6 +195,16 @@ def test_serve_over_http_equals_diffusers(if_model_dir, reference, tmp_path):
         assert "sr_noise_level" in json.dumps(response.json()["detail"])
 
 
+def test_negative_prompt_equals_diffusers(tiny_if, if_stage_1_dir):
+    """A negative prompt is preprocessed and encoded as diffusers' IF encode_prompt does."""
+    low_ref, _ = diffusers_if_images(tiny_if, PROMPT, seed=SEED, steps=STEPS, guidance=GUIDANCE, negative_prompt=" A Dog ")
+    request = GenerationRequest(
+        prompt=PROMPT, negative_prompt=" A Dog ", steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, sampler="dpmpp_2m"
+    )
+    (image,) = generate(load_model(if_stage_1_dir), request)
+    assert psnr(image, low_ref) >= MIN_PSNR
+
+
 def test_sr_noise_level_per_request_equals_diffusers_noise_level(tiny_if, if_model):
     _, high_ref = diffusers_if_images(tiny_if, PROMPT, seed=SEED, steps=STEPS, guidance=GUIDANCE, noise_level=100)
     request = dict(prompt=PROMPT, steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, sampler="dpmpp_2m")
