@@ -169,6 +169,22 @@ async def test_full_queue_raises_queue_full_but_replays_idempotent_submissions(b
 
 
 @run_async
+async def test_submit_keeps_uploads_within_the_byte_budget_and_each_owner_within_its_cap(backend: Backend) -> None:
+    async with backend.open(max_input_bytes=100, max_unfinished_per_owner=2) as queue:
+        held = await queue.submit({"n": 1}, {"style_image": b"x" * 60}, 1, owner="a")
+        with pytest.raises(QueueFull) as excinfo:
+            await queue.submit({"n": 1}, {"style_image": b"x" * 60}, 1, owner="b")
+        assert excinfo.value.limit == "inputs"
+        await submit_job(queue, owner="a")
+        with pytest.raises(QueueFull) as excinfo:
+            await submit_job(queue, owner="a")
+        assert excinfo.value.limit == "key"
+        await submit_job(queue, owner="b")  # another owner still gets in
+        await queue.cancel(held.id)  # a finished job gives back its bytes and its place
+        await queue.submit({"n": 1}, {"style_image": b"x" * 60}, 1, owner="a")
+
+
+@run_async
 async def test_depth_counts_queued_and_in_flight_jobs(backend: Backend) -> None:
     async with backend.open() as queue:
         for _ in range(3):

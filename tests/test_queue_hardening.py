@@ -19,7 +19,7 @@ from ediffi.failure import FailureKind
 from server.queue import QueueFull, QueueUnavailable, RedisStreamsQueue
 from tests.redis_server import RedisServerProcess
 from tests.test_api_support import Backend as ApiBackend
-from tests.test_api_support import QueueWorker, service
+from tests.test_api_support import QueueWorker, backend, service  # noqa: F401 - backend is a fixture
 from tests.test_queue_contract import DEFAULT_LIMITS, PNG_A, run_async
 
 STYLE = b"\x89PNG" + b"\x00" * 3996  # 4000 bytes of "upload"
@@ -113,10 +113,9 @@ async def test_a_job_that_outlives_its_age_gives_its_budget_back(redis_url: str,
 
 
 @run_async
-async def test_one_key_cannot_fill_the_queue(redis_url: str, redis_key_prefix: str) -> None:
+async def test_one_key_cannot_fill_the_queue(backend: ApiBackend) -> None:
     """The issue's case: max_queue 4, key A sends 5 at once, then key B submits. Before: A took
-    all four places and B got 429."""
-    backend = ApiBackend("redis", redis_url=redis_url, key_prefix=redis_key_prefix)
+    all four places and B got 429. (Both queue implementations.)"""
     async with service(backend, api_keys=["key-a", "key-b"], max_queue=4, max_unfinished_per_key=2) as svc:
         async def post(key: str) -> httpx.Response:
             return await svc.client.post(
