@@ -247,7 +247,9 @@ def binding_dtype_problems(engine_dtypes: dict[str, str], buffer_dtypes: dict[st
     """Why the buffers cannot be bound to the engine's tensors: a tensor
     without a buffer, or a buffer whose dtype is not the engine's
     (`engine.get_tensor_dtype`: TensorRT reads the bytes as its own type,
-    silently). dtypes as names: TensorRT's ("HALF") and torch's ("float16")."""
+    silently). dtypes as names: TensorRT's ("HALF") and torch's ("float16").
+    A buffer the engine has no tensor for is not a problem (TensorRT may
+    drop a graph input nothing reads); it is simply not bound."""
     problems = []
     for name, trt_dtype in engine_dtypes.items():
         if name not in buffer_dtypes:
@@ -256,8 +258,6 @@ def binding_dtype_problems(engine_dtypes: dict[str, str], buffer_dtypes: dict[st
         expected = TRT_DTYPES.get(trt_dtype, trt_dtype)
         if buffer_dtypes[name] != expected:
             problems.append(f"tensor {name!r}: the engine has {trt_dtype} ({expected}), the buffer is {buffer_dtypes[name]}")
-    for name in buffer_dtypes.keys() - engine_dtypes.keys():
-        problems.append(f"buffer {name!r} is not a tensor of the engine")
     return problems
 
 

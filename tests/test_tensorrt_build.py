@@ -312,7 +312,7 @@ def test_binding_dtypes_are_checked_against_the_engine():
     problems = binding_dtype_problems({**engine, "x": "HALF"}, {"x": "float32", "context_mask": "bool", "extra": "float32"})
     assert "tensor 'x': the engine has HALF (float16), the buffer is float32" in problems
     assert "engine tensor 'denoised' has no buffer" in problems
-    assert "buffer 'extra' is not a tensor of the engine" in problems
+    assert not [p for p in problems if "extra" in p]  # a buffer the engine does not read is just not bound
     assert binding_dtype_problems({"x": "BF16"}, {"x": "bfloat16"}) == []
 
 
