@@ -248,6 +248,17 @@ def _paint_request(seed: int, steps: int = STEPS, **extra) -> GenerationRequest:
     )
 
 
+def test_painted_phrase_finds_its_t5_tokens_in_the_prompt_as_given(if_model):
+    """T5 sees the lower-cased, stripped prompt; the phrase's columns are its
+    tokens there (offsets shifted back over the stripped leading spaces)."""
+    request = _paint_request(SEED)
+    request.prompt = "  A Red Cat on the left"
+    mask = encode_request(if_model, request).pww_masks["base"]
+    painted = mask[0].flatten(1).amax(dim=1).nonzero().flatten().tolist()
+    assert painted == [1, 2]  # "a" is token 0, then "red", "cat"
+    assert not mask[1].any()  # the unconditional row
+
+
 def test_paint_with_words_raises_the_phrase_attention_inside_its_mask(if_model):
     """In IF's added-KV attention the painted phrase's T5 columns gain
     attention mass inside the mask; unconditional rows (strength 0) and the
