@@ -347,6 +347,21 @@ def test_sr_folder_of_another_class_is_refused(tiny_if, tmp_path):
         import_diffusers(tiny_if.stage_1, tmp_path / "out", sr_dir=tiny_if.stage_1)
 
 
+def test_stage_ii_text_encoder_must_be_stage_i_s(tiny_if, tmp_path):
+    """Stage II reads stage I's prompt encoding: a T5 it carries must be the same."""
+    stage_2 = _copy(tiny_if.stage_2, tmp_path)
+    shutil.copytree(tiny_if.stage_1 / "text_encoder", stage_2 / "text_encoder")
+    index = json.loads((stage_2 / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", "T5EncoderModel"]
+    (stage_2 / "model_index.json").write_text(json.dumps(index))
+    assert len(import_diffusers(tiny_if.stage_1, tmp_path / "same", sr_dir=stage_2).stages) == 2
+    config_path = stage_2 / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "num_layers": 1}))
+    with pytest.raises(DiffusersImportError, match="the stage II's text encoder .* does not match the base's"):
+        import_diffusers(tiny_if.stage_1, tmp_path / "other", sr_dir=stage_2)
+
+
 def test_pickled_stage_ii_unet_is_refused_by_name(tiny_if, tmp_path):
     stage_2 = _copy(tiny_if.stage_2, tmp_path)
     weights = stage_2 / "unet" / "diffusion_pytorch_model.safetensors"

@@ -141,14 +141,16 @@ def _config_without_volatile(path: Path) -> dict:
     return {k: v for k, v in json.loads(path.read_text()).items() if k not in _VOLATILE_KEYS}
 
 
-def require_same_text_encoder(base: PipelineFolder, base_name: str, refiner: PipelineFolder, refiner_name: str) -> None:
-    """The refiner reads the base's encoding of the prompt (one encoding per
-    prompt for both experts), so its text encoder must be the base's."""
+def require_same_text_encoder(
+    base: PipelineFolder, base_name: str, refiner: PipelineFolder, refiner_name: str, role: str = "refiner"
+) -> None:
+    """The refiner (or IF's stage II) reads the base's encoding of the prompt
+    (one encoding per prompt for both), so its text encoder must be the base's."""
     a, b = base.component(base_name), refiner.component(refiner_name)
     if _config_without_volatile(a / "config.json") != _config_without_volatile(b / "config.json") or _files_digest(a) != _files_digest(b):
         raise DiffusersImportError(
-            f"the refiner's text encoder {b} does not match the base's {a}: "
-            f"a refiner must share the base's {base_name} (same config and weights)"
+            f"the {role}'s text encoder {b} does not match the base's {a}: "
+            f"a {role} must share the base's {base_name} (same config and weights)"
         )
 
 
@@ -392,7 +394,7 @@ def import_deepfloyd_if(stage_1: PipelineFolder, stage_2: PipelineFolder | None,
                 f"{stage_2.root}: --sr must be an IFSuperResolutionPipeline folder, got {stage_2.pipeline_class!r}"
             )
         if stage_2.has("text_encoder"):
-            require_same_text_encoder(stage_1, "text_encoder", stage_2, "text_encoder")
+            require_same_text_encoder(stage_1, "text_encoder", stage_2, "text_encoder", role="stage II")
         plan.stages.append(_if_stage(stage_2, "sr", plan, super_resolution=True))
         plan.provenance["sr"] = str(stage_2.root.resolve())
     return plan
