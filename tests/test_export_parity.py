@@ -138,6 +138,7 @@ def shipped_shape_export(shipped_shape_model_dir, tmp_path_factory):
     return shipped_shape_model_dir, onnx_dir
 
 
+@pytest.mark.slow
 def test_shipped_shape_model_export_parity(shipped_shape_export, shipped_shape_model):
     model_dir, onnx_dir = shipped_shape_export
     onnx_model = load_onnx_model(model_dir, onnx_dir, threads=1)

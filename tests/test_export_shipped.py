@@ -25,7 +25,8 @@ from export.parity import GRAPH_MAX_REL, IMAGE_MIN_PSNR
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "default"
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# In `make test`; `make test-fast` leaves it out (~35 s of CPU, minutes on a loaded machine).
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
 def test_shipped_model_exports_and_passes_the_export_check(tmp_path, capsys):
