@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ediffi import spec
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "default"
 
@@ -24,7 +26,7 @@ def cmd_generate(args, settings) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from ediffi.paint import PaintWithWordsError, parse_region_arg
+    from ediffi.spec import PaintWithWordsError, parse_region_arg
     from ediffi.pipeline import GenerationRequest, generate
 
     try:
@@ -189,11 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images for one prompt (reference pipeline)")
     gen.add_argument("prompt")
     gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--steps", type=int, default=32)
-    gen.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=spec.DEFAULT_STEPS)
+    gen.add_argument("--guidance", type=float, default=spec.DEFAULT_GUIDANCE, help="classifier-free guidance scale (1 = off)")
+    gen.add_argument("--seed", type=int, default=spec.DEFAULT_SEED)
     gen.add_argument("--n", type=int, default=1, help="images (seeds seed, seed+1, ...)")
-    gen.add_argument("--sampler", choices=["heun", "euler", "dpmpp_2m"], default="heun")
+    gen.add_argument("--sampler", choices=spec.SAMPLERS, default=spec.DEFAULT_SAMPLER)
     gen.add_argument("--style-image", help="reference image whose CLIP image embedding sets the style")
     gen.add_argument("--paint", help="paint-with-words colour map (PNG)")
     gen.add_argument("--region", action="append", default=[], help="'#rrggbb=phrase[:strength]' (repeatable)")
@@ -253,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baseline-dir", help="also evaluate this model (e.g. the single-model baseline)")
     ev.add_argument("--prompts", type=int, default=256, help="held-out prompts (max 256)")
     ev.add_argument("--paint", type=int, default=128, help="paint-with-words cases")
-    ev.add_argument("--steps", type=int, default=32)
-    ev.add_argument("--sampler", choices=["heun", "euler", "dpmpp_2m"], default="heun")
-    ev.add_argument("--guidance", type=float, default=3.0)
+    ev.add_argument("--steps", type=int, default=spec.DEFAULT_STEPS)
+    ev.add_argument("--sampler", choices=spec.SAMPLERS, default=spec.DEFAULT_SAMPLER)
+    ev.add_argument("--guidance", type=float, default=spec.DEFAULT_GUIDANCE)
     ev.add_argument("--paint-strength", type=float, help="paint-with-words w' (default: the API's default strength)")
     ev.add_argument("--batch", type=int, default=32, help="requests sampled together")
     ev.add_argument("--json-out", help="also write the results as JSON here")

@@ -15,67 +15,25 @@ region strength w' and each region's mask is scaled by w'_region / w', so
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ediffi.failure import InputError
-
-DEFAULT_STRENGTH = 0.4
-_HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
-# A colour map must match the canvas aspect within this relative tolerance.
-_ASPECT_TOLERANCE = 0.02
-
-
-class PaintWithWordsError(InputError):
-    """Invalid paint-with-words input; `field` names the offending field."""
-
-
-@dataclass(frozen=True)
-class Region:
-    color: str  # "#rrggbb"
-    phrase: str
-    strength: float = DEFAULT_STRENGTH
-
-    @property
-    def rgb(self) -> tuple[int, int, int]:
-        return parse_color(self.color)
-
-
-def parse_color(color: str) -> tuple[int, int, int]:
-    if not _HEX_COLOR.match(color):
-        raise ValueError(f"colour {color!r} is not of the form #rrggbb")
-    return tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
-
-
-def parse_region_arg(arg: str) -> Region:
-    """CLI form '#rrggbb=phrase[:strength]'."""
-    if "=" not in arg:
-        raise ValueError(f"region {arg!r} must look like '#rrggbb=phrase[:strength]'")
-    color, rest = arg.split("=", 1)
-    phrase, strength = rest, DEFAULT_STRENGTH
-    if ":" in rest:
-        head, tail = rest.rsplit(":", 1)
-        try:
-            phrase, strength = head, float(tail)
-        except ValueError:
-            phrase = rest
-    parse_color(color)
-    return Region(color=color.lower(), phrase=phrase.strip(), strength=strength)
-
-
-def phrase_span(prompt: str, phrase: str, field: str) -> tuple[int, int]:
-    """Character span of the first whole-word, case-insensitive occurrence."""
-    if not phrase.strip():
-        raise PaintWithWordsError(field, "phrase is empty")
-    match = re.search(r"(?<!\w)" + re.escape(phrase.strip()) + r"(?!\w)", prompt, flags=re.IGNORECASE)
-    if match is None:
-        raise PaintWithWordsError(field, f"phrase {phrase!r} does not occur in the prompt {prompt!r}")
-    return match.span()
+# The request rules (regions, colours, phrase lookup, aspect) live in the torch-free spec; re-exported here.
+from ediffi.spec import (  # noqa: F401
+    DEFAULT_STRENGTH,
+    MAX_STRENGTH,
+    REGIONS_FIELD,
+    PaintWithWordsError,
+    Region,
+    check_color_map_aspect,
+    parse_color,
+    parse_region_arg,
+    phrase_span,
+    region_field,
+)
 
 
 def tokens_in_span(offsets: list[tuple[int, int]], span: tuple[int, int]) -> list[int]:
@@ -85,32 +43,20 @@ def tokens_in_span(offsets: list[tuple[int, int]], span: tuple[int, int]) -> lis
     return [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
 
 
-def check_aspect(color_map: Image.Image, height: int, width: int) -> None:
-    map_aspect = color_map.width / color_map.height
-    want = width / height
-    if abs(map_aspect - want) / want > _ASPECT_TOLERANCE:
-        raise PaintWithWordsError(
-            "paint_with_words.color_map",
-            f"colour map is {color_map.width}x{color_map.height} (aspect {map_aspect:.3f}) but the canvas aspect is {want:.3f}",
-        )
-
-
 def region_masks(color_map: Image.Image, regions: list[Region], height: int, width: int) -> np.ndarray:
     """[R, height, width] float masks: exact-colour pixels of each region,
     area-resized to the canvas (soft edges)."""
-    check_aspect(color_map, height, width)
+    check_color_map_aspect(color_map.width, color_map.height, width, height)
     pixels = np.asarray(color_map.convert("RGB"), dtype=np.int16)
     masks = []
     for i, region in enumerate(regions):
         try:
             rgb = region.rgb
         except ValueError as exc:
-            raise PaintWithWordsError(f"paint_with_words.regions[{i}].color", str(exc)) from None
+            raise PaintWithWordsError(region_field(i, "color"), str(exc)) from None
         hit = np.all(pixels == np.array(rgb, dtype=np.int16), axis=-1)
         if not hit.any():
-            raise PaintWithWordsError(
-                f"paint_with_words.regions[{i}].color", f"colour {region.color} does not occur in the colour map"
-            )
+            raise PaintWithWordsError(region_field(i, "color"), f"colour {region.color} does not occur in the colour map")
         mask = Image.fromarray((hit * 255).astype(np.uint8)).resize((width, height), Image.Resampling.BOX)
         masks.append(np.asarray(mask, dtype=np.float32) / 255.0)
     return np.stack(masks)
@@ -127,11 +73,11 @@ def build_pww_inputs(
 ) -> tuple[torch.Tensor, float]:
     """(pww_mask [L_t5 + L_clip, height, width], pww_strength) for one prompt."""
     if not regions:
-        raise PaintWithWordsError("paint_with_words.regions", "at least one region is required")
+        raise PaintWithWordsError(REGIONS_FIELD, "at least one region is required")
     for i, region in enumerate(regions):
-        if not (0.0 <= region.strength <= 10.0):
-            raise PaintWithWordsError(f"paint_with_words.regions[{i}].strength", "must be within [0, 10]")
-    spans = [phrase_span(prompt, r.phrase, f"paint_with_words.regions[{i}].phrase") for i, r in enumerate(regions)]
+        if not (0.0 <= region.strength <= MAX_STRENGTH):
+            raise PaintWithWordsError(region_field(i, "strength"), f"must be within [0, {MAX_STRENGTH:g}]")
+    spans = [phrase_span(prompt, r.phrase, region_field(i, "phrase")) for i, r in enumerate(regions)]
     masks = region_masks(color_map, regions, height, width)
     strength = max(r.strength for r in regions)
     length = len(t5_offsets) + len(clip_offsets)
@@ -140,7 +86,7 @@ def build_pww_inputs(
         columns = tokens_in_span(t5_offsets, span) + [len(t5_offsets) + j for j in tokens_in_span(clip_offsets, span)]
         if not columns:
             raise PaintWithWordsError(
-                f"paint_with_words.regions[{i}].phrase", f"phrase {region.phrase!r} was truncated away by the tokenizer"
+                region_field(i, "phrase"), f"phrase {region.phrase!r} was truncated away by the tokenizer"
             )
         scale = region.strength / strength if strength > 0 else 0.0
         for col in columns:

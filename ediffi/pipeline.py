@@ -24,18 +24,19 @@ from ediffi.discrete import dynamic_threshold, inference_sigmas, initial_noise_s
 from ediffi.encoders import ENCODER_NAMES
 from ediffi.failure import InputError
 from ediffi.model import DECODER, EDiffIModel
-from ediffi.paint import Region, build_pww_inputs
-from ediffi.samplers import SAMPLERS, Sampler, classifier_free_guidance, karras_sigmas, make_sampler
+from ediffi.paint import build_pww_inputs
+from ediffi.samplers import Sampler, classifier_free_guidance, karras_sigmas, make_sampler
+from ediffi.spec import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SEED, DEFAULT_STEPS, SAMPLERS, Region
 
 
 @dataclass
 class GenerationRequest:
     prompt: str
     negative_prompt: str = ""
-    steps: int = 32
-    guidance_scale: float = 3.0
-    seed: int = 0
-    sampler: str = "heun"
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
+    seed: int = DEFAULT_SEED
+    sampler: str = DEFAULT_SAMPLER
     n: int = 1
     style_image: Image.Image | None = None
     color_map: Image.Image | None = None

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-SAMPLERS = ("heun", "euler", "dpmpp_2m")
+from ediffi.spec import SAMPLERS
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:

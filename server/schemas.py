@@ -21,17 +21,19 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ediffi.failure import FailureKind
+from ediffi.spec import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    HEX_COLOR_PATTERN,
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MAX_STRENGTH,
+    SamplerName,
+)
 
-Sampler = Literal["heun", "euler", "dpmpp_2m"]
 ResponseFormat = Literal["b64_json", "url"]
-
-DEFAULT_STEPS = 32
-DEFAULT_GUIDANCE = 3.0
-DEFAULT_SAMPLER: Sampler = "heun"
-DEFAULT_STRENGTH = 0.4  # ediffi.paint.DEFAULT_STRENGTH (not imported: it pulls in torch)
-MAX_STRENGTH = 10.0
-MAX_SEED = 2**32 - 1
-MAX_GUIDANCE = 50.0
 
 
 def _utf8_text(value: str) -> str:
@@ -64,7 +66,7 @@ class PaintRegion(BaseModel):
         str,
         Field(
             strict=True,
-            pattern=r"^#[0-9a-fA-F]{6}$",
+            pattern=HEX_COLOR_PATTERN,
             description='Exact colour of the region in the colour map, "#rrggbb".',
             examples=["#ff0000"],
         ),
@@ -122,7 +124,7 @@ class GenerationOptions(BaseModel):
             description="Seed of the first image; image k uses seed + k. Absent: the server picks one.",
         ),
     ] = None
-    sampler: Annotated[Sampler, Field(description="ODE solver on the Karras sigma schedule.")] = DEFAULT_SAMPLER
+    sampler: Annotated[SamplerName, Field(description="ODE solver on the Karras sigma schedule.")] = DEFAULT_SAMPLER
     style_image: Annotated[
         str | None,
         Field(strict=True, min_length=1, description="Base64 PNG or JPEG (optionally a data: URL) used as style."),
@@ -240,7 +242,7 @@ class JobParams(BaseModel):
     steps: int
     guidance_scale: float
     seed: int
-    sampler: Sampler
+    sampler: SamplerName
     inputs: list[str] = Field(default_factory=list)
     paint_with_words: JobPaintWithWords | None = None
     sr_noise_level: int | None = None

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ediffi import spec
+
 
 class Settings(BaseSettings):
     """Every tunable of the API, the worker and the embedded server."""
@@ -140,14 +142,14 @@ class Settings(BaseSettings):
     sync_timeout_s: float = Field(
         default=300, gt=0, description="How long a synchronous POST /generate waits for its job."
     )
-    max_prompt_chars: int = Field(default=500, ge=1, description="Longest accepted prompt.")
-    max_n: int = Field(default=8, ge=1, description="Most images per request.")
-    max_steps: int = Field(default=100, ge=1, description="Most sampling steps per request.")
+    max_prompt_chars: int = Field(default=spec.DEFAULT_MAX_PROMPT_CHARS, ge=1, description="Longest accepted prompt.")
+    max_n: int = Field(default=spec.DEFAULT_MAX_N, ge=1, description="Most images per request.")
+    max_steps: int = Field(default=spec.DEFAULT_MAX_STEPS, ge=1, description="Most sampling steps per request.")
     max_image_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1, description="Largest decoded upload (style image, color map), bytes."
     )
     max_image_pixels: int = Field(default=1024 * 1024, ge=1, description="Largest upload, width*height.")
-    max_regions: int = Field(default=8, ge=1, description="Most paint-with-words regions per request.")
+    max_regions: int = Field(default=spec.DEFAULT_MAX_REGIONS, ge=1, description="Most paint-with-words regions per request.")
 
     # --- Job lifecycle -------------------------------------------------------
     result_ttl_s: float = Field(

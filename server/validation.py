@@ -14,9 +14,9 @@ guard, per call from the settings; PIL's global ``MAX_IMAGE_PIXELS`` is left
 alone), and only then is the image decoded in full so truncated or corrupt
 files are a 422 here rather than a failed job later.
 
-This module imports no torch: the paint-with-words checks that
-``ediffi.paint`` does on the worker (phrase lookup, colour parsing, aspect)
-are repeated here with ``re``, PIL and numpy, with the same rules.
+This module imports no torch: the paint-with-words rules (phrase lookup,
+colour-map aspect) come from the torch-free :mod:`ediffi.spec`, the same
+code the worker's ``ediffi.paint`` runs.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 from PIL import Image
 
+from ediffi.failure import InputError, field_loc
+from ediffi.spec import check_color_map_aspect, find_phrase
 from server.schemas import GenerationOptions, JobPaintWithWords, JobParams, JobRegion
 from server.settings import Settings
 
 Loc = tuple[str | int, ...]
 
-#: Relative tolerance of the colour-map aspect check (as ``ediffi.paint.check_aspect``).
-ASPECT_TOLERANCE = 0.02
 #: Server-picked seeds stay below 2**31 (safe in every client language and in seed + k).
 AUTO_SEED_LIMIT = 2**31
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
@@ -152,7 +152,7 @@ def check_limits(request: GenerationOptions, settings: Settings) -> list[dict[st
                 )
             else:
                 seen[color] = i
-            if prompt_ok and (len(region.phrase) > len(prompt) or phrase_span(prompt, region.phrase) is None):
+            if prompt_ok and find_phrase(prompt, region.phrase) is None:
                 errors.append(
                     field_error(
                         regions_loc + (i, "phrase"),
@@ -161,15 +161,6 @@ def check_limits(request: GenerationOptions, settings: Settings) -> list[dict[st
                     )
                 )
     return errors
-
-
-def phrase_span(prompt: str, phrase: str) -> tuple[int, int] | None:
-    """Span of the first whole-word, case-insensitive occurrence (``ediffi.paint.phrase_span``'s rule)."""
-    words = phrase.strip()
-    if not words:
-        return None
-    match = re.search(r"(?<!\w)" + re.escape(words) + r"(?!\w)", prompt, flags=re.IGNORECASE)
-    return match.span() if match else None
 
 
 def _clip(text: str, limit: int = 60) -> str:
@@ -293,18 +284,10 @@ def validate_generation(request: GenerationOptions, settings: Settings) -> Valid
         loc = body + ("paint_with_words", "color_map")
         data = decode_base64_image(pww.color_map, loc, settings.max_image_bytes)
         color_map = open_image(data, loc, settings.max_image_pixels, ("PNG",))
-        width, height = color_map.size
-        if abs(width / height - 1.0) > ASPECT_TOLERANCE:  # the canvas is square for this model family
-            raise_invalid(
-                [
-                    field_error(
-                        loc,
-                        f"colour map is {width}x{height} (aspect {width / height:.3f}); "
-                        f"it must be square like the canvas",
-                        "aspect_ratio",
-                    )
-                ]
-            )
+        try:  # the canvas is square for this model family
+            check_color_map_aspect(*color_map.size, canvas_width=1, canvas_height=1)
+        except InputError as exc:
+            raise_invalid([field_error(body + tuple(field_loc(exc.field)), exc.message, "aspect_ratio")])
         present = image_colors(color_map, loc)
         color_map.close()
         errors = [

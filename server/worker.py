@@ -38,18 +38,17 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from ediffi.failure import Failure, FailureKind, InputError
-from ediffi.paint import Region
+from ediffi.spec import Region
 from ediffi.pipeline import GenerationRequest
 from engines.engine import Engine, EngineHooks
 from engines.request import RequestOutcome
 from server.metrics import Metrics
-from server.queue import ClaimedJob, JobQueue, QueueUnavailable
+from server.queue import PROGRESS_INTERVAL_S, ClaimedJob, JobQueue, QueueUnavailable
 from server.schemas import JobParams
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL_S = 0.25
 CANCEL_POLL_INTERVAL_S = 0.5
 # Pauses after a failing loop iteration: doubling from the first to the last.
 BACKOFF_FIRST_S = 0.25

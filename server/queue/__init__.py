@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from ediffi.failure import Failure, FailureKind
 from server.queue.base import (
+    PROGRESS_INTERVAL_S,
     TERMINAL_STATUSES,
     ClaimedJob,
     EventType,
@@ -19,6 +20,7 @@ from server.queue.base import (
     QueueFull,
     QueueUnavailable,
     failed_event_data,
+    parse_event_id,
 )
 from server.queue.memory import InProcessQueue
 from server.queue.redis_streams import RedisStreamsQueue
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from server.settings import Settings
 
 __all__ = [
+    "PROGRESS_INTERVAL_S",
     "TERMINAL_STATUSES",
     "ClaimedJob",
     "EventType",
@@ -46,6 +49,7 @@ __all__ = [
     "make_queue",
     "queue_limits",
     "failed_event_data",
+    "parse_event_id",
 ]
 
 

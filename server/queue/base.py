@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Sequence
@@ -56,6 +57,22 @@ class JobStatus(str, Enum):
 
 
 TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+
+#: Progress events: a worker publishes at most one, and the API relays at most one to an SSE
+#: client, per this many seconds (newer ones replace older).
+PROGRESS_INTERVAL_S = 0.25
+
+# A job event's id as both queues write it: "<ms>-<seq>" (or "<ms>"), each part an unsigned 64-bit integer.
+_EVENT_ID = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?$")
+
+
+def parse_event_id(text: str) -> tuple[int, int] | None:
+    """``(ms, seq)`` of an event id (``seq`` 0 when absent); None when ``text`` is not one."""
+    match = _EVENT_ID.match(text)
+    if match is None:
+        return None
+    ms, seq = int(match.group(1)), int(match.group(2) or 0)
+    return (ms, seq) if ms < 2**64 and seq < 2**64 else None
 
 
 class JobProgress(BaseModel):

@@ -20,7 +20,6 @@ import asyncio
 import heapq
 import itertools
 import json
-import re
 import time
 import uuid
 from collections import OrderedDict
@@ -40,9 +39,9 @@ from server.queue.base import (
     QueueCounters,
     QueueFull,
     failed_event_data,
+    parse_event_id,
 )
 
-_EVENT_ID = re.compile(r"^(\d+)(-\d+)?$")
 _UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 _RELEASED_CONSUMER = RedisKeys().released_consumer
 
@@ -174,10 +173,10 @@ class InProcessQueue(JobQueue):
     async def events(self, job_id: str, after: str | None = None, block_ms: int = 0) -> list[JobEvent]:
         after_seq = 0
         if after is not None:
-            match = _EVENT_ID.match(after)
-            if match is None:
+            event_id = parse_event_id(after)
+            if event_id is None:
                 raise ValueError(f"not an event id: {after!r}")
-            after_seq = int(match.group(1))
+            after_seq = event_id[0]
         deadline = time.monotonic() + max(block_ms, 0) / 1000
         async with self._event_added:
             while True:

@@ -44,7 +44,6 @@ import asyncio
 import functools
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -72,13 +71,12 @@ from server.queue.base import (
     QueueFull,
     QueueUnavailable,
     failed_event_data,
+    parse_event_id,
 )
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# An event stream id as Redis writes it ("1700000000000-0") or a bare millisecond part.
-_STREAM_ID = re.compile(r"^\d+(-\d+)?$")
 # Idle time given to a released entry: far above any claim timeout, far below
 # "now" in epoch milliseconds (Redis clamps a delivery time in the future to now).
 _RELEASED_IDLE_MS = 30 * 24 * 3600 * 1000
@@ -566,7 +564,7 @@ class RedisStreamsQueue(JobQueue):
 
     @_translate_redis_errors
     async def events(self, job_id: str, after: str | None = None, block_ms: int = 0) -> list[JobEvent]:
-        if after is not None and not _STREAM_ID.match(after):
+        if after is not None and parse_event_id(after) is None:
             raise ValueError(f"not an event id: {after!r}")
         streams = {self._keys.job_events(job_id): after or "0-0"}
         if block_ms > 0:

@@ -28,17 +28,15 @@ from server.queue import (
     JobQueue,
     JobRecord,
     JobStatus,
+    PROGRESS_INTERVAL_S,
     QueueUnavailable,
     failed_event_data,
+    parse_event_id,
 )
 from server.schemas import ErrorMessage, FailureView, FieldErrors, ImageLink, JobLinks, JobView, Progress
 from server.validation import field_error, raise_invalid
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-# A stream entry id as both queues write it: "<ms>-<seq>" (or "<ms>"), each part an unsigned 64-bit integer.
-_EVENT_ID = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?$")
-#: Server-Sent Events: at most one progress event per this many seconds (newer ones replace older).
-PROGRESS_INTERVAL_S = 0.25
 #: Server-Sent Events: a comment line this often keeps idle connections (and proxies) open.
 KEEPALIVE_S = 15.0
 #: Server-Sent Events: how long a client waits before reconnecting (the ``retry:`` field), ms.
@@ -270,7 +268,7 @@ async def job_events(
     record = await load_job(queue, job_id, principal)
     after = last_event_id.strip() if last_event_id and last_event_id.strip() else None
     first: list[JobEvent] | None = None
-    if after is None or _valid_event_id(after):
+    if after is None or parse_event_id(after) is not None:
         try:
             first = await queue.events(job_id, after=after, block_ms=0)
         except ValueError:
@@ -308,11 +306,6 @@ class _SlotHoldingStream(StreamingResponse):
 
 
 # ------------------------------------------------------------ event stream
-
-
-def _valid_event_id(text: str) -> bool:
-    match = _EVENT_ID.match(text)
-    return match is not None and all(int(part) < 2**64 for part in match.groups() if part is not None)
 
 
 def _sse_lost(job_id: str) -> str:

@@ -1,0 +1,131 @@
+"""The request rules, in one torch-free module: every layer that reads a
+request (the HTTP schemas and validation, the command line, the pipeline and
+the engine) takes its fields' defaults and limits, the sampler names and the
+paint-with-words rules from here, so they cannot drift apart.
+
+Imports nothing heavier than the standard library and :mod:`ediffi.failure`
+(the API process imports it and must not load torch; a test checks). A rule
+broken by a request raises :class:`~ediffi.failure.InputError` ``(field,
+message)``, ``field`` a dotted path such as ``paint_with_words.regions[0].phrase``.
+
+Limits that an operator may change (prompt length, ``n``, ``steps``, regions)
+are settings; their defaults are here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from ediffi.failure import InputError
+
+# --------------------------------------------------------------------- fields
+
+#: ODE solvers on the Karras sigma schedule (``ediffi.samplers`` implements them).
+SamplerName = Literal["heun", "euler", "dpmpp_2m"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+DEFAULT_SAMPLER: SamplerName = "heun"
+
+DEFAULT_STEPS = 32
+DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale (1 = off)
+MAX_GUIDANCE = 50.0
+DEFAULT_SEED = 0  # the command line's; the API picks one when the client sends none
+MAX_SEED = 2**32 - 1  # image k uses seed + k
+
+# Defaults of the operator's limits (server.settings.Settings: max_prompt_chars, max_n, max_steps, max_regions).
+DEFAULT_MAX_PROMPT_CHARS = 500
+DEFAULT_MAX_N = 8
+DEFAULT_MAX_STEPS = 100
+DEFAULT_MAX_REGIONS = 8
+
+# ------------------------------------------------------------ paint-with-words
+
+#: Paint-with-words strength w' of a region (eDiff-I §4.3) when none is given, and its largest value.
+DEFAULT_STRENGTH = 0.4
+MAX_STRENGTH = 10.0
+#: A region's colour in the colour map: exactly "#rrggbb".
+HEX_COLOR_PATTERN = r"^#[0-9a-fA-F]{6}$"
+_HEX_COLOR = re.compile(HEX_COLOR_PATTERN)
+#: A colour map must match the canvas aspect within this relative tolerance.
+ASPECT_TOLERANCE = 0.02
+
+COLOR_MAP_FIELD = "paint_with_words.color_map"
+REGIONS_FIELD = "paint_with_words.regions"
+
+
+def region_field(index: int, name: str) -> str:
+    """Dotted path of one region's field, e.g. ``paint_with_words.regions[0].phrase``."""
+    return f"{REGIONS_FIELD}[{index}].{name}"
+
+
+class PaintWithWordsError(InputError):
+    """Invalid paint-with-words input; ``field`` names the offending field."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """One painted region: pixels of ``color`` in the colour map are where ``phrase`` goes."""
+
+    color: str  # "#rrggbb"
+    phrase: str
+    strength: float = DEFAULT_STRENGTH
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        return parse_color(self.color)
+
+
+def parse_color(color: str) -> tuple[int, int, int]:
+    if not _HEX_COLOR.match(color):
+        raise ValueError(f"colour {color!r} is not of the form #rrggbb")
+    return tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+def parse_region_arg(arg: str) -> Region:
+    """Command-line form '#rrggbb=phrase[:strength]'."""
+    if "=" not in arg:
+        raise ValueError(f"region {arg!r} must look like '#rrggbb=phrase[:strength]'")
+    color, rest = arg.split("=", 1)
+    phrase, strength = rest, DEFAULT_STRENGTH
+    if ":" in rest:
+        head, tail = rest.rsplit(":", 1)
+        try:
+            phrase, strength = head, float(tail)
+        except ValueError:
+            phrase = rest
+    parse_color(color)
+    return Region(color=color.lower(), phrase=phrase.strip(), strength=strength)
+
+
+def find_phrase(prompt: str, phrase: str) -> tuple[int, int] | None:
+    """Character span of the first whole-word, case-insensitive occurrence of
+    ``phrase`` (stripped) in ``prompt``; None when it does not occur or is blank."""
+    words = phrase.strip()
+    if not words or len(words) > len(prompt):  # the length test spares a regex scan of a hostile phrase
+        return None
+    match = re.search(r"(?<!\w)" + re.escape(words) + r"(?!\w)", prompt, flags=re.IGNORECASE)
+    return match.span() if match else None
+
+
+def phrase_span(prompt: str, phrase: str, field: str) -> tuple[int, int]:
+    """:func:`find_phrase`, raising :class:`PaintWithWordsError` on ``field`` when there is no occurrence."""
+    if not phrase.strip():
+        raise PaintWithWordsError(field, "phrase is empty")
+    span = find_phrase(prompt, phrase)
+    if span is None:
+        raise PaintWithWordsError(field, f"phrase {phrase!r} does not occur in the prompt {prompt!r}")
+    return span
+
+
+def check_color_map_aspect(map_width: int, map_height: int, canvas_width: int, canvas_height: int) -> None:
+    """The colour map is area-resized to the canvas, so it must have the canvas's aspect
+    (within :data:`ASPECT_TOLERANCE`); raises :class:`PaintWithWordsError` on the colour map."""
+    map_aspect = map_width / map_height
+    want = canvas_width / canvas_height
+    if abs(map_aspect - want) / want <= ASPECT_TOLERANCE:
+        return
+    size = f"colour map is {map_width}x{map_height} (aspect {map_aspect:.3f})"
+    if canvas_width == canvas_height:
+        raise PaintWithWordsError(COLOR_MAP_FIELD, f"{size}; it must be square like the canvas")
+    raise PaintWithWordsError(COLOR_MAP_FIELD, f"{size} but the canvas aspect is {want:.3f}")
