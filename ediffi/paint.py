@@ -124,15 +124,19 @@ class PaintWithWordsAttnProcessor:
         heads = attn.heads
         split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
         query, key, value = split(query), split(key), split(value)
-        logits = query @ key.transpose(-1, -2)  # [B, heads, tokens, L] = Q K^T
-        area = resize_pww_mask_to_tokens(mask, tokens).to(logits.dtype)  # [B, tokens, L]
-        per_sample_max = logits.detach().amax(dim=(1, 2, 3))
-        weight = strength.to(logits.dtype) * torch.log1p(sigma.to(logits.dtype)) * per_sample_max
-        logits = (logits + weight[:, None, None, None] * area[:, None]) * attn.scale
-        out = logits.softmax(dim=-1) @ value
+        out = self.attention_probs(query, key, attn.scale, mask, strength, sigma) @ value
         out = out.transpose(1, 2).reshape(b, tokens, -1).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor
+
+    @staticmethod
+    def attention_probs(query, key, scale, mask, strength, sigma) -> torch.Tensor:
+        """softmax((Q K^T + w A) * scale) [B, heads, tokens, L], w per row."""
+        logits = query @ key.transpose(-1, -2)  # Q K^T
+        area = resize_pww_mask_to_tokens(mask, query.shape[2]).to(logits.dtype)  # [B, tokens, L]
+        per_sample_max = logits.detach().amax(dim=(1, 2, 3))  # max(Q K^T) of each row alone
+        weight = strength.to(logits.dtype) * torch.log1p(sigma.to(logits.dtype)) * per_sample_max
+        return ((logits + weight[:, None, None, None] * area[:, None]) * scale).softmax(dim=-1)
 
 
 def resize_pww_mask_to_tokens(mask: torch.Tensor, tokens: int) -> torch.Tensor:

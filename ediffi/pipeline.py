@@ -11,6 +11,7 @@ engine's image equals the reference pipeline's.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ediffi.capabilities import model_capabilities
 from ediffi.config import ModelConfig, StageConfig
 from ediffi.discrete import dynamic_threshold, inference_sigmas, initial_noise_scale, noise_level_sigma
 from ediffi.encoders import ENCODER_NAMES
@@ -79,20 +81,12 @@ class GenerationRequest:
 def output_size(config: ModelConfig, request: GenerationRequest) -> tuple[int, int]:
     """(height, width) of the request's images. The project's own models make
     their native square size only; an imported latent model any size that is
-    a multiple of what its UNet accepts (the default: diffusers' default)."""
-    last = config.stages[-1]
-    height = request.height or last.image_size
-    width = request.width or last.image_size
-    if last.latent is None:
-        for name, value in (("width", width), ("height", height)):
-            if value != last.image_size:
-                raise InputError(name, f"this model makes {last.image_size}x{last.image_size} images only, got {value}")
-        return height, width
-    multiple = last.latent.size_multiple
-    for name, value in (("width", width), ("height", height)):
-        if value % multiple:
-            raise InputError(name, f"must be a multiple of {multiple} for this model, got {value}")
-    return height, width
+    a multiple of what its UNet accepts (the default: diffusers' default).
+    The server also bounds the side (settings); the model has no limit."""
+    rule = model_capabilities(config).sizes
+    for name, message in rule.errors(request.width, request.height, max_side=sys.maxsize).items():
+        raise InputError(name, message)
+    return request.height or rule.default_height, request.width or rule.default_width
 
 
 def stage_shape(stage: StageConfig, height: int, width: int) -> tuple[int, int, int]:

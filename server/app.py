@@ -48,11 +48,12 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ediffi.capabilities import ModelCapabilities, SizeRule
 from server.auth import WaitSlots, caller, check_access_settings
 from server.metrics import Metrics
 from server.middleware import HTTPMetricsMiddleware, InflightLimit, RequestGuard
 from server.queue import JobQueue, QueueFull, QueueUnavailable, make_queue
-from server.routes import generate, jobs, ops
+from server.routes import generate, jobs, models, ops
 from server.routes.jobs import QUEUE_UNAVAILABLE_DETAIL
 from server.settings import Settings
 from server.validation import PayloadTooLarge
@@ -188,6 +189,7 @@ def create_app(
     *,
     metrics: Metrics | None = None,
     canvas_size: int = DEFAULT_CANVAS_SIZE,
+    capabilities: ModelCapabilities | None = None,
     key_prefix: str | None = None,
     static_dir: Path | None = STATIC_DIR,
 ) -> FastAPI:
@@ -197,8 +199,15 @@ def create_app(
     ``make_queue(settings, key_prefix=key_prefix)`` and closes it at shutdown.
     ``metrics``: share a :class:`Metrics` (embedded serve); None: a fresh registry.
     ``canvas_size``: the model's square output size (OpenAI ``size`` must be
-    ``{canvas_size}x{canvas_size}``). ``static_dir``: mounted at ``/`` if it exists.
+    ``{canvas_size}x{canvas_size}``). ``capabilities``: the loaded model's
+    (``GET /v1/models``, and the size and style checks of a request); None: a
+    model of the shipped family with a ``canvas_size`` canvas.
+    ``static_dir``: mounted at ``/`` if it exists.
     """
+    if capabilities is None:
+        capabilities = ModelCapabilities(id="ediffi", sizes=SizeRule(canvas_size, canvas_size, True, canvas_size))
+    else:
+        canvas_size = capabilities.sizes.default_width
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -224,12 +233,14 @@ def create_app(
     app.state.queue = queue
     app.state.metrics = metrics if metrics is not None else Metrics()
     app.state.canvas_size = canvas_size
+    app.state.capabilities = capabilities
     app.state.wait_slots = WaitSlots(settings.max_streams_per_key)
 
     _register_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(jobs.router)
     app.include_router(ops.router)
+    app.include_router(models.router)
     if static_dir is not None and Path(static_dir).is_dir():
         app.mount("/", StaticFiles(directory=static_dir, html=True), name="static")
 

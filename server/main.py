@@ -24,11 +24,12 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def canvas_size(model_dir: Path) -> int:
-    """The model's square output size, read from model.json (no torch)."""
+def capabilities(model_dir: Path):
+    """What the model can do, read from model.json (no torch)."""
+    from ediffi.capabilities import model_capabilities
     from ediffi.config import ModelConfig
 
-    return ModelConfig.load(model_dir).image_size
+    return model_capabilities(ModelConfig.load(model_dir))
 
 
 def build_engine(settings: Settings, model_dir: Path):
@@ -74,7 +75,7 @@ def run_api(settings: Settings, model_dir: Path, host: str, port: int) -> None:
     from server.app import create_app
 
     check_access(settings, host, port)
-    app = create_app(settings, canvas_size=canvas_size(model_dir))
+    app = create_app(settings, capabilities=capabilities(model_dir))
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
@@ -127,7 +128,9 @@ async def _serve_main(settings: Settings, model_dir: Path, host: str, port: int)
     engine = await asyncio.to_thread(build_engine, settings, model_dir)
     queue = make_queue(settings)
     worker = Worker(settings, queue, engine, metrics)
-    app = create_app(settings, queue=queue, metrics=metrics, canvas_size=engine.model.config.image_size)
+    from ediffi.capabilities import model_capabilities
+
+    app = create_app(settings, queue=queue, metrics=metrics, capabilities=model_capabilities(engine.model.config))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     worker_task = asyncio.create_task(worker.run())
     # A worker that gave up on its engine takes the server down with it (restarted from outside).

@@ -140,6 +140,14 @@ class GenerationOptions(BaseModel):
             "below the schedule's length). Absent: the pipeline's default (250 for IF).",
         ),
     ] = None
+    width: Annotated[
+        int | None,
+        Field(strict=True, ge=1, description="Image width in pixels (GET /v1/models: sizes). Absent: the model's default."),
+    ] = None
+    height: Annotated[
+        int | None,
+        Field(strict=True, ge=1, description="Image height in pixels (GET /v1/models: sizes). Absent: the model's default."),
+    ] = None
     response_format: Annotated[
         ResponseFormat, Field(description="b64_json: images inline; url: links to /jobs/{id}/images/{k}.png.")
     ] = "b64_json"
@@ -212,6 +220,7 @@ class JobParams(BaseModel):
           "inputs": ["color_map"?, "style_image"?],   # names of the job's byte inputs, sorted
           "paint_with_words": null | {"regions": [{"color": "#rrggbb", "phrase": str, "strength": float}]},
           "sr_noise_level": null | int,     # >= 0; the model checks its range (IF stage II)
+          "width"?: int, "height"?: int,    # only when the client asked for a size (else the default)
           "response_format": "b64_json" | "url",      # how the API will answer; not the worker's concern
           "client": {"owner": str | null, "submission_id": str, "request_hash": str,
                      "api": "generate" | "openai"}     # API bookkeeping; the worker ignores it
@@ -246,6 +255,8 @@ class JobParams(BaseModel):
     inputs: list[str] = Field(default_factory=list)
     paint_with_words: JobPaintWithWords | None = None
     sr_noise_level: int | None = None
+    width: int | None = None
+    height: int | None = None
     response_format: ResponseFormat = "b64_json"
     client: JobClient | None = None
 

@@ -150,6 +150,9 @@ class Settings(BaseSettings):
     )
     max_image_pixels: int = Field(default=1024 * 1024, ge=1, description="Largest upload, width*height.")
     max_regions: int = Field(default=spec.DEFAULT_MAX_REGIONS, ge=1, description="Most paint-with-words regions per request.")
+    max_image_side: int = Field(
+        default=2048, ge=8, description="Largest width or height a request may ask of a model that takes sizes."
+    )
 
     # --- Job lifecycle -------------------------------------------------------
     result_ttl_s: float = Field(

@@ -35,6 +35,7 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 from PIL import Image
 
+from ediffi.capabilities import ModelCapabilities
 from ediffi.failure import InputError, field_loc
 from ediffi.spec import check_color_map_aspect, find_phrase
 from server.schemas import GenerationOptions, JobPaintWithWords, JobParams, JobRegion
@@ -261,7 +262,31 @@ def image_colors(image: Image.Image, loc: Loc) -> set[str]:
 # ------------------------------------------------------------------- requests
 
 
-def validate_generation(request: GenerationOptions, settings: Settings) -> ValidatedJob:
+def check_model_fields(
+    request: GenerationOptions, settings: Settings, capabilities: ModelCapabilities | None
+) -> list[dict[str, Any]]:
+    """Errors for fields the loaded model cannot honour: a size it does not
+    make (or beyond `max_image_side`), a style image without an image encoder."""
+    if capabilities is None:
+        return []
+    body: Loc = ("body",)
+    errors = [
+        field_error(body + (name,), message, "unsupported_size")
+        for name, message in capabilities.sizes.errors(request.width, request.height, settings.max_image_side).items()
+    ]
+    if request.style_image is not None and not capabilities.style_image:
+        errors.append(
+            field_error(
+                body + ("style_image",), f"model {capabilities.id!r} has no image encoder: style_image is not supported",
+                "unsupported_feature",
+            )
+        )
+    return errors
+
+
+def validate_generation(
+    request: GenerationOptions, settings: Settings, capabilities: ModelCapabilities | None = None
+) -> ValidatedJob:
     """Check a request against every limit and rule; return the queue params and inputs.
 
     Raises ``RequestValidationError`` (422) or :class:`PayloadTooLarge` (413).
@@ -269,7 +294,7 @@ def validate_generation(request: GenerationOptions, settings: Settings) -> Valid
     CPU-bound (image decoding): call it from a thread pool when images are present.
     """
     body: Loc = ("body",)
-    raise_invalid(check_limits(request, settings))
+    raise_invalid(check_limits(request, settings) + check_model_fields(request, settings, capabilities))
 
     inputs: dict[str, bytes] = {}
     if request.style_image is not None:
@@ -284,8 +309,12 @@ def validate_generation(request: GenerationOptions, settings: Settings) -> Valid
         loc = body + ("paint_with_words", "color_map")
         data = decode_base64_image(pww.color_map, loc, settings.max_image_bytes)
         color_map = open_image(data, loc, settings.max_image_pixels, ("PNG",))
-        try:  # the canvas is square for this model family
-            check_color_map_aspect(*color_map.size, canvas_width=1, canvas_height=1)
+        canvas_width = canvas_height = 1  # the shipped family's square canvas
+        if capabilities is not None:
+            canvas_width = request.width or capabilities.sizes.default_width
+            canvas_height = request.height or capabilities.sizes.default_height
+        try:
+            check_color_map_aspect(*color_map.size, canvas_width=canvas_width, canvas_height=canvas_height)
         except InputError as exc:
             raise_invalid([field_error(body + tuple(field_loc(exc.field)), exc.message, "aspect_ratio")])
         present = image_colors(color_map, loc)
@@ -320,8 +349,10 @@ def validate_generation(request: GenerationOptions, settings: Settings) -> Valid
         inputs=sorted(inputs),
         paint_with_words=pww_params,
         sr_noise_level=request.sr_noise_level,
+        width=request.width,
+        height=request.height,
         response_format=request.response_format,
-    ).model_dump(mode="json", exclude={"client"})
+    ).model_dump(mode="json", exclude={"client"} | {k for k in ("width", "height") if getattr(request, k) is None})
     return ValidatedJob(
         params=params, inputs=inputs, n=request.n, request_hash=request_fingerprint(params, request, inputs)
     )

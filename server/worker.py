@@ -78,6 +78,7 @@ def build_request(params: JobParams, inputs: dict[str, bytes]) -> GenerationRequ
         style_image=open_image("style_image"), color_map=open_image("color_map") if pww else None,
         regions=[Region(r.color, r.phrase, r.strength) for r in pww.regions] if pww else [],
         sr_noise_level=params.sr_noise_level,
+        width=params.width, height=params.height,
     )
 
 

@@ -155,6 +155,24 @@ def karras_euler(pipe):
     return pipe
 
 
+def sdxl_reference(checkpoints: Path, prompt: str, seed: int, steps: int, guidance: float, width: int, height: int,
+                   high_noise_frac: float = 0.8):
+    """diffusers' own SDXL base + refiner image: StableDiffusionXLPipeline(
+    denoising_end=F, output_type="latent") then StableDiffusionXLImg2ImgPipeline(
+    denoising_start=F), both with Euler + Karras sigmas."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base = karras_euler(StableDiffusionXLPipeline.from_pretrained(
+        checkpoints / "sdxl-base", use_safetensors=True, add_watermarker=False))
+    refiner = karras_euler(StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        checkpoints / "sdxl-refiner", use_safetensors=True, add_watermarker=False))
+    kw = dict(num_inference_steps=steps, guidance_scale=guidance)
+    latents = base(prompt, width=width, height=height, denoising_end=high_noise_frac, output_type="latent",
+                   generator=torch.Generator().manual_seed(seed), **kw).images
+    return refiner(prompt, image=latents, denoising_start=high_noise_frac,
+                   generator=torch.Generator().manual_seed(seed), **kw).images[0]
+
+
 def psnr(a, b) -> float:
     """PSNR in dB of two 8-bit images (PIL or arrays)."""
     x = np.asarray(a, dtype=np.float64)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.diffusers_support import karras_euler, psnr
+from tests.diffusers_support import karras_euler, psnr, sdxl_reference
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -115,16 +115,8 @@ def test_sdxl_base_and_refiner_match_diffusers(tiny_diffusers_dir, imported_sdxl
     then StableDiffusionXLImg2ImgPipeline(denoising_start=0.8), at a
     non-default, non-square size, with an empty negative prompt (zeros for
     the base, the encoding of "" for the refiner)."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-
     ours = _write_generate(imported_sdxl_dir, tmp_path / "ours.png", "--width", "48", "--height", "32")
-    base = karras_euler(StableDiffusionXLPipeline.from_pretrained(tiny_diffusers_dir / "sdxl-base", use_safetensors=True, add_watermarker=False))
-    refiner = karras_euler(StableDiffusionXLImg2ImgPipeline.from_pretrained(
-        tiny_diffusers_dir / "sdxl-refiner", use_safetensors=True, add_watermarker=False))
-    prompt, kw = "a red cat on the house", dict(num_inference_steps=8, guidance_scale=5.0)
-    latents = base(prompt, width=48, height=32, denoising_end=0.8, output_type="latent",
-                   generator=torch.Generator().manual_seed(7), **kw).images
-    ref = refiner(prompt, image=latents, denoising_start=0.8, generator=torch.Generator().manual_seed(7), **kw).images[0]
+    ref = sdxl_reference(tiny_diffusers_dir, "a red cat on the house", seed=7, steps=8, guidance=5.0, width=48, height=32)
     assert ours.size == ref.size == (48, 32)
     print(f"SDXL base + refiner parity: PSNR {psnr(ours, ref):.2f} dB")
     assert psnr(ours, ref) >= PARITY_DB

@@ -54,6 +54,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from server.auth import Principal, SubmitterDep, WaitSlotsDep
+from ediffi.capabilities import ModelCapabilities
 from server.deps import CanvasDep, MetricsDep, QueueDep, SettingsDep
 from ediffi.failure import Failure, FailureKind, field_loc
 from server.metrics import Metrics
@@ -176,14 +177,16 @@ async def submit_job(
     settings: Settings,
     metrics: Metrics,
     idempotency_key: str | None,
+    capabilities: ModelCapabilities | None = None,
 ) -> tuple[JobRecord, bool]:
-    """Validate and enqueue; returns (record, replayed)."""
+    """Validate and enqueue; returns (record, replayed). `capabilities`: the
+    loaded model's, for the fields only some models take (size, style)."""
     queue_key = scoped_idempotency_key(idempotency_key, principal)
     heavy = body.style_image is not None or body.paint_with_words is not None
     if heavy:  # image decoding: off the event loop
-        validated: ValidatedJob = await run_in_threadpool(validate_generation, body, settings)
+        validated: ValidatedJob = await run_in_threadpool(validate_generation, body, settings, capabilities)
     else:
-        validated = validate_generation(body, settings)
+        validated = validate_generation(body, settings, capabilities)
     client = JobClient(
         owner=principal.key_id, submission_id=uuid.uuid4().hex, request_hash=validated.request_hash, api=api
     )
@@ -305,6 +308,7 @@ async def generate(
             settings=settings,
             metrics=metrics,
             idempotency_key=idempotency_key,
+            capabilities=request.app.state.capabilities,
         )
 
     if respond_async:
@@ -372,6 +376,7 @@ async def openai_images(
             settings=settings,
             metrics=metrics,
             idempotency_key=idempotency_key,
+            capabilities=request.app.state.capabilities,
         )
         final = await wait_or_cancel(
             queue, record, settings.sync_timeout_s, request, cancel_on_disconnect=idempotency_key is None
