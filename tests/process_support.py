@@ -15,6 +15,7 @@ test can find and kill the process that holds a given job.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -439,3 +440,34 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
 def metric_names(text: str) -> set[str]:
     """Every sample name in a scrape (``_bucket``/``_sum``/``_count``/``_total`` as exposed)."""
     return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+@contextlib.contextmanager
+def ediffi_serve(model_dir: Path, log_path: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 180):
+    """``python -m ediffi serve`` on ``model_dir`` (EDIFFI_MODEL_DIR, loopback,
+    no keys, as `make serve`); yields its base URL once /readyz answers 200."""
+    port = free_port()
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("EDIFFI_")}
+    child_env.update(EDIFFI_MODEL_DIR=str(model_dir), EDIFFI_ALLOW_ANONYMOUS="true", **(env or {}))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ediffi", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO_ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"ediffi serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"ediffi serve not ready after {ready_timeout_s} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield base_url
+    finally:
+        stop_process(proc, timeout_s=20)

@@ -7,51 +7,22 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
 from tests.diffusers_support import psnr, sdxl_reference
-from tests.redis_server import free_port, stop_process
+from tests.process_support import ediffi_serve
 
 pytest.importorskip("diffusers")
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def served_sdxl(imported_sdxl_dir, tmp_path_factory):
-    port = free_port()
     log_path = tmp_path_factory.mktemp("serve-sdxl") / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDIFFI_")}
-    env.update(EDIFFI_MODEL_DIR=str(imported_sdxl_dir), EDIFFI_ALLOW_ANONYMOUS="true", EDIFFI_INTRA_OP_THREADS="1",
-               EDIFFI_MAX_BATCH="4", OMP_NUM_THREADS="1")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "ediffi", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ediffi serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"ediffi serve not ready after 240 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
+    env = dict(EDIFFI_INTRA_OP_THREADS="1", EDIFFI_MAX_BATCH="4", OMP_NUM_THREADS="1")
+    with ediffi_serve(imported_sdxl_dir, log_path, env, ready_timeout_s=240) as url:
         yield url
-    finally:
-        stop_process(proc, timeout_s=20)
 
 
 def test_generate_over_http_matches_diffusers(served_sdxl, tiny_diffusers_dir):
