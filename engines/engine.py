@@ -115,6 +115,13 @@ def _setting(settings: Any, name: str, default: Any = None) -> Any:
     return getattr(settings, name, default)
 
 
+def _is_imported(model: EDiffIModel | str | Path) -> bool:
+    from ediffi.config import ModelConfig
+
+    config = model.config if isinstance(model, EDiffIModel) else ModelConfig.load(model)
+    return config.is_imported
+
+
 def make_backend(
     backend: str = "torch",
     model: EDiffIModel | str | Path | None = None,
@@ -130,6 +137,10 @@ def make_backend(
     """A backend by name: torch (compile_mode "cuda_graphs" | "torch_compile"
     on CUDA), onnxruntime (graphs in onnx_dir, default <model dir>/onnx) or
     tensorrt (engines in tensorrt_dir, default <model dir>/tensorrt)."""
+    if backend != "torch" and model is not None and _is_imported(model):
+        raise ValueError(
+            f"backend {backend!r}: imported diffusers models run on the torch backend only (no ONNX/TensorRT export of them yet)"
+        )
     if backend == "torch":
         if compile_mode and compile_mode != "none":
             from engines.cuda_graphs import CompiledTorchBackend

@@ -197,3 +197,10 @@ def test_imported_model_refuses_a_style_image(imported_sd_dir):
         encode_request(model, GenerationRequest(prompt="a cat", style_image=Image.new("RGB", (8, 8))))
     with pytest.raises(ValueError, match="^width: must be a multiple of 8"):
         encode_request(model, GenerationRequest(prompt="a cat", width=36))
+
+
+def test_imported_model_needs_the_torch_backend(imported_sd_dir):
+    from engines.engine import make_backend
+
+    with pytest.raises(ValueError, match="torch backend only"):
+        make_backend("onnxruntime", imported_sd_dir)
