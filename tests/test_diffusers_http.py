@@ -14,6 +14,7 @@ from PIL import Image
 
 from tests.diffusers_support import psnr, sdxl_reference
 from tests.process_support import ediffi_serve
+from tests.test_web_ui import browser, open_page, wait_for  # noqa: F401  (browser: the UI tests' fixture)
 
 pytest.importorskip("diffusers")
 
@@ -71,3 +72,12 @@ def test_fields_the_model_cannot_honour_are_422(served_sdxl, extra, field):
     response = httpx.post(served_sdxl + "/generate", json={"prompt": "a cat", "steps": 2, **extra}, timeout=30)
     assert response.status_code == 422, response.text
     assert any(error["loc"][-1] == field for error in response.json()["detail"]), response.text
+
+
+def test_web_ui_hides_the_style_control_for_a_model_without_image_encoder(served_sdxl, browser):
+    """The page reads GET /v1/models and offers no style image to the
+    imported SDXL (a real headless Chromium; skipped without one)."""
+    open_page(browser, served_sdxl)
+    wait_for(browser, lambda d: d.execute_script("return document.getElementById('style-controls').hidden"), 20,
+             "the style controls stayed visible")
+    assert browser.execute_script("return document.getElementById('negative-prompt').offsetParent !== undefined")

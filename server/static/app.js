@@ -650,6 +650,19 @@ async function reuseEntry(e) {
 
 // ------------------------------------------------------------------------ init
 
+// Show only the controls the served model supports (GET /v1/models): a model
+// without an image encoder (an imported SD/SDXL) takes no style image.
+async function applyCapabilities() {
+  try {
+    const listing = await (await api("/v1/models")).json();
+    const caps = listing.data[0].capabilities;
+    if (!caps.style_image) {
+      $("style-controls").hidden = true;
+      setStyle(null);
+    }
+  } catch { /* keep every control: the API answers a wrong field with a 422 */ }
+}
+
 function init() {
   try { state.history = JSON.parse(localStorage.getItem(HISTORY_STORE) || "[]"); } catch { state.history = []; }
   $("prompt").addEventListener("input", () => { state.sel = null; renderChips(); });
@@ -664,6 +677,7 @@ function init() {
   });
   setupCanvas();
   setupStyleImage();
+  applyCapabilities();
   renderChips();
   renderHistory();
   drawCanvas();
