@@ -109,6 +109,22 @@ def test_sd_generate_matches_stable_diffusion_pipeline(tiny_diffusers_dir, impor
     assert psnr(ours, other) < PARITY_DB - 5
 
 
+def test_v_prediction_checkpoint_matches_stable_diffusion_pipeline(tiny_diffusers_dir, tmp_path):
+    """An SD 2.x-style v-prediction checkpoint (prediction_type from its
+    scheduler config), imported and generated, = diffusers' pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    from ediffi.importers.diffusers import import_diffusers
+
+    import_diffusers(tiny_diffusers_dir / "sd-v", tmp_path / "m")
+    ours = _write_generate(tmp_path / "m", tmp_path / "ours.png")
+    pipe = karras_euler(StableDiffusionPipeline.from_pretrained(tiny_diffusers_dir / "sd-v", use_safetensors=True))
+    ref = pipe("a red cat on the house", num_inference_steps=8, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(7)).images[0]
+    print(f"SD v-prediction parity: PSNR {psnr(ours, ref):.2f} dB")
+    assert psnr(ours, ref) >= PARITY_DB
+
+
 def test_sdxl_base_and_refiner_match_diffusers(tiny_diffusers_dir, imported_sdxl_dir, tmp_path):
     """The imported SDXL base + refiner (two experts split at high_noise_frac
     0.8) = StableDiffusionXLPipeline(denoising_end=0.8, output_type="latent")
