@@ -101,7 +101,7 @@ def run_soak(
     kills = 0
     cancels = 0
     try:
-        cluster.start(workers=workers)
+        cluster.start(workers=workers, ready_timeout_s=600)  # a loaded machine builds engines slowly
         assert cluster.api is not None
 
         def sample(submitted: int) -> None:
@@ -144,6 +144,7 @@ def run_soak(
                         outcomes[job_id] = status
 
                 pending: set[asyncio.Task] = set()
+                tasks: list[asyncio.Task] = []
                 for i in range(jobs):
                     if i and i % kill_every == 0:
                         victim = rng.choice(cluster.live_workers())
@@ -153,11 +154,14 @@ def run_soak(
                     if i % sample_every == 0:
                         sample(i)
                     task = asyncio.create_task(one(i))
+                    tasks.append(task)
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                     while len(pending) >= in_flight:
                         await asyncio.sleep(0.02)
-                await asyncio.gather(*pending)
+                for i, result in enumerate(await asyncio.gather(*tasks, return_exceptions=True)):
+                    if isinstance(result, BaseException):
+                        problems.append(f"job {i}: the client failed: {result!r}")
 
         asyncio.run(drive())
         sample(jobs)
@@ -182,6 +186,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, help="default: a tiny random model built here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    log_dir = Path(tempfile.mkdtemp(prefix="ediffi-soak-logs-"))  # kept: the processes' logs
     with tempfile.TemporaryDirectory(prefix="ediffi-soak-") as tmp:
         model_dir = args.model_dir
         if model_dir is None:
@@ -189,7 +194,7 @@ def main() -> None:
 
             model_dir = build_random_model_dir(Path(tmp) / "model", seed=0)
         report = run_soak(
-            model_dir, Path(tmp), jobs=args.jobs, workers=args.workers, kill_every=args.kill_every,
+            model_dir, log_dir, jobs=args.jobs, workers=args.workers, kill_every=args.kill_every,
             sample_every=args.sample_every, result_ttl_s=args.result_ttl_s,
         )
     flat = report.flatness(after_jobs=200)
@@ -198,7 +203,7 @@ def main() -> None:
         return
     print(f"{report.jobs} jobs, {report.workers} workers, {report.kills} killed, {report.cancels_sent} cancels sent, "
           f"{report.seconds:.0f} s")
-    print(f"outcomes {report.outcomes}; every job ended exactly once: {report.exactly_once}")
+    print(f"outcomes {report.outcomes}; every job ended exactly once: {report.exactly_once}; logs in {log_dir}")
     for problem in report.problems:
         print("  problem:", problem)
     print(f"{'jobs':>6} {'redis used_memory':>18} {'api RSS':>12} {'t (s)':>7}")

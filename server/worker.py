@@ -205,6 +205,8 @@ class Worker:
     async def _run_job(self, active: ActiveJob) -> None:
         job = active.job
         try:
+            if job.exclusive and not await self._wait_to_run_alone(job):
+                return
             if not await self.queue.mark_running(job, self.worker_id):
                 await self._finish(job, "canceled")
                 return
@@ -253,6 +255,18 @@ class Worker:
         finally:
             self.active.pop(job.job_id, None)
             self.metrics.active_requests.set(len(self.active))
+
+    async def _wait_to_run_alone(self, job: ClaimedJob) -> bool:
+        """A suspect job (its last worker crashed holding it with others) runs alone, so that a
+        crash while it runs is attributed to it: wait for the jobs already here to finish (the
+        claim loop takes nothing new meanwhile). False if the worker stops first: handed back."""
+        while any(job_id != job.job_id for job_id in self.active):
+            if self._stop.is_set():
+                self._released.add(job.job_id)
+                await self.queue.release(job)
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def _count_engine_outcome(self, outcome: RequestOutcome) -> None:
         """Track engine faults in a row; past the limit, stop claiming and leave (exit non-zero)."""

@@ -313,13 +313,13 @@ class Cluster:
         self.redis = redis.Redis.from_url(self.redis_server.url, socket_connect_timeout=1, socket_timeout=5)
 
     # -- processes ---------------------------------------------------------
-    def start(self, workers: int) -> "Cluster":
+    def start(self, workers: int, ready_timeout_s: float = 120.0) -> "Cluster":
         """Start the API and ``workers`` workers at once; return when all are ready."""
         self.api = ApiProcess(self.env, self.log_dir)
         self.spawn_workers(workers, wait=False)
         self.http = httpx.Client(base_url=self.api.url, timeout=90.0)
-        wait_workers_ready(self.workers)
-        self.api.wait_ready()
+        wait_workers_ready(self.workers, timeout_s=ready_timeout_s)
+        self.api.wait_ready(timeout_s=ready_timeout_s)
         return self
 
     def spawn_workers(self, count: int, wait: bool = True) -> list[WorkerProcess]:

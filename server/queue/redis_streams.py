@@ -848,8 +848,8 @@ class RedisStreamsQueue(JobQueue):
     async def _take_over_idle(self, worker_id: str, max_jobs: int) -> list["_TakeOver"]:
         """XCLAIM up to ``max_jobs`` entries idle longer than the claim timeout, saying whose they were.
 
-        A suspect job (see :data:`_DELIVER_LUA`) is taken only by a worker that holds
-        nothing, and then alone. Entries whose job was deleted (canceled while held)
+        A suspect job (see :data:`_DELIVER_LUA`) is taken alone (``exclusive``): its
+        worker claims nothing more and runs it once its other jobs are done. Entries whose job was deleted (canceled while held)
         are acknowledged. Before the first entry of a dead consumer that held several
         is taken, all its jobs are marked as held together.
         """
@@ -893,8 +893,8 @@ class RedisStreamsQueue(JobQueue):
                 take.consumer_held > 1 or _text(shared_with) == consumer
             )
             if suspect or shared_crash:
-                if chosen or held.get(worker_id, 0):
-                    continue  # left for a worker with nothing else on it
+                if chosen:
+                    continue  # a suspect goes out alone: left for the next claim
                 chosen = [take]
                 break
             chosen.append(take)
