@@ -125,6 +125,33 @@ def affine_cost_model(cascade: Sequence[SimStage], fixed_s: dict[str, float], pe
     })
 
 
+def _measured(ms_per_call: dict[str, dict[int, float]]) -> CostModel:
+    return CostModel.from_timings({
+        tuple(name.split("/")): {rows: [ms / 1000] for rows, ms in calls.items()} for name, calls in ms_per_call.items()
+    })
+
+
+# Example cost curves of the shipped cascade (seconds per call):
+# a fixed cost per call that dwarfs a row's (a GPU: 5 ms a call, 0.2 ms a
+# base row, 0.4 ms an SR row) ...
+FIXED_DOMINANT = affine_cost_model(SHIPPED_CASCADE, {"base": 0.005, "sr": 0.005}, {"base": 0.0002, "sr": 0.0004})
+# ... a CPU whose calls pay for thread synchronisation under contention
+# (two torch threads on a loaded 2-core machine: a row costs a quarter of a
+# call's fixed cost) ...
+ROW_HEAVY = affine_cost_model(SHIPPED_CASCADE, {"base": 0.4, "sr": 0.4}, {"base": 0.1, "sr": 0.15})
+# ... and the shipped model on one quiet CPU thread (`ediffi bench engine
+# --profile --threads 1`, CPU time, before issue 18): a row costs more than
+# a call's fixed cost, and SR rows get dearer past 8.
+SHIPPED_CPU_ONE_THREAD = _measured({
+    "base/base0": {1: 15.45, 2: 24.8, 4: 42.4, 8: 78.1, 16: 164.5},
+    "base/base1": {1: 19.2, 2: 33.5, 4: 51.7, 8: 88.9, 16: 160.3},
+    "base/base2": {1: 16.8, 2: 26.1, 4: 46.5, 8: 84.5, 16: 156.2},
+    "sr/sr0": {1: 16.7, 2: 30.4, 4: 53.2, 8: 106.8, 16: 313.0},
+    "sr/sr1": {1: 19.2, 2: 32.0, 4: 59.0, 8: 107.0, 16: 239.0},
+})
+EXAMPLE_COST_MODELS = {"fixed-dominant": FIXED_DOMINANT, "row-heavy": ROW_HEAVY, "cpu-1-thread": SHIPPED_CPU_ONE_THREAD}
+
+
 @dataclass
 class SimResult:
     policy: str
@@ -267,13 +294,51 @@ def simulate(
     )
 
 
+def compare(cost_model: CostModel, clients: int, requests: int, max_steps: int, seed: int = 0,
+            policies: Sequence[str] = ("step", "request", "none")) -> dict[str, SimResult]:
+    """Each policy on the same closed-loop load (steps 8..max_steps, every
+    sampler), as `ediffi bench engine` runs them."""
+    mix = request_mix(requests, 8, max_steps, seed=seed)
+    return {
+        p: simulate(SchedulerConfig(policy=p, cohort_rows=16), cost_model, mix, clients=clients,
+                    request_overhead_s=0.001, tick_overhead_s=0.0005)
+        for p in policies
+    }
+
+
+def main() -> None:  # pragma: no cover - a report, run by hand
+    """`python -m engines.simulation`: step against request and none on the
+    example cost curves, 16 and 32 clients, steps 8-16 and 8-48."""
+    for name, model in EXAMPLE_COST_MODELS.items():
+        for clients in (16, 32):
+            for max_steps in (16, 48):
+                for seed in (0, 1):
+                    r = compare(model, clients, 2 * clients, max_steps, seed)
+                    step, req, none = r["step"], r["request"], r["none"]
+                    print(
+                        f"{name:>14} {clients} clients, {2 * clients} requests, steps 8-{max_steps}, seed {seed}: "
+                        f"step {step.throughput / req.throughput:.2f}x request, {step.throughput / none.throughput:.2f}x none; "
+                        f"p95 {step.latency_p95 / req.latency_p95:.2f} of request's; efficiency step {step.efficiency:.2f} "
+                        f"request {req.efficiency:.2f} none {none.efficiency:.2f}; mean batch {step.mean_batch:.1f}"
+                    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+
 __all__ = [
+    "EXAMPLE_COST_MODELS",
+    "FIXED_DOMINANT",
+    "ROW_HEAVY",
     "SHIPPED_CASCADE",
+    "SHIPPED_CPU_ONE_THREAD",
     "SimRequest",
     "SimResult",
     "SimStage",
     "affine_cost_model",
     "cascade_from_config",
+    "compare",
     "evaluation_sigmas",
     "karras_sigmas",
     "request_mix",

@@ -11,21 +11,14 @@ import torch
 
 from engines.scheduler import SchedulerConfig
 from engines.simulation import (
+    FIXED_DOMINANT,
+    ROW_HEAVY,
     SHIPPED_CASCADE,
     SimRequest,
-    affine_cost_model,
     cascade_from_config,
     request_mix,
     simulate,
 )
-
-# A fixed cost per call that dwarfs the cost of a row (a GPU, or a CPU
-# whose calls pay for thread synchronisation): 5 ms a call, 0.2 ms (base)
-# and 0.4 ms (SR) a row.
-FIXED_DOMINANT = affine_cost_model(SHIPPED_CASCADE, {"base": 0.005, "sr": 0.005}, {"base": 0.0002, "sr": 0.0004})
-# A CPU-like curve: a row costs about a quarter of a call's fixed cost.
-ROW_HEAVY = affine_cost_model(SHIPPED_CASCADE, {"base": 0.4, "sr": 0.4}, {"base": 0.1, "sr": 0.15})
-
 
 def run(policy: str, cost_model, requests, clients: int, **config):
     return simulate(
