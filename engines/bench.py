@@ -161,6 +161,9 @@ class PolicyResult:
     # rows): the most `none` can reach. compute_limit / pair_limit is the
     # most any policy can beat `none` by on this machine.
     pair_limit_images_per_s: float
+    # That cost model (wall clock), per expert: fixed + per-row seconds,
+    # the median call at each bucket, the cheapest batch per row.
+    cost_model: dict
     # Contention-normalised figures for a shared CPU (exact with one torch
     # thread): process CPU seconds of the run, their share of the wall time,
     # images per CPU second, efficiency in CPU time, and the p95 latency
@@ -336,7 +339,7 @@ def run_policy(
         mean_batch_size_per_expert=stats.per_expert(), row_budget=engine.scheduler.config.max_rows_per_tick,
         compute_limit_images_per_s=round(limit, 4),
         efficiency=round(throughput / limit, 4) if limit > 0 else 0.0,
-        pair_limit_images_per_s=round(pair_limit, 4),
+        pair_limit_images_per_s=round(pair_limit, 4), cost_model=calibration.cost_model("wall").to_json(),
         cpu_s=round(cpu_s, 3), cpu_share=round(cpu_share, 4), throughput_images_per_cpu_s=round(per_cpu_s, 4),
         efficiency_cpu=round(per_cpu_s / cpu_limit, 4) if cpu_limit > 0 else 0.0,
         latency_p95_normalized_s=round(p95 * min(1.0, cpu_share), 3),
