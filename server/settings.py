@@ -72,8 +72,8 @@ class Settings(BaseSettings):
     )
     max_rows_per_tick: Literal["auto"] | int | None = Field(
         default="auto",
-        description="step policy: denoiser rows run per tick. auto: batch only while a bigger batch is clearly "
-        "cheaper per row (measured at warmup); unset/none: every pending row every tick.",
+        description="step policy: most denoiser rows run per tick. auto: the largest batch any expert is still "
+        "cheapest per row at, from the cost model measured at warmup; unset/none: no cap below max_batch.",
     )
     worker_slots: int = Field(default=8, ge=1, description="Most jobs one worker holds (claims) at once.")
     shutdown_grace_s: float = Field(
