@@ -4,7 +4,7 @@ engine loop that ties them (DESIGN §2). Nothing here reads the environment.
 
 Public API (what the server uses):
 
-    from engines import Engine, EngineConfig, EnginePool, TorchBackend
+    from engines import Engine, EngineConfig, TorchBackend
     engine = Engine.from_settings(settings)               # Settings-like object or dict
     engine.start()
     handle = engine.submit(request, on_progress=..., on_done=..., request_id=job_id, timeout_s=...)
@@ -16,7 +16,6 @@ Public API (what the server uses):
 from engines.backend import Backend, batch_buckets
 from engines.engine import Engine, EngineConfig, EngineHooks, TickInfo, make_backend
 from engines.executor import BatchTiming, Executor, StepResult
-from engines.pool import EnginePool
 from engines.request import RequestHandle, RequestOutcome, TextEmbeddingCache
 from engines.scheduler import (
     POLICIES,
@@ -39,7 +38,6 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "EngineHooks",
-    "EnginePool",
     "Executor",
     "Group",
     "GroupKey",

@@ -27,7 +27,6 @@ from engines import (
     Engine,
     EngineConfig,
     EngineHooks,
-    EnginePool,
     QueueFull,
     TextEmbeddingCache,
     TorchBackend,
@@ -316,7 +315,7 @@ def test_queue_limit(backend):
 
 
 # --------------------------------------------------------------------------
-# Outputs, hooks, threads, pool, settings
+# Outputs, hooks, threads, settings
 # --------------------------------------------------------------------------
 
 
@@ -381,20 +380,6 @@ def test_stop_without_drain_cancels_the_rest(backend):
     engine.stop(drain=False, timeout=30)
     statuses = {h.result(5).status for h in handles}
     assert "canceled" in statuses
-
-
-def test_engine_pool_spreads_and_cancels(model):
-    engines = [make_engine(TorchBackend(model, max_batch=8), max_active_requests=8) for _ in range(2)]
-    pool = EnginePool(engines)
-    handles = [pool.submit(GenerationRequest(PROMPTS[i % 3], steps=2, seed=i)) for i in range(4)]
-    assert [e.num_requests for e in engines] == [2, 2]  # least loaded
-    assert pool.cancel(handles[0].id)
-    assert not pool.cancel("nope")
-    with pool:
-        outcomes = [h.result(60) for h in handles]
-    assert outcomes[0].status == "canceled" and all(o.ok for o in outcomes[1:])
-    rr = EnginePool([make_engine(TorchBackend(model)) for _ in range(3)], strategy="round_robin")
-    assert [rr.pick() for _ in range(3)] == rr.engines
 
 
 def test_engine_from_settings(engine_model_dir):
