@@ -59,6 +59,36 @@ class InputError(ValueError):
         self.message = message
 
 
+class QueueFull(Exception):
+    """A submission over a capacity limit (the API answers 429 with ``Retry-After``): the one
+    such error of every layer, so it lives here, torch-free, at the bottom.
+
+    ``limit`` says which: ``"queue"`` (``max_queue`` unfinished jobs), ``"inputs"`` (the
+    ``max_queued_input_bytes`` budget of uploaded inputs) or ``"key"`` (the caller's
+    ``max_unfinished_per_key``) in the job queue; ``"engine"`` (an engine's
+    ``max_waiting`` requests waiting for admission). ``used`` and ``maximum`` are in the limit's unit.
+    """
+
+    _MESSAGES = {
+        "queue": "queue full: {used} unfinished jobs, limit {maximum}",
+        "inputs": "queued inputs over budget: {used} bytes held, limit {maximum} bytes",
+        "key": "too many unfinished jobs for this API key: {used}, limit {maximum}",
+        "engine": "engine full: {used} requests waiting for admission, limit {maximum}",
+    }
+
+    def __init__(self, used: int, maximum: int, retry_after_s: float = 5.0, limit: str = "queue") -> None:
+        super().__init__(self._MESSAGES[limit].format(used=used, maximum=maximum))
+        self.limit = limit
+        self.used = used
+        self.maximum = maximum
+        self.retry_after_s = retry_after_s
+
+    @property
+    def depth(self) -> int:
+        """Unfinished jobs, for a full queue (kept for callers of the first version)."""
+        return self.used
+
+
 @dataclass(frozen=True)
 class Failure:
     """How a request failed. ``message`` is safe to show a client."""

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ediffi.failure import Failure, FailureKind, InputError
+from ediffi.failure import Failure, FailureKind, InputError, QueueFull
 from ediffi.model import EDiffIModel
 from ediffi.pipeline import GenerationRequest, encode_request
 from engines.backend import Backend
@@ -50,7 +50,7 @@ from engines.request import (
     TextEmbeddingCache,
     text_keys,
 )
-from engines.scheduler import QueueFull, SchedulerConfig, StepPlan, StepScheduler, auto_row_budget
+from engines.scheduler import SchedulerConfig, StepPlan, StepScheduler, auto_row_budget
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class EngineConfig:
             raise ValueError(f"max_rows_per_tick must be an int, None or 'auto', got {budget!r}")
         return SchedulerConfig(
             policy=self.policy, max_active_requests=self.max_active_requests,
-            max_waiting=None, max_rows_per_tick=budget, max_wait_ticks=self.max_wait_ticks,
+            max_waiting=self.max_waiting, max_rows_per_tick=budget, max_wait_ticks=self.max_wait_ticks,
             cohort_rows=cohort_rows,
         )
 
@@ -263,9 +263,10 @@ class Engine:
         with self._lock:
             if rid in self._requests:
                 raise ValueError(f"request id {rid!r} is already in the engine")
-            limit = self.config.max_waiting
-            if limit is not None and len(self._inbox) + self.scheduler.num_waiting >= limit:
-                raise QueueFull(f"the engine queue is full ({limit} requests waiting)")
+            limit = self.scheduler.config.max_waiting
+            waiting = len(self._inbox) + self.scheduler.num_waiting
+            if limit is not None and waiting >= limit:
+                raise QueueFull(waiting, limit, limit="engine")
             self._requests[rid] = entry
             self._inbox.append(entry)
             self._outstanding_rows += entry.rows
@@ -281,6 +282,13 @@ class Engine:
             self._cancels.append(request_id)
             self._lock.notify_all()
             return True
+
+    def free_capacity(self) -> int:
+        """How many more requests this engine can take now: its scheduler's admission limit
+        (and waiting limit) less the requests it holds. A worker claims that many jobs."""
+        with self._lock:
+            held, waiting = len(self._requests), len(self._inbox) + self.scheduler.num_waiting
+        return self.scheduler.free_capacity(held, waiting)
 
     def load(self) -> int:
         """Outstanding denoiser rows (queued + running): for load balancing."""

@@ -72,6 +72,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from ediffi.failure import QueueFull
 from engines.cost_model import CostModel
 
 POLICIES = ("step", "request", "none")
@@ -146,10 +147,6 @@ class Admission:
 
     admitted: tuple[str, ...] = ()
     dropped: tuple[tuple[str, str], ...] = ()
-
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at its limit; the caller should answer 429."""
 
 
 @dataclass
@@ -271,6 +268,21 @@ class StepScheduler:
     def active_rows(self) -> int:
         return sum(e.rows for e in self._active.values())
 
+    @property
+    def admission_limit(self) -> int:
+        """Most requests active at once: one under the `none` policy, else `max_active_requests`."""
+        return 1 if self.config.policy == "none" else self.config.max_active_requests
+
+    def free_capacity(self, held: int, waiting: int) -> int:
+        """How many more requests the owner of this scheduler (the engine) may take now, holding
+        `held` requests of which `waiting` are not admitted yet (its inbox included): what the
+        admission limit leaves, and no more than the `max_waiting` places left. The one answer
+        to "how many more"; the worker claims that many jobs."""
+        free = self.admission_limit - held
+        if self.config.max_waiting is not None:
+            free = min(free, self.config.max_waiting - waiting)
+        return max(0, free)
+
     def has_work(self) -> bool:
         return bool(self._waiting or self._active)
 
@@ -285,7 +297,7 @@ class StepScheduler:
             raise ValueError("rows must be >= 1")
         limit = self.config.max_waiting
         if limit is not None and len(self._waiting) >= limit:
-            raise QueueFull(f"{len(self._waiting)} requests are waiting (limit {limit})")
+            raise QueueFull(len(self._waiting), limit, limit="engine")
         self._waiting[request_id] = _Entry(request_id, next(self._seq), arrival, rows, deadline)
 
     def cancel(self, request_id: str) -> bool:

@@ -75,7 +75,12 @@ class Settings(BaseSettings):
         description="step policy: most denoiser rows run per tick. auto: the largest batch any expert is still "
         "cheapest per row at, from the cost model measured at warmup; unset/none: no cap below max_batch.",
     )
-    worker_slots: int = Field(default=8, ge=1, description="Most jobs one worker holds (claims) at once.")
+    worker_slots: int = Field(
+        default=8,
+        ge=1,
+        description="Upper bound on the jobs one worker holds at once (also the KEDA target per worker). How many "
+        "it claims is decided by the engine: what its scheduler can still admit (max_active_requests).",
+    )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0,
         description="On SIGTERM, how long a worker lets its running jobs finish before releasing the rest to the queue.",

@@ -66,6 +66,8 @@ class ActiveJob:
     last_progress_sent: float = 0.0
     pending_progress: tuple[int, int] | None = None
     engine_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Claimed but not handed to the engine yet (loading inputs): it counts against the engine's room.
+    in_engine: bool = False
 
 
 def build_request(params: JobParams, inputs: dict[str, bytes]) -> GenerationRequest:
@@ -156,10 +158,19 @@ class Worker:
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.settings.worker_slots - len(self.active))
+        """Jobs to claim now: as many as the engine can still take (``Engine.free_capacity``, its
+        scheduler's admission limit less what it holds) less the jobs claimed and not yet handed
+        to it. ``worker_slots`` only bounds the jobs held in all (see :class:`Settings`)."""
+        on_the_way = sum(1 for active in self.active.values() if not active.in_engine)
+        room = self.engine.free_capacity() - on_the_way
+        return max(0, min(room, self.settings.worker_slots - len(self.active)))
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        log.info(
+            "worker %s claims as many jobs as its engine can take (%d now); EDIFFI_WORKER_SLOTS=%d bounds the jobs "
+            "it holds", self.worker_id, self.engine.free_capacity(), self.settings.worker_slots,
+        )
         tasks = {asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._cancel_loop())}
         try:
             await self._claim_loop()
@@ -228,6 +239,7 @@ class Worker:
                     on_done=lambda outcome: self._from_engine(self._on_done, active, outcome),
                     request_id=active.engine_id,
                 )
+                active.in_engine = True
             except InputError as exc:
                 await self._finish(job, "failed", Failure.invalid_input(exc.field, exc.message))
                 return

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, Field
 
-from ediffi.failure import Failure, FailureKind
+from ediffi.failure import Failure, FailureKind, QueueFull  # noqa: F401  (QueueFull: re-exported)
 
 
 class JobStatus(str, Enum):
@@ -158,38 +158,9 @@ class QueueUnavailable(QueueError):
     """The queue backend cannot be reached (the API answers 503)."""
 
 
-class QueueFull(QueueError):
-    """A submission over a limit (the API answers 429 with ``Retry-After``).
-
-    ``limit`` says which: ``"queue"`` (``max_queue`` unfinished jobs), ``"inputs"`` (the
-    ``max_queued_input_bytes`` budget of uploaded inputs) or ``"key"`` (the caller's
-    ``max_unfinished_per_key``). ``used`` and ``maximum`` are in the limit's unit.
-    """
-
-    _MESSAGES = {
-        "queue": "queue full: {used} unfinished jobs, limit {maximum}",
-        "inputs": "queued inputs over budget: {used} bytes held, limit {maximum} bytes",
-        "key": "too many unfinished jobs for this API key: {used}, limit {maximum}",
-    }
-
-    def __init__(self, used: int, maximum: int, retry_after_s: float = 5.0, limit: str = "queue") -> None:
-        super().__init__(self._MESSAGES[limit].format(used=used, maximum=maximum))
-        self.limit = limit
-        self.used = used
-        self.maximum = maximum
-        self.retry_after_s = retry_after_s
-
-    @property
-    def depth(self) -> int:
-        """Unfinished jobs, for a full queue (kept for callers of the first version)."""
-        return self.used
-
-
 def failed_event_data(failure: Failure) -> dict[str, Any]:
     """Data of a job's ``failed`` event: the structured failure plus its one-line form."""
     return {"error": str(failure), **failure.to_dict()}
-
-
 
 
 class JobQueue(abc.ABC):

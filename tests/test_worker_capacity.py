@@ -1,0 +1,97 @@
+"""One owner of capacity: the engine's scheduler decides how many requests are active,
+the engine says how many more it can take, and the worker claims no more than that."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from ediffi.failure import QueueFull
+from ediffi.pipeline import GenerationRequest
+from engines import Engine, EngineConfig, EngineHooks, TorchBackend
+from server.metrics import Metrics
+from server.queue import JobStatus, make_queue
+from server.settings import Settings
+from server.worker import Worker
+
+PROMPT = "a red circle on the left"
+
+
+def tiny_engine(model, **config) -> Engine:
+    return Engine(TorchBackend(model, max_batch=8), EngineConfig(max_rows_per_tick=None, **config))
+
+
+def test_free_capacity_is_the_admission_limit_less_what_the_engine_holds(tiny_model):
+    engine = tiny_engine(tiny_model, max_active_requests=3)
+    assert engine.free_capacity() == 3
+    engine.submit(GenerationRequest(PROMPT, steps=1))
+    engine.submit(GenerationRequest(PROMPT, steps=1, seed=1))
+    assert engine.free_capacity() == 1
+    engine.run_until_idle()
+    assert engine.free_capacity() == 3
+
+    one_at_a_time = tiny_engine(tiny_model, policy="none", max_active_requests=3)
+    assert one_at_a_time.free_capacity() == 1  # the `none` policy admits one request at a time
+
+    bounded_waiting = tiny_engine(tiny_model, max_active_requests=8, max_waiting=2)
+    for seed in range(bounded_waiting.free_capacity()):
+        bounded_waiting.submit(GenerationRequest(PROMPT, steps=1, seed=seed))
+    assert bounded_waiting.free_capacity() == 0
+    with pytest.raises(QueueFull) as err:  # the one QueueFull class, from the engine too
+        bounded_waiting.submit(GenerationRequest(PROMPT, steps=1, seed=9))
+    assert err.value.limit == "engine" and err.value.maximum == 2
+    bounded_waiting.run_until_idle()
+
+
+def test_worker_claims_no_more_jobs_than_the_engine_can_take(tiny_model, redis_url, redis_key_prefix):
+    admission_limit, jobs = 2, 6
+    settings = Settings(redis_url=redis_url, worker_slots=8, heartbeat_interval_s=0.2)
+    engine = tiny_engine(tiny_model, max_active_requests=admission_limit)
+    ticks: list[int] = []  # requests left waiting after each tick's admission
+    engine.add_hooks(EngineHooks(on_tick=lambda tick: ticks.append(tick.waiting)))
+    engine.start()
+    # After each claim: requests in the engine + jobs claimed and not handed to it yet.
+    taken_after_claims: list[int] = []
+
+    async def scenario() -> list[JobStatus]:
+        queue = make_queue(settings, key_prefix=redis_key_prefix)
+        worker = Worker(settings, queue, engine, Metrics(), shutdown_grace_s=5.0)
+        claim = queue.claim
+
+        async def recording_claim(worker_id: str, max_jobs: int, block_ms: int = 0):
+            claimed = await claim(worker_id, max_jobs, block_ms=block_ms)
+            on_the_way = sum(1 for active in worker.active.values() if not active.in_engine)
+            taken_after_claims.append(engine.num_requests + on_the_way + len(claimed))
+            return claimed
+
+        queue.claim = recording_claim  # type: ignore[method-assign]  # observes the real Redis queue
+        records = [
+            await queue.submit(
+                {"prompt": PROMPT, "n": 1, "steps": 6, "guidance_scale": 3.0, "seed": seed, "sampler": "heun"}, {}, 1
+            )
+            for seed in range(jobs)
+        ]
+        run = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 120
+        statuses: list[JobStatus] = []
+        while time.monotonic() < deadline:
+            statuses = [(await queue.get(r.id)).status for r in records]
+            if all(status.is_terminal for status in statuses):
+                break
+            await asyncio.sleep(0.05)
+        worker.stop()
+        await run
+        await queue.close()
+        return statuses
+
+    try:
+        statuses = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert statuses == [JobStatus.SUCCEEDED] * jobs
+    # Never more than the scheduler admits (worker_slots, 8, would have let it take all 6 at once) ...
+    assert max(taken_after_claims) == admission_limit, taken_after_claims
+    # ... and no job ever waited inside the engine behind its admission limit, out of other workers' reach.
+    assert ticks and max(ticks) == 0, ticks
