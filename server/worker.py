@@ -3,7 +3,9 @@
 One asyncio loop owns the queue client; the engine runs on its own thread
 and hands progress and outcomes back with `loop.call_soon_threadsafe`. The
 worker makes no batching decision (that is the engine scheduler's job):
-it only claims new jobs while it has free slots, so work spreads across
+it claims only as many jobs as the engine says it can take
+(`Engine.free_capacity`, from the scheduler's admission limit), so no job
+waits inside one worker out of the others' reach and work spreads across
 workers, and it acknowledges a job only after its result is stored (the
 queue's `complete`).
 
