@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 from ediffi.model import EDiffIModel, load_model
-from ediffi.paint import DEFAULT_STRENGTH, Region
 from ediffi.pipeline import GenerationRequest, generate, generate_batch
+from ediffi.spec import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_STRENGTH, Region
 from ediffi.world import (
     Analysis,
     Scene,
@@ -50,9 +50,9 @@ PAINT_COLORS = ("#ff0000", "#0000ff")
 class EvalConfig:
     n_prompts: int = 256
     n_paint: int = 128
-    steps: int = 32
-    sampler: str = "heun"
-    guidance: float = 3.0
+    steps: int = DEFAULT_STEPS
+    sampler: str = DEFAULT_SAMPLER
+    guidance: float = DEFAULT_GUIDANCE
     paint_strength: float = DEFAULT_STRENGTH
     batch: int = 32
     speed_requests: int = 3

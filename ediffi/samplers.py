@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ediffi.spec import SAMPLERS
+from ediffi.spec import DEFAULT_SAMPLER, SAMPLERS
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -183,7 +183,7 @@ def sample(
     denoise: Callable[[torch.Tensor, float], torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    sampler: str = "heun",
+    sampler: str = DEFAULT_SAMPLER,
 ) -> torch.Tensor:
     """Solve the ODE from x (already scaled by sigmas[0]) along `sigmas`."""
     state = make_sampler(sampler, x, sigmas)

@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ediffi.spec import SAMPLERS
 from engines.cost_model import CostModel
 from engines.scheduler import GroupKey, PendingView, SchedulerConfig, StepScheduler
 
@@ -108,7 +109,7 @@ class SimRequest:
 
 
 def request_mix(count: int, min_steps: int = 8, max_steps: int = 16,
-                samplers: Sequence[str] = ("heun", "euler", "dpmpp_2m"), seed: int = 0) -> list[SimRequest]:
+                samplers: Sequence[str] = SAMPLERS, seed: int = 0) -> list[SimRequest]:
     """Uniform step counts and samplers, as `ediffi bench engine` draws them."""
     rng = random.Random(seed)
     return [SimRequest(rng.randint(min_steps, max_steps), rng.choice(list(samplers))) for _ in range(count)]
