@@ -54,6 +54,7 @@ class SoakReport:
     problems: list[str]
     samples: list[Sample] = field(default_factory=list)
     seconds: float = 0.0
+    transport_retries: int = 0  # client requests sent again after a dropped keep-alive connection
 
     def flatness(self, after_jobs: int) -> dict[str, float]:
         """Max/min of each figure over the samples taken after ``after_jobs`` jobs."""
@@ -100,6 +101,7 @@ def run_soak(
     samples: list[Sample] = []
     kills = 0
     cancels = 0
+    transport_retries = 0
     try:
         cluster.start(workers=workers, ready_timeout_s=600)  # a loaded machine builds engines slowly
         assert cluster.api is not None
@@ -112,31 +114,47 @@ def run_soak(
         problems: list[str] = []
 
         async def drive() -> None:
-            nonlocal kills, cancels
+            nonlocal kills, cancels, transport_retries
             limit = asyncio.Semaphore(in_flight)
             async with httpx.AsyncClient(base_url=cluster.api.url, timeout=120) as client:
+
+                async def call(method: str, url: str, **kwargs) -> httpx.Response:
+                    """One request, sent again after a transport error as a client would (a pooled
+                    keep-alive connection the server closed at that moment); submissions carry an
+                    Idempotency-Key, so a repeat is the same job."""
+                    nonlocal transport_retries
+                    for attempt in range(3):
+                        try:
+                            return await client.request(method, url, **kwargs)
+                        except httpx.TransportError:
+                            if attempt == 2:
+                                raise
+                            transport_retries += 1
+                            await asyncio.sleep(0.2)
+                    raise AssertionError("unreachable")
 
                 async def one(i: int) -> None:
                     nonlocal cancels
                     async with limit:
                         body = {"prompt": PROMPT, "steps": 1 + i % 3, "n": 1, "seed": i}
-                        r = await client.post("/generate", json=body, headers={"Prefer": "respond-async"})
+                        headers = {"Prefer": "respond-async", "Idempotency-Key": f"soak-{seed}-{i}"}
+                        r = await call("POST", "/generate", json=body, headers=headers)
                         assert r.status_code == 202, r.text
                         job_id = r.json()["id"]
                         if rng.random() < cancel_fraction:
                             await asyncio.sleep(rng.random() * 0.5)  # queued or running by now
                             cancels += 1
-                            c = await client.post(f"/jobs/{job_id}/cancel")
+                            c = await call("POST", f"/jobs/{job_id}/cancel")
                             assert c.status_code in (200, 202), c.text
                         # Wait as a client would (keeps the load bounded), then check what it sees.
-                        while (status := (await client.get(f"/jobs/{job_id}")).json()["status"]) not in TERMINAL:
+                        while (status := (await call("GET", f"/jobs/{job_id}")).json()["status"]) not in TERMINAL:
                             await asyncio.sleep(0.3)
-                        replay = (await client.get(f"/jobs/{job_id}/events")).text
+                        replay = (await call("GET", f"/jobs/{job_id}/events")).text
                         terminal = [line[len("event: "):] for line in replay.splitlines()
                                     if line.startswith("event: ") and line[len("event: "):] in TERMINAL]
                         if terminal != [status]:
                             problems.append(f"{job_id}: status {status}, terminal events {terminal}")
-                        image = await client.get(f"/jobs/{job_id}/images/0.png")
+                        image = await call("GET", f"/jobs/{job_id}/images/0.png")
                         if (image.status_code == 200) != (status == "succeeded"):
                             problems.append(f"{job_id}: status {status}, image answer {image.status_code}")
                         if job_id in outcomes:
@@ -170,7 +188,7 @@ def run_soak(
         return SoakReport(
             jobs=jobs, workers=workers, kills=kills, cancels_sent=cancels,
             outcomes=dict(Counter(outcomes.values())), exactly_once=not problems, problems=problems[:20],
-            samples=samples, seconds=time.monotonic() - started,
+            samples=samples, seconds=time.monotonic() - started, transport_retries=transport_retries,
         )
     finally:
         cluster.close()
@@ -202,7 +220,7 @@ def main() -> None:
         print(json.dumps({**asdict(report), "flatness_after_200": flat}, indent=2))
         return
     print(f"{report.jobs} jobs, {report.workers} workers, {report.kills} killed, {report.cancels_sent} cancels sent, "
-          f"{report.seconds:.0f} s")
+          f"{report.seconds:.0f} s, {report.transport_retries} client requests retried after a transport error")
     print(f"outcomes {report.outcomes}; every job ended exactly once: {report.exactly_once}; logs in {log_dir}")
     for problem in report.problems:
         print("  problem:", problem)
