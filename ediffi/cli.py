@@ -130,7 +130,7 @@ def cmd_eval(args, settings) -> int:
     from ediffi.evaluate import EvalConfig, format_table, run_eval, write_result
 
     cfg = EvalConfig(n_prompts=args.prompts, n_paint=args.paint, steps=args.steps, sampler=args.sampler,
-                     guidance=args.guidance, batch=args.batch)
+                     guidance=args.guidance, batch=args.batch, speed_requests=args.speed_requests)
     if args.paint_strength is not None:
         cfg.paint_strength = args.paint_strength
     models = {"experts": resolve_model_dir(args.model_dir, settings)}
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=float, default=spec.DEFAULT_GUIDANCE)
     ev.add_argument("--paint-strength", type=float, help="paint-with-words w' (default: the API's default strength)")
     ev.add_argument("--batch", type=int, default=32, help="requests sampled together")
+    ev.add_argument("--speed-requests", type=int, default=3,
+                    help="single requests timed for images/s (0: not measured, reported as nan)")
     ev.add_argument("--json-out", help="also write the results as JSON here")
     ev.set_defaults(func=cmd_eval)
 

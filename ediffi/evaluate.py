@@ -179,7 +179,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def pipeline_speed(model: EDiffIModel, cfg: EvalConfig) -> float:
-    """Images per second of the reference pipeline, one request at a time."""
+    """Images per second of the reference pipeline, one request at a time
+    (NaN, not measured, when ``cfg.speed_requests`` is 0)."""
+    if cfg.speed_requests == 0:
+        return float("nan")
     request = GenerationRequest(prompt="a red circle in the top left", steps=cfg.steps, sampler=cfg.sampler,
                                 guidance_scale=cfg.guidance)
     generate(model, request)  # warm-up
