@@ -112,9 +112,10 @@ EVAL_PROMPTS, EVAL_PAINTED = 8, 4
 def test_ediffi_eval_on_a_handful_of_prompts_agrees_with_the_readme_table(tmp_path):
     """`ediffi eval` as the README runs it (32 Heun steps, guidance 3, the API's
     default paint strength) on a handful of held-out prompts: every accuracy
-    lies within 3 binomial standard deviations, at this sample size, of the
+    lies within 2 binomial standard deviations, at this sample size, of the
     README table's shipped row (plus one trial's worth), so neither the model,
-    the pipeline nor the table can drift far without this failing."""
+    the pipeline nor the table can drift far without this failing. (The
+    sample is fixed, prompts and seeds, so this is not a fresh draw per run.)"""
     out = tmp_path / "eval.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDIFFI_")}
     command = [sys.executable, "-m", "ediffi", "eval", "--model-dir", str(SHIPPED), "--prompts", str(EVAL_PROMPTS),
@@ -129,7 +130,7 @@ def test_ediffi_eval_on_a_handful_of_prompts_agrees_with_the_readme_table(tmp_pa
               "paint_centroid_hit": "n_paint_objects", "style_match": "n_prompts"}
     for key, count in trials.items():
         p, n = readme[key], row[count]
-        slack = 3 * math.sqrt(p * (1 - p) / n) + 1 / n
+        slack = 2 * math.sqrt(p * (1 - p) / n) + 1 / n
         assert abs(row[key] - p) <= slack, f"{key}: {row[key]:.3f} over {n}, README {p:.3f} (+-{slack:.3f})"
     # A mean of per-object IoUs in [0, 1] (README 0.395): painted objects fill part of their cell.
     assert abs(row["paint_mean_iou"] - readme["paint_mean_iou"]) <= 0.1, row["paint_mean_iou"]
