@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ediffi.evaluate import COLUMNS, color_map_for
@@ -28,7 +29,10 @@ SHIPPED = REPO / "models" / "default"
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_model(SHIPPED)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # far faster than two on shared cores, as in the other model tests
+    yield load_model(SHIPPED)
+    torch.set_num_threads(previous)
 
 
 def test_shipped_model_is_the_trained_expert_cascade(shipped):
@@ -118,6 +122,7 @@ def test_ediffi_eval_on_a_handful_of_prompts_agrees_with_the_readme_table(tmp_pa
     sample is fixed, prompts and seeds, so this is not a fresh draw per run.)"""
     out = tmp_path / "eval.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDIFFI_")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one torch thread: far faster on shared cores
     command = [sys.executable, "-m", "ediffi", "eval", "--model-dir", str(SHIPPED), "--prompts", str(EVAL_PROMPTS),
                "--paint", str(EVAL_PAINTED), "--speed-requests", "0", "--json-out", str(out)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1700)
