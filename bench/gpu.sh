@@ -146,7 +146,7 @@ if [[ "$DRY_RUN" == 0 && "${RC[env]:-0}" != 0 ]]; then
   echo "error: no usable CUDA device (see $OUT/env.json); nothing else is worth running" >&2
   exit 1
 fi
-stage tests 120 tests tests/test_gpu_cuda_graphs.py tests/test_tensorrt_build.py
+stage tests 120 tests tests/engines/test_gpu_cuda_graphs.py tests/export/test_tensorrt_build.py
 stage percall-eager 40 percall "${COMMON[@]}" --mode eager --batches "$BATCHES" --repeats "$REPEATS"
 stage percall-cuda_graphs 50 percall "${COMMON[@]}" --mode cuda_graphs --batches "$BATCHES" --repeats "$REPEATS"
 stage engine-cuda_graphs 75 engine "${COMMON[@]}" "${LOAD[@]}" --compile cuda_graphs

@@ -197,7 +197,7 @@ def stage_env(args) -> None:
     import onnxruntime
 
     data["onnxruntime_providers"] = onnxruntime.get_available_providers()
-    from engines import trt_runtime
+    from export import trt_runtime
 
     data["tensorrt"] = dict(zip(("available", "detail"), trt_runtime.available()))
     report.finish(**data)
@@ -299,7 +299,7 @@ def stage_percall(args) -> None:
 
 
 def _engine_bench(backend, args, report: Report) -> None:
-    from engines.bench import LoadConfig, run_bench
+    from bench.engine_bench import LoadConfig, run_bench
 
     clients = [int(c) for c in args.clients.split(",")]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -357,7 +357,7 @@ def stage_engine(args) -> None:
 def stage_tensorrt(args) -> None:
     import onnx
 
-    from engines import trt_runtime
+    from export import trt_runtime
     from export.onnx_export import export_onnx
     from export.manifest import find_manifests
     from export.tensorrt_build import DTYPE_TO_PRECISION, build_engines, make_profile, tensorrt_input_graph
@@ -417,7 +417,7 @@ def random_pipeline(arch: str, folder: Path, device: str, dtype) -> Path:
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
-    from tests.diffusers_support import SD_SCHEDULER, SDXL_SCHEDULER, clip_text_encoder, clip_tokenizer
+    from tests.support.diffusers import SD_SCHEDULER, SDXL_SCHEDULER, clip_text_encoder, clip_tokenizer
 
     config = json.loads((REALSIZE_CONFIGS / arch / "unet" / "config.json").read_text())
     config = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -458,7 +458,7 @@ def diffusers_side(folder: Path, size: int, device: str, dtype, steps: int, guid
     import torch
     from diffusers import DiffusionPipeline
 
-    from tests.diffusers_support import karras_euler
+    from tests.support.diffusers import karras_euler
 
     pipe = karras_euler(DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -496,7 +496,7 @@ def stage_realsize(args) -> None:
     import torch
 
     from ediffi.importers.diffusers import import_diffusers
-    from engines.bench import LoadConfig, run_bench
+    from bench.engine_bench import LoadConfig, run_bench
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     work = Path(args.work_dir)
@@ -509,7 +509,7 @@ def stage_realsize(args) -> None:
         if arch in REALSIZE_ARCHS:
             folder = random_pipeline(arch, work / arch, args.device, dtype)
         else:  # the dry run: the tests' tiny pipelines, same code path after this
-            from tests.diffusers_support import build_tiny_sd, build_tiny_sdxl
+            from tests.support.diffusers import build_tiny_sd, build_tiny_sdxl
 
             folder = build_tiny_sd(work / "tiny") if arch == "tiny-sd" else build_tiny_sdxl(work / "tiny")[0]
         model_dir = work / f"{arch}-model"

@@ -7,9 +7,9 @@ succeeded jobs) and samples Redis's ``used_memory`` and the API's RSS every ``sa
 to see both flat once the finished jobs' TTL (``result_ttl_s``) is reached.
 
     python bench/soak.py --jobs 1000              # the full run (about 10 minutes on 2 CPUs)
-    python bench/soak.py --jobs 200 --json        # what tests/test_soak.py runs in CI
+    python bench/soak.py --jobs 200 --json        # what tests/e2e/test_soak.py runs in CI
 
-``tests/test_soak.py`` (marked slow) runs the short version.
+``tests/e2e/test_soak.py`` (marked slow) runs the short version.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import httpx
 if __package__ in (None, ""):  # run as a script: the repository root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.process_support import TERMINAL, Cluster  # noqa: E402
+from tests.support.process import TERMINAL, Cluster  # noqa: E402
 
 PROMPT = "a red circle on the left and a blue square"
 

@@ -3,7 +3,7 @@
 A model directory holds one cascade: a base stage followed by zero or more
 super-resolution (SR) stages. Each stage is an ensemble of expert denoisers,
 each owning a half-open noise interval [sigma_lo, sigma_hi). Experts are
-routed by sigma, never by step index (DESIGN §1).
+routed by sigma, never by step index (docs/architecture.md §1).
 """
 
 from __future__ import annotations

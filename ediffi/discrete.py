@@ -143,7 +143,7 @@ def boundary_sigma(schedule: TrainingScheduleConfig, high_noise_frac: float) -> 
 
 class DiscreteUNetDenoiser(nn.Module):
     """D(x; sigma, cond) around a diffusers UNet2DConditionModel with the
-    DESIGN §3 call contract. The expert reads its own block of the context
+    docs/architecture.md §3 call contract. The expert reads its own block of the context
     columns and of the pooled vector (`context_columns`, `pooled_columns`);
     SDXL experts split their pooled block into text_embeds and add_time_ids.
     The paint-with-words inputs go to the attention processors (paint.py)."""

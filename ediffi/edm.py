@@ -54,7 +54,7 @@ def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
 
 
 class EDMDenoiser(nn.Module):
-    """D(x; sigma, cond): one expert with the DESIGN §3 denoiser-call contract.
+    """D(x; sigma, cond): one expert with the docs/architecture.md §3 denoiser-call contract.
 
     Inputs: x [B,C,H,W], sigma [B], context [B,L,D], context_mask [B,L],
     pooled [B,P], pww_mask [B,L,H,W], pww_strength [B]; SR experts also take

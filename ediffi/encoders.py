@@ -5,7 +5,7 @@ user with real T5/CLIP checkpoints points `model.json` at them. Our own small
 towers (tests, the shipped shapes-world model) are saved in the same format
 and loaded through the same code path.
 
-Cross-attention context layout (DESIGN §3 `context [B, L, D]`): T5 tokens
+Cross-attention context layout (docs/architecture.md §3 `context [B, L, D]`): T5 tokens
 fill rows [0, L_t5) and columns [0, d_t5); CLIP text tokens fill rows
 [L_t5, L_t5 + L_clip) and columns [d_t5, d_t5 + d_clip); the rest is zero.
 The denoiser's key/value projection of this block layout equals a separate

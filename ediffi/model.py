@@ -1,7 +1,7 @@
 """A loaded model directory: encoders plus, per cascade stage, an ensemble of
 expert denoisers routed by sigma.
 
-Directory layout (DESIGN §3): `model.json`, each expert's weights as a
+Directory layout (docs/architecture.md §3): `model.json`, each expert's weights as a
 safetensors file, and the encoder folders (transformers format with
 tokenizer files). Loading is offline and names any missing file.
 """
@@ -32,6 +32,19 @@ from ediffi.encoders import Encoders, TinyEncoderSpec, build_tiny_encoders
 
 # Name of a latent stage's decoder step among its "experts" (never routed to by sigma).
 DECODER = "vae_decoder"
+
+
+#: The shipped model: models/default in a checkout (and at /app/models/default in the images).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+
+
+def resolve_model_dir(cli_value: str | Path | None, configured: str | Path | None) -> Path:
+    """--model-dir, else the configured EDIFFI_MODEL_DIR, else the shipped model."""
+    if cli_value:
+        return Path(cli_value)
+    if configured:
+        return Path(configured)
+    return DEFAULT_MODEL_DIR
 
 
 class ExpertEnsemble(nn.Module):

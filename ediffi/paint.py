@@ -1,6 +1,6 @@
 """Paint-with-words inputs (eDiff-I §4.3): a colour map plus regions
 `{color "#rrggbb", phrase, strength}` become the denoiser inputs
-`pww_mask [L, H, W]` and `pww_strength` (DESIGN §3).
+`pww_mask [L, H, W]` and `pww_strength` (docs/architecture.md §3).
 
 Each phrase is located in the prompt by characters, then mapped to the tokens
 of *each* tokenizer through the tokenizer's own offsets (never by guessing

@@ -128,7 +128,7 @@ def stage_sigmas(stage: StageConfig, steps: int) -> torch.Tensor:
 
 @dataclass
 class DenoiserInputs:
-    """Rows of one denoiser call (DESIGN §3). SR stages fill low_res*."""
+    """Rows of one denoiser call (docs/architecture.md §3). SR stages fill low_res*."""
 
     x: torch.Tensor
     sigma: torch.Tensor
@@ -179,7 +179,7 @@ def encode_request(model: EDiffIModel, request: GenerationRequest, text_cache: C
 
     Unconditional rows (classifier-free guidance) use the negative prompt if
     one is given, else all-null embeddings; they never get a style embedding
-    or paint-with-words (A = 0 for unconditional rows, DESIGN §1).
+    or paint-with-words (A = 0 for unconditional rows, docs/architecture.md §1).
     """
     request.validate()
     enc = model.encoders

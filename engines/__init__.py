@@ -1,6 +1,6 @@
 """Execution: backends (one interface per runtime), the step scheduler that
 owns every batching decision, the executor that runs its plans, and the
-engine loop that ties them (DESIGN §2). Nothing here reads the environment.
+engine loop that ties them (docs/architecture.md §2). Nothing here reads the environment.
 
 Public API (what the server uses):
 

@@ -2,7 +2,7 @@
 and TensorRT behind the same interface later).
 
 A backend holds every expert of every stage resident on one device and runs
-one batched denoiser call at a time, with the DESIGN §3 call contract:
+one batched denoiser call at a time, with the docs/architecture.md §3 call contract:
 `run(stage, expert, inputs)` takes the rows of a `DenoiserInputs` (per-row
 sigma, context, pooled, paint-with-words mask and strength, and for SR stages
 the low-res image) and returns `denoised [B, C, H, W]`. It makes no policy:
@@ -25,6 +25,7 @@ import torch
 from ediffi.model import EDiffIModel
 from ediffi.pipeline import DenoiserInputs, stage_shape
 from engines.cost_model import CostModel
+from export.buckets import batch_buckets, bucket_for  # noqa: F401  (re-exported: part of the backend API)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -36,27 +37,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return DTYPES[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
-
-
-def batch_buckets(max_batch: int) -> list[int]:
-    """Powers of two up to max_batch, and max_batch itself: the batch sizes
-    a backend warms up (and, with static-shape runtimes, pads to)."""
-    if max_batch < 1:
-        raise ValueError("max_batch must be >= 1")
-    buckets, b = [], 1
-    while b < max_batch:
-        buckets.append(b)
-        b *= 2
-    buckets.append(max_batch)
-    return buckets
-
-
-def bucket_for(rows: int, buckets: list[int]) -> int:
-    """The smallest bucket that holds `rows` (the largest if none does)."""
-    for b in buckets:
-        if rows <= b:
-            return b
-    return buckets[-1]
 
 
 class Backend(ABC):
@@ -225,3 +205,25 @@ def slice_rows(inputs: DenoiserInputs, start: int, stop: int) -> DenoiserInputs:
             for name in DenoiserInputs.__dataclass_fields__
         }
     )
+
+
+def profile_buckets(backend: Backend, repeats: int = 3) -> dict[tuple[str, str], dict[int, float]]:
+    """Run every expert at each of its batch buckets through `backend.run`;
+    the fastest of the calls after the first (the machine may be shared) is
+    the bucket's time (Backend.profile, the engine's tick budget)."""
+    profile: dict[tuple[str, str], dict[int, float]] = {}
+    for stage, expert in backend.experts():
+        timings = profile.setdefault((stage, expert), {})
+        for rows in backend.buckets(stage, expert):
+            inputs = backend.dummy_inputs(stage, rows)
+            backend.run(stage, expert, inputs)
+            backend.synchronize()
+            times = []
+            for _ in range(max(0, repeats - 1)):
+                start = time.perf_counter()
+                backend.run(stage, expert, inputs)
+                backend.synchronize()
+                times.append(time.perf_counter() - start)
+            if times:
+                timings[rows] = min(times)
+    return profile

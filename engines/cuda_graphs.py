@@ -29,7 +29,7 @@ while another device is current records nothing of the work queued on
 `device` (an empty graph whose replays return stale outputs).
 
 Everything that needs CUDA is exercised by tests marked `gpu`
-(tests/test_gpu_cuda_graphs.py), which skip without a CUDA device; the
+(tests/engines/test_gpu_cuda_graphs.py), which skip without a CUDA device; the
 padding logic is tested on CPU.
 """
 
@@ -182,7 +182,7 @@ class CompiledTorchBackend(TorchBackend):
     def warmup(self, repeats: int = 3) -> None:
         """Capture (or compile) every expert at every bucket, then time the
         replays into `profile`."""
-        from engines.onnx_backend import profile_buckets
+        from engines.backend import profile_buckets
 
         with torch.cuda.device(self.device):
             self.profile = profile_buckets(self, repeats)

@@ -1,5 +1,5 @@
 """The engine loop: one per device. Ties the scheduler (decides), the executor
-(runs) and the per-request state machines (sample), DESIGN §2.
+(runs) and the per-request state machines (sample), docs/architecture.md §2.
 
 Each tick:
   1. take new submissions and cancellations from the thread-safe inbox;

@@ -34,7 +34,8 @@ from ediffi.config import ModelConfig
 from ediffi.encoders import Encoders
 from ediffi.model import EDiffIModel, ExpertEnsemble
 from ediffi.pipeline import DenoiserInputs
-from engines.backend import Backend, parse_dtype, slice_rows
+from engines.backend import Backend, profile_buckets, parse_dtype, slice_rows
+from export.onnx_export import session_options
 from export.manifest import (
     BATCH,
     ENCODER_KINDS,
@@ -58,21 +59,6 @@ _DTYPES = {
 def export_hint(model_dir: Path, onnx_dir: Path, dtype: str = "float32") -> str:
     extra = "" if dtype == "float32" else f" --dtype {dtype}"
     return f"ediffi export onnx --model-dir {model_dir} --out {onnx_dir}{extra}"
-
-
-def session_options(threads: int | None, spinning: bool = False):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = int(threads if threads is not None else torch.get_num_threads())
-    options.inter_op_num_threads = 1
-    # The engine runs torch work (samplers, guidance) between calls on the
-    # same cores: idle ORT threads must not spin on them.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    options.log_severity_level = 3
-    return options
 
 
 def providers_for(device: torch.device) -> list:
@@ -142,29 +128,7 @@ class BoundSession:
         return results
 
 
-def profile_buckets(backend: Backend, repeats: int = 3) -> dict[tuple[str, str], dict[int, float]]:
-    """Run every expert at each of its batch buckets through `backend.run`;
-    the fastest of the calls after the first (the machine may be shared) is
-    the bucket's time (Backend.profile, the engine's tick budget)."""
-    profile: dict[tuple[str, str], dict[int, float]] = {}
-    for stage, expert in backend.experts():
-        timings = profile.setdefault((stage, expert), {})
-        for rows in backend.buckets(stage, expert):
-            inputs = backend.dummy_inputs(stage, rows)
-            backend.run(stage, expert, inputs)
-            backend.synchronize()
-            times = []
-            for _ in range(max(0, repeats - 1)):
-                start = time.perf_counter()
-                backend.run(stage, expert, inputs)
-                backend.synchronize()
-                times.append(time.perf_counter() - start)
-            if times:
-                timings[rows] = min(times)
-    return profile
-
-
-class _Anchored(nn.Module):
+class DeviceAnchor(nn.Module):
     """A module without weights whose (empty) parameter tells `EDiffIModel`
     and `Encoders` the device and dtype it runs at."""
 
@@ -173,7 +137,7 @@ class _Anchored(nn.Module):
         self.anchor = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
 
 
-class OrtExpert(_Anchored):
+class OrtExpert(DeviceAnchor):
     """One exported expert, called like `EDMDenoiser`."""
 
     def __init__(self, session: BoundSession, dtype: torch.dtype):
@@ -192,7 +156,7 @@ class OrtExpert(_Anchored):
         return self.session(tensors)["denoised"].to(x.dtype)
 
 
-class OrtTextTower(_Anchored):
+class OrtTextTower(DeviceAnchor):
     """Stands in for T5EncoderModel / CLIPTextModelWithProjection."""
 
     def __init__(self, session: BoundSession, config):
@@ -204,7 +168,7 @@ class OrtTextTower(_Anchored):
         return SimpleNamespace(**self.session({"input_ids": input_ids, "attention_mask": attention_mask}))
 
 
-class OrtVisionTower(_Anchored):
+class OrtVisionTower(DeviceAnchor):
     """Stands in for CLIPVisionModelWithProjection."""
 
     def __init__(self, session: BoundSession, config):

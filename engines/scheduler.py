@@ -1,6 +1,6 @@
 """The step scheduler: every batching decision, and nothing else.
 
-It sees requests only through a small abstract view (DESIGN §2, vLLM v1's
+It sees requests only through a small abstract view (docs/architecture.md §2, vLLM v1's
 scheduler/worker split): an id, an arrival time, an optional deadline, and
 the request's *pending evaluation* as a group key (stage, expert, shape) plus
 its row count (n conditional + n unconditional rows under classifier-free

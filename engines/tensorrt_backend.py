@@ -5,7 +5,7 @@
 NOT EXECUTED HERE: TensorRT is not installable on the machines this was
 written on. Its pure logic (bucket choice, profiles, cache keys, stale and
 mismatched engine refusal) lives in `export/tensorrt_build.py` and is tested
-on CPU; the TensorRT calls are in `engines/trt_runtime.py`; the tests that
+on CPU; the TensorRT calls are in `export/trt_runtime.py`; the tests that
 need TensorRT skip with the reason.
 
 As TensorRT's demo/Diffusion engine: build -> load -> activate -> allocate
@@ -46,7 +46,7 @@ from ediffi.encoders import Encoders
 from ediffi.model import EDiffIModel, ExpertEnsemble
 from ediffi.pipeline import DenoiserInputs
 from engines.backend import Backend, parse_dtype, slice_rows
-from engines.onnx_backend import _Anchored
+from engines.onnx_backend import DeviceAnchor
 from export.manifest import ArtifactManifest, ManifestMismatch, expected_denoiser, load_checked_denoiser
 from export.tensorrt_build import (
     DTYPE_TO_PRECISION,
@@ -60,7 +60,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
                  "int64": torch.int64, "int32": torch.int32}
 
 
-class TrtExpert(_Anchored):
+class TrtExpert(DeviceAnchor):
     """One engine, called like `EDMDenoiser` (float32 I/O)."""
 
     def __init__(self, backend: TensorRTBackend, stage: str, expert: str, device: torch.device):
@@ -108,7 +108,7 @@ class TensorRTBackend(Backend):
             self._load(model)
 
     def _load(self, model: EDiffIModel | str | Path) -> None:
-        from engines import trt_runtime
+        from export import trt_runtime
 
         trt_runtime.require()
         model_dir = model.model_dir if isinstance(model, EDiffIModel) else Path(model)
@@ -232,7 +232,7 @@ class TensorRTBackend(Backend):
     def warmup(self, repeats: int = 3) -> None:
         """Capture a CUDA graph per (expert, bucket), then time each bucket
         into `profile`."""
-        from engines.onnx_backend import profile_buckets
+        from engines.backend import profile_buckets
 
         with torch.cuda.device(self._device):
             for stage, expert in self.experts():

@@ -1,5 +1,5 @@
 """PyTorch -> ONNX -> TensorRT, with a manifest per artifact and parity
-checks against PyTorch (DESIGN §2, §3).
+checks against PyTorch (docs/architecture.md §2, §3).
 
 - `export.onnx_export.export_onnx(model_dir, out_dir)`: every expert of every
   stage, and the T5 / CLIP towers, as ONNX graphs (`ediffi export onnx`).
@@ -8,7 +8,7 @@ checks against PyTorch (DESIGN §2, §3).
 - `export.tensorrt_build`: optimization profiles from batch buckets, the
   engine cache key, stale-engine refusal and the build driver
   (`ediffi export tensorrt`); every TensorRT call lives in
-  `engines/trt_runtime.py`.
+  `export/trt_runtime.py`.
 - `export.manifest`: the manifest schema and the checks every backend runs
   before it loads an artifact.
 

@@ -1,7 +1,7 @@
 """Artifact manifests: what an exported graph or a built engine was made from.
 
 Every artifact (an ONNX graph, a TensorRT engine) lives in its own folder
-with a `manifest.json` beside it (DESIGN §3):
+with a `manifest.json` beside it (docs/architecture.md §3):
 
     <onnx_dir>/<stage>/<expert>/model.onnx + manifest.json     (denoisers)
     <onnx_dir>/encoders/<t5|clip_text|clip_vision>/model.onnx + manifest.json

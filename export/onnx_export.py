@@ -1,7 +1,7 @@
 """PyTorch -> ONNX: every expert of every stage as its own graph, plus the
 T5, CLIP text and CLIP vision towers.
 
-Each denoiser graph has the DESIGN §3 call contract as its inputs, in order:
+Each denoiser graph has the docs/architecture.md §3 call contract as its inputs, in order:
 `x [B,C,H,W]`, `sigma [B]` (per row), `context [B,L,D]`, `context_mask [B,L]`
 (bool), `pooled [B,P]`, `pww_mask [B,L,H,W]`, `pww_strength [B]`, and for SR
 stages `low_res [B,C,H,W]` and `low_res_sigma [B]`; one output `denoised
@@ -491,3 +491,18 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, *, ops
             log(f"exported encoder {kind} -> {encoder_dir(out_dir, kind) / ONNX_FILE}")
             manifests.append(manifest)
     return manifests
+
+
+def session_options(threads: int | None, spinning: bool = False):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = int(threads if threads is not None else torch.get_num_threads())
+    options.inter_op_num_threads = 1
+    # The engine runs torch work (samplers, guidance) between calls on the
+    # same cores: idle ORT threads must not spin on them.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3
+    return options

@@ -27,7 +27,7 @@ from ediffi.config import ExpertConfig, StageConfig
 from ediffi.model import EDiffIModel, load_model
 from ediffi.paint import Region
 from ediffi.pipeline import GenerationRequest, generate
-from export.onnx_export import denoiser_args, encoder_example_inputs, encoder_module, random_denoiser_inputs
+from export.onnx_export import session_options, denoiser_args, encoder_example_inputs, encoder_module, random_denoiser_inputs
 
 # float32 graphs: the error budget of a correct export (reordered float32
 # arithmetic), far below anything an 8-bit image can show.
@@ -115,7 +115,6 @@ def tensorrt_input_parity(torch_model: EDiffIModel, stage: StageConfig, expert: 
     TensorRT, run by ONNX Runtime (CPU) against the PyTorch expert."""
     import onnxruntime as ort
 
-    from engines.onnx_backend import session_options
     from export.manifest import ArtifactManifest, denoiser_dir
     from export.tensorrt_build import tensorrt_input_graph
 
@@ -181,12 +180,9 @@ def check_images(torch_model: EDiffIModel, onnx_model: EDiffIModel,
     return out
 
 
-def run_check(model_dir: str | Path, onnx_dir: str | Path | None = None, *, threads: int | None = None,
+def run_check(model_dir: str | Path, onnx_model: EDiffIModel, onnx_dir: str | Path | None = None, *, threads: int | None = None,
               images: bool = True, rows: tuple[int, ...] = (1, 5)) -> tuple[list[GraphParity], list[ImageParity]]:
-    from engines.onnx_backend import load_onnx_model
-
     torch_model = load_model(model_dir)
-    onnx_model = load_onnx_model(model_dir, onnx_dir, threads=threads)
     graphs = check_graphs(torch_model, onnx_model, rows=rows)
     onnx_dir = Path(onnx_dir) if onnx_dir is not None else Path(model_dir) / "onnx"
     graphs += check_tensorrt_inputs(torch_model, onnx_dir, rows=rows, threads=threads)

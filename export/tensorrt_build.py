@@ -4,8 +4,8 @@ the pure logic around them that the runtime shares.
 NOT EXECUTED HERE: TensorRT cannot be installed on the machines this
 project was built on (no NVIDIA GPU with TensorRT). Everything in this module
 except `build_engines` runs without it and is unit-tested
-(tests/test_tensorrt_build.py); `build_engines` and the runtime
-(`engines/trt_runtime.py`, the one module that calls TensorRT, and
+(tests/export/test_tensorrt_build.py); `build_engines` and the runtime
+(`export/trt_runtime.py`, the one module that calls TensorRT, and
 `engines/tensorrt_backend.py`) are written against the documented
 TensorRT 10 Python API.
 
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from engines.backend import batch_buckets
+from export.buckets import batch_buckets
 from export.manifest import (
     BATCH,
     ArtifactManifest,
@@ -428,7 +428,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, *, profile: BatchPr
                   timing_cache: str | Path | None = None, workspace_bytes: int | None = None, force: bool = False,
                   log: Callable[[str], None] = print) -> list[ArtifactManifest]:
     """Build (or reuse from the cache) one engine per exported expert."""
-    from engines import trt_runtime
+    from export import trt_runtime
 
     trt_runtime.require()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from ediffi.model import build_random_model_dir
-from tests.process_support import BASE_SETTINGS, ApiProcess, PersistentRedis, service_env
+from tests.support.process import BASE_SETTINGS, ApiProcess, PersistentRedis, service_env
 
 KEY = "k" * 32
 SENDERS, BODIES_PER_SENDER, BODY_MB = 6, 3, 10

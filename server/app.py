@@ -4,7 +4,7 @@ No model is loaded and no torch is imported here: the API validates
 requests, queues them (:mod:`server.queue`) and relays results; workers do
 the generation.
 
-Endpoints (DESIGN.md §4; OpenAPI at ``/docs`` and ``/openapi.json``):
+Endpoints (docs/architecture.md §4; OpenAPI at ``/docs`` and ``/openapi.json``):
 
 * ``POST /generate``: sync by default (200 with images), ``Prefer: respond-async`` -> 202
   ``{id, status, links}``; ``Idempotency-Key`` honoured.

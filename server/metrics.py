@@ -1,4 +1,4 @@
-"""Every Prometheus metric of the service, defined once (DESIGN.md §4).
+"""Every Prometheus metric of the service, defined once (docs/architecture.md §4).
 
 Naming: prefix ``ediffi_``, base units (seconds, bytes), ``_total`` counters,
 ``_seconds`` histograms, and no per-request labels (no job ids, prompts or

@@ -1,4 +1,4 @@
-"""HTTP request/response models (pydantic v2), exactly the public interface of DESIGN.md §4,
+"""HTTP request/response models (pydantic v2), exactly the public interface of docs/architecture.md §4,
 and :class:`JobParams`, the JSON the API puts on the queue for the worker.
 
 The static bounds here are the hard ones (types, enums, ranges that never

@@ -73,7 +73,7 @@ class ActiveJob:
 
 
 def build_request(params: JobParams, inputs: dict[str, bytes]) -> GenerationRequest:
-    """The model-side request of a validated job (DESIGN §4 fields)."""
+    """The model-side request of a validated job (docs/architecture.md §4 fields)."""
     open_image = lambda name: Image.open(io.BytesIO(inputs[name])) if name in inputs else None  # noqa: E731
     pww = params.paint_with_words
     return GenerationRequest(

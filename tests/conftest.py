@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.redis_server", "tests.diffusers_support"]
+pytest_plugins = ["tests.support.redis_server", "tests.support.diffusers"]
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +54,6 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_if(tmp_path_factory):
     """Tiny random DeepFloyd IF stage I and stage II diffusers folders."""
-    from tests.if_support import build_tiny_if
+    from tests.support.deepfloyd_if import build_tiny_if
 
     return build_tiny_if(tmp_path_factory.mktemp("tiny-if"))

@@ -1,6 +1,6 @@
 """The job queue interface shared by the API (client side) and the workers.
 
-Lifecycle (DESIGN.md §3)::
+Lifecycle (docs/architecture.md §3)::
 
     queued -> running -> succeeded | failed | canceled
        ^         |
@@ -10,7 +10,7 @@ Terminal states are final: the first terminal transition wins and later ones
 (a duplicate ``complete`` after a redelivery, a ``fail`` racing a ``cancel``)
 change nothing but acknowledge the delivery.
 
-Delivery guarantees (DESIGN.md §2 invariant 4, "no job is lost"):
+Delivery guarantees (docs/architecture.md §2 invariant 4, "no job is lost"):
 
 * a delivery is acknowledged only after its outcome (result images, failure,
   cancellation) is stored;

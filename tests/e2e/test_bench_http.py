@@ -1,0 +1,63 @@
+"""`ediffi bench http`: the engine bench's load as valid HTTP requests, and one small
+end-to-end run that starts redis, the API and a worker itself and prints the documented
+JSON keys (the same as `ediffi bench engine`'s, plus the end-to-end/engine ratios)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli.main import build_parser
+from bench.engine_bench import LoadConfig, synthetic_requests
+from bench.http_bench import request_body
+from server.schemas import GenerateRequest
+from server.settings import Settings
+from server.validation import validate_generation
+
+ENGINE_BENCH_KEYS = {
+    "policy", "backend", "throughput_images_per_s", "latency_p50_s", "latency_p95_s", "latency_p99_s",
+    "mean_batch_size", "efficiency",
+}
+
+
+def test_the_engine_bench_load_is_valid_http_input():
+    load = LoadConfig(requests=24, p_paint=0.5, p_style=0.5, seed=3)
+    requests = synthetic_requests(load, image_size=64)
+    settings = Settings(redis_url=None, api_keys=[])
+    kinds = set()
+    for request in requests:
+        body = request_body(request)
+        validated = validate_generation(GenerateRequest.model_validate(body), settings)
+        assert validated.params["prompt"] == request.prompt and validated.params["seed"] == request.seed
+        assert validated.params["steps"] == request.steps and validated.params["sampler"] == request.sampler
+        kinds |= {"paint"} if "paint_with_words" in body else set()
+        kinds |= {"style"} if "style_image" in body else set()
+    assert kinds == {"paint", "style"}  # the load exercises both extensions
+
+
+def test_cli_flags_mirror_bench_engine():
+    engine = build_parser().parse_args(["bench", "engine", "--clients", "3", "--requests", "5", "--json"])
+    http = build_parser().parse_args(["bench", "http", "--clients", "3", "--requests", "5", "--json"])
+    assert (http.clients, http.requests, http.json) == (engine.clients, engine.requests, engine.json) == (3, 5, True)
+    shared = {"min_steps", "max_steps", "seed", "threads", "max_batch", "max_active", "backend", "dtype", "policies"}
+    assert shared <= set(vars(engine)) & set(vars(http))
+
+
+@pytest.mark.slow  # starts a worker process (> 20 s on a loaded 2-core machine)
+@pytest.mark.timeout(300)
+def test_bench_http_end_to_end_prints_the_engine_bench_keys(tiny_model_dir, capsys):
+    args = build_parser().parse_args([
+        "bench", "http", "--clients", "2", "--requests", "4", "--min-steps", "2", "--max-steps", "3",
+        "--threads", "1", "--max-active", "4", "--model-dir", str(tiny_model_dir), "--json",
+    ])
+    assert args.func(args, Settings(redis_url=None)) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert ENGINE_BENCH_KEYS <= set(result)
+    assert result["policy"] == "step" and result["failed"] == 0 and result["images"] == 4
+    assert result["throughput_images_per_s"] > 0 and result["mean_batch_size"] >= 1
+    assert 0 < result["efficiency"] < 5
+    assert result["latency_p50_s"] <= result["latency_p95_s"] <= result["latency_p99_s"]
+    assert "worker_row_budget" in result and result["cpu_s"]["workers"] > 0
+    # The worker reports the engine's own latency; end to end cannot be faster.
+    assert 0 < result["engine_latency_p50_s"] <= result["latency_p50_s"] and result["latency_ratio_p50"] >= 1

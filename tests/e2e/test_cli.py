@@ -1,0 +1,144 @@
+"""`ediffi generate` (docs/architecture.md §4), in process through `cli.main.main` and
+once as a real `python -m ediffi` subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli.main import main
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    # Settings are read from EDIFFI_* at the edge; the caller's shell must not leak in.
+    for name in list(os.environ):
+        if name.startswith("EDIFFI_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def color_map(tmp_path) -> Path:
+    image = Image.new("RGB", (64, 64), (0, 0, 0))
+    image.paste((255, 0, 0), (0, 0, 32, 64))
+    path = tmp_path / "map.png"
+    image.save(path)
+    return path
+
+
+def _generate(model_dir, out, *extra) -> list[str]:
+    return ["generate", "a red circle and a blue square", "--model-dir", str(model_dir), "--steps", "2",
+            "--sampler", "euler", "--seed", "3", "--out", str(out), *extra]
+
+
+def test_generate_writes_a_png_of_the_output_size(tiny_model_dir, tiny_model, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert main(_generate(tiny_model_dir, out)) == 0
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        assert image.size == (tiny_model.config.image_size,) * 2
+        assert image.mode == "RGB"
+    assert str(out) in capsys.readouterr().out
+
+
+def test_generate_n_writes_one_file_per_image(tiny_model_dir, tmp_path):
+    out = tmp_path / "sub" / "batch.png"
+    assert main(_generate(tiny_model_dir, out, "--n", "2")) == 0
+    files = sorted(p.name for p in out.parent.iterdir())
+    assert files == ["batch-0.png", "batch-1.png"]
+
+
+def test_paint_with_words(tiny_model_dir, tmp_path, color_map):
+    plain, painted = tmp_path / "plain.png", tmp_path / "painted.png"
+    assert main(_generate(tiny_model_dir, plain)) == 0
+    assert main(_generate(tiny_model_dir, painted, "--paint", str(color_map), "--region", "#ff0000=red circle:1.5")) == 0
+    a = np.asarray(Image.open(plain)).astype(int)
+    b = np.asarray(Image.open(painted)).astype(int)
+    assert a.shape == b.shape and np.abs(a - b).max() > 8
+    # The default strength form works too.
+    assert main(_generate(tiny_model_dir, tmp_path / "d.png", "--paint", str(color_map), "--region", "#ff0000=red circle")) == 0
+
+
+def test_unknown_phrase_is_exit_code_2_naming_it(tiny_model_dir, tmp_path, color_map, capsys):
+    out = tmp_path / "x.png"
+    code = main(_generate(tiny_model_dir, out, "--paint", str(color_map), "--region", "#ff0000=purple house"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "purple house" in err and "paint_with_words.regions[0].phrase" in err
+    assert not out.exists()
+
+
+def test_colour_missing_from_the_map_is_exit_code_2(tiny_model_dir, tmp_path, color_map, capsys):
+    code = main(_generate(tiny_model_dir, tmp_path / "x.png", "--paint", str(color_map), "--region", "#00ff00=red circle"))
+    assert code == 2
+    assert "#00ff00" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--region", "#ff0000=red circle"], ["--paint"]),
+        (["--paint", "map.png"], ["--region"]),
+        (["--paint", "map.png", "--region", "red circle"], ["--region", "red circle"]),
+    ],
+    ids=["region-without-map", "map-without-region", "bad-region-form"],
+)
+def test_bad_paint_arguments_are_exit_code_2(tiny_model_dir, tmp_path, capsys, extra, words):
+    assert main(_generate(tiny_model_dir, tmp_path / "x.png", *extra)) == 2
+    err = capsys.readouterr().err
+    assert all(word in err for word in words)
+
+
+def test_missing_model_dir_is_exit_code_2(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    assert main(_generate(missing, tmp_path / "x.png")) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_model_dir_from_the_environment(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDIFFI_MODEL_DIR", str(tiny_model_dir))
+    out = tmp_path / "env.png"
+    assert main(["generate", "a red circle", "--steps", "1", "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+def test_python_dash_m_ediffi(tiny_model_dir, tiny_model, tmp_path):
+    out = tmp_path / "sub.png"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDIFFI_")}
+    env.update(EDIFFI_MODEL_DIR=str(tiny_model_dir), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "ediffi", "generate", "a red circle", "--steps", "2", "--guidance", "2",
+         "--out", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert str(out) in result.stdout
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (tiny_model.config.image_size,) * 2
+
+    # Argument errors from argparse are exit code 2 as well.
+    result = subprocess.run(
+        [sys.executable, "-m", "ediffi", "generate", "x", "--sampler", "ddim"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2 and "ddim" in result.stderr

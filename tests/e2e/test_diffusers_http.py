@@ -1,0 +1,83 @@
+"""The imported tiny SDXL base + refiner served by the real `ediffi serve`
+process (EDIFFI_MODEL_DIR) over HTTP (issue 17): the image of POST /generate
+equals diffusers' own; GET /v1/models shows the model's capabilities; fields
+the model cannot honour get a 422 naming them."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.support.diffusers import psnr, sdxl_reference
+from tests.support.process import ediffi_serve
+from tests.e2e.test_web_ui import browser, open_page, wait_for  # noqa: F401  (browser: the UI tests' fixture)
+
+pytest.importorskip("diffusers")
+
+@pytest.fixture(scope="module")
+def served_sdxl(imported_sdxl_dir, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("serve-sdxl") / "serve.log"
+    env = dict(EDIFFI_INTRA_OP_THREADS="1", EDIFFI_MAX_BATCH="4", OMP_NUM_THREADS="1")
+    with ediffi_serve(imported_sdxl_dir, log_path, env, ready_timeout_s=240) as url:
+        yield url
+
+
+def test_generate_over_http_matches_diffusers(served_sdxl, tiny_diffusers_dir):
+    body = {"prompt": "a red cat on the house", "steps": 8, "guidance_scale": 5.0, "seed": 7, "sampler": "euler",
+            "width": 48, "height": 32}
+    response = httpx.post(served_sdxl + "/generate", json=body, timeout=240)
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]["b64_json"])))
+    reference = sdxl_reference(tiny_diffusers_dir, body["prompt"], seed=7, steps=8, guidance=5.0, width=48, height=32)
+    assert image.size == reference.size == (48, 32)
+    print(f"SDXL base + refiner over HTTP: PSNR {psnr(image, reference):.2f} dB")
+    assert psnr(image, reference) >= 35.0
+
+
+def test_models_lists_capabilities(served_sdxl):
+    response = httpx.get(served_sdxl + "/v1/models", timeout=10)
+    assert response.status_code == 200
+    listing = response.json()
+    assert listing["object"] == "list"
+    (model,) = listing["data"]
+    caps = model["capabilities"]
+    assert model["object"] == "model" and caps["source"] == "StableDiffusionXLPipeline"
+    assert caps["sizes"] == {"default_width": 32, "default_height": 32, "fixed": False, "multiple_of": 8}
+    (stage,) = caps["stages"]
+    assert stage["space"] == "latent"
+    assert [e["name"] for e in stage["experts"]] == ["base", "refiner"]
+    assert stage["experts"][0]["sigma_lo"] == stage["experts"][1]["sigma_hi"] > 0
+    assert caps["paint_with_words"] is True and caps["style_image"] is False
+
+
+def _png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"style_image": _png_b64(Image.new("RGB", (16, 16), "red"))}, "style_image"),
+        ({"width": 36}, "width"),
+        ({"height": 4096}, "height"),  # beyond max_image_side
+    ],
+)
+def test_fields_the_model_cannot_honour_are_422(served_sdxl, extra, field):
+    response = httpx.post(served_sdxl + "/generate", json={"prompt": "a cat", "steps": 2, **extra}, timeout=30)
+    assert response.status_code == 422, response.text
+    assert any(error["loc"][-1] == field for error in response.json()["detail"]), response.text
+
+
+def test_web_ui_hides_the_style_control_for_a_model_without_image_encoder(served_sdxl, browser):
+    """The page reads GET /v1/models and offers no style image to the
+    imported SDXL (a real headless Chromium; skipped without one)."""
+    open_page(browser, served_sdxl)
+    wait_for(browser, lambda d: d.execute_script("return document.getElementById('style-controls').hidden"), 20,
+             "the style controls stayed visible")
+    assert browser.execute_script("return document.getElementById('negative-prompt').offsetParent !== undefined")

@@ -1,0 +1,311 @@
+"""The web UI in a real headless browser against the real API on the in-process queue, with
+the worker stand-in of the API tests (no model): the colour map the page sends, the phrase
+chips, progress, history, cancel, field-level errors and API keys.
+
+Runs the app with uvicorn in a background thread; the stand-in worker runs on the same
+event loop and records what each job carried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from server.app import create_app
+from server.queue import ClaimedJob, InProcessQueue
+from tests.support.api import QUEUE_LIMITS, QueueWorker, make_settings
+from tests.e2e.test_web_ui import (
+    MODEL_PX,
+    browser,  # noqa: F401 - fixture
+    open_page,
+    paint_rect,
+    painted_labels,
+    result_png,
+    select_phrase,
+    set_value,
+    type_prompt,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+class RecordingWorker(QueueWorker):
+    """The stand-in worker, keeping each job's params and byte inputs."""
+
+    def __init__(self, queue: InProcessQueue, **kwargs: Any) -> None:
+        super().__init__(queue, **kwargs)
+        self.jobs: list[dict[str, Any]] = []
+
+    async def handle(self, job: ClaimedJob) -> None:
+        inputs = {name: await self.queue.load_input(job.job_id, name) for name in job.params.get("inputs", [])}
+        self.jobs.append({"params": job.params, "inputs": inputs})
+        await super().handle(job)
+
+
+class LiveServer:
+    """The API on a real socket, in a thread with its own event loop."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = make_settings(**settings)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.worker: RecordingWorker | None = None
+        self.server: uvicorn.Server | None = None
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        queue = InProcessQueue(**QUEUE_LIMITS)
+        app = create_app(self.settings, queue=queue)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.worker = RecordingWorker(queue, step_delay_s=0.03)
+        async with self.worker:
+            serve = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+            while not self.server.started and not serve.done():
+                await asyncio.sleep(0.02)
+            self.ready.set()
+            await serve
+        await queue.close()
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        assert self.ready.wait(15), "server did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveServer]:
+    with LiveServer() as server:
+        yield server
+
+
+def finished_state(driver, timeout_s: float = 20) -> str:
+    return wait_for(
+        driver,
+        lambda d: (s := d.find_element("id", "status").get_attribute("data-state")) in TERMINAL and s,
+        timeout_s,
+        "job did not finish",
+    )
+
+
+def field_error(driver, name: str) -> str:
+    return driver.find_element("css selector", f'[data-error-for="{name}"]').text
+
+
+def paint_two_regions(driver) -> None:
+    type_prompt(driver, "a red circle and a blue square")
+    select_phrase(driver, ["red", "circle"])
+    paint_rect(driver, 4, 26, 17, 38)
+    select_phrase(driver, ["blue", "square"], shift=True)
+    paint_rect(driver, 47, 26, 60, 38)
+
+
+def test_sends_exact_colour_map_and_shows_progress_result_history(browser, live) -> None:  # noqa: F811
+    driver = browser
+    open_page(driver, live.url)
+    paint_two_regions(driver)
+    regions = driver.execute_script(
+        "return [...document.querySelectorAll('#regions li')].map(li => "
+        "[li.dataset.phrase, getComputedStyle(li).getPropertyValue('--region').trim()])"
+    )
+    assert [phrase for phrase, _ in regions] == ["red circle", "blue square"]
+    colors = {phrase: color for phrase, color in regions}
+    assert colors["red circle"] != colors["blue square"]
+    # the chips of painted phrases are marked
+    assert len(driver.find_elements("css selector", "#chips .chip.painted")) == 4
+
+    set_value(driver, "steps", "20")
+    set_value(driver, "seed", "5")
+    set_value(driver, "guidance", "2.5")
+    set_value(driver, "sampler", "euler")
+    n_before = len(live.worker.jobs)
+    driver.find_element("id", "generate").click()
+    # live progress: the bar moves through steps before the end
+    wait_for(driver, lambda d: d.find_element("id", "progress-text").text.startswith("step "), 10, "no progress shown")
+    assert finished_state(driver) == "succeeded"
+
+    job = live.worker.jobs[n_before]
+    params = job["params"]
+    assert params["prompt"] == "a red circle and a blue square"
+    assert (params["steps"], params["seed"], params["guidance_scale"], params["sampler"]) == (20, 5, 2.5, "euler")
+    sent = {r["phrase"]: r for r in params["paint_with_words"]["regions"]}
+    assert set(sent) == {"red circle", "blue square"}
+    assert all(r["strength"] == 0.4 for r in sent.values())
+    assert {r["color"] for r in sent.values()} == set(colors.values())
+
+    # the colour map: 64x64, exactly the region colours plus white, each region where it was painted
+    cmap = np.asarray(Image.open(io.BytesIO(job["inputs"]["color_map"])).convert("RGB"))
+    assert cmap.shape == (MODEL_PX, MODEL_PX, 3)
+    packed = {"#%02x%02x%02x" % tuple(px) for px in cmap.reshape(-1, 3)}
+    assert packed == set(colors.values()) | {"#ffffff"}
+    counts = painted_labels(driver)
+    third = MODEL_PX // 3
+    for phrase, columns in (("red circle", slice(0, third)), ("blue square", slice(2 * third + 1, MODEL_PX))):
+        rgb = np.array([int(sent[phrase]["color"][i : i + 2], 16) for i in (1, 3, 5)])
+        mask = np.all(cmap == rgb, axis=2)
+        assert mask.sum() == counts[phrase] > 250
+        assert mask[:, columns].sum() == mask.sum(), f"{phrase} painted outside its third"
+
+    # the result, enlarged without blur, and the history entry with its parameters
+    result = driver.find_element("id", "result")
+    assert result.is_displayed()
+    assert result.value_of_css_property("image-rendering") == "pixelated"
+    assert result.size["width"] >= 4 * 8
+    assert Image.open(io.BytesIO(result_png(driver))).format == "PNG"
+    entries = driver.find_elements("css selector", "#history li")
+    assert len(entries) == 1
+    text = entries[0].text
+    for part in ("a red circle and a blue square", "steps 20", "guidance 2.5", "seed 5", "euler", "“red circle” 0.40"):
+        assert part in text, (part, text)
+
+    # the history survives a reload; "Reuse" restores the parameters and the painting
+    driver.refresh()
+    wait_for(driver, lambda d: len(d.find_elements("css selector", "#history li")) == 1, 10, "history lost")
+    driver.find_element("css selector", "#history li button").click()
+    assert driver.find_element("id", "prompt").get_attribute("value") == "a red circle and a blue square"
+    assert driver.find_element("id", "seed").get_attribute("value") == "5"
+    wait_for(driver, lambda d: painted_labels(d) == counts, 5, "painting not restored")
+
+
+def test_strength_and_eraser(browser, live) -> None:  # noqa: F811
+    driver = browser
+    open_page(driver, live.url)
+    type_prompt(driver, "a green triangle")
+    select_phrase(driver, ["green", "triangle"], shift=True)
+    paint_rect(driver, 10, 10, 50, 50)
+    full = painted_labels(driver)["green triangle"]
+    driver.find_element("id", "eraser").click()
+    paint_rect(driver, 30, 10, 50, 50)
+    left = painted_labels(driver)["green triangle"]
+    assert 0 < left < full
+    slider = driver.find_element("css selector", "#regions li input[type=range]")
+    assert (slider.get_attribute("min"), slider.get_attribute("max"), slider.get_attribute("value")) == ("0", "2", "0.4")
+    driver.execute_script(
+        "arguments[0].value = '1.25'; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", slider
+    )
+    n_before = len(live.worker.jobs)
+    driver.find_element("id", "generate").click()
+    assert finished_state(driver) == "succeeded"
+    (region,) = live.worker.jobs[n_before]["params"]["paint_with_words"]["regions"]
+    assert region == {"color": region["color"], "phrase": "green triangle", "strength": 1.25}
+
+
+def test_errors_are_shown_next_to_their_fields(browser, live) -> None:  # noqa: F811
+    driver = browser
+    open_page(driver, live.url)
+    paint_two_regions(driver)
+    set_value(driver, "steps", "0")
+    driver.find_element("id", "generate").click()
+    wait_for(driver, lambda d: field_error(d, "steps"), 10, "no error next to steps")
+    assert "greater than or equal to 1" in field_error(driver, "steps")
+    assert driver.find_element("id", "status").get_attribute("data-state") == "idle"
+
+    # a painted phrase no longer in the prompt: the API's 422 names regions[1].phrase
+    set_value(driver, "steps", "10")
+    type_prompt(driver, "a red circle and a green square")
+    driver.find_element("id", "generate").click()
+
+    def region_error(d) -> str:
+        return d.find_element(
+            "css selector", '#regions li[data-phrase="blue square"] [data-role="phrase"]'
+        ).text
+
+    wait_for(driver, lambda d: "does not occur in the prompt" in region_error(d), 10, "no error on the region")
+    assert "invalid" in driver.find_element("css selector", '#regions li[data-phrase="blue square"]').get_attribute(
+        "class"
+    )
+    red_error = driver.find_element("css selector", '#regions li[data-phrase="red circle"] [data-role="phrase"]')
+    assert red_error.text == ""
+
+    # an empty prompt
+    type_prompt(driver, " ")
+    driver.find_element("id", "generate").click()
+    wait_for(driver, lambda d: field_error(d, "prompt"), 10, "no error next to the prompt")
+
+
+def test_cancel(browser, live) -> None:  # noqa: F811
+    driver = browser
+    open_page(driver, live.url)
+    type_prompt(driver, "a purple circle")
+    live.worker.mode = "hold"
+    try:
+        driver.find_element("id", "generate").click()
+        cancel = driver.find_element("id", "cancel")
+        wait_for(driver, lambda d: cancel.is_displayed() and live.worker.running.is_set(), 10, "job not running")
+        cancel.click()
+        assert finished_state(driver) == "canceled"
+        assert not cancel.is_displayed()
+        assert driver.find_element("id", "generate").is_enabled()
+    finally:
+        live.worker.mode = "succeed"
+
+
+def test_api_key_is_asked_once_and_kept(browser) -> None:  # noqa: F811
+    driver = browser
+    with LiveServer(api_keys=["s3cret"]) as server:
+        open_page(driver, server.url)
+        type_prompt(driver, "a yellow square")
+        driver.find_element("id", "generate").click()
+        auth = driver.find_element("id", "auth")
+        wait_for(driver, lambda d: auth.is_displayed(), 10, "no key prompt after a 401")
+        driver.find_element("id", "api-key").send_keys("wrong")
+        driver.find_element("id", "save-key").click()
+        wait_for(driver, lambda d: "not accepted" in d.find_element("id", "auth-error").text, 10, "403 not shown")
+        key = driver.find_element("id", "api-key")
+        key.clear()
+        key.send_keys("s3cret")
+        driver.find_element("id", "save-key").click()  # retries the generation with the key
+        assert finished_state(driver) == "succeeded"
+        assert driver.execute_script("return localStorage.getItem('ediffi.apiKey')") == "s3cret"
+        # a reload keeps the key: the next generation needs no prompt
+        driver.refresh()
+        type_prompt(driver, "a yellow square")
+        driver.find_element("id", "generate").click()
+        assert finished_state(driver) == "succeeded"
+        assert not driver.find_element("id", "auth").is_displayed()
+        assert len(server.worker.jobs) == 2
+
+
+def test_style_image_preview_upload_and_error(browser, live, tmp_path) -> None:  # noqa: F811
+    driver = browser
+    open_page(driver, live.url)
+    type_prompt(driver, "an orange triangle")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    driver.find_element("id", "style-image").send_keys(str(bad))
+    driver.find_element("id", "generate").click()
+    wait_for(driver, lambda d: field_error(d, "style_image"), 10, "no error next to the style image")
+    assert driver.find_element("id", "more").get_attribute("open") is not None  # opened to show it
+
+    good = tmp_path / "style.png"
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(buffer, format="PNG")
+    good.write_bytes(buffer.getvalue())
+    driver.find_element("id", "clear-style").click()
+    driver.find_element("id", "style-image").send_keys(str(good))
+    preview = driver.find_element("id", "style-preview")
+    wait_for(driver, lambda d: preview.is_displayed() and preview.get_attribute("naturalWidth") == "32", 5, "no preview")
+    n_before = len(live.worker.jobs)
+    driver.find_element("id", "generate").click()
+    assert finished_state(driver) == "succeeded"
+    job = live.worker.jobs[n_before]
+    assert job["inputs"]["style_image"] == good.read_bytes()
+    assert "paint_with_words" not in job["params"] or job["params"]["paint_with_words"] is None
+    assert "style image" in driver.find_element("id", "result-caption").text

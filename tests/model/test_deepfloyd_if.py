@@ -1,0 +1,396 @@
+"""DeepFloyd IF stage I + stage II imported from diffusers folders (issue 21),
+checked against diffusers itself on tiny random checkpoints (tests/support/deepfloyd_if.py):
+one denoiser call per stage, whole generations through `ediffi generate`,
+the engine (batch invariance across stages and requests) and the import errors.
+
+The reference is diffusers' IF example: `IFPipeline` then
+`IFSuperResolutionPipeline`, each with `DPMSolverMultistepScheduler.from_config(
+<its scheduler config>, algorithm_type="dpmsolver++", solver_order=2,
+use_karras_sigmas=True)`, one CPU generator seeded with S passed to both.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cli.main import main
+from ediffi.config import ModelConfig
+from ediffi.discrete import dynamic_threshold
+from ediffi.importers.diffusers import DiffusersImportError, import_diffusers
+from ediffi.model import load_model
+from ediffi.paint import PaintWithWordsAddedKVAttnProcessor, Region
+from ediffi.pipeline import GenerationRequest, encode_request, generate
+from engines import Engine, EngineConfig, TextEmbeddingCache, TorchBackend
+from tests.support.diffusers import psnr
+from tests.support.deepfloyd_if import STAGE_I_SIZE, STAGE_II_SIZE, diffusers_if_images, load_if_pipelines
+from tests.support.process import serve_process
+
+PROMPT = "a red cat on the left of a blue house"
+STEPS = 6  # < 15: diffusers' DPM-Solver takes its last step first order
+GUIDANCE = 4.0
+SEED = 3
+MIN_PSNR = 35.0
+TOLERANCE = 2  # 8-bit levels: batch invariance within 2/255
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def if_model_dir(tiny_if, tmp_path_factory) -> Path:
+    """Stage I + II imported through the CLI."""
+    out = tmp_path_factory.mktemp("if-model") / "model"
+    code = main(["import", "diffusers", str(tiny_if.stage_1), "--sr", str(tiny_if.stage_2), "--out", str(out)])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def if_stage_1_dir(tiny_if, tmp_path_factory) -> Path:
+    """Stage I alone: its images are the cascade's 16 px intermediate."""
+    out = tmp_path_factory.mktemp("if-stage-1") / "model"
+    import_diffusers(tiny_if.stage_1, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def if_model(if_model_dir):
+    return load_model(if_model_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_if):
+    """diffusers' (stage I, stage II) 8-bit images for PROMPT / SEED."""
+    return diffusers_if_images(tiny_if, PROMPT, seed=SEED, steps=STEPS, guidance=GUIDANCE)
+
+
+def test_import_writes_a_two_stage_pixel_cascade(if_model_dir):
+    config = ModelConfig.load(if_model_dir)
+    base, sr = config.stages
+    assert (base.image_size, sr.image_size) == (STAGE_I_SIZE, STAGE_II_SIZE)
+    assert base.latent is None and sr.latent is None and sr.is_super_resolution and not base.is_super_resolution
+    # IF's scheduler configs: thresholding at the 95th percentile, max 1.5 (I) and 1.0 (II).
+    assert (base.dynamic_thresholding.ratio, base.dynamic_thresholding.max_value) == (0.95, 1.5)
+    assert (sr.dynamic_thresholding.ratio, sr.dynamic_thresholding.max_value) == (0.95, 1.0)
+    assert sr.low_res_noise_level == 250 and sr.low_res_align_corners
+    for stage in (base, sr):
+        network = stage.experts[0].network
+        assert network.learned_variance and network.schedule.karras_scheduler == "DPMSolverMultistepScheduler"
+    assert [e.kind for e in config.encoders.text_encoders] == ["t5"]
+
+
+@pytest.mark.parametrize("stage_name", ["base", "sr"])
+def test_one_denoiser_call_equals_diffusers_unet_with_dpm_scaling(tiny_if, if_model, stage_name):
+    """D(x; sigma) of the imported stage against the diffusers UNet at the
+    sigmas and timesteps of its DPM-Solver schedule: x_vp = x / sqrt(sigma^2
+    + 1) in, epsilon (first half of the learned-variance output) out, x0 =
+    (x_vp - sigma_t eps) / alpha_t (computed in float64 from the UNet's output)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    stage_1, stage_2 = load_if_pipelines(tiny_if)
+    pipe = stage_1 if stage_name == "base" else stage_2
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
+    )
+    scheduler.set_timesteps(8)
+    prompt_embeds, negative_embeds = stage_1.encode_prompt(PROMPT, clean_caption=False)
+    context = torch.cat([prompt_embeds, negative_embeds])
+    expert = if_model.stages[stage_name].experts["unet"]
+    stage = if_model.config.stage(stage_name)
+    size = stage.image_size
+    g = torch.Generator().manual_seed(0)
+    low_res = low_res_sigma = None
+    extra = {}
+    if stage_name == "sr":
+        image = torch.rand(2, 3, STAGE_I_SIZE, STAGE_I_SIZE, generator=g) * 2 - 1
+        upscaled = F.interpolate(image, (size, size), mode="bilinear", align_corners=True)
+        noise = torch.randn(upscaled.shape, generator=g)
+        level = torch.tensor([250, 250])
+        extra = dict(
+            noised=pipe.image_noising_scheduler.add_noise(upscaled, noise, timesteps=level), class_labels=level
+        )
+        low_res = upscaled + stage.low_res_aug_sigma * noise
+        low_res_sigma = torch.full((2,), stage.low_res_aug_sigma)
+    for i in (0, 2, 4, 6, 7):
+        sigma = float(scheduler.sigmas[i])
+        t = scheduler.timesteps[i].repeat(2)
+        sample = torch.randn(2, 3, size, size, generator=g)
+        model_input = scheduler.scale_model_input(sample, scheduler.timesteps[i])
+        if extra:
+            model_input = torch.cat([model_input, extra["noised"]], dim=1)
+        with torch.no_grad():
+            eps = pipe.unet(model_input, t, encoder_hidden_states=context, class_labels=extra.get("class_labels")).sample
+        alpha = (sigma**2 + 1) ** -0.5
+        expected = (sample.double() - sigma * alpha * eps[:, :3].double()) / alpha
+        with torch.no_grad():
+            denoised = expert(
+                x=(sample.double() / alpha).float(), sigma=torch.full((2,), sigma), context=context,
+                context_mask=torch.ones(2, context.shape[1], dtype=torch.bool), pooled=torch.zeros(2, 0),
+                pww_mask=torch.zeros(2, context.shape[1], size, size), pww_strength=torch.zeros(2),
+                low_res=low_res, low_res_sigma=low_res_sigma,
+            )
+        error = float((denoised.double() - expected).norm() / expected.norm())
+        assert error <= 1e-4, f"sigma {sigma:.4g} (t {int(t[0])}): relative error {error:.2e}"
+
+
+def test_dynamic_threshold_equals_diffusers(tiny_if):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(tiny_if.stage_1, subfolder="scheduler")
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(4, 3, 8, 8, generator=g) * torch.tensor([0.3, 1.0, 2.0, 40.0])[:, None, None, None]
+    ours = dynamic_threshold(x0, scheduler.config.dynamic_thresholding_ratio, scheduler.config.sample_max_value)
+    torch.testing.assert_close(ours, scheduler._threshold_sample(x0), rtol=0, atol=1e-6)
+    assert ours[0].equal(x0[0])  # s = 1 and |x0| < 1: untouched
+    assert float(ours[3].abs().max()) == 1.0  # rescaled by s = max_value
+
+
+def test_generate_equals_diffusers_at_both_resolutions(if_model_dir, if_stage_1_dir, reference, tmp_path, capsys):
+    """`ediffi generate --sampler dpmpp_2m` vs IFPipeline (16 px) and IFPipeline
+    + IFSuperResolutionPipeline (32 px), same seed, steps and guidance."""
+    low_ref, high_ref = reference
+    figures = {}
+    for name, model_dir, expected in (("stage I", if_stage_1_dir, low_ref), ("stage II", if_model_dir, high_ref)):
+        out = tmp_path / f"{name.replace(' ', '_')}.png"
+        code = main([
+            "generate", PROMPT, "--model-dir", str(model_dir), "--steps", str(STEPS), "--guidance", str(GUIDANCE),
+            "--seed", str(SEED), "--sampler", "dpmpp_2m", "--out", str(out),
+        ])
+        assert code == 0
+        with Image.open(out) as image:
+            ours = np.asarray(image.convert("RGB"))
+        assert ours.shape == expected.shape
+        figures[name] = psnr(ours, expected)
+    with capsys.disabled():
+        print(f"\nIF parity vs diffusers (PSNR dB): {figures}")
+    assert min(figures.values()) >= MIN_PSNR, figures
+
+
+def test_serve_over_http_equals_diffusers(if_model_dir, reference, tmp_path):
+    """`ediffi serve` on the imported model (EDIFFI_MODEL_DIR, the in-process
+    queue): POST /generate answers diffusers' image for the same seed; an
+    out-of-range sr_noise_level is a 422 naming the field."""
+    _, high_ref = reference
+    with serve_process(if_model_dir, {"intra_op_threads": 1, "allow_anonymous": True}, tmp_path) as url:
+        body = dict(prompt=PROMPT, steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, sampler="dpmpp_2m")
+        response = httpx.post(url + "/generate", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        (image,) = response.json()["images"]
+        ours = np.asarray(Image.open(io.BytesIO(base64.b64decode(image["b64_json"]))).convert("RGB"))
+        assert psnr(ours, high_ref) >= MIN_PSNR
+        response = httpx.post(url + "/generate", json={**body, "sr_noise_level": 1000}, timeout=120)
+        assert response.status_code == 422, response.text
+        assert "sr_noise_level" in json.dumps(response.json()["detail"])
+
+
+def test_negative_prompt_equals_diffusers(tiny_if, if_stage_1_dir):
+    """A negative prompt is preprocessed and encoded as diffusers' IF encode_prompt does."""
+    low_ref, _ = diffusers_if_images(tiny_if, PROMPT, seed=SEED, steps=STEPS, guidance=GUIDANCE, negative_prompt=" A Dog ")
+    request = GenerationRequest(
+        prompt=PROMPT, negative_prompt=" A Dog ", steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, sampler="dpmpp_2m"
+    )
+    (image,) = generate(load_model(if_stage_1_dir), request)
+    assert psnr(image, low_ref) >= MIN_PSNR
+
+
+def test_sr_noise_level_per_request_equals_diffusers_noise_level(tiny_if, if_model):
+    _, high_ref = diffusers_if_images(tiny_if, PROMPT, seed=SEED, steps=STEPS, guidance=GUIDANCE, noise_level=100)
+    request = dict(prompt=PROMPT, steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, sampler="dpmpp_2m")
+    (image,) = generate(if_model, GenerationRequest(**request, sr_noise_level=100))
+    assert psnr(image, high_ref) >= MIN_PSNR
+    (default,) = generate(if_model, GenerationRequest(**request))
+    assert psnr(default, high_ref) < psnr(image, high_ref)
+
+
+@pytest.mark.parametrize("level", [-1, 1000])
+def test_sr_noise_level_out_of_range_names_the_field(if_model, level):
+    with pytest.raises(ValueError, match=r"^sr_noise_level: "):
+        encode_request(if_model, GenerationRequest(prompt=PROMPT, sr_noise_level=level))
+
+
+def test_sr_noise_level_refused_without_an_sr_stage(if_stage_1_dir):
+    with pytest.raises(ValueError, match=r"^sr_noise_level: this model has no super-resolution stage"):
+        encode_request(load_model(if_stage_1_dir), GenerationRequest(prompt=PROMPT, sr_noise_level=100))
+
+
+def test_t5_prompts_batched_through_the_cache_equal_one_by_one(if_model):
+    prompts = ["a red cat", "  A Blue House on the left  ", "the sun"]
+    cache = TextEmbeddingCache(if_model.encoders)
+    assert cache.prefetch([(p, True, True) for p in prompts]) == 3
+    for prompt in prompts:
+        alone = if_model.encoders.encode_text([prompt])
+        cached = cache([prompt])
+        torch.testing.assert_close(cached.context, alone.context, rtol=0, atol=1e-5)
+        assert cached.context_mask.equal(alone.context_mask)
+    # IF lower-cases and strips the prompt; T5 sees its attention mask.
+    mask = if_model.encoders.encode_text(["  A Blue House on the left  "]).context_mask
+    assert int(mask.sum()) == 7  # six words and </s>
+
+
+def _paint_request(seed: int, steps: int = STEPS, **extra) -> GenerationRequest:
+    canvas = np.zeros((32, 32, 3), dtype=np.uint8)
+    canvas[:, :16] = (255, 0, 0)
+    return GenerationRequest(
+        PROMPT, steps=steps, guidance_scale=GUIDANCE, seed=seed, sampler="dpmpp_2m",
+        color_map=Image.fromarray(canvas), regions=[Region("#ff0000", "red cat", 1.0)], **extra,
+    )
+
+
+def test_painted_phrase_finds_its_t5_tokens_in_the_prompt_as_given(if_model):
+    """T5 sees the lower-cased, stripped prompt; the phrase's columns are its
+    tokens there (offsets shifted back over the stripped leading spaces)."""
+    request = _paint_request(SEED)
+    request.prompt = "  A Red Cat on the left"
+    mask = encode_request(if_model, request).pww_masks["base"]
+    painted = mask[0].flatten(1).amax(dim=1).nonzero().flatten().tolist()
+    assert painted == [1, 2]  # "a" is token 0, then "red", "cat"
+    assert not mask[1].any()  # the unconditional row
+
+
+def test_paint_with_words_raises_the_phrase_attention_inside_its_mask(if_model):
+    """In IF's added-KV attention the painted phrase's T5 columns gain
+    attention mass inside the mask; unconditional rows (strength 0) and the
+    image-token columns' logits are unchanged."""
+    expert = if_model.stages["base"].experts["unet"]
+    cond = encode_request(if_model, _paint_request(SEED))
+    attn = next(m for m in expert.unet.modules() if type(m).__name__ == "Attention" and m.added_kv_proj_dim)
+    processor = PaintWithWordsAddedKVAttnProcessor()
+    g = torch.Generator().manual_seed(0)
+    side = 8  # SimpleCrossAttnDownBlock2D of the tiny 16 px UNet: 8 x 8 tokens
+    hidden = torch.randn(2, attn.to_q.in_features, side, side, generator=g)
+    encoder_states = expert.unet.encoder_hid_proj(cond.context)
+    mask = cond.pww_masks["base"]
+    painted_columns = mask[0].flatten(1).amax(dim=1).nonzero().flatten()
+    inside = F.interpolate(mask[:1, painted_columns[:1]], size=(side, side), mode="area").flatten() > 0.5
+    sigma = torch.full((2,), 5.0)
+    with torch.no_grad():
+        plain = processor.probabilities(attn, hidden, encoder_states, (mask, torch.zeros(2), sigma))
+        painted = processor.probabilities(attn, hidden, encoder_states, (mask, cond.pww_strength, sigma))
+    mass = lambda p: p[0][:, inside][..., painted_columns].sum(-1).mean()  # noqa: E731
+    assert mass(painted) > 1.5 * mass(plain)
+    torch.testing.assert_close(painted[1], plain[1])  # the unconditional row
+
+
+def test_batch_invariance_across_stages_and_requests(if_model):
+    """An IF request (paint-with-words, CFG) alone vs among 7 others of other
+    seeds, steps, guidance, noise levels and prompts, step-level batching:
+    their stage I and stage II evaluations share batches."""
+    backend = TorchBackend(if_model, max_batch=8)
+
+    def serve(requests):
+        engine = Engine(backend, EngineConfig())
+        handles = [engine.submit(r) for r in requests]
+        engine.run_until_idle()
+        outcomes = [h.result(0) for h in handles]
+        assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+        return outcomes, engine
+
+    others = [
+        GenerationRequest(
+            prompt=["a dog", "the sun in the sky", "a small green car", PROMPT][i % 4], steps=3 + i % 4,
+            guidance_scale=[1.0, 4.0, 7.0][i % 3], seed=50 + i, sampler="dpmpp_2m",
+            sr_noise_level=[None, 100, 400][i % 3], negative_prompt="a tree" if i % 2 else "",
+        )
+        for i in range(6)
+    ] + [_paint_request(SEED + 1, steps=4)]
+    (alone,), _ = serve([_paint_request(SEED)])
+    outcomes, engine = serve([*others[:3], _paint_request(SEED), *others[3:]])
+    together = outcomes[3]
+    diff = int(np.abs(np.asarray(alone.images[0], dtype=np.int16) - np.asarray(together.images[0], dtype=np.int16)).max())
+    assert diff <= TOLERANCE
+    assert engine.scheduler.stats.rows / engine.scheduler.stats.batches > 2
+    assert generate(if_model, _paint_request(SEED))[0].size == (STAGE_II_SIZE, STAGE_II_SIZE)
+
+
+def test_engine_bench_load_runs_on_the_imported_cascade(if_model):
+    """`ediffi bench engine`'s synthetic load (paint-with-words, no style
+    images for a model without an image encoder) on the IF cascade: every
+    request succeeds and both stages' UNets are batched."""
+    from bench.engine_bench import LoadConfig, run_bench
+
+    (result,) = run_bench(
+        TorchBackend(if_model, max_batch=8), ["step"], LoadConfig(clients=4, requests=4, min_steps=2, max_steps=3)
+    )
+    assert result.failed == 0 and result.images == 4
+    assert set(result.mean_batch_size_per_expert) == {"base/unet", "sr/unet"}
+
+
+# ---------------------------------------------------------------- import errors
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / folder.name))
+
+
+def test_sr_flag_with_a_non_if_pipeline_is_refused(tiny_if, tmp_path):
+    stage_2 = _copy(tiny_if.stage_2, tmp_path)
+    with pytest.raises(DiffusersImportError, match="IFSuperResolutionPipeline"):
+        import_diffusers(stage_2, tmp_path / "out")  # stage II alone is not a base pipeline
+    with pytest.raises(DiffusersImportError, match="--refiner does not go with a IFPipeline"):
+        import_diffusers(tiny_if.stage_1, tmp_path / "out", refiner_dir=stage_2)
+
+
+def test_sr_folder_of_another_class_is_refused(tiny_if, tmp_path):
+    with pytest.raises(DiffusersImportError, match="--sr must be an IFSuperResolutionPipeline folder, got 'IFPipeline'"):
+        import_diffusers(tiny_if.stage_1, tmp_path / "out", sr_dir=tiny_if.stage_1)
+
+
+def test_stage_ii_text_encoder_must_be_stage_i_s(tiny_if, tmp_path):
+    """Stage II reads stage I's prompt encoding: a T5 it carries must be the same."""
+    stage_2 = _copy(tiny_if.stage_2, tmp_path)
+    shutil.copytree(tiny_if.stage_1 / "text_encoder", stage_2 / "text_encoder")
+    index = json.loads((stage_2 / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", "T5EncoderModel"]
+    (stage_2 / "model_index.json").write_text(json.dumps(index))
+    assert len(import_diffusers(tiny_if.stage_1, tmp_path / "same", sr_dir=stage_2).stages) == 2
+    config_path = stage_2 / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "num_layers": 1}))
+    with pytest.raises(DiffusersImportError, match="the stage II's text encoder .* does not match the base's"):
+        import_diffusers(tiny_if.stage_1, tmp_path / "other", sr_dir=stage_2)
+
+
+def test_pickled_stage_ii_unet_is_refused_by_name(tiny_if, tmp_path):
+    stage_2 = _copy(tiny_if.stage_2, tmp_path)
+    weights = stage_2 / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(DiffusersImportError, match=r"diffusion_pytorch_model\.bin: pickled weights are not loaded"):
+        import_diffusers(tiny_if.stage_1, tmp_path / "out", sr_dir=stage_2)
+
+
+def test_missing_image_noising_scheduler_is_named(tiny_if, tmp_path):
+    stage_2 = _copy(tiny_if.stage_2, tmp_path)
+    index = json.loads((stage_2 / "model_index.json").read_text())
+    del index["image_noising_scheduler"]
+    (stage_2 / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(DiffusersImportError, match="no 'image_noising_scheduler' component"):
+        import_diffusers(tiny_if.stage_1, tmp_path / "out", sr_dir=stage_2)
+
+
+def test_sentencepiece_only_tokenizer_is_named(tiny_if, tmp_path):
+    stage_1 = _copy(tiny_if.stage_1, tmp_path)
+    (stage_1 / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(DiffusersImportError, match=r"tokenizer\.json is missing"):
+        import_diffusers(stage_1, tmp_path / "out")
+
+
+def test_variance_type_disagreeing_with_the_unet_is_refused(tiny_if, tmp_path):
+    stage_1 = _copy(tiny_if.stage_1, tmp_path)
+    path = stage_1 / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config["variance_type"] = "fixed_small"
+    path.write_text(json.dumps(config))
+    with pytest.raises(DiffusersImportError, match="disagree about a learned variance"):
+        import_diffusers(stage_1, tmp_path / "out")

@@ -1,0 +1,222 @@
+"""Imported diffusers checkpoints (issue 17): the discrete-time UNet as an EDM
+denoiser, the importer's errors, and parity of whole images with diffusers'
+own pipelines on tiny random checkpoints (tests/support/diffusers.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.support.diffusers import karras_euler, psnr, sdxl_reference
+
+diffusers = pytest.importorskip("diffusers")
+
+PARITY_DB = 35.0
+
+
+def _reference_denoised(unet, scheduler, x, sigma, **unet_kwargs):
+    """D(x; sigma) as diffusers computes it: the scheduler's timestep for
+    sigma, its input scaling, the UNet, and its step's x0 prediction."""
+    scheduler.set_timesteps(sigmas=[sigma, 0.0])
+    t = scheduler.timesteps[0]
+    model_input = scheduler.scale_model_input(x, t)
+    out = unet(model_input, t, **unet_kwargs).sample
+    return scheduler.step(out, t, x).pred_original_sample
+
+
+@pytest.mark.parametrize("folder", ["sd", "sd-v"])
+def test_denoiser_call_equals_unet_plus_scheduler_scaling(tiny_diffusers_dir, tmp_path, folder):
+    """A call at each of four sigmas equals diffusers' UNet +
+    EulerDiscreteScheduler scaling (timestep, scale_model_input, the step's
+    x0 prediction) to 1e-4 relative; one call with the four sigmas as four
+    rows (per-row sigma) gives the same rows up to batched float32 rounding."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    from ediffi.importers.diffusers import import_diffusers
+    from ediffi.model import load_model
+
+    import_diffusers(tiny_diffusers_dir / folder, tmp_path / "m")
+    expert = load_model(tmp_path / "m").stages["base"].experts["unet"]
+    unet = UNet2DConditionModel.from_pretrained(tiny_diffusers_dir / folder / "unet", use_safetensors=True).eval()
+    scheduler = EulerDiscreteScheduler.from_config(
+        json.loads((tiny_diffusers_dir / folder / "scheduler" / "scheduler_config.json").read_text())
+    )
+    sigmas = [0.03, 0.4, 2.5, 14.0]
+    rows = len(sigmas)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 4, 16, 16, generator=g) * torch.tensor(sigmas).view(-1, 1, 1, 1)
+    context = torch.randn(rows, 77, 32, generator=g)
+
+    def call(i, j):
+        return expert(x[i:j], torch.tensor(sigmas[i:j]), context[i:j], torch.ones(j - i, 77, dtype=torch.bool),
+                      torch.zeros(j - i, 0), torch.zeros(j - i, 77, 16, 16), torch.zeros(j - i))
+
+    with torch.no_grad():
+        batched = call(0, rows)
+        for i, sigma in enumerate(sigmas):
+            ref = _reference_denoised(unet, scheduler, x[i : i + 1], sigma, encoder_hidden_states=context[i : i + 1])
+            alone = call(i, i + 1)
+            assert (alone - ref).norm() / ref.norm() < 1e-4, (folder, sigma)
+            assert (batched[i : i + 1] - alone).norm() / alone.norm() < 1e-3, (folder, sigma)
+
+
+def test_karras_schedule_is_diffusers_and_within_trained_range(tiny_diffusers_dir):
+    from diffusers import EulerDiscreteScheduler
+
+    from ediffi.discrete import inference_sigmas, training_sigmas
+    from ediffi.importers.diffusers import PipelineFolder, schedule_of
+
+    for folder in ("sd", "sdxl-base"):
+        schedule, _ = schedule_of(PipelineFolder.open(tiny_diffusers_dir / folder))
+        cfg = json.loads((tiny_diffusers_dir / folder / "scheduler" / "scheduler_config.json").read_text())
+        reference = EulerDiscreteScheduler.from_config(cfg, use_karras_sigmas=True)
+        trained = training_sigmas(schedule)
+        for steps in (1, 7, 30):
+            reference.set_timesteps(steps)
+            ours = inference_sigmas(schedule, steps)
+            torch.testing.assert_close(ours.float(), reference.sigmas, rtol=1e-6, atol=0)
+            assert trained[0] <= ours[-2] and ours[0] <= trained[-1]
+
+
+def _write_generate(model_dir, out, *extra):
+    from cli.main import main
+
+    code = main(["generate", "a red cat on the house", "--model-dir", str(model_dir), "--sampler", "euler",
+                 "--steps", "8", "--guidance", "5", "--seed", "7", "--out", str(out), *extra])
+    assert code == 0
+    return Image.open(out)
+
+
+def test_sd_generate_matches_stable_diffusion_pipeline(tiny_diffusers_dir, imported_sd_dir, tmp_path):
+    """`ediffi generate` on the imported SD checkpoint = StableDiffusionPipeline
+    with Euler + Karras sigmas, same seed, steps, guidance, negative prompt."""
+    from diffusers import StableDiffusionPipeline
+
+    ours = _write_generate(imported_sd_dir, tmp_path / "ours.png", "--negative-prompt", "blue sky")
+    pipe = karras_euler(StableDiffusionPipeline.from_pretrained(tiny_diffusers_dir / "sd", use_safetensors=True))
+    ref = pipe("a red cat on the house", negative_prompt="blue sky", num_inference_steps=8, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(7)).images[0]
+    assert ours.size == ref.size == (32, 32)  # diffusers' default: unet.sample_size * vae scale factor
+    print(f"SD parity: PSNR {psnr(ours, ref):.2f} dB")
+    assert psnr(ours, ref) >= PARITY_DB
+    # The bar can fail: another prompt (same seed) is far below it.
+    other = pipe("a blue dog", negative_prompt="blue sky", num_inference_steps=8, guidance_scale=5.0,
+                 generator=torch.Generator().manual_seed(7)).images[0]
+    assert psnr(ours, other) < PARITY_DB - 5
+
+
+def test_v_prediction_checkpoint_matches_stable_diffusion_pipeline(tiny_diffusers_dir, tmp_path):
+    """An SD 2.x-style v-prediction checkpoint (prediction_type from its
+    scheduler config), imported and generated, = diffusers' pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    from ediffi.importers.diffusers import import_diffusers
+
+    import_diffusers(tiny_diffusers_dir / "sd-v", tmp_path / "m")
+    ours = _write_generate(tmp_path / "m", tmp_path / "ours.png")
+    pipe = karras_euler(StableDiffusionPipeline.from_pretrained(tiny_diffusers_dir / "sd-v", use_safetensors=True))
+    ref = pipe("a red cat on the house", num_inference_steps=8, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(7)).images[0]
+    print(f"SD v-prediction parity: PSNR {psnr(ours, ref):.2f} dB")
+    assert psnr(ours, ref) >= PARITY_DB
+
+
+def test_sdxl_base_and_refiner_match_diffusers(tiny_diffusers_dir, imported_sdxl_dir, tmp_path):
+    """The imported SDXL base + refiner (two experts split at high_noise_frac
+    0.8) = StableDiffusionXLPipeline(denoising_end=0.8, output_type="latent")
+    then StableDiffusionXLImg2ImgPipeline(denoising_start=0.8), at a
+    non-default, non-square size, with an empty negative prompt (zeros for
+    the base, the encoding of "" for the refiner)."""
+    ours = _write_generate(imported_sdxl_dir, tmp_path / "ours.png", "--width", "48", "--height", "32")
+    ref = sdxl_reference(tiny_diffusers_dir, "a red cat on the house", seed=7, steps=8, guidance=5.0, width=48, height=32)
+    assert ours.size == ref.size == (48, 32)
+    print(f"SDXL base + refiner parity: PSNR {psnr(ours, ref):.2f} dB")
+    assert psnr(ours, ref) >= PARITY_DB
+
+
+def test_sdxl_refiner_runs_the_low_noise_steps(imported_sdxl):
+    """The refiner owns exactly the steps diffusers' denoising_start=0.8 gives it."""
+    from ediffi.pipeline import stage_sigmas
+
+    stage = imported_sdxl.config.stages[0]
+    ensemble = imported_sdxl.stages[stage.name]
+    sigmas = stage_sigmas(stage, 8)[:-1]
+    owners = [ensemble.route(float(s)) for s in sigmas]
+    assert owners == ["base"] * owners.count("base") + ["refiner"] * owners.count("refiner")
+    assert owners.count("refiner") >= 1 and owners.count("base") >= 1
+
+
+# -- import errors ------------------------------------------------------------
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def test_pickled_weights_are_refused_by_name(tiny_diffusers_dir, tmp_path):
+    from ediffi.importers.diffusers import DiffusersImportError, import_diffusers
+
+    folder = _copy(tiny_diffusers_dir / "sd", tmp_path / "sd")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(folder / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(DiffusersImportError, match=r"unet/diffusion_pytorch_model\.bin: pickled weights"):
+        import_diffusers(folder, tmp_path / "out")
+
+
+def test_unknown_pipeline_class_is_named(tiny_diffusers_dir, tmp_path):
+    from ediffi.importers.diffusers import DiffusersImportError, import_diffusers
+
+    folder = _copy(tiny_diffusers_dir / "sd", tmp_path / "sd")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "KandinskyPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(DiffusersImportError, match="'KandinskyPipeline' is not supported"):
+        import_diffusers(folder, tmp_path / "out")
+
+
+def test_missing_component_is_named(tiny_diffusers_dir, tmp_path):
+    from ediffi.importers.diffusers import DiffusersImportError, import_diffusers
+
+    folder = _copy(tiny_diffusers_dir / "sdxl-base", tmp_path / "base")
+    shutil.rmtree(folder / "text_encoder_2")
+    with pytest.raises(DiffusersImportError, match="component 'text_encoder_2'.*missing"):
+        import_diffusers(folder, tmp_path / "out")
+
+
+def test_refiner_with_another_text_encoder_is_refused(tiny_diffusers_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from cli.main import main
+
+    refiner = _copy(tiny_diffusers_dir / "sdxl-refiner", tmp_path / "refiner")
+    weights = refiner / "text_encoder_2" / "model.safetensors"
+    state = load_file(weights)
+    name = next(iter(state))
+    state[name] = state[name] + 1.0
+    save_file(state, weights)
+    code = main(["import", "diffusers", str(tiny_diffusers_dir / "sdxl-base"), "--refiner", str(refiner), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "does not match the base's" in capsys.readouterr().err
+
+
+def test_imported_model_refuses_a_style_image(imported_sd_dir):
+    from ediffi.model import load_model
+    from ediffi.pipeline import GenerationRequest, encode_request
+
+    model = load_model(imported_sd_dir)
+    with pytest.raises(ValueError, match="^style_image"):
+        encode_request(model, GenerationRequest(prompt="a cat", style_image=Image.new("RGB", (8, 8))))
+    with pytest.raises(ValueError, match="^width: must be a multiple of 8"):
+        encode_request(model, GenerationRequest(prompt="a cat", width=36))
+
+
+def test_imported_model_needs_the_torch_backend(imported_sd_dir):
+    from engines.engine import make_backend
+
+    with pytest.raises(ValueError, match="torch backend only"):
+        make_backend("onnxruntime", imported_sd_dir)
