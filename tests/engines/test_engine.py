@@ -36,12 +36,7 @@ from engines.backend import slice_rows
 TOLERANCE = 2  # 8-bit levels, i.e. 2/255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: the cores are shared
 
 
 @pytest.fixture(scope="module")

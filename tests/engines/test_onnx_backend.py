@@ -25,12 +25,7 @@ from export.onnx_export import export_onnx
 TOLERANCE = 2  # 8-bit levels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: the cores are shared
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,7 @@ from export.onnx_export import (
 from export.parity import GRAPH_MAX_REL, IMAGE_MIN_PSNR, check_graphs, check_images, errors, psnr
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: the cores are shared
 
 
 @pytest.fixture(scope="module")

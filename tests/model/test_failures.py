@@ -20,7 +20,9 @@ from ediffi.failure import PUBLIC_MESSAGES, Failure, FailureKind, InputError, fi
 from ediffi.pipeline import GenerationRequest
 from engines import Engine, EngineConfig, TorchBackend
 from tests.support.fault_injection import BROKEN_DEVICE_TEXT, CUDA_OOM_TEXT, OutOfMemoryAboveRows
-from tests.engines.test_engine import PROMPTS, _one_torch_thread, max_diff  # noqa: F401 - autouse fixture
+from tests.engines.test_engine import PROMPTS, max_diff
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 TOLERANCE = 2  # 8-bit levels, as in test_engine
 

@@ -17,12 +17,7 @@ from ediffi.model import SHIPPED_SHAPE_SPEC, build_random_model_dir, load_model,
 from ediffi.pipeline import GenerationRequest, encode_request
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: the cores are shared
 
 
 @pytest.fixture

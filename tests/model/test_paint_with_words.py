@@ -37,13 +37,7 @@ PAINTED = [2, 3]  # token columns of the painted phrase
 H = W = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model is far faster on one thread, and the CI cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: the cores are shared
 
 
 # --------------------------------------------------------------------------

@@ -26,13 +26,7 @@ from ediffi.samplers import SAMPLERS, classifier_free_guidance, karras_sigmas, m
 PROMPT = "a red circle on the left and a blue square"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model is far faster on one thread, and the CI cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py: the cores are shared
 
 
 def _array(image: Image.Image) -> np.ndarray:
