@@ -11,6 +11,11 @@ Each tick:
      finish the requests that are done, and give the scheduler their next
      pending evaluations.
 
+Ticks run on the backend's device thread (`engines.device_thread`), the one
+thread that loaded, warmed up and timed the model; the engine's own thread
+only waits for work and hands each tick over. Hooks and request callbacks
+run inside the tick.
+
 Use it from a worker or an in-process server with a background thread
 (`start()`, `submit()`, `handle.result()` or `await handle.wait()`), or drive
 it synchronously (`submit()` then `run_until_idle()`), as tests do.
@@ -101,7 +106,7 @@ class TickInfo:
 @dataclass
 class EngineHooks:
     """Plain metric callbacks (the server maps them to Prometheus). They run
-    on the engine thread: keep them quick."""
+    inside the tick, on the device thread: keep them quick."""
 
     on_batch: Callable[[BatchTiming], None] | None = None  # batch size and forward time per expert
     on_admit: Callable[[str, float], None] | None = None  # request id, queue wait seconds
@@ -251,7 +256,7 @@ class Engine:
     ) -> RequestHandle:
         """Queue a request. Validates it at once (ValueError); raises
         `QueueFull` when `max_waiting` requests already wait. `on_progress
-        (done, total)` and `on_done(outcome)` run on the engine thread."""
+        (done, total)` and `on_done(outcome)` run inside the tick (device thread)."""
         request.validate()
         rid = request_id or uuid.uuid4().hex
         now = self._clock()
@@ -339,7 +344,7 @@ class Engine:
             return bool(self._inbox or self._cancels or self.scheduler.has_work())
 
     def run_until_idle(self, max_ticks: int | None = None) -> int:
-        """Tick on the caller's thread until nothing is queued or running."""
+        """Tick until nothing is queued or running, waiting here (the ticks run on the device thread)."""
         if self._thread is not None:
             raise RuntimeError("the engine thread is running; use handles instead")
         ticks = 0
@@ -365,7 +370,12 @@ class Engine:
 
     # -- one tick ----------------------------------------------------------
     def tick(self) -> StepPlan:
-        """One scheduling step. Returns the plan it ran."""
+        """One scheduling step, run on the backend's device thread (`engines.device_thread`:
+        text encoding and denoiser calls on the thread that loaded and timed the model).
+        Returns the plan it ran."""
+        return self.backend.device_thread.call(self._tick)
+
+    def _tick(self) -> StepPlan:
         started = time.perf_counter()
         with torch.inference_mode():
             self._take_inbox()

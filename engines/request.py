@@ -3,9 +3,9 @@
 deadline, cancellation, progress and completion callbacks), the outcome
 object handed back, and the LRU cache of prompt embeddings.
 
-All of this is touched by the engine thread only, except `RequestHandle`
-(thread-safe: a future plus the latest progress) and the callbacks, which run
-on the engine thread and must be quick (hand off to a queue or an event loop
+All of this is touched inside the engine's ticks only (on the backend's
+device thread), except `RequestHandle` (thread-safe: a future plus the latest
+progress) and the callbacks, which run inside the tick and must be quick (hand off to a queue or an event loop
 with `loop.call_soon_threadsafe`).
 """
 

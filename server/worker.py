@@ -329,7 +329,7 @@ class Worker:
             if record is not None:
                 self.metrics.observe_job_finished(record)
 
-    # -- engine callbacks (engine thread -> loop) ----------------------------
+    # -- engine callbacks (device thread -> loop) ----------------------------
     def _from_engine(self, fn, *args) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():

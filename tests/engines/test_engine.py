@@ -362,7 +362,8 @@ def test_threaded_engine_with_asyncio_and_threads(backend, model):
 
         outcomes = asyncio.run(main())
     assert all(o.ok for o in outcomes)
-    assert progress_threads == {f"engine[{engine.name}]"}
+    # Callbacks run inside the ticks, on the backend's device thread (engines/device_thread.py).
+    assert progress_threads == {backend.device_thread.call(lambda: threading.current_thread().name)}
     by_seed = {o.seeds[0]: o for o in outcomes}
     for request in requests[:2]:
         assert max_diff(by_seed[request.seed].images, generate(model, request)) <= TOLERANCE
