@@ -147,7 +147,8 @@ class EngineRequest:
         p = self.pending
         if p is None:
             return None
-        return PendingView(GroupKey(p.stage, p.expert, tuple(p.inputs.x.shape[1:])), len(p.inputs))
+        remaining = max(1, self.run.evaluations_total - self.run.evaluations_done)
+        return PendingView(GroupKey(p.stage, p.expert, tuple(p.inputs.x.shape[1:])), len(p.inputs), remaining)
 
     def advance(self, denoised: torch.Tensor) -> None:
         self.run.advance(denoised)

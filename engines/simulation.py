@@ -150,7 +150,21 @@ SHIPPED_CPU_ONE_THREAD = _measured({
     "sr/sr0": {1: 16.7, 2: 30.4, 4: 53.2, 8: 106.8, 16: 313.0},
     "sr/sr1": {1: 19.2, 2: 32.0, 4: 59.0, 8: 107.0, 16: 239.0},
 })
-EXAMPLE_COST_MODELS = {"fixed-dominant": FIXED_DOMINANT, "row-heavy": ROW_HEAVY, "cpu-1-thread": SHIPPED_CPU_ONE_THREAD}
+# ... and on two quiet CPU threads, every call on the device thread (the
+# pooled calibration of `ediffi bench engine --clients 32 --requests 64`,
+# wall clock, 2026-12-06): a call's fixed cost is one or two rows', and no
+# expert gets cheaper per row past 8-16 rows.
+SHIPPED_CPU_TWO_THREADS = _measured({
+    "base/base0": {1: 23.8, 2: 34.2, 4: 51.0, 8: 81.8, 16: 141.8},
+    "base/base1": {1: 22.1, 2: 34.1, 4: 48.7, 8: 83.2, 16: 153.2},
+    "base/base2": {1: 21.3, 2: 31.7, 4: 51.9, 8: 81.1, 16: 140.6},
+    "sr/sr0": {1: 23.0, 2: 33.1, 4: 54.4, 8: 91.5, 16: 193.0},
+    "sr/sr1": {1: 23.2, 2: 31.6, 4: 53.2, 8: 93.1, 16: 193.7},
+})
+EXAMPLE_COST_MODELS = {
+    "fixed-dominant": FIXED_DOMINANT, "row-heavy": ROW_HEAVY, "cpu-1-thread": SHIPPED_CPU_ONE_THREAD,
+    "cpu-2-threads": SHIPPED_CPU_TWO_THREADS,
+}
 
 
 @dataclass
@@ -237,7 +251,7 @@ def simulate(
 
     def view(rid: str) -> PendingView | None:
         script = scripts[rid]
-        return PendingView(script[0], rows[rid]) if script else None
+        return PendingView(script[0], rows[rid], len(script)) if script else None
 
     def finish(rid: str, at: float) -> None:
         latencies.append(at - submitted_at[rid])
@@ -334,6 +348,7 @@ __all__ = [
     "ROW_HEAVY",
     "SHIPPED_CASCADE",
     "SHIPPED_CPU_ONE_THREAD",
+    "SHIPPED_CPU_TWO_THREADS",
     "SimRequest",
     "SimResult",
     "SimStage",

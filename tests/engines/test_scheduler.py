@@ -47,7 +47,7 @@ class FakeEngine:
 
     def view(self, rid: str) -> PendingView | None:
         script = self.scripts[rid]
-        return PendingView(script[0], self.rows[rid]) if script else None
+        return PendingView(script[0], self.rows[rid], len(script)) if script else None
 
     def tick(self) -> StepPlan:
         admission = self.s.admit(self.now)
@@ -164,6 +164,29 @@ def test_budget_caps_the_tick_and_ties_go_to_the_oldest():
     assert sorted(ids[0] for ids in order) == ["first"] * 3 + ["second"] * 2 + ["third"]
 
 
+def test_step_serves_the_most_urgent_request_first():
+    """Urgency = ticks since arrival + evaluations left: of requests that
+    arrive together, the one with the most work left runs first, and a
+    request passed over grows more urgent each tick until it runs."""
+    e = make(max_batch=8, max_rows_per_tick=2, max_wait_ticks=1000)
+    e.add("short", [A, A])
+    e.add("long", [B] * 5)
+    order = [e.tick().request_ids for _ in range(7)]
+    # long (urgency 5) runs while short's urgency climbs 2, 3, 4, 5; at 5 = 5 the older goes first.
+    assert order == [("long",), ("long",), ("long",), ("short",), ("long",), ("short",), ("long",)]
+
+
+def test_step_cuts_a_full_group_keeping_its_most_urgent_requests():
+    e = make(max_batch=4)
+    for i in range(3):
+        e.add(f"short{i}", [A])
+    e.add("long", [A] * 6)
+    first = e.tick()
+    assert first.groups[0].request_ids == ("long", "short0")  # 4 rows: the most urgent, then the oldest
+    e.run()
+    assert all(not s for s in e.scripts.values())
+
+
 def test_fairness_bound_random_load():
     rng = random.Random(1)
     keys = [A, B, SR, GroupKey("sr", "sr1", (3, 32, 32))]
@@ -216,10 +239,11 @@ def test_heun_correction_crossing_an_expert_boundary():
     e.add("heun", [A, B, B])  # predictor on A, correction on B
     e.add("on_b", [B, B, B])
     first = e.tick()
-    assert {g.key: g.request_ids for g in first.groups} == {A: ("heun",)}  # equal batches: the oldest first
+    # Equal urgency (3 evaluations left each) and equal batches: the oldest first.
+    assert {g.key: g.request_ids for g in first.groups} == {A: ("heun",)}
     second = e.tick()
-    # on_b waited one tick and now shares the call: the two traverse B together.
-    assert {g.key: g.request_ids for g in second.groups} == {B: ("heun", "on_b")}
+    # on_b waited one tick (more urgent now, so first) and shares the call: the two traverse B together.
+    assert {g.key: g.request_ids for g in second.groups} == {B: ("on_b", "heun")}
 
 
 def test_cancellation_frees_the_slot_next_tick():
