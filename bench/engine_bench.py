@@ -181,6 +181,10 @@ class PolicyResult:
     ticks: int
     # Denoiser rows per image of this load, per expert (what the compute limit weighs).
     rows_per_image: dict[str, float] = field(default_factory=dict)
+    # The compute limit from this policy's own calibrations (just before and after its run),
+    # before `apply_shared_bound` puts every policy of a run on one pooled bound: how far the
+    # machine drifted during this run relative to the others.
+    run_compute_limit_images_per_s: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -351,6 +355,7 @@ def run_policy(
         rows_per_image={k: round(v, 4) for k, v in rows_per_image.items()},
         forward_s=round(sum(stats.seconds.values()), 3),
         forward_share=round(sum(stats.seconds.values()) / wall, 4) if wall > 0 else 0.0, ticks=engine.ticks,
+        run_compute_limit_images_per_s=round(limit, 4),
     )
 
 

@@ -68,6 +68,7 @@ def test_run_bench_every_policy(bench_model_dir):
         # which no policy's one-request calls (the pair limit) can exceed.
         assert r.efficiency == pytest.approx(r.throughput_images_per_s / r.compute_limit_images_per_s, rel=0.01)
         assert 0 < r.pair_limit_images_per_s <= r.compute_limit_images_per_s
+        assert r.run_compute_limit_images_per_s > 0  # the run's own calibration, kept beside the pooled bound
         assert set(r.cost_model) == {f"{stage}/{expert}" for stage, expert in backend.experts()}
         assert r.latency_p50_s <= r.latency_p95_s <= r.latency_p99_s
         assert JSON_KEYS <= set(r.to_json())

@@ -151,9 +151,10 @@ def test_fairness_bounded_wait_under_a_row_budget():
     assert all(not s for s in e.scripts.values())
 
 
-def test_budget_caps_the_tick_and_ties_go_to_the_oldest():
-    """With a budget of one request's rows a tick serves one request; equal
-    batches go oldest first, then to whoever waited (aging)."""
+def test_budget_caps_the_tick_and_the_most_urgent_goes_first():
+    """With a budget of one request's rows a tick serves one request: the
+    most urgent (here the one with most evaluations left) first, and
+    everyone within the budget's ticks."""
     e = make(max_batch=8, max_rows_per_tick=2, max_wait_ticks=1000)
     e.add("first", [A, B, SR])
     e.add("second", [A, A])
