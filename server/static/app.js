@@ -448,6 +448,9 @@ function buildRequest() {
   if (negative) body.negative_prompt = negative;
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   if (state.style) body.style_image = state.style.b64;
+  for (const side of ["width", "height"]) {
+    if (!$(`${side}-field`).hidden && $(side).value !== "") body[side] = Number($(side).value);
+  }
   const sent = state.regions.filter((r) => pixelCount(r.label) > 0);
   let colorMap = null;
   if (sent.length) {
@@ -560,6 +563,7 @@ async function showResult(job, view) {
       id: job.id, image: dataUrl, seed: image.seed, seconds,
       prompt: job.body.prompt, negative_prompt: job.body.negative_prompt || "",
       steps: job.body.steps, guidance_scale: job.body.guidance_scale, sampler: job.body.sampler,
+      width: job.body.width, height: job.body.height,
       regions: job.sent.map((r) => ({ color: r.color, phrase: r.phrase, strength: r.strength })),
       color_map: job.colorMap, style: Boolean(job.body.style_image),
     };
@@ -598,6 +602,7 @@ async function cancel() {
 function describe(e) {
   const regions = e.regions.map((r) => `“${r.phrase}” ${r.strength.toFixed(2)}`).join(", ");
   return `${e.prompt} · steps ${e.steps} · guidance ${e.guidance_scale} · seed ${e.seed} · ${e.sampler}` +
+    (e.width && e.height ? ` · ${e.width}x${e.height}` : "") +
     (regions ? ` · painted: ${regions}` : "") + (e.style ? " · style image" : "") +
     (e.negative_prompt ? ` · not: ${e.negative_prompt}` : "");
 }
@@ -638,6 +643,7 @@ async function reuseEntry(e) {
   $("guidance").value = e.guidance_scale;
   $("seed").value = e.seed;
   $("sampler").value = e.sampler;
+  for (const side of ["width", "height"]) if (e[side] && !$(`${side}-field`).hidden) $(side).value = e[side];
   state.regions = e.regions.map((r, k) => ({ ...r, label: k + 1 }));
   state.nextLabel = state.regions.length + 1;
   state.active = state.regions.length ? 1 : null;
@@ -651,7 +657,9 @@ async function reuseEntry(e) {
 // ------------------------------------------------------------------------ init
 
 // Show only the controls the served model supports (GET /v1/models): a model
-// without an image encoder (an imported SD/SDXL) takes no style image.
+// without an image encoder (an imported SD/SDXL) takes no style image; a model
+// that makes more than one size (a latent one) gets width and height, starting
+// at its default, in steps of the multiple it needs.
 async function applyCapabilities() {
   try {
     const listing = await (await api("/v1/models")).json();
@@ -660,7 +668,16 @@ async function applyCapabilities() {
       $("style-controls").hidden = true;
       setStyle(null);
     }
-  } catch { /* keep every control: the API answers a wrong field with a 422 */ }
+    const sizes = caps.sizes;
+    if (sizes && !sizes.fixed) {
+      for (const [side, initial] of [["width", sizes.default_width], ["height", sizes.default_height]]) {
+        const input = $(side);
+        input.min = input.step = sizes.multiple_of;
+        input.value = initial;
+        $(`${side}-field`).hidden = false;
+      }
+    }
+  } catch { /* keep the default controls: the API answers a wrong field with a 422 */ }
 }
 
 function init() {

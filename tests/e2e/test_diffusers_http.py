@@ -81,3 +81,16 @@ def test_web_ui_hides_the_style_control_for_a_model_without_image_encoder(served
     wait_for(browser, lambda d: d.execute_script("return document.getElementById('style-controls').hidden"), 20,
              "the style controls stayed visible")
     assert browser.execute_script("return document.getElementById('negative-prompt').offsetParent !== undefined")
+
+
+def test_web_ui_offers_width_and_height_for_a_model_that_makes_several_sizes(served_sdxl, browser):
+    """A latent model (sizes.fixed false) gets width and height fields at its
+    default size in steps of its multiple, and the request carries them."""
+    open_page(browser, served_sdxl)
+    wait_for(browser, lambda d: d.find_element("id", "width-field").is_displayed(), 20, "no width field")
+    width, height = browser.find_element("id", "width"), browser.find_element("id", "height")
+    assert (width.get_attribute("value"), height.get_attribute("value")) == ("32", "32")  # the model's default
+    assert width.get_attribute("step") == height.get_attribute("min") == "8"  # its multiple
+    browser.execute_script("document.getElementById('width').value = '48'")
+    body = browser.execute_script("document.getElementById('prompt').value = 'a cat'; return buildRequest().body")
+    assert (body["width"], body["height"]) == (48, 32)

@@ -144,6 +144,9 @@ def test_sends_exact_colour_map_and_shows_progress_result_history(browser, live)
     job = live.worker.jobs[n_before]
     params = job["params"]
     assert params["prompt"] == "a red circle and a blue square"
+    # The shipped model makes one size: no width/height controls, none sent.
+    assert not driver.find_element("id", "width-field").is_displayed()
+    assert "width" not in params and "height" not in params
     assert (params["steps"], params["seed"], params["guidance_scale"], params["sampler"]) == (20, 5, 2.5, "euler")
     sent = {r["phrase"]: r for r in params["paint_with_words"]["regions"]}
     assert set(sent) == {"red circle", "blue square"}
