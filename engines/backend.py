@@ -22,6 +22,7 @@ OpenMP pool: two pools made every call 1.3-2x slower).
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -49,6 +50,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 # The entry points that touch torch: each runs on the backend's device thread.
 DEVICE_THREAD_METHODS = ("load", "warmup", "time_buckets", "run")
+_DEVICE_THREAD_LOCK = threading.Lock()  # two first users of a backend get one thread
 
 
 class Backend(ABC):
@@ -70,16 +72,20 @@ class Backend(ABC):
     def device_thread(self) -> DeviceThread:
         """The thread this backend's torch work runs on (created on first use; it exits when the
         backend is closed or collected)."""
-        if self._device_thread is None:
-            thread = DeviceThread(f"device[{self.name}]")
-            self._device_thread = thread
-            weakref.finalize(self, thread.shutdown, wait=False)
+        if self._device_thread is not None:
+            return self._device_thread
+        with _DEVICE_THREAD_LOCK:
+            if self._device_thread is None:
+                thread = DeviceThread(f"device[{self.name}]")
+                self._device_thread = thread
+                weakref.finalize(self, thread.shutdown, wait=False)
         return self._device_thread
 
     def close(self) -> None:
         """Stop the device thread (after its queued calls)."""
         if self._device_thread is not None:
             self._device_thread.shutdown()
+
     # Seconds of one call per (stage, expert) and batch bucket, measured by
     # `warmup` (empty until then): the fastest call, and every timed call
     # (the cost model takes their median).
