@@ -63,9 +63,7 @@ class Backend(ABC):
         super().__init_subclass__(**kwargs)
         for name in DEVICE_THREAD_METHODS:
             method = cls.__dict__.get(name)
-            if method is not None and not getattr(method, "__isabstractmethod__", False) and not getattr(
-                method, "__on_device_thread__", False
-            ):
+            if method is not None and not getattr(method, "__on_device_thread__", False):
                 setattr(cls, name, on_device_thread(method))
 
     @property

@@ -66,10 +66,7 @@ def on_device_thread(method: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(method)
     def wrapper(self, *args: Any, **kwargs: Any) -> T:
-        thread = self.device_thread
-        if thread.is_current:
-            return method(self, *args, **kwargs)
-        return thread.call(method, self, *args, **kwargs)
+        return self.device_thread.call(method, self, *args, **kwargs)  # inline when already there
 
     wrapper.__on_device_thread__ = True  # type: ignore[attr-defined]
     return wrapper
