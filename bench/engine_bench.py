@@ -556,7 +556,7 @@ def bench_target_model_dir(args, settings, log=print) -> Path:
     """What `ediffi bench engine|http` measures: --model-dir, else
     EDIFFI_MODEL_DIR, else the shipped model; where the shipped model is
     missing, a random model of its architecture in the scratch folder."""
-    from ediffi.model import DEFAULT_MODEL_DIR, resolve_model_dir
+    from ediffi.config import DEFAULT_MODEL_DIR, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model_dir, getattr(settings, "model_dir", None) if settings is not None else None)
     if model_dir == DEFAULT_MODEL_DIR and not (model_dir / "model.json").is_file():

@@ -11,7 +11,7 @@ from ediffi import spec
 
 def resolve_model_dir(cli_value: str | None, settings) -> Path:
     """--model-dir, else EDIFFI_MODEL_DIR, else the shipped models/default."""
-    from ediffi.model import resolve_model_dir as resolve
+    from ediffi.config import resolve_model_dir as resolve
 
     return resolve(cli_value, settings.model_dir)
 
@@ -320,11 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def load_settings():
+    """``Settings()`` from the environment, or None after one line per invalid variable on stderr
+    (``error: EDIFFI_MAX_BATCH: Input should be a valid integer ...``). The value itself is not
+    repeated: it may be a secret (an API key, a Redis URL with its password)."""
+    from pydantic import ValidationError
+
     from server.settings import Settings
 
-    settings = Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            message = error["msg"].removeprefix("Value error, ")
+            print(f"error: EDIFFI_{field.upper()}: {message}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = load_settings()
+    if settings is None:
+        return 2
     if args.command in ("serve", "api", "worker"):
         import logging
 

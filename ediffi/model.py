@@ -34,18 +34,6 @@ from ediffi.encoders import Encoders, TinyEncoderSpec, build_tiny_encoders
 DECODER = "vae_decoder"
 
 
-#: The shipped model: models/default in a checkout (and at /app/models/default in the images).
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
-
-
-def resolve_model_dir(cli_value: str | Path | None, configured: str | Path | None) -> Path:
-    """--model-dir, else the configured EDIFFI_MODEL_DIR, else the shipped model."""
-    if cli_value:
-        return Path(cli_value)
-    if configured:
-        return Path(configured)
-    return DEFAULT_MODEL_DIR
-
 
 class ExpertEnsemble(nn.Module):
     """The experts of one stage. `route` picks the expert owning sigma in its

@@ -56,8 +56,7 @@ def check_access(settings: Settings, host: str, port: int) -> None:
     try:
         check_access_settings(settings)
     except ConfigurationError as exc:
-        log.error("refusing to start: %s", exc)
-        raise SystemExit(2) from None
+        refuse(str(exc))
     if settings.api_keys:
         log.info("API keys required on job endpoints (%d configured)", len(settings.api_keys))
     else:
@@ -71,9 +70,51 @@ def check_access(settings: Settings, host: str, port: int) -> None:
         )
 
 
+def refuse(reason: str) -> None:
+    """Stop a process before it serves (exit 2), with the reason as one line."""
+    log.error("refusing to start: %s", reason)
+    raise SystemExit(2)
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """The model directory's model.json loads (no torch): a wrong EDIFFI_MODEL_DIR stops the process at once,
+    not after minutes of loading or on the first request."""
+    from pydantic import ValidationError
+
+    from ediffi.config import ModelConfig
+
+    try:
+        ModelConfig.load(model_dir)
+    except FileNotFoundError as exc:
+        refuse(f"{exc} (EDIFFI_MODEL_DIR)")
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
+        refuse(f"model directory {model_dir}: invalid model.json: {fields}")
+    except (ValueError, OSError) as exc:
+        refuse(f"model directory {model_dir}: unreadable model.json: {exc}")
+
+
+def check_device(settings: Settings) -> None:
+    """EDIFFI_DEVICE names a device this machine has, checked before the model loads."""
+    if not settings.device.startswith("cuda"):
+        return
+    import torch
+
+    index = int(settings.device.partition(":")[2] or 0)
+    if not torch.cuda.is_available():
+        refuse(f"EDIFFI_DEVICE={settings.device}, but CUDA is not available on this machine (torch {torch.__version__})")
+    if index >= torch.cuda.device_count():
+        refuse(f"EDIFFI_DEVICE={settings.device}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def run_api(settings: Settings, model_dir: Path, host: str, port: int) -> None:
     from server.app import create_app
 
+    if not settings.redis_url:
+        # The in-process queue of a lone API process has no worker: every job would wait forever.
+        refuse("`ediffi api` needs EDIFFI_REDIS_URL, the queue its workers read "
+               "(use `ediffi serve` for one process without Redis)")
+    check_model_dir(model_dir)
     check_access(settings, host, port)
     app = create_app(settings, capabilities=capabilities(model_dir))
     uvicorn.run(app, host=host, port=port, log_level="info")
@@ -114,7 +155,9 @@ def run_worker(
     """Run ``ediffi worker``; exits with :data:`EXIT_ENGINE_UNHEALTHY` if it gave up on its engine.
     ``engine_factory(settings, model_dir)`` builds and starts the engine (tests inject faults there)."""
     if not settings.redis_url:
-        raise SystemExit("error: `ediffi worker` needs EDIFFI_REDIS_URL (use `ediffi serve` for one process without Redis)")
+        refuse("`ediffi worker` needs EDIFFI_REDIS_URL (use `ediffi serve` for one process without Redis)")
+    check_model_dir(model_dir)
+    check_device(settings)
     if not asyncio.run(_worker_main(settings, model_dir, settings.host, metrics_port, engine_factory)):
         raise SystemExit(EXIT_ENGINE_UNHEALTHY)
 
@@ -147,5 +190,7 @@ async def _serve_main(settings: Settings, model_dir: Path, host: str, port: int)
 
 
 def run_serve(settings: Settings, model_dir: Path, host: str, port: int) -> None:
-    check_access(settings, host, port)  # before the model loads
+    check_model_dir(model_dir)  # all before the model loads
+    check_device(settings)
+    check_access(settings, host, port)
     asyncio.run(_serve_main(settings, model_dir, host, port))

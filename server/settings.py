@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -207,6 +208,27 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         default=9100, ge=0, le=65535, description="Port of a standalone worker's /metrics endpoint."
     )
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis_url(cls, value: object) -> object:
+        """A URL redis-py can open (``redis://``, ``rediss://``, ``unix://``), checked here so a typo is one
+        line at start-up instead of a failure after the model has loaded. Empty means unset. The message
+        never repeats the URL: it may hold a password."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, str):
+            parts = urlsplit(value.strip())
+            if parts.scheme not in ("redis", "rediss", "unix"):
+                raise ValueError("not a Redis URL: it must start with redis://, rediss:// or unix://")
+            try:
+                parts.port  # noqa: B018 - raises on a port that is not a number in range
+            except ValueError:
+                raise ValueError("the port of the Redis URL is not a number from 0 to 65535") from None
+            if parts.scheme == "unix" and not parts.path:
+                raise ValueError("the Redis URL names no socket path (unix:///path/to/redis.sock)")
+            return value.strip()
+        return value
 
     @field_validator("max_rows_per_tick", mode="before")
     @classmethod

@@ -112,7 +112,7 @@ def test_painted_training_region_holds_its_object_and_no_other():
 def shipped_encoders():
     from pathlib import Path
 
-    from ediffi.model import DEFAULT_MODEL_DIR
+    from ediffi.config import DEFAULT_MODEL_DIR
     from ediffi.encoders import Encoders
     from ediffi.train import encoders_config
 
