@@ -519,7 +519,7 @@ def stage_realsize(args) -> None:
 
             folder = build_tiny_sd(work / "tiny") if arch == "tiny-sd" else build_tiny_sdxl(work / "tiny")[0]
         model_dir = work / f"{arch}-model"
-        import_diffusers(folder, model_dir)
+        import_diffusers(folder, model_dir, replace=True)  # a rerun in the same work dir
         entry["build_and_import_s"] = round(time.perf_counter() - start, 2)
         report.update(results=results)
         backend = _backend(argparse.Namespace(**{**vars(args), "model_dir": model_dir}),

@@ -31,6 +31,10 @@ def cmd_generate(args, settings) -> int:
     if bool(regions) != bool(args.paint):
         print("error: --paint COLOR_MAP.png and --region go together", file=sys.stderr)
         return 2
+    out = Path(args.out)
+    if out.suffix.lower() not in Image.registered_extensions():  # checked before minutes of sampling, not after
+        print(f"error: --out {out}: not an image file name Pillow can write (e.g. out.png, out.jpg)", file=sys.stderr)
+        return 2
     model_dir = resolve_model_dir(args.model_dir, settings)
     try:
         from engines.engine import make_backend
@@ -59,7 +63,6 @@ def cmd_generate(args, settings) -> int:
     except (OSError, ValueError, RuntimeError, PaintWithWordsError) as exc:  # OSError: unreadable images too
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for k, image in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}")
@@ -69,12 +72,19 @@ def cmd_generate(args, settings) -> int:
 
 
 def cmd_import(args, settings) -> int:
-    from ediffi.importers.diffusers import DiffusersImportError, import_diffusers
+    from ediffi.importers.diffusers import DEFAULT_HIGH_NOISE_FRAC, DiffusersImportError, import_diffusers
 
+    if args.high_noise_frac is not None and not args.refiner:
+        print("error: --high-noise-frac sets the base/refiner boundary: it goes with --refiner", file=sys.stderr)
+        return 2
+    high_noise_frac = DEFAULT_HIGH_NOISE_FRAC if args.high_noise_frac is None else args.high_noise_frac
+    if not 0.0 < high_noise_frac < 1.0:
+        print(f"error: --high-noise-frac must be within (0, 1), got {high_noise_frac}", file=sys.stderr)
+        return 2
     try:
         config = import_diffusers(
-            args.base_dir, args.out, refiner_dir=args.refiner, high_noise_frac=args.high_noise_frac, copy=args.copy,
-            sr_dir=args.sr,
+            args.base_dir, args.out, refiner_dir=args.refiner, high_noise_frac=high_noise_frac, copy=args.copy,
+            sr_dir=args.sr, replace=args.force,
         )
     except (DiffusersImportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -209,10 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     dif.add_argument("base_dir", help="pipeline folder with model_index.json")
     dif.add_argument("--refiner", help="SDXL refiner folder (StableDiffusionXLImg2ImgPipeline): the low-noise expert")
     dif.add_argument("--sr", help="DeepFloyd IF stage II folder (IFSuperResolutionPipeline): the super-resolution stage")
-    dif.add_argument("--high-noise-frac", type=float, default=0.8,
-                     help="share of the noise schedule the base denoises (diffusers' denoising_end / denoising_start)")
+    dif.add_argument("--high-noise-frac", type=float,
+                     help="with --refiner: share of the noise schedule the base denoises (diffusers' denoising_end / "
+                          "denoising_start; default 0.8)")
     dif.add_argument("--copy", action="store_true", help="copy the components (default: symbolic links to them)")
-    dif.add_argument("--out", required=True, help="model directory to write")
+    dif.add_argument("--out", required=True, help="model directory to write (a new or empty folder)")
+    dif.add_argument("--force", action="store_true", help="replace the model directory already at --out")
     dif.set_defaults(func=cmd_import)
 
     for name, func, text in (

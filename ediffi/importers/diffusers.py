@@ -20,11 +20,13 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ediffi.config import (
+    MODEL_JSON,
     ClipTextEncoderConfig,
     ConditioningConfig,
     DiffusersEncodersConfig,
@@ -64,7 +66,7 @@ class PipelineFolder:
         index_path = root / "model_index.json"
         if not index_path.is_file():
             raise DiffusersImportError(f"{root} is not a diffusers pipeline folder: it has no model_index.json")
-        return cls(root, json.loads(index_path.read_text()))
+        return cls(root, read_json(index_path))
 
     @property
     def pipeline_class(self) -> str:
@@ -90,23 +92,69 @@ class PipelineFolder:
         path = self.component(name, weights=False) / filename
         if not path.is_file():
             raise DiffusersImportError(f"component {name!r}: {path} is missing")
-        return json.loads(path.read_text())
+        return read_json(path)
 
     def setting(self, key: str, default):
         """A pipeline argument registered in model_index.json (e.g. force_zeros_for_empty_prompt)."""
         return self.index.get(key, default)
 
 
+#: The weight files diffusers' and transformers' from_pretrained read without a ``variant``: one file, or the
+#: index of its shards.
+DEFAULT_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DiffusersImportError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise DiffusersImportError(f"{path}: expected a JSON object")
+    return value
+
+
 def require_safetensors(folder: Path) -> None:
+    """The folder holds the default safetensors weights (or their shard index), whole: checked at import, so a
+    truncated download or an fp16-only variant folder is named now instead of failing when a worker loads it."""
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    if any(p.name.endswith(".safetensors") or p.name.endswith(".safetensors.index.json") for p in files):
-        return
+    names = {p.name for p in files}
+    for default in DEFAULT_WEIGHTS:
+        if default in names:
+            _check_safetensors(folder / default)
+            return
+        if f"{default}.index.json" in names:
+            shards = read_json(folder / f"{default}.index.json").get("weight_map", {})
+            for shard in sorted(set(shards.values()) if isinstance(shards, dict) else ()):
+                if not (folder / shard).is_file():
+                    raise DiffusersImportError(f"{folder / shard}: missing (listed in {default}.index.json)")
+                _check_safetensors(folder / shard)
+            return
     pickled = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    variants = [p.name for p in files if p.name.endswith(".safetensors")]
+    if variants:
+        raise DiffusersImportError(
+            f"{folder}: only variant weights ({', '.join(variants)}), no {' or '.join(DEFAULT_WEIGHTS)}: "
+            "import a folder with the default weights (diffusers: "
+            "DiffusionPipeline.from_pretrained(folder, variant=...).save_pretrained(new_folder) writes them)"
+        )
     if pickled:
         raise DiffusersImportError(
             f"{pickled[0]}: pickled weights are not loaded (they can run code); convert the component to safetensors"
         )
     raise DiffusersImportError(f"{folder}: no safetensors weights found")
+
+
+def _check_safetensors(path: Path) -> None:
+    """The file's header parses and its tensors cover the file exactly (safetensors' own check; the data
+    is memory-mapped, not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise DiffusersImportError(f"{path}: not a complete safetensors file ({exc})") from None
 
 
 def schedule_of(folder: PipelineFolder) -> tuple[TrainingScheduleConfig, str]:
@@ -138,7 +186,7 @@ def _files_digest(folder: Path) -> str:
 
 
 def _config_without_volatile(path: Path) -> dict:
-    return {k: v for k, v in json.loads(path.read_text()).items() if k not in _VOLATILE_KEYS}
+    return {k: v for k, v in read_json(path).items() if k not in _VOLATILE_KEYS}
 
 
 def require_same_text_encoder(
@@ -191,7 +239,7 @@ def _text_encoder(folder: PipelineFolder, prefix: str, encoder: str, tokenizer: 
     tok_cfg_path = folder.root / tokenizer / "tokenizer_config.json"
     max_length = 77
     if tok_cfg_path.is_file():
-        max_length = int(json.loads(tok_cfg_path.read_text()).get("model_max_length", 77))
+        max_length = int(read_json(tok_cfg_path).get("model_max_length", 77))
     return ClipTextEncoderConfig(
         name=encoder, path=f"{prefix}/{encoder}", tokenizer_path=f"{prefix}/{tokenizer}", max_length=max_length,
         with_projection=projection,
@@ -413,15 +461,60 @@ COMPANION_FLAGS = {"IFPipeline": "--sr"}
 
 def _place(source: Path, target: Path, copy: bool) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_symlink() or target.exists():
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        else:
-            shutil.rmtree(target)
     if copy:
         shutil.copytree(source, target, ignore=shutil.ignore_patterns(*[f"*{s}" for s in PICKLE_SUFFIXES]))
     else:
         os.symlink(source.resolve(), target, target_is_directory=True)
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def check_out_dir(out_dir: Path, sources: list[Path], replace: bool) -> None:
+    """Refuse an --out that would destroy anything but a model directory written before: one that is, holds
+    or lies inside a source pipeline folder (writing there would delete the weights being imported), a file,
+    or a non-empty folder; with ``replace``, a folder that is a model directory (has model.json) is fine."""
+    target = out_dir.resolve()
+    for source in sources:
+        if _overlaps(target, source.resolve()):
+            raise DiffusersImportError(
+                f"--out {out_dir} overlaps the pipeline folder {source}: choose a model directory outside it"
+            )
+    if target.exists() and not target.is_dir():
+        raise DiffusersImportError(f"--out {out_dir} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()):
+        if not (target / MODEL_JSON).is_file():
+            raise DiffusersImportError(
+                f"--out {out_dir} is a non-empty folder that is not a model directory (no {MODEL_JSON}): "
+                "choose an empty or new folder"
+            )
+        if not replace:
+            raise DiffusersImportError(f"--out {out_dir} already holds a model directory: pass --force to replace it")
+
+
+def write_model_dir(out_dir: Path, config: ModelConfig, components: dict[str, Path], copy: bool) -> None:
+    """Write the model directory beside ``out_dir`` first and move it into place when complete, so a failed
+    import (a full disk during --copy) leaves the previous model directory, if any, as it was."""
+    out_dir = out_dir.absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.importing-", dir=out_dir.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a container's non-root user
+        for relative, source in components.items():
+            _place(source, staging / relative, copy)
+        config.save(staging)
+        if out_dir.exists():
+            # Only a model directory gets here (check_out_dir); rmtree removes its links, not their targets.
+            replaced = staging.with_name(staging.name.replace(".importing-", ".replaced-"))
+            out_dir.rename(replaced)
+            staging.rename(out_dir)
+            shutil.rmtree(replaced)
+        else:
+            staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def import_diffusers(
@@ -431,9 +524,11 @@ def import_diffusers(
     high_noise_frac: float = DEFAULT_HIGH_NOISE_FRAC,
     copy: bool = False,
     sr_dir: str | Path | None = None,
+    replace: bool = False,
 ) -> ModelConfig:
     """Write a model directory for a diffusers pipeline folder (and its
-    refiner, or for IF its super-resolution stage)."""
+    refiner, or for IF its super-resolution stage). ``replace``: an existing
+    model directory at ``out_dir`` is replaced (else refused)."""
     base = PipelineFolder.open(base_dir)
     importer = PIPELINES.get(base.pipeline_class)
     if importer is None:
@@ -446,14 +541,12 @@ def import_diffusers(
             raise DiffusersImportError(f"{wrong} does not go with a {base.pipeline_class} (it takes {flag})")
     companion_dir = refiner_dir if refiner_dir is not None else sr_dir
     companion = PipelineFolder.open(companion_dir) if companion_dir is not None else None
-    plan = importer(base, companion, high_noise_frac)
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, [base.root] + ([companion.root] if companion else []), replace)
+    plan = importer(base, companion, high_noise_frac)
     config = ModelConfig(
         name=base.root.resolve().name, encoders=plan.encoders, stages=plan.stages,
         training={"imported_from": str(base.root.resolve()), "pipeline": base.pipeline_class, **plan.provenance},
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for relative, source in plan.components.items():
-        _place(source, out_dir / relative, copy)
-    config.save(out_dir)
+    write_model_dir(out_dir, config, plan.components, copy)
     return config

@@ -136,3 +136,14 @@ def test_python_dash_m_ediffi(tiny_model_dir, tiny_model, tmp_path):
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2 and "ddim" in result.stderr
+
+
+def test_an_out_file_pillow_cannot_write_is_refused_before_sampling(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import ediffi.pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampled before the output name was checked")
+
+    monkeypatch.setattr(ediffi.pipeline, "generate", never)
+    assert main(_generate(tiny_model_dir, tmp_path / "out")) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "out").exists()

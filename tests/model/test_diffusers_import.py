@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ediffi.config import ModelConfig
 from tests.support.diffusers import karras_euler, psnr, sdxl_reference
 
 diffusers = pytest.importorskip("diffusers")
@@ -220,3 +221,91 @@ def test_imported_model_needs_the_torch_backend(imported_sd_dir):
 
     with pytest.raises(ValueError, match="torch backend only"):
         make_backend("onnxruntime", imported_sd_dir)
+
+
+# -- where the model directory goes -------------------------------------------
+
+
+def _import(*args: str) -> int:
+    from cli.main import main
+
+    return main(["import", "diffusers", *map(str, args)])
+
+
+def _weights_intact(folder) -> bool:
+    unet = folder / "unet"
+    return not unet.is_symlink() and (unet / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("copy", [[], ["--copy"]])
+def test_an_out_dir_holding_the_sources_is_refused_and_they_are_kept(tiny_diffusers_dir, tmp_path, capsys, copy):
+    # The natural layout weights/sdxl/{base,refiner} with --out weights/sdxl: writing base/ and refiner/ there
+    # used to delete the very folders being imported (and link them to themselves).
+    root = tmp_path / "weights" / "sdxl"
+    base = _copy(tiny_diffusers_dir / "sdxl-base", root / "base")
+    refiner = _copy(tiny_diffusers_dir / "sdxl-refiner", root / "refiner")
+    for out in (root, base, base / "model"):
+        for force in ([], ["--force"]):
+            assert _import(base, "--refiner", refiner, "--out", out, *copy, *force) == 2
+            assert "overlaps the pipeline folder" in capsys.readouterr().err
+    assert _weights_intact(base) and _weights_intact(refiner)
+    assert not (base / "model").exists()
+
+
+def test_an_existing_model_dir_is_replaced_only_with_force_and_nothing_stale_is_left(tiny_diffusers_dir, tmp_path, capsys):
+    out = tmp_path / "sdxl"
+    base, refiner = tiny_diffusers_dir / "sdxl-base", tiny_diffusers_dir / "sdxl-refiner"
+    assert _import(base, "--refiner", refiner, "--out", out) == 0
+    assert (out / "refiner").is_dir()
+    capsys.readouterr()
+
+    assert _import(base, "--out", out) == 2
+    assert "--force" in capsys.readouterr().err
+    assert len(ModelConfig.load(out).stages[0].experts) == 2, "a refused import leaves the model as it was"
+
+    assert _import(base, "--out", out, "--force") == 0
+    assert len(ModelConfig.load(out).stages[0].experts) == 1
+    assert not (out / "refiner").exists(), "the replaced model's refiner link is gone"
+    assert _weights_intact(refiner), "replacing a model directory removes its links, not their targets"
+    assert not list(tmp_path.glob(".sdxl.*")), "no staging folder left beside the model"
+
+
+def test_a_non_empty_folder_that_is_not_a_model_dir_is_never_written(tiny_diffusers_dir, tmp_path, capsys):
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for force in ([], ["--force"]):
+        assert _import(tiny_diffusers_dir / "sd", "--out", out, *force) == 2
+        assert "not a model directory" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_variant_only_and_truncated_weights_are_named_at_import(tiny_diffusers_dir, tmp_path):
+    from ediffi.importers.diffusers import DiffusersImportError, import_diffusers
+
+    variant = _copy(tiny_diffusers_dir / "sd", tmp_path / "fp16")
+    unet = variant / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(DiffusersImportError, match=r"unet: only variant weights \(diffusion_pytorch_model\.fp16"):
+        import_diffusers(variant, tmp_path / "out-fp16")
+
+    truncated = _copy(tiny_diffusers_dir / "sd", tmp_path / "truncated")
+    weights = truncated / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(DiffusersImportError, match=r"text_encoder/model\.safetensors: not a complete safetensors"):
+        import_diffusers(truncated, tmp_path / "out-truncated")
+    assert not (tmp_path / "out-fp16").exists() and not (tmp_path / "out-truncated").exists()
+
+
+def test_invalid_json_and_flags_are_one_line_errors(tiny_diffusers_dir, tmp_path, capsys):
+    broken = _copy(tiny_diffusers_dir / "sd", tmp_path / "broken")
+    (broken / "unet" / "config.json").write_text("{not json")
+    assert _import(broken, "--out", tmp_path / "a") == 2
+    assert "unet/config.json: not valid JSON" in capsys.readouterr().err
+
+    base, refiner = tiny_diffusers_dir / "sdxl-base", tiny_diffusers_dir / "sdxl-refiner"
+    for value in ("1", "0", "nan", "-0.2"):
+        assert _import(base, "--refiner", refiner, "--high-noise-frac", value, "--out", tmp_path / "b") == 2
+        assert "--high-noise-frac must be within (0, 1)" in capsys.readouterr().err
+    assert _import(tiny_diffusers_dir / "sd", "--high-noise-frac", "0.5", "--out", tmp_path / "c") == 2
+    assert "goes with --refiner" in capsys.readouterr().err
