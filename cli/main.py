@@ -35,6 +35,11 @@ def cmd_generate(args, settings) -> int:
     if out.suffix.lower() not in Image.registered_extensions():  # checked before minutes of sampling, not after
         print(f"error: --out {out}: not an image file name Pillow can write (e.g. out.png, out.jpg)", file=sys.stderr)
         return 2
+    try:  # image k uses seed + k: the API's rule, checked before minutes of model loading
+        spec.check_seed(args.seed, args.n)
+    except spec.InputError as exc:
+        print(f"error: --seed: {exc.message}", file=sys.stderr)
+        return 2
     model_dir = resolve_model_dir(args.model_dir, settings)
     try:
         from engines.engine import make_backend
@@ -84,7 +89,7 @@ def cmd_import(args, settings) -> int:
     try:
         config = import_diffusers(
             args.base_dir, args.out, refiner_dir=args.refiner, high_noise_frac=high_noise_frac, copy=args.copy,
-            sr_dir=args.sr, replace=args.force,
+            sr_dir=args.sr, replace=args.force, name=args.name,
         )
     except (DiffusersImportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -225,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     dif.add_argument("--copy", action="store_true", help="copy the components (default: symbolic links to them)")
     dif.add_argument("--out", required=True, help="model directory to write (a new or empty folder)")
     dif.add_argument("--force", action="store_true", help="replace the model directory already at --out")
+    dif.add_argument("--name", help="the model's id in GET /v1/models (default: the pipeline folder's name; "
+                                    "for a Hugging Face cache snapshot, the repository's)")
     dif.set_defaults(func=cmd_import)
 
     for name, func, text in (

@@ -517,6 +517,15 @@ def write_model_dir(out_dir: Path, config: ModelConfig, components: dict[str, Pa
             shutil.rmtree(staging)
 
 
+def default_model_name(root: Path) -> str:
+    """The pipeline folder's name; for a Hugging Face cache snapshot
+    (``models--ORG--NAME/snapshots/HASH``) the repository's NAME instead of the hash."""
+    root = root.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return root.parent.parent.name.split("--")[-1]
+    return root.name
+
+
 def import_diffusers(
     base_dir: str | Path,
     out_dir: str | Path,
@@ -525,10 +534,12 @@ def import_diffusers(
     copy: bool = False,
     sr_dir: str | Path | None = None,
     replace: bool = False,
+    name: str | None = None,
 ) -> ModelConfig:
     """Write a model directory for a diffusers pipeline folder (and its
     refiner, or for IF its super-resolution stage). ``replace``: an existing
-    model directory at ``out_dir`` is replaced (else refused)."""
+    model directory at ``out_dir`` is replaced (else refused). ``name``: the
+    model's id (``GET /v1/models``); default: :func:`default_model_name`."""
     base = PipelineFolder.open(base_dir)
     importer = PIPELINES.get(base.pipeline_class)
     if importer is None:
@@ -545,7 +556,7 @@ def import_diffusers(
     check_out_dir(out_dir, [base.root] + ([companion.root] if companion else []), replace)
     plan = importer(base, companion, high_noise_frac)
     config = ModelConfig(
-        name=base.root.resolve().name, encoders=plan.encoders, stages=plan.stages,
+        name=name or default_model_name(base.root), encoders=plan.encoders, stages=plan.stages,
         training={"imported_from": str(base.root.resolve()), "pipeline": base.pipeline_class, **plan.provenance},
     )
     write_model_dir(out_dir, config, plan.components, copy)

@@ -309,3 +309,13 @@ def test_invalid_json_and_flags_are_one_line_errors(tiny_diffusers_dir, tmp_path
         assert "--high-noise-frac must be within (0, 1)" in capsys.readouterr().err
     assert _import(tiny_diffusers_dir / "sd", "--high-noise-frac", "0.5", "--out", tmp_path / "c") == 2
     assert "goes with --refiner" in capsys.readouterr().err
+
+
+def test_the_model_id_is_the_folder_the_cache_repository_or_name(tiny_diffusers_dir, tmp_path):
+    snapshot = _copy(tiny_diffusers_dir / "sd", tmp_path / "hub" / "models--org--tiny-sd" / "snapshots" / "0123abcd")
+    assert _import(snapshot, "--out", tmp_path / "a") == 0
+    assert ModelConfig.load(tmp_path / "a").name == "tiny-sd"
+    assert _import(tiny_diffusers_dir / "sd", "--out", tmp_path / "b") == 0
+    assert ModelConfig.load(tmp_path / "b").name == "sd"
+    assert _import(snapshot, "--out", tmp_path / "c", "--name", "my-model") == 0
+    assert ModelConfig.load(tmp_path / "c").name == "my-model"
