@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ediffi import spec
 from ediffi.config import ModelConfig
 
 
@@ -34,6 +35,16 @@ class SizeRule:
 
 
 @dataclass(frozen=True)
+class NoiseLevelRule:
+    """The `sr_noise_level` a noise-level SR stage (IF stage II) takes: timesteps
+    of its image-noising schedule in [min, max], `default` when absent."""
+
+    default: int | None  # None: a model.json without it (the importer always writes it)
+    min: int
+    max: int
+
+
+@dataclass(frozen=True)
 class ModelCapabilities:
     id: str
     sizes: SizeRule
@@ -41,9 +52,46 @@ class ModelCapabilities:
     paint_with_words: bool = True
     style_image: bool = True
     source: str = "ediffi"
+    sr_noise_level: NoiseLevelRule | None = None  # None: the request field does not apply
 
-    def as_json(self) -> dict:
-        return asdict(self)
+    def max_side(self, max_image_side: int) -> int:
+        """The largest width/height a request may ask for: the server's limit, or
+        a fixed-size model's own size (it makes nothing else)."""
+        if self.sizes.fixed:
+            return max(self.sizes.default_width, self.sizes.default_height)
+        return max_image_side
+
+    def sr_noise_level_error(self, value: int | None) -> str | None:
+        """Why a requested `sr_noise_level` cannot be honoured, else None."""
+        rule = self.sr_noise_level
+        if value is None:
+            return None
+        if rule is None:
+            return "this model has no super-resolution stage with noise levels"
+        if not rule.min <= value <= rule.max:
+            return f"must be within [{rule.min}, {rule.max}], got {value}"
+        return None
+
+    def as_json(self, *, max_image_side: int, max_n: int, max_steps: int) -> dict:
+        """`GET /v1/models`' capabilities: the model's fields as they always were
+        (clients rely on them), then what a client may send with the server's
+        limits (settings, passed in: this layer reads none)."""
+        described = asdict(self)
+        del described["sr_noise_level"]  # under "request", with the other request fields
+        described["max_side"] = self.max_side(max_image_side)
+        described["samplers"] = list(spec.SAMPLERS)
+        described["request"] = {
+            "n": {"default": 1, "min": 1, "max": max_n},
+            "steps": {"default": spec.DEFAULT_STEPS, "min": 1, "max": max_steps},
+            "guidance_scale": {
+                "default": spec.DEFAULT_GUIDANCE, "min": 0.0, "max": spec.MAX_GUIDANCE,
+                "off_at_or_below": spec.GUIDANCE_OFF_AT_OR_BELOW,
+            },
+            "seed": {"min": 0, "max": spec.MAX_SEED},  # image k uses seed + k: seed + n - 1 <= max
+            "sampler": {"default": spec.DEFAULT_SAMPLER},
+            "sr_noise_level": None if self.sr_noise_level is None else asdict(self.sr_noise_level),
+        }
+        return described
 
 
 def model_capabilities(config: ModelConfig) -> ModelCapabilities:
@@ -69,4 +117,16 @@ def model_capabilities(config: ModelConfig) -> ModelCapabilities:
     return ModelCapabilities(
         id=config.name, sizes=sizes, stages=stages, paint_with_words=True,
         style_image=not config.is_imported, source=str(config.training.get("pipeline", "ediffi")),
+        sr_noise_level=noise_level_rule(config),
     )
+
+
+def noise_level_rule(config: ModelConfig) -> NoiseLevelRule | None:
+    """`sr_noise_level` of a model with noise-level SR stages: below the shortest
+    image-noising schedule (one level is used for every such stage), default
+    the first such stage's (diffusers' pipeline default, 250 for IF)."""
+    stages = [s for s in config.stages if s.noise_level_schedule is not None]
+    if not stages:
+        return None
+    limit = min(s.noise_level_schedule.num_train_timesteps for s in stages)
+    return NoiseLevelRule(default=stages[0].low_res_noise_level, min=0, max=limit - 1)

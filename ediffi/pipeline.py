@@ -28,7 +28,9 @@ from ediffi.failure import InputError
 from ediffi.model import DECODER, EDiffIModel
 from ediffi.paint import build_pww_inputs
 from ediffi.samplers import Sampler, classifier_free_guidance, karras_sigmas, make_sampler
-from ediffi.spec import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SEED, DEFAULT_STEPS, SAMPLERS, Region
+from ediffi.spec import (
+    DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SEED, DEFAULT_STEPS, SAMPLERS, Region, check_seed, guidance_enabled,
+)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class GenerationRequest:
             raise InputError("steps", "must be >= 1")
         if self.n < 1:
             raise InputError("n", "must be >= 1")
+        check_seed(self.seed, self.n)
         if bool(self.regions) != (self.color_map is not None):
             raise InputError("paint_with_words", "a colour map and at least one region go together")
         unknown = set(self.encoders) - set(ENCODER_NAMES)
@@ -107,14 +110,10 @@ def low_res_sigma(stage: StageConfig, request: GenerationRequest) -> float:
 
 
 def validate_sr_noise_level(config: ModelConfig, request: GenerationRequest) -> None:
-    if request.sr_noise_level is None:
-        return
-    schedules = [s.noise_level_schedule for s in config.stages if s.noise_level_schedule is not None]
-    if not schedules:
-        raise InputError("sr_noise_level", "this model has no super-resolution stage with noise levels")
-    limit = min(s.num_train_timesteps for s in schedules)
-    if not 0 <= request.sr_noise_level < limit:
-        raise InputError("sr_noise_level", f"must be within [0, {limit}), got {request.sr_noise_level}")
+    """The rule `GET /v1/models` publishes and the API checks (ediffi.capabilities)."""
+    message = model_capabilities(config).sr_noise_level_error(request.sr_noise_level)
+    if message is not None:
+        raise InputError("sr_noise_level", message)
 
 
 def stage_sigmas(stage: StageConfig, steps: int) -> torch.Tensor:
@@ -198,7 +197,8 @@ def encode_request(model: EDiffIModel, request: GenerationRequest, text_cache: C
     cond_pooled = enc.add_micro_conditioning(cond_pooled, height, width, negative=False)
 
     n = request.n
-    guided = request.guidance_scale != 1.0
+    # Guidance <= 1 is off (spec.guidance_enabled, as diffusers): the conditional rows alone.
+    guided = guidance_enabled(request.guidance_scale)
     contexts, masks, pooled = [text.context], [text.context_mask], [cond_pooled]
     if guided:
         if request.negative_prompt:

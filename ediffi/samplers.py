@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ediffi.spec import DEFAULT_SAMPLER, SAMPLERS
+from ediffi.spec import DEFAULT_SAMPLER, GUIDANCE_OFF_AT_OR_BELOW, SAMPLERS
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -193,9 +193,10 @@ def sample(
 
 
 def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
-    """uncond + s (cond - uncond) with a per-row scale s [B] (Ho & Salimans 2022).
-    At s = 1 this is exactly the conditional prediction."""
+    """uncond + s (cond - uncond) with a per-row scale s [B] (Ho & Salimans 2022)
+    where s > 1; at s <= 1 guidance is off: exactly the conditional prediction."""
     s = _rows(scale, cond)
-    # Exactly cond at s = 1, not cond up to rounding (uncond + (cond - uncond)).
-    return torch.where(s == 1, cond, uncond + s * (cond - uncond))
+    # s <= 1 is "off" as in diffusers' pipelines (spec.GUIDANCE_OFF_AT_OR_BELOW), and
+    # exactly cond, not cond up to rounding (uncond + (cond - uncond)).
+    return torch.where(s <= GUIDANCE_OFF_AT_OR_BELOW, cond, uncond + s * (cond - uncond))
 

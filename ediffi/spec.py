@@ -28,16 +28,42 @@ SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 DEFAULT_SAMPLER: SamplerName = "heun"
 
 DEFAULT_STEPS = 32
-DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale (1 = off)
+DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale (<= GUIDANCE_OFF_AT_OR_BELOW: off)
 MAX_GUIDANCE = 50.0
+#: Classifier-free guidance is applied only above this scale. At or below it the
+#: conditional prediction is used alone and no unconditional rows are evaluated,
+#: as diffusers' pipelines do (``do_classifier_free_guidance = guidance_scale > 1``):
+#: clients of SDXL-Turbo-style checkpoints send 0 meaning "off", and
+#: ``uncond + 0 (cond - uncond)`` would be an image that ignores the prompt.
+GUIDANCE_OFF_AT_OR_BELOW = 1.0
 DEFAULT_SEED = 0  # the command line's; the API picks one when the client sends none
-MAX_SEED = 2**32 - 1  # image k uses seed + k
+MAX_SEED = 2**32 - 1  # image k uses seed + k, so seed + n - 1 must not exceed it (check_seed)
 
 # Defaults of the operator's limits (server.settings.Settings: max_prompt_chars, max_n, max_steps, max_regions).
 DEFAULT_MAX_PROMPT_CHARS = 500
 DEFAULT_MAX_N = 8
 DEFAULT_MAX_STEPS = 100
 DEFAULT_MAX_REGIONS = 8
+
+
+def guidance_enabled(guidance_scale: float) -> bool:
+    """Whether a request is guided (conditional and unconditional rows); see
+    :data:`GUIDANCE_OFF_AT_OR_BELOW`. Every layer that plans or runs the rows asks this."""
+    return guidance_scale > GUIDANCE_OFF_AT_OR_BELOW
+
+
+def check_seed(seed: int, n: int) -> None:
+    """Image k of ``n`` uses ``seed + k``, so all of them, not only the first, must be
+    seeds in ``[0, MAX_SEED]``; raises :class:`InputError` on ``seed``."""
+    if seed < 0:
+        raise InputError("seed", f"must be >= 0, got {seed}")
+    if seed + max(n, 1) - 1 > MAX_SEED:
+        raise InputError(
+            "seed",
+            f"image k uses seed + k, so with n={n} the seed must be <= {MAX_SEED - max(n, 1) + 1} "
+            f"(the last image's seed at most {MAX_SEED}), got {seed}",
+        )
+
 
 # ------------------------------------------------------------ paint-with-words
 

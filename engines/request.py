@@ -26,6 +26,7 @@ from PIL import Image
 from ediffi.encoders import Encoders, TextEmbeddings
 from ediffi.failure import Failure
 from ediffi.pipeline import Conditioning, GenerationRequest, PendingEvaluation, RequestRun
+from ediffi.spec import guidance_enabled
 from engines.scheduler import GroupKey, PendingView
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -134,8 +135,8 @@ class EngineRequest:
 
     @property
     def rows(self) -> int:
-        """Denoiser rows per evaluation: n, doubled under guidance."""
-        return self.request.n * (2 if self.request.guidance_scale != 1.0 else 1)
+        """Denoiser rows per evaluation: n, doubled under guidance (scale > 1, as encode_request plans them)."""
+        return self.request.n * (2 if guidance_enabled(self.request.guidance_scale) else 1)
 
     def start(self, model: EDiffIModel, conditioning: Conditioning) -> None:
         self.run = RequestRun(model, self.request, conditioning)
@@ -266,6 +267,6 @@ def text_keys(request: GenerationRequest) -> list[tuple[str, bool, bool]]:
     """The (prompt, use_t5, use_clip_text) entries `encode_request` will ask for."""
     use_t5, use_clip = "t5" in request.encoders, "clip_text" in request.encoders
     keys = [(request.prompt, use_t5, use_clip)]
-    if request.guidance_scale != 1.0 and request.negative_prompt:
+    if guidance_enabled(request.guidance_scale) and request.negative_prompt:
         keys.append((request.negative_prompt, use_t5, use_clip))
     return keys

@@ -113,7 +113,11 @@ class GenerationOptions(BaseModel):
     steps: Annotated[int, Field(strict=True, ge=1, description="Sampling steps.")] = DEFAULT_STEPS
     guidance_scale: Annotated[
         float,
-        Field(strict=True, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance scale."),
+        Field(
+            strict=True, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+            description="Classifier-free guidance scale; at most 1 (e.g. 0) turns guidance off: the prompt's "
+            "prediction alone, as diffusers' pipelines.",
+        ),
     ] = DEFAULT_GUIDANCE
     seed: Annotated[
         int | None,
@@ -121,7 +125,8 @@ class GenerationOptions(BaseModel):
             strict=True,
             ge=0,
             le=MAX_SEED,
-            description="Seed of the first image; image k uses seed + k. Absent: the server picks one.",
+            description="Seed of the first image; image k uses seed + k, so seed + n - 1 must be at most "
+            f"{MAX_SEED}. Absent: the server picks one.",
         ),
     ] = None
     sampler: Annotated[SamplerName, Field(description="ODE solver on the Karras sigma schedule.")] = DEFAULT_SAMPLER
@@ -172,7 +177,13 @@ class OpenAIImagesRequest(GenerationOptions):
     )
 
     size: Annotated[
-        str | None, Field(strict=True, description="Must be the model's canvas, e.g. 64x64 for the shipped model.")
+        str | None,
+        Field(
+            strict=True,
+            description='"WIDTHxHEIGHT", e.g. "1792x1024": any size width/height take (GET /v1/models: sizes, '
+            "max_side; a fixed-size model its size only). With width/height, they must agree. Absent: the "
+            "model's default.",
+        ),
     ] = None
     response_format: Annotated[
         ResponseFormat, Field(description="url (the OpenAI default): absolute links; b64_json: images inline.")
@@ -213,14 +224,16 @@ class JobParams(BaseModel):
           "negative_prompt": str,           # "" when absent
           "n": int,                         # 1..max_n images
           "steps": int,                     # 1..max_steps
-          "guidance_scale": float,          # finite, [0, 50]
+          "guidance_scale": float,          # finite, [0, 50]; <= 1: guidance off (conditional rows only)
           "seed": int,                      # always set (picked by the API if the client sent none);
-                                            # image k must use seed + k (GenerationRequest.image_seeds)
+                                            # image k must use seed + k (GenerationRequest.image_seeds),
+                                            # seed + n - 1 <= MAX_SEED
           "sampler": "heun" | "euler" | "dpmpp_2m",
           "inputs": ["color_map"?, "style_image"?],   # names of the job's byte inputs, sorted
           "paint_with_words": null | {"regions": [{"color": "#rrggbb", "phrase": str, "strength": float}]},
           "sr_noise_level": null | int,     # >= 0; the model checks its range (IF stage II)
-          "width"?: int, "height"?: int,    # only when the client asked for a size (else the default)
+          "width"?: int, "height"?: int,    # only when the client asked for a size (width/height, or
+                                            # /v1/images/generations' size), else the default
           "response_format": "b64_json" | "url",      # how the API will answer; not the worker's concern
           "client": {"owner": str | null, "submission_id": str, "request_hash": str,
                      "api": "generate" | "openai"}     # API bookkeeping; the worker ignores it

@@ -37,8 +37,8 @@ from PIL import Image
 
 from ediffi.capabilities import ModelCapabilities
 from ediffi.failure import InputError, field_loc
-from ediffi.spec import check_color_map_aspect, find_phrase
-from server.schemas import GenerationOptions, JobPaintWithWords, JobParams, JobRegion
+from ediffi.spec import MAX_SEED, check_color_map_aspect, check_seed, find_phrase
+from server.schemas import GenerationOptions, JobPaintWithWords, JobParams, JobRegion, OpenAIImagesRequest
 from server.settings import Settings
 
 Loc = tuple[str | int, ...]
@@ -93,7 +93,7 @@ class ValidatedJob:
 
 
 def check_limits(request: GenerationOptions, settings: Settings) -> list[dict[str, Any]]:
-    """The cheap checks that depend on the settings (lengths and counts)."""
+    """The cheap checks that depend on the settings (lengths and counts) or on two fields (seed and n)."""
     body: Loc = ("body",)
     prompt, n = request.prompt, request.n
     errors: list[dict[str, Any]] = []
@@ -116,6 +116,15 @@ def check_limits(request: GenerationOptions, settings: Settings) -> list[dict[st
                 ctx={"le": settings.max_n},
             )
         )
+    if request.seed is not None:
+        # The schema bounds the seed alone; image k uses seed + k, so n bounds it too
+        # (the same rule the CLI and the worker apply).
+        try:
+            check_seed(request.seed, n)
+        except InputError as exc:
+            errors.append(
+                field_error(body + ("seed",), exc.message, "less_than_equal", ctx={"le": MAX_SEED - max(n, 1) + 1})
+            )
     if request.steps > settings.max_steps:
         errors.append(
             field_error(
@@ -266,7 +275,8 @@ def check_model_fields(
     request: GenerationOptions, settings: Settings, capabilities: ModelCapabilities | None
 ) -> list[dict[str, Any]]:
     """Errors for fields the loaded model cannot honour: a size it does not
-    make (or beyond `max_image_side`), a style image without an image encoder."""
+    make (or beyond `max_image_side`), a style image without an image encoder,
+    an `sr_noise_level` outside its range (or for a model without one)."""
     if capabilities is None:
         return []
     body: Loc = ("body",)
@@ -281,6 +291,11 @@ def check_model_fields(
                 "unsupported_feature",
             )
         )
+    # The worker would fail the job with the same rule; checked here so an async
+    # request gets its 422 at once rather than a failed job later.
+    noise_level_problem = capabilities.sr_noise_level_error(request.sr_noise_level)
+    if noise_level_problem is not None:
+        errors.append(field_error(body + ("sr_noise_level",), noise_level_problem, "unsupported_value"))
     return errors
 
 
@@ -367,15 +382,45 @@ def request_fingerprint(params: dict[str, Any], request: GenerationOptions, inpu
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
-def parse_size(size: str | None, canvas: int) -> list[dict[str, Any]]:
-    """Errors for an OpenAI ``size`` other than the model's ``{canvas}x{canvas}``."""
-    if size is None or size == f"{canvas}x{canvas}":
-        return []
-    return [
-        field_error(
-            ("body", "size"),
-            f"size must be {canvas}x{canvas} (the model's canvas)",
-            "literal_error",
-            ctx={"expected": f"'{canvas}x{canvas}'"},
+_SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
+
+
+def apply_size(
+    request: OpenAIImagesRequest, settings: Settings, capabilities: ModelCapabilities
+) -> OpenAIImagesRequest:
+    """The request with the OpenAI ``size`` ("WIDTHxHEIGHT") as its width and height.
+
+    ``size`` takes what width/height take (the model's multiples up to
+    ``max_image_side``; a fixed-size model its size only), checked by the same
+    rule but named ``size``. Sent with width/height that disagree, it is a 422
+    naming both (neither is silently preferred). Raises ``RequestValidationError``.
+    """
+    if request.size is None:
+        return request
+    body: Loc = ("body",)
+    match = _SIZE.match(request.size)
+    if match is None:
+        raise_invalid(
+            [field_error(body + ("size",), 'must be "WIDTHxHEIGHT" in pixels, e.g. "1024x1024"', "size_format")]
         )
+    width, height = int(match.group(1)), int(match.group(2))
+    rule = capabilities.sizes
+    problems = rule.errors(width, height, settings.max_image_side)
+    if problems:
+        if rule.fixed:
+            message = f"this model makes {rule.default_width}x{rule.default_height} images only, got {request.size}"
+        else:
+            message = f"size {request.size}: " + "; ".join(f"{name} {text}" for name, text in problems.items())
+        raise_invalid([field_error(body + ("size",), message, "unsupported_size")])
+    conflicts = [
+        (name, explicit)
+        for name, value in (("width", width), ("height", height))
+        if (explicit := getattr(request, name)) is not None and explicit != value
     ]
+    if conflicts:
+        sent = ", ".join(f"{name} {value}" for name, value in conflicts)
+        message = f"size {request.size} disagrees with {sent}; send one of them, or values that agree"
+        raise_invalid(
+            [field_error(body + (name,), message, "size_conflict") for name in ("size", *(n for n, _ in conflicts))]
+        )
+    return request.model_copy(update={"width": width, "height": height})

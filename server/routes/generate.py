@@ -55,7 +55,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.auth import Principal, SubmitterDep, WaitSlotsDep
 from ediffi.capabilities import ModelCapabilities
-from server.deps import CanvasDep, MetricsDep, QueueDep, SettingsDep
+from server.deps import MetricsDep, QueueDep, SettingsDep
 from ediffi.failure import Failure, FailureKind, field_loc
 from server.metrics import Metrics
 from server.queue import JobQueue, JobRecord, JobStatus
@@ -83,7 +83,7 @@ from server.schemas import (
     OpenAIImagesResponse,
 )
 from server.settings import Settings
-from server.validation import ValidatedJob, field_error, parse_size, raise_invalid, validate_generation
+from server.validation import ValidatedJob, apply_size, field_error, raise_invalid, validate_generation
 
 #: Bodies up to this size are JSON-decoded on the event loop (cheaper than a thread hop).
 INLINE_JSON_BYTES = 64 * 1024
@@ -361,12 +361,12 @@ async def openai_images(
     queue: QueueDep,
     settings: SettingsDep,
     metrics: MetricsDep,
-    canvas: CanvasDep,
     wait_slots: WaitSlotsDep,
     idempotency_key: IdempotencyHeader = None,
 ) -> JSONResponse:
     """OpenAI-compatible image generation (prompt, n, size, response_format; /generate fields as extensions)."""
-    raise_invalid(parse_size(body.size, canvas))
+    # size -> width/height, so every later check (and the job) sees one size.
+    body = apply_size(body, settings, request.app.state.capabilities)
     with wait_slots.hold(principal):
         record, replayed = await submit_job(
             body,

@@ -87,12 +87,15 @@ def test_step_functions_take_per_row_sigmas():
     assert torch.allclose(out[1], torch.full((1, 2, 2), 0.25))
 
 
-def test_cfg_per_row_scale_and_scale_one_is_conditional():
-    cond, uncond = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
-    out = classifier_free_guidance(cond, uncond, torch.tensor([1.0, 0.0, 2.0]))
+def test_cfg_per_row_scale_and_scale_at_most_one_is_conditional():
+    """Scale <= 1 is guidance off, as diffusers' pipelines (guidance_scale > 1 only):
+    the conditional prediction exactly, never an extrapolation towards uncond."""
+    cond, uncond = torch.randn(4, 2, 4, 4), torch.randn(4, 2, 4, 4)
+    out = classifier_free_guidance(cond, uncond, torch.tensor([1.0, 0.0, 2.0, 0.5]))
     assert torch.equal(out[0], cond[0])
-    assert torch.equal(out[1], uncond[1])
+    assert torch.equal(out[1], cond[1])
     assert torch.allclose(out[2], uncond[2] + 2 * (cond[2] - uncond[2]))
+    assert torch.equal(out[3], cond[3])
 
 
 def test_unknown_sampler_is_a_clear_error():
