@@ -71,6 +71,29 @@ class _Delivery:
     delivered_at: float  # monotonic; renewed by keep_alive, backdated by release
 
 
+class _Wakeup:
+    """Wakes every waiter at once, without a lock. Waiters check the state, then wait here; nothing can run in
+    between (no await), so no wake-up is missed. It replaces ``asyncio.Condition``: a waiter cancelled inside
+    ``wait_for(condition.wait())`` (a client that went away: Starlette cancels it through an anyio cancel
+    scope) could leave the condition's lock taken for good, wedging every reader and writer of the queue."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until the next :meth:`notify` or ``timeout_s``, whichever comes first."""
+        event = self._event
+        try:
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+
 class InProcessQueue(JobQueue):
     """:class:`JobQueue` in memory, for one process and one event loop."""
 
@@ -106,8 +129,8 @@ class InProcessQueue(JobQueue):
         self._heartbeats: dict[str, tuple[float, dict[str, Any]]] = {}
         self._rate_windows: dict[tuple[str, int], int] = {}
         # Wake-ups: a new or released entry for blocked claims, a new event for blocked readers.
-        self._entry_added = asyncio.Condition()
-        self._event_added = asyncio.Condition()
+        self._entry_added = _Wakeup()
+        self._event_added = _Wakeup()
         self.counters = QueueCounters()
 
     # ------------------------------------------------------------ client side
@@ -155,7 +178,7 @@ class InProcessQueue(JobQueue):
             # As long as the job may still be queued or running; its terminal transition shortens it.
             self._idempotency[idempotency_key] = (job_id, time.monotonic() + self._max_job_age_s)
         await self._append_event(stored, EventType.QUEUED, {})
-        await self._notify(self._entry_added)
+        self._entry_added.notify()
         return self._copy(record)
 
     async def get(self, job_id: str) -> JobRecord | None:
@@ -178,18 +201,14 @@ class InProcessQueue(JobQueue):
                 raise ValueError(f"not an event id: {after!r}")
             after_seq = event_id[0]
         deadline = time.monotonic() + max(block_ms, 0) / 1000
-        async with self._event_added:
-            while True:
-                self._purge_expired()
-                stored = self._jobs.get(job_id)
-                found = [e for e in stored.events if int(e.id.split("-")[0]) > after_seq] if stored else []
-                remaining = deadline - time.monotonic()
-                if found or remaining <= 0:
-                    return [event.model_copy(deep=True) for event in found]
-                try:
-                    await asyncio.wait_for(self._event_added.wait(), remaining)
-                except TimeoutError:
-                    pass
+        while True:
+            self._purge_expired()
+            stored = self._jobs.get(job_id)
+            found = [e for e in stored.events if int(e.id.split("-")[0]) > after_seq] if stored else []
+            remaining = deadline - time.monotonic()
+            if found or remaining <= 0:
+                return [event.model_copy(deep=True) for event in found]
+            await self._event_added.wait(remaining)
 
     async def cancel(self, job_id: str) -> JobRecord | None:
         self._purge_expired()
@@ -240,21 +259,17 @@ class InProcessQueue(JobQueue):
         if claimed:
             # Like the Redis queue: taken-over jobs go out at once, topped up without blocking.
             deadline = 0.0
-        async with self._entry_added:
-            while len(claimed) < max_jobs:
-                while self._undelivered and len(claimed) < max_jobs:
-                    message_id, _ = self._undelivered.popitem(last=False)
-                    self._pending[message_id] = _Delivery(self._entries[message_id], worker_id, time.monotonic())
-                    job = await self._accept_delivery(message_id, taken_over=False)
-                    if job is not None:
-                        claimed.append(job)
-                remaining = deadline - time.monotonic()
-                if claimed or remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._entry_added.wait(), remaining)
-                except TimeoutError:
-                    break
+        while len(claimed) < max_jobs:
+            while self._undelivered and len(claimed) < max_jobs:
+                message_id, _ = self._undelivered.popitem(last=False)
+                self._pending[message_id] = _Delivery(self._entries[message_id], worker_id, time.monotonic())
+                job = await self._accept_delivery(message_id, taken_over=False)
+                if job is not None:
+                    claimed.append(job)
+            remaining = deadline - time.monotonic()
+            if claimed or remaining <= 0:
+                break
+            await self._entry_added.wait(remaining)
         return claimed
 
     async def load_input(self, job_id: str, name: str) -> bytes | None:
@@ -343,7 +358,7 @@ class InProcessQueue(JobQueue):
             # so the next claim of any worker takes it over first.
             delivery.consumer = _RELEASED_CONSUMER
             delivery.delivered_at = float("-inf")
-        await self._notify(self._entry_added)
+        self._entry_added.notify()
 
     async def heartbeat(self, worker_id: str, info: dict[str, Any]) -> None:
         payload = json.loads(json.dumps({**info, "worker_id": worker_id, "at": time.time()}))
@@ -439,12 +454,7 @@ class InProcessQueue(JobQueue):
     async def _append_event(self, stored: _StoredJob, event_type: EventType, data: dict[str, Any]) -> None:
         event_id = f"{next(self._event_seq)}-0"
         stored.events.append(JobEvent(id=event_id, type=event_type, data=json.loads(json.dumps(data))))
-        await self._notify(self._event_added)
-
-    @staticmethod
-    async def _notify(condition: asyncio.Condition) -> None:
-        async with condition:
-            condition.notify_all()
+        self._event_added.notify()
 
     def _purge_expired(self) -> None:
         """Drop finished jobs and idempotency keys whose TTL has passed."""
