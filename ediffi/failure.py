@@ -72,7 +72,8 @@ class QueueFull(Exception):
     _MESSAGES = {
         "queue": "queue full: {used} unfinished jobs, limit {maximum}",
         "inputs": "queued inputs over budget: {used} bytes held, limit {maximum} bytes",
-        "key": "too many unfinished jobs for this API key: {used}, limit {maximum}",
+        "key": "too many unfinished jobs for this caller (its API key, or its address without keys): "
+               "{used}, limit {maximum}",
         "engine": "engine full: {used} requests waiting for admission, limit {maximum}",
     }
 

@@ -191,8 +191,10 @@ async def submit_job(
         owner=principal.key_id, submission_id=uuid.uuid4().hex, request_hash=validated.request_hash, api=api
     )
     params = {**validated.params, "client": client.model_dump(mode="json")}
+    # The unfinished-jobs cap counts per caller as the rate limit does: per key, or per client address when
+    # anonymous (with key_id, every anonymous caller shared one budget that one address could fill).
     record = await queue.submit(
-        params, validated.inputs, validated.n, idempotency_key=queue_key, owner=principal.key_id
+        params, validated.inputs, validated.n, idempotency_key=queue_key, owner=principal.limit_key
     )
     stored_client = record.params.get("client") or {}
     replayed = stored_client.get("submission_id") != client.submission_id

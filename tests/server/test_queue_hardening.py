@@ -126,11 +126,26 @@ async def test_one_key_cannot_fill_the_queue(backend: ApiBackend) -> None:
         answers = await asyncio.gather(*(post("key-a") for _ in range(5)))
         assert sorted(a.status_code for a in answers) == [202, 202, 429, 429, 429]
         refused = next(a for a in answers if a.status_code == 429)
-        assert int(refused.headers["Retry-After"]) >= 1 and "this API key" in refused.json()["detail"]
+        assert int(refused.headers["Retry-After"]) >= 1 and "this caller" in refused.json()["detail"]
         assert [(await post("key-b")).status_code for _ in range(2)] == [202, 202]
         first_of_a = next(a for a in answers if a.status_code == 202).json()["id"]
         await svc.client.post(f"/jobs/{first_of_a}/cancel", headers={"Authorization": "Bearer key-a"})
         assert (await post("key-a")).status_code == 202  # a finished job frees its place
+
+
+@run_async
+async def test_one_anonymous_address_cannot_fill_every_anonymous_callers_budget(backend: ApiBackend) -> None:
+    # Without keys, callers are told apart by address (as the rate limit does); they used to share one budget.
+    async with service(backend, api_keys=[], allow_anonymous=True, max_queue=16, max_unfinished_per_key=2) as svc:
+        async def post(address: str) -> httpx.Response:
+            transport = httpx.ASGITransport(app=svc.app, client=(address, 40000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+                return await client.post(
+                    "/generate", json={"prompt": "a fox", "steps": 1}, headers={"Prefer": "respond-async"}
+                )
+
+        assert [(await post("10.5.0.1")).status_code for _ in range(3)] == [202, 202, 429]
+        assert [(await post("10.5.0.2")).status_code for _ in range(2)] == [202, 202]
 
 
 # ------------------------------------------------------ item 7: error replies
