@@ -250,6 +250,7 @@ def create_app(
         max_body_bytes=max_body_bytes(settings),
         json_paths=JSON_PATHS,
         check_caller=lambda request: caller(request, settings),
+        body_timeout_s=settings.body_timeout_s,
     )
     app.add_middleware(InflightLimit, limit=settings.max_inflight_requests, exempt_paths=OPERATIONS_PATHS)
     app.add_middleware(HTTPMetricsMiddleware, metrics=app.state.metrics)

@@ -13,12 +13,14 @@
   read): the caller's key (401/403), ``Content-Type: application/json`` on the JSON
   endpoints (415 for anything else: ``text/plain`` and form bodies are what a foreign
   web page can send without a CORS preflight), and a hard cap on the body (413 when
-  ``Content-Length`` says so, or as soon as a streamed body passes it). Raised where
+  ``Content-Length`` says so, or as soon as a streamed body passes it), and a deadline for
+  the whole body (408: a slow or stalled body cannot hold an in-flight slot). Raised where
   the endpoint reads its body, so each is counted under the endpoint's route.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.message
 import json
 import time
@@ -139,10 +141,14 @@ class RequestGuard:
         max_body_bytes: int,
         json_paths: Iterable[str] = (),
         check_caller: Callable[[Request], object] | None = None,
+        body_timeout_s: float | None = None,
     ) -> None:
-        """``check_caller(request)`` raises an HTTPException (401/403) for a caller to refuse."""
+        """``check_caller(request)`` raises an HTTPException (401/403) for a caller to refuse.
+        ``body_timeout_s``: the whole body must arrive within this long of its first read (else 408), so a
+        client that sends a body slowly, or never finishes it, cannot hold an in-flight slot for good."""
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.json_paths = frozenset(json_paths)
         self.check_caller = check_caller
 
@@ -156,6 +162,17 @@ class RequestGuard:
             }
         ]
         return _RefusedBody(413, detail=detail)
+
+    def _too_slow(self) -> _RefusedBody:
+        detail = [
+            {
+                "loc": ["body"],
+                "msg": f"request body not received within {self.body_timeout_s:g} s",
+                "type": "timeout",
+                "ctx": {"timeout_s": self.body_timeout_s},
+            }
+        ]
+        return _RefusedBody(status.HTTP_408_REQUEST_TIMEOUT, detail=detail, headers={"Connection": "close"})
 
     def _refusal(self, scope: Scope) -> HTTPException | None:
         """Why this request's body must not be read (checked on the first read), or None."""
@@ -188,19 +205,32 @@ class RequestGuard:
             return
         received = 0
         checked = False
+        body_deadline: float | None = None  # loop time by which the body must have arrived; None once it has
+        loop = asyncio.get_running_loop()
 
         async def guarded_receive() -> Message:
-            nonlocal received, checked
+            nonlocal received, checked, body_deadline
             if not checked:  # the first read: refuse before a byte of the body is read
                 refusal = self._refusal(scope)
                 if refusal is not None:
                     raise refusal
                 checked = True
-            message = await receive()
+                if self.body_timeout_s is not None:
+                    body_deadline = loop.time() + self.body_timeout_s
+            if body_deadline is None:  # the body is in (later reads wait for a disconnect): no deadline
+                message = await receive()
+            else:
+                try:
+                    async with asyncio.timeout_at(body_deadline):
+                        message = await receive()
+                except TimeoutError:
+                    raise self._too_slow() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise self._too_large()
+                if not message.get("more_body", False):
+                    body_deadline = None
             return message
 
         await self.app(scope, guarded_receive, send)

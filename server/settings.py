@@ -154,6 +154,11 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1, description="Largest decoded upload (style image, color map), bytes."
     )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0,
+        description="How long a client may take to send a whole request body (408 after): a slow or stalled body "
+        "would otherwise hold one of the max_inflight_requests slots for as long as the connection stays open.",
+    )
     max_image_pixels: int = Field(default=1024 * 1024, ge=1, description="Largest upload, width*height.")
     max_regions: int = Field(default=spec.DEFAULT_MAX_REGIONS, ge=1, description="Most paint-with-words regions per request.")
     max_image_side: int = Field(

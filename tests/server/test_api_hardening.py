@@ -307,6 +307,29 @@ def test_key_is_checked_before_a_large_body_is_read(api_factory: ApiFactory) -> 
     assert "www-authenticate: bearer" in head.lower(), head
 
 
+def test_stalled_bodies_get_408_and_give_their_inflight_slots_back(api_factory: ApiFactory) -> None:
+    # A client that sends headers and part of a body, then nothing: without a body deadline, 4 such
+    # connections held all 4 in-flight slots (every other caller got 503) for as long as they stayed open.
+    api = api_factory.start(api_keys=KEY_A, max_inflight_requests=4, body_timeout_s=1)
+    sockets = [socket.create_connection(("127.0.0.1", api.port), timeout=20) for _ in range(4)]
+    try:
+        for sock in sockets:
+            sock.sendall(
+                f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {KEY_A}\r\nContent-Length: 100\r\n\r\n{{\"prompt\":".encode()
+            )
+        heads = [sock.recv(4096).decode(errors="replace") for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+    for head in heads:
+        assert head.startswith("HTTP/1.1 408"), head
+        assert "not received within 1 s" in head, head
+    with httpx.Client(base_url=api.url, timeout=20) as client:
+        answer = client.get("/jobs/" + "0" * 32, headers=auth(KEY_A))
+    assert answer.status_code == 404, answer.text  # served, not 503: the slots are free again
+
+
 def test_inflight_limit_answers_503_but_probes_still_answer(api_factory: ApiFactory) -> None:
     api = api_factory.start(api_keys=f"{KEY_A},{KEY_B}", max_inflight_requests=4, max_streams_per_key=50)
 
