@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     redis_pool_timeout_s: float = Field(
         default=5.0, gt=0, description="Longest a command waits for a free Redis connection before a 503."
     )
+    redis_command_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="Longest wait for a Redis reply (beyond a blocking read's own block time) before the call "
+        "fails as unavailable (503): a Redis that hangs, not only one that is down, gets an answer.",
+    )
     public_base_url: str | None = Field(
         default=None,
         pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",

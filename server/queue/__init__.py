@@ -82,6 +82,7 @@ def make_queue(settings: "Settings", *, key_prefix: str | None = None) -> JobQue
             max_connections=settings.redis_max_connections,
             blocking_connections=settings.redis_blocking_connections,
             pool_timeout_s=settings.redis_pool_timeout_s,
+            command_timeout_s=settings.redis_command_timeout_s,
             **limits,
         )
     return InProcessQueue(**limits)

@@ -395,14 +395,17 @@ class RedisStreamsQueue(JobQueue):
         prefix: str = DEFAULT_PREFIX,
         blocking_client: aioredis.Redis | None = None,
         blocking_reads: int = 32,
+        command_timeout_s: float = 10.0,
     ) -> None:
         """Use ``client`` (created with ``decode_responses=False``: images are bytes).
 
         Blocking event reads go to ``blocking_client`` (default: ``client``), at most
         ``blocking_reads`` at once: however many event streams and synchronous waits are
-        open, they never hold the connections other commands need.
+        open, they never hold the connections other commands need; each fails if no reply
+        comes within its block time plus ``command_timeout_s``.
         """
         self._redis = client
+        self._command_timeout_s = command_timeout_s
         self._blocking_redis = blocking_client if blocking_client is not None else client
         self._blocking_slots = asyncio.Semaphore(blocking_reads)
         self._keys = RedisKeys(prefix)
@@ -434,6 +437,7 @@ class RedisStreamsQueue(JobQueue):
         max_connections: int = 64,
         blocking_connections: int = 32,
         pool_timeout_s: float = 5.0,
+        command_timeout_s: float = 10.0,
         **limits: Any,
     ) -> "RedisStreamsQueue":
         """Connect to ``url`` lazily (nothing is sent before the first call).
@@ -441,10 +445,13 @@ class RedisStreamsQueue(JobQueue):
         Two bounded pools: ``max_connections`` for ordinary commands (a command
         waits up to ``pool_timeout_s`` for a free connection, then the call
         fails with :class:`QueueUnavailable`) and ``blocking_connections`` for
-        blocking event reads only.
+        blocking event reads only. A reply that takes longer than
+        ``command_timeout_s`` (beyond a blocking read's own block time) fails the
+        call with :class:`QueueUnavailable`: a Redis that hangs instead of
+        dying is a 503, not a request that never ends.
         """
 
-        def client(size: int) -> aioredis.Redis:
+        def client(size: int, socket_timeout: float | None) -> aioredis.Redis:
             pool = aioredis.BlockingConnectionPool.from_url(
                 url,
                 max_connections=size,
@@ -452,9 +459,8 @@ class RedisStreamsQueue(JobQueue):
                 decode_responses=False,
                 protocol=2,
                 socket_connect_timeout=2.0,
-                # XREAD/XREADGROUP block for as long as asked: the timeout must be
-                # off explicitly (redis-py otherwise applies its own default).
-                socket_timeout=None,
+                # Set explicitly either way (redis-py otherwise applies its own default).
+                socket_timeout=socket_timeout,
                 # One immediate retry re-opens a pooled connection that died with a
                 # Redis restart; more retries would only delay the 503.
                 retry=Retry(NoBackoff(), 1),
@@ -462,10 +468,13 @@ class RedisStreamsQueue(JobQueue):
             )
             return aioredis.Redis.from_pool(pool)
 
+        # The ordinary pool's blocking command, the worker's XREADGROUP, blocks well under a second; the
+        # blocking pool's XREADs block for as long as asked, so their bound is set per read.
         return cls(
-            client(max_connections),
-            blocking_client=client(blocking_connections),
+            client(max_connections, command_timeout_s),
+            blocking_client=client(blocking_connections, None),
             blocking_reads=blocking_connections,
+            command_timeout_s=command_timeout_s,
             **limits,
         )
 
@@ -813,9 +822,12 @@ class RedisStreamsQueue(JobQueue):
             return []
         try:
             remaining_ms = block_ms - int((time.monotonic() - started) * 1000)
-            if remaining_ms <= 0:
-                return await self._blocking_redis.xread(streams)
-            return await self._blocking_redis.xread(streams, block=remaining_ms)
+            read = self._blocking_redis.xread(streams, block=remaining_ms if remaining_ms > 0 else None)
+            try:
+                # Cancelling the read drops its connection (redis-py), so a late reply cannot be misread.
+                return await asyncio.wait_for(read, max(remaining_ms, 0) / 1000 + self._command_timeout_s)
+            except TimeoutError:
+                raise RedisTimeoutError("no reply to a blocking read within its block time") from None
         finally:
             self._blocking_slots.release()
 

@@ -145,6 +145,36 @@ async def test_redis_down_answers_503_then_recovers(restartable_redis: RedisServ
         await queue.close()
 
 
+@run_async
+async def test_a_hung_redis_answers_503_instead_of_hanging(restartable_redis: RedisServerProcess) -> None:
+    # SIGSTOP: connections stay open and nothing answers (a frozen VM, a stuck fork, a full-disk stall).
+    settings = make_settings(sync_timeout_s=5.0)
+    queue = RedisStreamsQueue.from_url(restartable_redis.url, command_timeout_s=1.0, **QUEUE_LIMITS)
+    app = create_app(settings, queue=queue, metrics=Metrics())
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            accepted = await client.post("/generate", json={"prompt": "a"}, headers=ASYNC)
+            assert accepted.status_code == 202
+            job = accepted.json()["id"]
+            restartable_redis.pause()
+            try:
+                for method, path, body in [
+                    ("POST", "/generate", {"prompt": "a"}),
+                    ("GET", f"/jobs/{job}", None),
+                    ("GET", f"/jobs/{job}/events", None),
+                ]:
+                    started = time.monotonic()
+                    response = await asyncio.wait_for(client.request(method, path, json=body), 10)
+                    assert response.status_code == 503, (path, response.text)
+                    assert int(response.headers["retry-after"]) >= 1
+                    assert time.monotonic() - started < 5, path
+            finally:
+                restartable_redis.resume()
+            assert (await client.get(f"/jobs/{job}")).status_code == 200  # and back once it answers
+    finally:
+        await queue.close()
+
+
 # ------------------------------------------------------- readiness and metrics
 
 

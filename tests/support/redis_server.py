@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import tempfile
 import time
@@ -123,6 +124,15 @@ class RedisServerProcess:
             return
         stop_process(self._process, timeout_s=5)
         self._process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its connections but answers nothing (a hung Redis)."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         """Stop, then start again on the same port; the data is gone (no persistence)."""
