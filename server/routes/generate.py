@@ -139,21 +139,21 @@ IdempotencyHeader = Annotated[
 # -------------------------------------------------------------------- helpers
 
 
+_DELTA_SECONDS = re.compile(r"^[0-9]{1,9}(\.[0-9]+)?$")
+
+
 def parse_prefer(prefer: str | None) -> tuple[bool, float | None]:
     """(respond-async asked, wait seconds asked) from an RFC 7240 ``Prefer`` header."""
     if not prefer:
         return False, None
     respond_async, wait = False, None
     for part in re.split(r"[,;]", prefer):
-        token, _, value = part.strip().partition("=")
-        token = token.strip().lower()
-        if token == "respond-async":
+        token, equals, value = part.strip().partition("=")
+        token, value = token.strip().lower(), value.strip().strip('"')
+        if token == "respond-async" and not equals:  # it takes no value: "respond-async=false" is not it
             respond_async = True
-        elif token == "wait":
-            try:
-                wait = max(0.0, float(value.strip().strip('"')))
-            except ValueError:
-                pass
+        elif token == "wait" and _DELTA_SECONDS.match(value):  # RFC 7240: delta-seconds (no nan, inf, -1)
+            wait = float(value)
     return respond_async, wait
 
 
