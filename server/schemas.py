@@ -16,6 +16,8 @@ typo such as ``"stpes"`` is a 422, not silently ignored);
 
 from __future__ import annotations
 
+import unicodedata
+
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -49,7 +51,8 @@ Text = Annotated[str, Field(strict=True), AfterValidator(_utf8_text)]
 
 
 def _non_blank(value: str) -> str:
-    if not value.strip():
+    # Invisible format characters (zero-width space U+200B, joiners, BOM: category Cf) count as blank too.
+    if not "".join(ch for ch in value if unicodedata.category(ch) != "Cf").strip():
         raise ValueError("must not be empty or only whitespace")
     return value
 

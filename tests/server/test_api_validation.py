@@ -56,6 +56,7 @@ CASES: list[tuple[str, Any, int, list | None]] = [
     ("missing prompt", {}, 422, BODY + ["prompt"]),
     ("empty prompt", {"prompt": ""}, 422, BODY + ["prompt"]),
     ("blank prompt", {"prompt": "  \n\t "}, 422, BODY + ["prompt"]),
+    ("invisible-only prompt", {"prompt": "\u200b\u200d\ufeff "}, 422, BODY + ["prompt"]),
     ("long prompt", {"prompt": "x" * 201}, 422, BODY + ["prompt"]),
     ("prompt int", {"prompt": 5}, 422, BODY + ["prompt"]),
     ("prompt null", {"prompt": None}, 422, BODY + ["prompt"]),
