@@ -151,7 +151,7 @@ def _register_error_handlers(app: FastAPI) -> None:
         )
 
 
-def _limits_in_openapi(app: FastAPI, settings: Settings, canvas_size: int) -> None:
+def _limits_in_openapi(app: FastAPI, settings: Settings) -> None:
     """Show the configured limits (max n, steps, prompt length, regions) in ``/openapi.json``."""
     original = app.openapi
 
@@ -174,9 +174,6 @@ def _limits_in_openapi(app: FastAPI, settings: Settings, canvas_size: int) -> No
         regions = components.get("PaintWithWords", {}).get("properties", {}).get("regions")
         if regions is not None:
             regions["maxItems"] = settings.max_regions
-        size = components.get("OpenAIImagesRequest", {}).get("properties", {}).get("size")
-        if size is not None:
-            size["description"] = f"Must be {canvas_size}x{canvas_size} (the model's canvas)."
         app.openapi_schema = schema
         return schema
 
@@ -197,17 +194,14 @@ def create_app(
 
     ``queue``: use this queue (not closed on shutdown); None: the lifespan opens
     ``make_queue(settings, key_prefix=key_prefix)`` and closes it at shutdown.
-    ``metrics``: share a :class:`Metrics` (embedded serve); None: a fresh registry.
-    ``canvas_size``: the model's square output size (OpenAI ``size`` must be
-    ``{canvas_size}x{canvas_size}``). ``capabilities``: the loaded model's
-    (``GET /v1/models``, and the size and style checks of a request); None: a
-    model of the shipped family with a ``canvas_size`` canvas.
+    ``metrics``: share a :class:`Metrics` (embedded serve); None: a fresh registry of the API's metrics only.
+    ``capabilities``: the loaded model's (``GET /v1/models``, and the size and
+    style checks of a request); None: a model of the shipped family with a
+    square ``canvas_size`` canvas.
     ``static_dir``: mounted at ``/`` if it exists.
     """
     if capabilities is None:
         capabilities = ModelCapabilities(id="ediffi", sizes=SizeRule(canvas_size, canvas_size, True, canvas_size))
-    else:
-        canvas_size = capabilities.sizes.default_width
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -231,8 +225,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.queue = queue
-    app.state.metrics = metrics if metrics is not None else Metrics()
-    app.state.canvas_size = canvas_size
+    app.state.metrics = metrics if metrics is not None else Metrics(roles=("api",))
     app.state.capabilities = capabilities
     app.state.wait_slots = WaitSlots(settings.max_streams_per_key)
 
@@ -254,5 +247,5 @@ def create_app(
     )
     app.add_middleware(InflightLimit, limit=settings.max_inflight_requests, exempt_paths=OPERATIONS_PATHS)
     app.add_middleware(HTTPMetricsMiddleware, metrics=app.state.metrics)
-    _limits_in_openapi(app, settings, canvas_size)
+    _limits_in_openapi(app, settings)
     return app

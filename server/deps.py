@@ -30,11 +30,6 @@ async def get_queue(request: Request) -> JobQueue:
     return queue
 
 
-async def get_canvas_size(request: Request) -> int:
-    return request.app.state.canvas_size
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
-CanvasDep = Annotated[int, Depends(get_canvas_size)]

@@ -133,7 +133,7 @@ async def _worker_main(
     from server.queue import make_queue
     from server.worker import Worker
 
-    metrics = Metrics()
+    metrics = Metrics(roles=("worker",))  # the API's gauges would read 0 here (server/metrics.py)
     start_http_server(metrics_port, addr=host, registry=metrics.registry)
     log.info("worker metrics on http://%s:%d/metrics", host, metrics_port)
     engine = await asyncio.to_thread(engine_factory, settings, model_dir)
@@ -167,7 +167,7 @@ async def _serve_main(settings: Settings, model_dir: Path, host: str, port: int)
     from server.queue import make_queue
     from server.worker import Worker
 
-    metrics = Metrics()
+    metrics = Metrics(roles=("api", "worker"))  # one process, one registry, both roles
     engine = await asyncio.to_thread(build_engine, settings, model_dir)
     queue = make_queue(settings)
     worker = Worker(settings, queue, engine, metrics)

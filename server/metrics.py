@@ -7,10 +7,16 @@ raw paths: the HTTP ``endpoint`` label is the route *template*, e.g.
 
 One :class:`Metrics` per process, on its own registry, so tests build fresh
 ones and the embedded ``ediffi serve`` shares one instance between its API
-and its worker. Who updates what:
+and its worker. A process registers only the metrics of its ``roles``
+(``ediffi api``: api, ``ediffi worker``: worker, ``ediffi serve``: both):
+a metric nobody in the process updates would be exported as a constant 0 and
+corrupt every ``max()``/``min()``/``avg()`` across targets (a worker's
+``ediffi_workers_alive 0`` beside the API's real count, say). The metrics of
+the other role still exist as attributes, unregistered, so code shared by
+both roles may update them. Who updates what:
 
 =========================================== ========== ============================================
-metric                                      labels     updated by
+metric                                      labels     role: updated by
 =========================================== ========== ============================================
 ediffi_http_requests_total                  endpoint,  API (middleware), every request
                                             method,
@@ -31,9 +37,15 @@ ediffi_images_generated_total                          worker: images stored by 
 ediffi_jobs_completed_total                 status     worker: terminal transitions it made
                                                        (succeeded, failed, canceled)
 ediffi_jobs_failed_total                    reason     worker: failures, ``reason`` in
-                                                       :data:`FAILURE_REASONS`
+                                                       :data:`FAILURE_REASONS`; ``lost`` also
+                                                       counts outcomes dropped because the job's
+                                                       record was gone (a Redis restart without
+                                                       persistence)
 ediffi_jobs_reclaimed_total                            worker: jobs taken over from a dead worker
 ediffi_worker_heartbeats_total                         worker: heartbeats sent
+process_*, python_info, python_gc_*                    both: prometheus_client's process
+                                                       (RSS, CPU seconds, open fds), platform
+                                                       and garbage-collector collectors
 =========================================== ========== ============================================
 
 Helpers for the worker: :meth:`Metrics.observe_job_finished`,
@@ -44,9 +56,18 @@ into counter increments).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ediffi.failure import Failure, FailureKind
@@ -54,10 +75,13 @@ from ediffi.failure import Failure, FailureKind
 if TYPE_CHECKING:
     from server.queue import JobRecord, QueueCounters
 
-__all__ = ["CONTENT_TYPE_LATEST", "FAILURE_REASONS", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "FAILURE_REASONS", "ROLES", "Metrics"]
 
 #: The only values of ``ediffi_jobs_failed_total{reason}``: the failure kinds a failed job can carry.
 FAILURE_REASONS = tuple(kind.value for kind in FailureKind if kind is not FailureKind.CANCELED)
+
+#: Process roles: what ``ediffi api`` and ``ediffi worker`` update; ``ediffi serve`` is both.
+ROLES = ("api", "worker")
 
 # Seconds: from a fast 64 px job to a long wait in a full queue.
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -67,11 +91,19 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
-    """All service metrics on one registry (a fresh one unless ``registry`` is given)."""
+    """All service metrics; those of ``roles`` on one registry (a fresh one unless ``registry`` is given)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, roles: Iterable[str] = ROLES) -> None:
+        self.roles = frozenset(roles)
+        if not self.roles or not self.roles <= set(ROLES):
+            raise ValueError(f"roles must be a non-empty subset of {ROLES}, not {sorted(self.roles)}")
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        r = self.registry
+        # Operators' RSS, CPU and open-fd panels; the default registry would have them, ours must ask.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        # registry=None: the metric works but is not exported (see the module docstring).
+        r = self.registry if "api" in self.roles else None
 
         # --- API ------------------------------------------------------------
         self.http_requests = Counter(
@@ -97,6 +129,7 @@ class Metrics:
         self.queue_up = Gauge("ediffi_queue_up", "1 if the queue backend answered the last check, else 0.", registry=r)
 
         # --- Worker ---------------------------------------------------------
+        r = self.registry if "worker" in self.roles else None
         self.job_latency = Histogram(
             "ediffi_job_latency_seconds",
             "End-to-end job latency, queued_at to finished_at.",

@@ -204,6 +204,8 @@ class Worker:
                 if job.job_id in self.active:
                     # Our own delivery, idle through an outage and handed back to us: it is running here.
                     continue
+                how = "reclaimed (its last worker stopped renewing it)" if job.reclaimed else "claimed"
+                log.info("job %s %s by worker %s, delivery %d", job.job_id, how, self.worker_id, job.deliveries)
                 active = ActiveJob(job, self._loop.create_future())
                 self.active[job.job_id] = active
                 asyncio.create_task(self._run_job(active))
@@ -276,8 +278,7 @@ class Worker:
         claim loop takes nothing new meanwhile). False if the worker stops first: handed back."""
         while any(job_id != job.job_id for job_id in self.active):
             if self._stop.is_set():
-                self._released.add(job.job_id)
-                await self.queue.release(job)
+                await self._hand_back(job)
                 return False
             await asyncio.sleep(0.05)
         return True
@@ -318,16 +319,33 @@ class Worker:
     async def _finish(self, job: ClaimedJob, status: str, failure: Failure | None = None, *,
                       images: list[bytes] | None = None, seeds: list[int] | None = None,
                       timings: dict | None = None) -> None:
+        """Store a terminal outcome; log it (job and worker ids only: never the prompt or inputs)."""
+        detail = ""
         if status == "succeeded":
             applied = await self.queue.complete(job, images or [], seeds or [], timings or {})
+            detail = f", {len(images or [])} image(s)"
         elif status == "failed":
-            applied = await self.queue.fail(job, failure or Failure.of(FailureKind.INTERNAL))
+            failure = failure or Failure.of(FailureKind.INTERNAL)
+            applied = await self.queue.fail(job, failure)
+            detail = f", reason {failure.kind.value}"  # the bounded kind; a message may quote the request
         else:
             applied = await self.queue.finish_canceled(job)
+        record = await self.queue.get(job.job_id)
         if applied:
-            record = await self.queue.get(job.job_id)
+            log.info("job %s %s on worker %s%s", job.job_id, status, self.worker_id, detail)
             if record is not None:
                 self.metrics.observe_job_finished(record)
+        elif record is None:
+            # The job's record is gone (Redis restarted without persistence, or the job outlived
+            # its age limit): nobody can ever read this outcome. No transition counted it, so it
+            # is counted here under the failure kind made for exactly this loss.
+            log.warning("job %s: %s outcome of worker %s dropped: the job is no longer in the queue "
+                        "(Redis lost its data, or the job expired); counted as failed, reason lost",
+                        job.job_id, status, self.worker_id)
+            self.metrics.job_failed(Failure.of(FailureKind.LOST))
+        else:  # a cancel, or another worker that took the job over, got there first
+            log.info("job %s: %s outcome of worker %s not stored, the job is already %s",
+                     job.job_id, status, self.worker_id, record.status.value)
 
     # -- engine callbacks (device thread -> loop) ----------------------------
     def _from_engine(self, fn, *args) -> None:
@@ -371,11 +389,17 @@ class Worker:
                 log.warning("heartbeat failed (%s: %s)", type(exc).__name__, exc)
             try:
                 lost = await self.queue.keep_alive(self.worker_id, [a.job for a in self.active.values()])
-                for job in lost:  # another worker took it over: stop spending compute on it
+                for job in lost:  # no longer ours: stop spending compute on it
                     active = self.active.get(job.job_id)
-                    if active is not None:
+                    if active is None or job.job_id in self._released:  # gone, or handed back by us
+                        continue
+                    if await self.queue.get(job.job_id) is not None:
+                        log.warning("job %s taken over by another worker; worker %s stops computing it",
+                                    job.job_id, self.worker_id)
                         self._released.add(job.job_id)
-                        self.engine.cancel(active.engine_id)
+                    # else the job vanished with Redis's data: not released, so its canceled outcome
+                    # goes to _finish, which finds no record and logs and counts the loss once.
+                    self.engine.cancel(active.engine_id)
             except Exception as exc:
                 failed = True
                 log.warning("renewing held jobs failed (%s: %s)", type(exc).__name__, exc)
@@ -410,11 +434,16 @@ class Worker:
         while self.active and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         for job_id, active in list(self.active.items()):
-            self._released.add(job_id)
             self.engine.cancel(active.engine_id)
             try:
-                await self.queue.release(active.job)
+                await self._hand_back(active.job)
             except Exception as exc:
                 log.warning("job %s not released (%s); it will be reclaimed", job_id, exc)
         while self.active and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.05)
+
+    async def _hand_back(self, job: ClaimedJob) -> None:
+        """Release a job to the queue at shutdown; its engine cancellation must not mark it canceled."""
+        self._released.add(job.job_id)
+        await self.queue.release(job)
+        log.info("job %s released by worker %s on shutdown", job.job_id, self.worker_id)

@@ -989,12 +989,15 @@ class RedisStreamsQueue(JobQueue):
                 exclusive=bool(int(exclusive)),
             )
         input_names = tuple(json.loads(await self._redis.hget(self._keys.job(job_id), "input_names") or b"[]"))
+        # Settled here, so the worker never sees these jobs: their transitions are logged here.
         if verdict == "exceeded":
             await self._fail(job_id, input_names, Failure.max_deliveries(self._max_deliveries))
             self.counters.failed_max_deliveries += 1
+            log.info("job %s failed on worker %s, reason %s", job_id, worker_id, FailureKind.MAX_DELIVERIES.value)
         elif verdict == "cancel":
             await self._finish_canceled(job_id, input_names)
             self.counters.canceled_on_claim += 1
+            log.info("job %s canceled on worker %s (by its client, before this delivery)", job_id, worker_id)
         else:  # "finished" or "missing": a redelivery after the outcome was stored, or an expired job
             self.counters.skipped_finished += 1
         await self._ack(message_id)

@@ -677,7 +677,7 @@ def parse_promql(expr: str) -> ParsedExpr:
 def _parse_promql_regex(text: str) -> ParsedExpr:
     keywords = {"sum", "avg", "min", "max", "count", "rate", "increase", "histogram_quantile", "by", "without",
                 "on", "ignoring", "clamp_min", "clamp_max", "group_left", "group_right", "and", "or", "unless",
-                "offset", "bool", "topk", "bottomk", "irate", "delta", "abs", "le"}
+                "offset", "bool", "topk", "bottomk", "irate", "delta", "abs", "le", "present_over_time"}
     clauses = r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)"
     grouping = set()
     for clause in re.findall(r"\b(?:by|on|ignoring)\s*\(([^)]*)\)", text):
@@ -725,6 +725,25 @@ def test_every_queried_metric_is_defined(where_expr):
     assert parsed.grouping <= available_labels, f"{where}: groups by {parsed.grouping - available_labels}"
     if "histogram_quantile" in expr:
         assert "_bucket" in expr and "le" in parsed.grouping, f"{where}: histogram_quantile needs sum by (le) over _bucket"
+
+
+def test_no_panel_or_alert_filters_on_the_scrape_job():
+    """Scrape job names are deployment details (compose: ediffi-api / ediffi-worker; Kubernetes
+    annotation scraping: its own): a ``job=`` filter silently matches nothing elsewhere. Each
+    process exports only its role's metrics (server/metrics.py), so the metric name is enough."""
+    filtered = [f"{where}: {selector.metric}"
+                for where, expr in _dashboard_exprs() + _alert_exprs()
+                for selector in parse_promql(expr).selectors if "job" in selector.labels]
+    assert not filtered, filtered
+
+
+def test_alerts_cover_targets_down_without_job_names():
+    alerts = dict((where.removeprefix("alerts.yml: "), expr) for where, expr in _alert_exprs())
+    for name in ("EdiffiNoWorkers", "EdiffiQueueUnreachable", "EdiffiApiDown", "EdiffiWorkerDown",
+                 "EdiffiWorkerHeartbeatStopped"):
+        assert name in alerts, name
+    assert "ediffi_queue_up" in alerts["EdiffiApiDown"] and "up == 0" in alerts["EdiffiApiDown"]
+    assert "ediffi_worker_heartbeats_total" in alerts["EdiffiWorkerDown"] and "up == 0" in alerts["EdiffiWorkerDown"]
 
 
 def test_dashboard_covers_what_operators_need():
@@ -936,7 +955,17 @@ def test_k8s_api_and_worker_wiring():
     assert container["args"][0] == "api" and int(option_value(container["args"], "--port")) == API_PORT
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": API_PORT}
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Not /readyz: losing every worker (or Redis) must leave the API pods in the Service, answering
+    # JSON 503 + Retry-After, not take them all out (clients then get connection errors).
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    # A deleted pod leaves the endpoints first (preStop), then lets a synchronous /generate in flight finish.
+    from server.settings import Settings
+
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    sync_timeout_s = float(config_maps["ediffi-config"]["data"].get("EDIFFI_SYNC_TIMEOUT_S", Settings().sync_timeout_s))
+    grace_s = api["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace_s >= int(pre_stop[1]) + sync_timeout_s, (grace_s, pre_stop, sync_timeout_s)
     service = services["ediffi-api"]
     assert service["spec"]["selector"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["targetPort"] == "http"
@@ -962,7 +991,7 @@ def test_k8s_keda_scales_on_the_job_stream():
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] in _by_kind("Deployment")
     assert _by_kind("Deployment")[spec["scaleTargetRef"]["name"]]["spec"]["template"]["spec"]["containers"][0]["args"][0] == "worker"
-    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], "0 would take the API out (readiness needs a worker)"
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], "0: minutes of model load before a first job"
 
     slots = _by_kind("ConfigMap")["ediffi-config"]["data"]["EDIFFI_WORKER_SLOTS"]
     redis_service = _by_kind("Service")["ediffi-redis"]

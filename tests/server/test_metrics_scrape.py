@@ -139,3 +139,11 @@ def test_each_process_exposes_its_own_side(scrapes):
     assert any(s.get("endpoint") == "/generate" for s in api["ediffi_http_requests_total"])
     assert metric_value(worker_text, "ediffi_images_generated_total") == 1
     assert metric_value(worker_text, "ediffi_jobs_completed_total", {"status": "succeeded"}) == 1
+    # Neither exports the other's metrics as constant zeros (they broke max()/min() across targets),
+    # and both carry the process collectors (RSS, CPU, open fds).
+    for name in ("ediffi_workers_alive", "ediffi_queue_up", "ediffi_queue_depth", "ediffi_jobs_submitted_total"):
+        assert name not in worker, name
+    for name in ("ediffi_worker_heartbeats_total", "ediffi_images_generated_total", "ediffi_active_requests"):
+        assert name not in api, name
+    for scrape in (api, worker):
+        assert "process_resident_memory_bytes" in scrape and "process_cpu_seconds_total" in scrape
