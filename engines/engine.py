@@ -202,6 +202,7 @@ class Engine:
         self._stopping = False
         self._drain = True
         self.ticks = 0
+        self._tick_started_at: float | None = None  # time.monotonic() while a tick runs
 
     # -- construction ------------------------------------------------------
     @classmethod
@@ -375,7 +376,20 @@ class Engine:
         Returns the plan it ran."""
         return self.backend.device_thread.call(self._tick)
 
+    def tick_running_s(self) -> float:
+        """How long the tick now running has taken (0 between ticks): a device call that never returns
+        (a hung GPU) shows here, while every other sign of life (threads, heartbeats) stays fine."""
+        started = self._tick_started_at
+        return 0.0 if started is None else time.monotonic() - started
+
     def _tick(self) -> StepPlan:
+        self._tick_started_at = time.monotonic()
+        try:
+            return self._run_tick()
+        finally:
+            self._tick_started_at = None
+
+    def _run_tick(self) -> StepPlan:
         started = time.perf_counter()
         with torch.inference_mode():
             self._take_inbox()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any, Callable
@@ -120,8 +121,21 @@ def run_api(settings: Settings, model_dir: Path, host: str, port: int) -> None:
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-#: Exit status of a worker that gave up on its engine (too many engine failures in a row).
+#: Exit status of a worker that gave up on its engine (too many engine failures in a row, or a stalled tick).
 EXIT_ENGINE_UNHEALTHY = 3
+
+
+def stop_engine(engine, worker) -> None:
+    # A stalled engine's thread is stuck in a device call: joining it would hang the shutdown.
+    engine.stop(drain=False, timeout=1.0 if worker.engine_stalled else None)
+
+
+def exit_now_if_stalled(worker) -> None:
+    """Exit at once after a stalled tick: the device thread never returns, and a normal interpreter exit
+    waits for it (concurrent.futures joins its threads) for good."""
+    if worker.engine_stalled:
+        logging.shutdown()
+        os._exit(EXIT_ENGINE_UNHEALTHY)
 
 
 async def _worker_main(
@@ -144,8 +158,9 @@ async def _worker_main(
     try:
         await worker.run()
     finally:
-        engine.stop(drain=False)
+        stop_engine(engine, worker)
         await queue.close()
+    exit_now_if_stalled(worker)
     return not worker.unhealthy
 
 
@@ -183,8 +198,9 @@ async def _serve_main(settings: Settings, model_dir: Path, host: str, port: int)
     finally:
         worker.stop()
         await worker_task
-        engine.stop(drain=False)
+        stop_engine(engine, worker)
         await queue.close()
+    exit_now_if_stalled(worker)
     if worker.unhealthy:
         raise SystemExit(EXIT_ENGINE_UNHEALTHY)
 

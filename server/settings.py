@@ -205,6 +205,12 @@ class Settings(BaseSettings):
         description="An unfinished job (its record, events, inputs and Idempotency-Key) expires this long after "
         "submission: the bound on how long an unserved job holds Redis memory.",
     )
+    engine_stall_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="A worker whose engine has been inside one tick this long (a device call that never returns: "
+        "a hung GPU) gives its jobs back and exits non-zero, for its orchestrator to restart it. Raise it when "
+        "one batch of a large model on a slow device can take longer.",
+    )
     max_consecutive_engine_failures: int = Field(
         default=5,
         ge=1,

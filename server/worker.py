@@ -152,6 +152,9 @@ class Worker:
         self.consecutive_engine_failures = 0
         #: Set when the worker gave up on its engine; the process must exit non-zero.
         self.unhealthy = False
+        #: Set when a tick ran past ``engine_stall_timeout_s``: the engine's threads cannot be stopped, so the
+        #: process must exit without joining them (``os._exit``).
+        self.engine_stalled = False
         engine.add_hooks(engine_metric_hooks(metrics))
 
     def stop(self) -> None:
@@ -173,7 +176,11 @@ class Worker:
             "worker %s claims as many jobs as its engine can take (%d now); EDIFFI_WORKER_SLOTS=%d bounds the jobs "
             "it holds", self.worker_id, self.engine.free_capacity(), self.settings.worker_slots,
         )
-        tasks = {asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._cancel_loop())}
+        tasks = {
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._cancel_loop()),
+            asyncio.create_task(self._stall_watch_loop()),
+        }
         try:
             await self._claim_loop()
         finally:
@@ -426,6 +433,23 @@ class Worker:
                 log.warning("cancel poll failed (%s: %s); retrying in %.2f s", type(exc).__name__, exc, delay)
             await asyncio.sleep(delay)
 
+    async def _stall_watch_loop(self) -> None:
+        """Every process sign of life (threads, heartbeats, claim renewals, /metrics) stays fine while the
+        device thread sits in a call that never returns; the time inside one tick does not. Past the limit
+        the worker gives up: its jobs go back to the queue and the process exits for a restart."""
+        limit = self.settings.engine_stall_timeout_s
+        while not self._stop.is_set():
+            running = self.engine.tick_running_s()
+            if running > limit:
+                log.error(
+                    "engine stalled: one tick has run for %.0f s (EDIFFI_ENGINE_STALL_TIMEOUT_S=%g); worker %s "
+                    "gives back its %d jobs and exits", running, limit, self.worker_id, len(self.active),
+                )
+                self.engine_stalled = self.unhealthy = True
+                self.stop()
+                return
+            await asyncio.sleep(min(1.0, limit / 4))
+
     async def _shutdown(self) -> None:
         """Graceful stop: let running jobs finish for a grace period, then
         release the rest so another worker picks them up at once. An unhealthy
@@ -439,8 +463,8 @@ class Worker:
                 await self._hand_back(active.job)
             except Exception as exc:
                 log.warning("job %s not released (%s); it will be reclaimed", job_id, exc)
-        while self.active and time.monotonic() < deadline + 5:
-            await asyncio.sleep(0.05)
+        while self.active and time.monotonic() < deadline + 5 and not self.engine_stalled:
+            await asyncio.sleep(0.05)  # the engine's canceled outcomes (a stalled engine sends none)
 
     async def _hand_back(self, job: ClaimedJob) -> None:
         """Release a job to the queue at shutdown; its engine cancellation must not mark it canceled."""

@@ -125,3 +125,28 @@ def test_a_worker_on_a_broken_device_stops_after_n_failures_and_exits_non_zero(c
     assert sorted(final.values()).count("succeeded") == len(job_ids) - limit
     response = cluster.http.get(f"/jobs/{failed[0]}")
     assert response.status_code == 200 and response.json()["status"] == "failed"
+
+
+def test_a_worker_whose_device_hangs_exits_and_another_worker_finishes_its_job(cluster_factory):
+    """Before: a device call that never returned left the worker alive, heartbeating and renewing its
+    claim, so its job was never reclaimed and the pod never restarted."""
+    from tests.support.process import ApiProcess, HungWorkerProcess, wait_workers_ready
+
+    cluster = cluster_factory(engine_stall_timeout_s=3, claim_timeout_s=3, worker_slots=1)
+    hung = HungWorkerProcess(cluster.env, cluster.log_dir, "hung-worker")
+    cluster.workers.append(hung)
+    cluster.api = ApiProcess(cluster.env, cluster.log_dir)
+    wait_workers_ready([hung])
+    cluster.api.wait_ready()
+    cluster.http = httpx.Client(base_url=cluster.api.url, timeout=60.0)
+    job_id = cluster.submit({"prompt": "a red circle", "steps": 2, "seed": 1})
+
+    deadline = time.monotonic() + 60
+    while hung.alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not hung.alive, f"the worker on a hung device is still running\n{cluster.logs()}"
+    assert hung.process.returncode == 3, hung.log_tail()
+    assert "engine stalled" in hung.log_tail(100_000)
+
+    cluster.spawn_workers(1)
+    assert cluster.wait_terminal([job_id], timeout_s=120) == {job_id: "succeeded"}

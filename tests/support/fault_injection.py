@@ -6,16 +6,18 @@ mocks: every call that does not fail runs the real model.
 
 * :class:`OutOfMemoryAboveRows` raises ``torch.OutOfMemoryError`` for any call of more than
   ``fits_rows`` rows, the way a device with room for that many rows does;
-* :class:`BrokenDevice` fails every call, the way a GPU with a broken CUDA context does.
+* :class:`BrokenDevice` fails every call, the way a GPU with a broken CUDA context does;
+* :class:`HungDevice` never returns from a call, the way a hung GPU does.
 
-``python -m tests.support.fault_injection --metrics-port P`` runs ``ediffi worker`` (settings from the
-``EDIFFI_*`` environment, as the real one) on a :class:`BrokenDevice`.
+``python -m tests.support.fault_injection --metrics-port P [--fault broken|hung]`` runs ``ediffi worker``
+(settings from the ``EDIFFI_*`` environment, as the real one) on a :class:`BrokenDevice` or :class:`HungDevice`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -54,11 +56,25 @@ class BrokenDevice(TorchBackend):
         raise RuntimeError(BROKEN_DEVICE_TEXT)
 
 
-def broken_device_engine(settings, model_dir: Path):
-    from engines.engine import Engine, EngineConfig
+class HungDevice(TorchBackend):
+    """The torch backend on a device that stops answering: every denoiser call blocks for good (a hung
+    kernel or driver), while the process, its threads and its heartbeats look alive."""
 
-    backend = BrokenDevice(model_dir, max_batch=settings.max_batch, threads=settings.intra_op_threads)
-    return Engine(backend, EngineConfig(max_rows_per_tick=None)).start()
+    def run(self, stage, expert, inputs):
+        threading.Event().wait()
+
+
+FAULTS = {"broken": BrokenDevice, "hung": HungDevice}
+
+
+def faulty_engine(fault: str):
+    def build(settings, model_dir: Path):
+        from engines.engine import Engine, EngineConfig
+
+        backend = FAULTS[fault](model_dir, max_batch=settings.max_batch, threads=settings.intra_op_threads)
+        return Engine(backend, EngineConfig(max_rows_per_tick=None)).start()
+
+    return build
 
 
 def main() -> None:
@@ -67,10 +83,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description="ediffi worker on a broken device")
     parser.add_argument("--metrics-port", type=int, required=True)
+    parser.add_argument("--fault", choices=sorted(FAULTS), default="broken")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
-    run_worker(settings, settings.model_dir, args.metrics_port, engine_factory=broken_device_engine)
+    run_worker(settings, settings.model_dir, args.metrics_port, engine_factory=faulty_engine(args.fault))
 
 
 if __name__ == "__main__":

@@ -216,6 +216,12 @@ class FaultyWorkerProcess(WorkerProcess):
     module, command = "tests.support.fault_injection", []
 
 
+class HungWorkerProcess(WorkerProcess):
+    """``ediffi worker`` on a device that stops answering once serving (:mod:`tests.support.fault_injection`)."""
+
+    module, command = "tests.support.fault_injection", ["--fault", "hung"]
+
+
 def wait_workers_ready(workers: Iterable[WorkerProcess], timeout_s: float = 120.0) -> None:
     workers = list(workers)
     deadline = time.monotonic() + timeout_s
