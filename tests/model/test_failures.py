@@ -85,18 +85,28 @@ def cluster_factory(tiny_model_dir, tmp_path):
         cluster.close()
 
 
-def test_a_worker_on_a_broken_device_stops_after_n_failures_and_exits_non_zero(cluster_factory):
-    """Before: the worker kept claiming and failed every job in the queue with the raw CUDA text."""
-    from tests.support.process import ApiProcess, FaultyWorkerProcess, wait_workers_ready
+def start_with_faulty_worker(cluster_factory, worker_class, **settings):
+    """A cluster (Redis, API) whose only worker is ``worker_class`` (tests.support.process), both ready."""
+    from tests.support.process import ApiProcess, wait_workers_ready
 
-    limit = 3
-    cluster = cluster_factory(max_consecutive_engine_failures=limit, worker_slots=1)
-    broken = FaultyWorkerProcess(cluster.env, cluster.log_dir, "broken-worker")
-    cluster.workers.append(broken)
+    cluster = cluster_factory(**settings)
+    worker = worker_class(cluster.env, cluster.log_dir, "faulty-worker")
+    cluster.workers.append(worker)
     cluster.api = ApiProcess(cluster.env, cluster.log_dir)
-    wait_workers_ready([broken])
+    wait_workers_ready([worker])
     cluster.api.wait_ready()
     cluster.http = httpx.Client(base_url=cluster.api.url, timeout=60.0)
+    return cluster, worker
+
+
+def test_a_worker_on_a_broken_device_stops_after_n_failures_and_exits_non_zero(cluster_factory):
+    """Before: the worker kept claiming and failed every job in the queue with the raw CUDA text."""
+    from tests.support.process import FaultyWorkerProcess
+
+    limit = 3
+    cluster, broken = start_with_faulty_worker(
+        cluster_factory, FaultyWorkerProcess, max_consecutive_engine_failures=limit, worker_slots=1
+    )
     job_ids = [cluster.submit({"prompt": "a red circle", "steps": 2, "seed": k}) for k in range(limit + 3)]
 
     deadline = time.monotonic() + 60
@@ -130,15 +140,11 @@ def test_a_worker_on_a_broken_device_stops_after_n_failures_and_exits_non_zero(c
 def test_a_worker_whose_device_hangs_exits_and_another_worker_finishes_its_job(cluster_factory):
     """Before: a device call that never returned left the worker alive, heartbeating and renewing its
     claim, so its job was never reclaimed and the pod never restarted."""
-    from tests.support.process import ApiProcess, HungWorkerProcess, wait_workers_ready
+    from tests.support.process import HungWorkerProcess
 
-    cluster = cluster_factory(engine_stall_timeout_s=3, claim_timeout_s=3, worker_slots=1)
-    hung = HungWorkerProcess(cluster.env, cluster.log_dir, "hung-worker")
-    cluster.workers.append(hung)
-    cluster.api = ApiProcess(cluster.env, cluster.log_dir)
-    wait_workers_ready([hung])
-    cluster.api.wait_ready()
-    cluster.http = httpx.Client(base_url=cluster.api.url, timeout=60.0)
+    cluster, hung = start_with_faulty_worker(
+        cluster_factory, HungWorkerProcess, engine_stall_timeout_s=3, claim_timeout_s=3, worker_slots=1
+    )
     job_id = cluster.submit({"prompt": "a red circle", "steps": 2, "seed": 1})
 
     deadline = time.monotonic() + 60
