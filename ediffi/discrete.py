@@ -16,8 +16,11 @@ epsilon: D = x - sigma eps; v: D = x / (sigma^2+1) - sigma / sqrt(sigma^2+1) v
 
 `inference_sigmas` reproduces the sigmas of diffusers'
 `EulerDiscreteScheduler(use_karras_sigmas=True)` for the checkpoint's
-scheduler config, and `initial_noise_scale` its `init_noise_sigma`, so a seed
-gives the picture diffusers gives.
+scheduler config, `initial_noise_scale` its `init_noise_sigma` and
+`unet_timesteps` the timesteps its UNet calls get, so a seed gives the
+picture diffusers gives; for the `dpmpp_2m` sampler (and IF) those of
+`DPMSolverMultistepScheduler(use_karras_sigmas=True)` instead
+(`request_schedule`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 from ediffi.config import ConditioningConfig, LatentConfig, TrainingScheduleConfig
 
 KARRAS_RHO = 7.0
+DPM_SOLVER = "DPMSolverMultistepScheduler"
 
 
 def training_alphas_cumprod(schedule: TrainingScheduleConfig) -> torch.Tensor:
@@ -58,6 +62,35 @@ def _log_sigmas(schedule: TrainingScheduleConfig) -> torch.Tensor:
     """log sigma_t as diffusers' DPM-Solver takes it: numpy's float32 log of
     the float32 sigmas, as float64 for its float64 interpolation."""
     return torch.from_numpy(np.log(training_sigmas(schedule).numpy())).double()
+
+
+def log_sigma_table(schedule: TrainingScheduleConfig) -> torch.Tensor:
+    """The log sigma_t table `sigma_to_t` interpolates for the scheduler
+    reproduced: float32 as Euler's arithmetic; DPM-Solver's float64 (its
+    truncated IF timesteps depend on the last bit)."""
+    return _log_sigmas(schedule) if schedule.karras_scheduler == DPM_SOLVER else training_sigmas(schedule).log()
+
+
+def conventions_vary_by_sampler(schedule: TrainingScheduleConfig) -> bool:
+    """Whether the samplers reproduce different diffusers schedulers on this
+    checkpoint (SD/SDXL: Euler's, DPM-Solver's for dpmpp_2m); IF's is
+    DPM-Solver's for every sampler."""
+    return schedule.karras_scheduler != DPM_SOLVER
+
+
+def request_schedule(schedule: TrainingScheduleConfig, sampler: str) -> TrainingScheduleConfig:
+    """The schedule whose diffusers scheduler a request's sampler reproduces.
+    `dpmpp_2m` is "DPM++ 2M Karras", diffusers' DPMSolverMultistepScheduler
+    (use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2),
+    whose conventions on the same checkpoint are not EulerDiscreteScheduler's
+    (its set_timesteps): the Karras schedule spans the whole trained sigma
+    range whatever the timestep_spacing, init_noise_sigma is 1 (it samples
+    the VP x), and the timesteps it feeds the UNet are `_sigma_to_t(...)`
+    rounded to integers, where Euler's stay fractional. Euler and Heun keep
+    the checkpoint's own (Euler's for SD/SDXL, DPM-Solver's for IF)."""
+    if sampler == "dpmpp_2m" and conventions_vary_by_sampler(schedule):
+        return schedule.model_copy(update={"karras_scheduler": DPM_SOLVER})
+    return schedule
 
 
 def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
@@ -97,7 +130,7 @@ def inference_sigmas(schedule: TrainingScheduleConfig, steps: int) -> torch.Tens
     if steps < 1:
         raise ValueError("steps must be >= 1")
     sigmas = training_sigmas(schedule).numpy()
-    if schedule.karras_scheduler == "DPMSolverMultistepScheduler":
+    if schedule.karras_scheduler == DPM_SOLVER:
         sigma_min, sigma_max = float(sigmas[0]), float(sigmas[-1])
     else:
         spaced = np.interp(_spaced_timesteps(schedule, steps), np.arange(0, len(sigmas)), sigmas)
@@ -114,16 +147,17 @@ def initial_noise_scale(schedule: TrainingScheduleConfig, sigma_max: float) -> f
     DPM-Solver, which samples the variance-preserving x (init_noise_sigma 1,
     i.e. sqrt(sigma_max^2 + 1) here) -- diffusers conventions we reproduce so
     that seeds give the same pictures."""
-    if schedule.timestep_spacing == "leading" or schedule.karras_scheduler == "DPMSolverMultistepScheduler":
+    if schedule.timestep_spacing == "leading" or schedule.karras_scheduler == DPM_SOLVER:
         return math.sqrt(sigma_max**2 + 1)
     return sigma_max
 
 
 def unet_timesteps(sigma: torch.Tensor, log_sigmas: torch.Tensor, schedule: TrainingScheduleConfig) -> torch.Tensor:
-    """The timestep a UNet call at sigma gets from the scheduler reproduced.
-    Euler: the fractional t. DPM-Solver stores its timesteps as int64: rounded,
-    except for the cosine schedule (IF), where it skips the rounding and the
-    cast truncates (diffusers' DPMSolverMultistepScheduler.set_timesteps)."""
+    """The timestep a UNet call at sigma gets from the scheduler reproduced
+    (`log_sigmas`: its `log_sigma_table`). Euler: the fractional t.
+    DPM-Solver stores its timesteps as int64: rounded, except for the cosine
+    schedule (IF), where it skips the rounding and the cast truncates
+    (diffusers' DPMSolverMultistepScheduler.set_timesteps)."""
     t = sigma_to_t(sigma, log_sigmas)
     if schedule.karras_scheduler == "EulerDiscreteScheduler":
         return t
@@ -168,12 +202,8 @@ class DiscreteUNetDenoiser(nn.Module):
         self.pooled_columns = pooled_columns
         # IF predicts [epsilon | variance]; the ODE needs epsilon only.
         self.learned_variance = learned_variance
-        # Not buffers, so .to(dtype) keeps them. DPM-Solver's timesteps are
-        # computed in float64 (IF's truncated ones depend on the last bit).
-        if schedule.karras_scheduler == "DPMSolverMultistepScheduler":
-            self.log_sigmas = _log_sigmas(schedule)
-        else:
-            self.log_sigmas = training_sigmas(schedule).log()  # float32, as Euler's arithmetic
+        # Not buffers, so .to(dtype) keeps them.
+        self.log_sigmas = log_sigma_table(schedule)
         self.noise_level_log_sigmas = None if noise_level_schedule is None else _log_sigmas(noise_level_schedule)
 
     @property
@@ -181,6 +211,8 @@ class DiscreteUNetDenoiser(nn.Module):
         return self.noise_level_log_sigmas is not None
 
     def timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's own convention (Euler's for SD/SDXL, DPM-Solver's
+        for IF), for calls that do not bring their request's `timestep`."""
         return unet_timesteps(sigma.cpu(), self.log_sigmas, self.schedule)
 
     def noise_levels(self, low_res_sigma: torch.Tensor) -> torch.Tensor:
@@ -207,7 +239,11 @@ class DiscreteUNetDenoiser(nn.Module):
         pww_strength: torch.Tensor,
         low_res: torch.Tensor | None = None,
         low_res_sigma: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`timestep [B]`: each row's UNet timestep as its request's sampler
+        computes it (ediffi.pipeline: `request_schedule`, `unet_timesteps`);
+        None: `self.timesteps(sigma)`."""
         dtype = x.dtype
         # The arithmetic of diffusers' Euler scheduler (scale_model_input,
         # step), in the model's dtype, so a call matches it to rounding.
@@ -227,7 +263,7 @@ class DiscreteUNetDenoiser(nn.Module):
             class_labels = self.noise_levels(low_res_sigma)
         out = self.unet(
             model_input,
-            self.timesteps(sigma).to(x.device, torch.float32),
+            (self.timesteps(sigma) if timestep is None else timestep).to(x.device, torch.float32),
             encoder_hidden_states=context[:, :, start:stop],
             class_labels=class_labels,
             added_cond_kwargs=self.added_conditions(pooled),

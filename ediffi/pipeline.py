@@ -22,7 +22,10 @@ from PIL import Image
 
 from ediffi.capabilities import model_capabilities
 from ediffi.config import ModelConfig, StageConfig
-from ediffi.discrete import dynamic_threshold, inference_sigmas, initial_noise_scale, noise_level_sigma
+from ediffi.discrete import (
+    conventions_vary_by_sampler, dynamic_threshold, inference_sigmas, initial_noise_scale, log_sigma_table,
+    noise_level_sigma, request_schedule, unet_timesteps,
+)
 from ediffi.encoders import ENCODER_NAMES
 from ediffi.failure import InputError
 from ediffi.model import DECODER, EDiffIModel
@@ -116,12 +119,13 @@ def validate_sr_noise_level(config: ModelConfig, request: GenerationRequest) -> 
         raise InputError("sr_noise_level", message)
 
 
-def stage_sigmas(stage: StageConfig, steps: int) -> torch.Tensor:
+def stage_sigmas(stage: StageConfig, steps: int, sampler: str = DEFAULT_SAMPLER) -> torch.Tensor:
     """The sampler's sigma schedule: EDM's Karras schedule over the stage's
-    range, or for a discrete-time checkpoint the one diffusers' Euler
-    scheduler with Karras sigmas uses (within its trained range)."""
+    range, or for a discrete-time checkpoint the one diffusers' scheduler
+    with Karras sigmas uses (within its trained range): Euler's, or
+    DPM-Solver's for `dpmpp_2m` (ediffi.discrete.request_schedule)."""
     if stage.schedule is not None:
-        return inference_sigmas(stage.schedule, steps)
+        return inference_sigmas(request_schedule(stage.schedule, sampler), steps)
     return karras_sigmas(steps, stage.sigma_min, stage.sigma_max, stage.rho)
 
 
@@ -138,6 +142,12 @@ class DenoiserInputs:
     pww_strength: torch.Tensor
     low_res: torch.Tensor | None = None
     low_res_sigma: torch.Tensor | None = None
+    # Discrete-time stages where it depends on the sampler (SD/SDXL): each
+    # row's UNet timestep as its request's sampler computes it (DPM++ 2M
+    # rounds it, as diffusers' DPMSolverMultistepScheduler; Euler keeps it
+    # fractional: ediffi.discrete.request_schedule), so rows of requests with
+    # different samplers share a call. None: the expert's own t(sigma).
+    timestep: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -146,6 +156,8 @@ class DenoiserInputs:
         kwargs = {k: getattr(self, k) for k in ("x", "sigma", "context", "context_mask", "pooled", "pww_mask", "pww_strength")}
         if self.low_res is not None:
             kwargs["low_res"], kwargs["low_res_sigma"] = self.low_res, self.low_res_sigma
+        if self.timestep is not None:
+            kwargs["timestep"] = self.timestep
         return kwargs
 
     @staticmethod
@@ -273,7 +285,16 @@ class RequestRun:
         self.sampler: Sampler = self._start_stage()
 
     def _sigmas(self, stage) -> torch.Tensor:
-        return stage_sigmas(stage, self.request.steps)
+        return stage_sigmas(stage, self.request.steps, self.request.sampler)
+
+    def _timesteps(self, sigma: float, rows: int, device: torch.device) -> torch.Tensor | None:
+        """The UNet timestep at `sigma` for `rows` rows (float32 holds it
+        exactly) in the conventions of the request's sampler, where they
+        depend on it (DenoiserInputs.timestep); computed on the CPU here."""
+        if self._log_sigmas is None:
+            return None
+        t = unet_timesteps(torch.tensor([sigma], dtype=torch.float32), self._log_sigmas, self._schedule)
+        return torch.full((rows,), float(t), device=device, dtype=torch.float32)
 
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.cat([torch.randn((1, *shape), generator=g) for g in self.generators])
@@ -286,9 +307,17 @@ class RequestRun:
         stage = self.stage
         device, dtype = self.model.device, self.model.dtype
         sigmas = self._sigmas(stage)
-        # Imported checkpoints: the noise diffusers draws for the same seed
-        # (CPU generator, [1, C, H/f, W/f]) times its init_noise_sigma.
-        scale = sigmas[0] if stage.schedule is None else initial_noise_scale(stage.schedule, float(sigmas[0]))
+        # Imported checkpoints: the conventions of the diffusers scheduler the
+        # request's sampler reproduces (discrete.request_schedule; one training
+        # schedule per stage): its sigmas, init_noise_sigma and UNet timesteps.
+        # The rows carry the timesteps only where those depend on the sampler
+        # (SD/SDXL); IF's denoiser computes its own, DPM-Solver's for all.
+        self._schedule = None if stage.schedule is None else request_schedule(stage.schedule, self.request.sampler)
+        varies = stage.schedule is not None and conventions_vary_by_sampler(stage.schedule)
+        self._log_sigmas = log_sigma_table(self._schedule) if varies else None
+        # The noise diffusers draws for the same seed (CPU generator,
+        # [1, C, H/f, W/f]) times its init_noise_sigma.
+        scale = sigmas[0] if self._schedule is None else initial_noise_scale(self._schedule, float(sigmas[0]))
         x = self._noise(stage_shape(stage, self.cond.height, self.cond.width)) * scale
         if stage.is_super_resolution:
             # Cascaded diffusion: condition on the upsampled previous image,
@@ -331,6 +360,7 @@ class RequestRun:
             pww_strength=cond.pww_strength.to(dtype),
             low_res=None if self._low_res is None else self._low_res.repeat(reps, 1, 1, 1),
             low_res_sigma=None if self._low_res_sigma is None else self._low_res_sigma.repeat(reps),
+            timestep=self._timesteps(evaluation.sigma, rows, x.device),
         )
         return PendingEvaluation(stage.name, ensemble.route(evaluation.sigma), inputs)
 

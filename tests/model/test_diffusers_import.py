@@ -319,3 +319,162 @@ def test_the_model_id_is_the_folder_the_cache_repository_or_name(tiny_diffusers_
     assert ModelConfig.load(tmp_path / "b").name == "sd"
     assert _import(snapshot, "--out", tmp_path / "c", "--name", "my-model") == 0
     assert ModelConfig.load(tmp_path / "c").name == "my-model"
+
+
+# -- sampler dpmpp_2m = diffusers' "DPM++ 2M Karras" ----------------------------
+# DPMSolverMultistepScheduler(use_karras_sigmas=True, algorithm_type="dpmsolver++",
+# solver_order=2) from the checkpoint's scheduler config: its own conventions,
+# not Euler's (ediffi/discrete.py `request_schedule`).
+
+# SD and an SDXL base alone give identical pixels (inf dB, or ~80 dB from a
+# 1-LSB difference: diffusers batches [uncond, cond], we [cond, uncond]). With
+# the Karras end points and initial noise of DPM-Solver but Euler's fractional
+# timesteps they are at 54-58 dB here, so this bar also pins the rounding.
+DPM_PARITY_DB = 60.0
+
+
+def _denoiser_calls(model, sampler: str, steps: int) -> list[tuple[float, float]]:
+    """(sigma, UNet timestep) of every UNet call of one unguided request."""
+    from ediffi.model import DECODER
+    from ediffi.pipeline import GenerationRequest, generate
+
+    calls: list[list[float]] = []
+    hooks = []
+    for ensemble in model.stages.values():
+        for name, expert in ensemble.experts.items():
+            if name != DECODER:
+                hooks.append(expert.register_forward_pre_hook(
+                    lambda m, args, kwargs: calls.append([float(kwargs["sigma"][0])]), with_kwargs=True))
+                hooks.append(expert.unet.register_forward_pre_hook(
+                    lambda m, args, kwargs: calls[-1].append(float(args[1][0])), with_kwargs=True))
+    try:
+        generate(model, GenerationRequest("a red cat", steps=steps, guidance_scale=1.0, seed=3, sampler=sampler))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [tuple(c) for c in calls]
+
+
+@pytest.mark.parametrize("steps", [5, 12, 30])
+def test_dpmpp_2m_calls_the_unet_where_dpm_solver_does_and_euler_is_unchanged(
+    tiny_diffusers_dir, imported_sd_dir, imported_sdxl, steps
+):
+    """dpmpp_2m evaluates at DPMSolverMultistepScheduler's Karras sigmas (the
+    whole trained range) with its integer (rounded) timesteps; euler still at
+    EulerDiscreteScheduler's sigmas and fractional timesteps. SD ("leading"
+    spacing, as SD 1.x's PNDM config) and SDXL base + refiner."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    from ediffi.model import load_model
+
+    for folder, model in (("sd", load_model(imported_sd_dir)), ("sdxl-base", imported_sdxl)):
+        cfg = json.loads((tiny_diffusers_dir / folder / "scheduler" / "scheduler_config.json").read_text())
+        dpm = DPMSolverMultistepScheduler.from_config(
+            cfg, use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2)
+        euler = EulerDiscreteScheduler.from_config(cfg, use_karras_sigmas=True)
+        for sampler, reference in (("dpmpp_2m", dpm), ("euler", euler)):
+            reference.set_timesteps(steps)
+            sigmas, timesteps = map(torch.tensor, zip(*_denoiser_calls(model, sampler, steps)))
+            torch.testing.assert_close(sigmas.float(), reference.sigmas[:-1], rtol=1e-6, atol=0)
+            if sampler == "dpmpp_2m":
+                assert timesteps.tolist() == reference.timesteps.float().tolist(), folder
+            else:  # diffusers' Euler takes t of the float64 sigma, we of its float32 rounding
+                torch.testing.assert_close(timesteps.double(), reference.timesteps.double(), rtol=0, atol=1e-3)
+                assert any(t != round(t) for t in timesteps.tolist()), "the test would not see the rounding"
+
+
+def _dpmpp_2m(model_dir, steps: int, guidance: float, seed: int = 7, **size):
+    from ediffi.model import load_model
+    from ediffi.pipeline import GenerationRequest, generate
+
+    request = GenerationRequest("a red cat on the house", steps=steps, guidance_scale=guidance, seed=seed,
+                                sampler="dpmpp_2m", **size)
+    return generate(load_model(model_dir), request)[0]
+
+
+@pytest.mark.parametrize("spacing", [None, "linspace"])
+def test_sd_dpmpp_2m_matches_dpm_solver_multistep_karras(tiny_diffusers_dir, imported_sd_dir, tmp_path, spacing):
+    """SD with dpmpp_2m = StableDiffusionPipeline with DPM++ 2M Karras, same
+    seed, steps, guidance. "linspace" spacing (SD 2.x-style configs) is where
+    Euler's initial noise scale (sigma_max) and DPM-Solver's (its VP sample,
+    sqrt(sigma_max^2 + 1) here) differ."""
+    from diffusers import StableDiffusionPipeline
+
+    from ediffi.importers.diffusers import import_diffusers
+    from tests.support.diffusers import karras_dpmpp
+
+    folder, model_dir = tiny_diffusers_dir / "sd", imported_sd_dir
+    if spacing is not None:
+        folder = _copy(folder, tmp_path / "sd")
+        config = folder / "scheduler" / "scheduler_config.json"
+        original = json.loads(config.read_text())
+        config.unlink()  # may be a link into the session's checkpoint
+        config.write_text(json.dumps({**original, "timestep_spacing": spacing}))
+        model_dir = tmp_path / "m"
+        import_diffusers(folder, model_dir)
+    pipe = karras_dpmpp(StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True))
+    for steps, guidance in ((10, 5.0), (5, 1.0)):
+        ref = pipe("a red cat on the house", num_inference_steps=steps, guidance_scale=guidance,
+                   generator=torch.Generator().manual_seed(7)).images[0]
+        figure = psnr(_dpmpp_2m(model_dir, steps, guidance), ref)
+        print(f"SD ({spacing or 'leading'}) dpmpp_2m parity, {steps} steps, guidance {guidance}: PSNR {figure:.2f} dB")
+        assert figure >= DPM_PARITY_DB, (steps, guidance)
+
+
+def test_sdxl_dpmpp_2m_matches_dpm_solver_multistep_karras(tiny_diffusers_dir, imported_sdxl_dir, tmp_path):
+    """SDXL base alone with dpmpp_2m = StableDiffusionXLPipeline with DPM++ 2M
+    Karras (identical pixels); base + refiner = the base pipeline to
+    denoising_end=0.8 then the refiner pipeline from denoising_start=0.8.
+    That pair is within PARITY_DB only: diffusers' refiner pipeline starts a
+    fresh scheduler, so its first step is first order (the multistep history
+    restarts), where our sampler keeps its history across the expert boundary."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from ediffi.importers.diffusers import import_diffusers
+    from tests.support.diffusers import karras_dpmpp
+
+    import_diffusers(tiny_diffusers_dir / "sdxl-base", tmp_path / "base")
+    base = karras_dpmpp(StableDiffusionXLPipeline.from_pretrained(
+        tiny_diffusers_dir / "sdxl-base", use_safetensors=True, add_watermarker=False))
+    refiner = karras_dpmpp(StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        tiny_diffusers_dir / "sdxl-refiner", use_safetensors=True, add_watermarker=False))
+    prompt, size = "a red cat on the house", dict(width=48, height=32)
+    kw = dict(num_inference_steps=10, guidance_scale=5.0)
+    seed = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    ref = base(prompt, generator=seed(), **kw, **size).images[0]
+    figure = psnr(_dpmpp_2m(tmp_path / "base", 10, 5.0, **size), ref)
+    print(f"SDXL base dpmpp_2m parity: PSNR {figure:.2f} dB")
+    assert figure >= DPM_PARITY_DB
+
+    latents = base(prompt, denoising_end=0.8, output_type="latent", generator=seed(), **kw, **size).images
+    ref = refiner(prompt, image=latents, denoising_start=0.8, generator=seed(), **kw).images[0]
+    ours = _dpmpp_2m(imported_sdxl_dir, 10, 5.0, **size)
+    assert ours.size == ref.size == (48, 32)
+    figure = psnr(ours, ref)
+    print(f"SDXL base + refiner dpmpp_2m parity: PSNR {figure:.2f} dB")
+    assert figure >= PARITY_DB
+
+
+def test_dpmpp_2m_and_euler_rows_share_a_call_and_keep_their_timesteps(imported_sdxl):
+    """Batched with euler and heun requests (one UNet call for their rows),
+    a dpmpp_2m request gives the image it gives alone, and so do they: each
+    row carries its own sampler's timestep (rounded or fractional)."""
+    from ediffi.pipeline import GenerationRequest, generate, generate_batch
+
+    requests = [
+        GenerationRequest("a red cat on the house", steps=steps, guidance_scale=5.0, seed=11, sampler=sampler,
+                          width=48, height=32)
+        for sampler, steps in (("dpmpp_2m", 6), ("euler", 6), ("heun", 4))
+    ]
+    calls = []
+    unet = imported_sdxl.stages["base"].experts["base"].unet
+    hook = unet.register_forward_pre_hook(lambda m, args, kwargs: calls.append(args[1].tolist()), with_kwargs=True)
+    try:
+        together = generate_batch(imported_sdxl, requests)
+    finally:
+        hook.remove()
+    shared = [c for c in calls if len(c) == 6]  # [dpmpp_2m x2, euler x2, heun x2] (cond, uncond rows)
+    assert shared and all(c[0] == round(c[0]) for c in shared)
+    assert any(c[2] != round(c[2]) for c in shared)
+    for request, (image,) in zip(requests, together):
+        assert psnr(image, generate(imported_sdxl, request)[0]) >= DPM_PARITY_DB, request.sampler

@@ -155,6 +155,19 @@ def karras_euler(pipe):
     return pipe
 
 
+def karras_dpmpp(pipe):
+    """The reference "DPM++ 2M Karras": DPMSolverMultistepScheduler
+    (DPM-Solver++, second order, Karras sigmas) from the checkpoint's own
+    scheduler config."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def sdxl_reference(checkpoints: Path, prompt: str, seed: int, steps: int, guidance: float, width: int, height: int,
                    high_noise_frac: float = 0.8):
     """diffusers' own SDXL base + refiner image: StableDiffusionXLPipeline(
