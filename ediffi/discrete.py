@@ -71,11 +71,10 @@ def log_sigma_table(schedule: TrainingScheduleConfig) -> torch.Tensor:
     return _log_sigmas(schedule) if schedule.karras_scheduler == DPM_SOLVER else training_sigmas(schedule).log()
 
 
-def conventions_vary_by_sampler(schedule: TrainingScheduleConfig) -> bool:
-    """Whether the samplers reproduce different diffusers schedulers on this
-    checkpoint (SD/SDXL: Euler's, DPM-Solver's for dpmpp_2m); IF's is
-    DPM-Solver's for every sampler."""
-    return schedule.karras_scheduler != DPM_SOLVER
+def timestep_at(schedule: TrainingScheduleConfig, sigma: float) -> float:
+    """The UNet timestep of a call at `sigma` under `schedule`'s diffusers
+    scheduler (`unet_timesteps` on its `log_sigma_table`)."""
+    return float(unet_timesteps(torch.tensor([sigma], dtype=torch.float32), log_sigma_table(schedule), schedule))
 
 
 def request_schedule(schedule: TrainingScheduleConfig, sampler: str) -> TrainingScheduleConfig:
@@ -88,7 +87,7 @@ def request_schedule(schedule: TrainingScheduleConfig, sampler: str) -> Training
     the VP x), and the timesteps it feeds the UNet are `_sigma_to_t(...)`
     rounded to integers, where Euler's stay fractional. Euler and Heun keep
     the checkpoint's own (Euler's for SD/SDXL, DPM-Solver's for IF)."""
-    if sampler == "dpmpp_2m" and conventions_vary_by_sampler(schedule):
+    if sampler == "dpmpp_2m" and schedule.karras_scheduler != DPM_SOLVER:
         return schedule.model_copy(update={"karras_scheduler": DPM_SOLVER})
     return schedule
 

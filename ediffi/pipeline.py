@@ -23,8 +23,7 @@ from PIL import Image
 from ediffi.capabilities import model_capabilities
 from ediffi.config import ModelConfig, StageConfig
 from ediffi.discrete import (
-    conventions_vary_by_sampler, dynamic_threshold, inference_sigmas, initial_noise_scale, log_sigma_table,
-    noise_level_sigma, request_schedule, unet_timesteps,
+    dynamic_threshold, inference_sigmas, initial_noise_scale, noise_level_sigma, request_schedule, timestep_at,
 )
 from ediffi.encoders import ENCODER_NAMES
 from ediffi.failure import InputError
@@ -142,11 +141,12 @@ class DenoiserInputs:
     pww_strength: torch.Tensor
     low_res: torch.Tensor | None = None
     low_res_sigma: torch.Tensor | None = None
-    # Discrete-time stages where it depends on the sampler (SD/SDXL): each
-    # row's UNet timestep as its request's sampler computes it (DPM++ 2M
-    # rounds it, as diffusers' DPMSolverMultistepScheduler; Euler keeps it
-    # fractional: ediffi.discrete.request_schedule), so rows of requests with
-    # different samplers share a call. None: the expert's own t(sigma).
+    # Discrete-time stages (imported UNets): each row's UNet timestep as its
+    # request's sampler computes it (DPM++ 2M rounds it, as diffusers'
+    # DPMSolverMultistepScheduler; Euler keeps it fractional:
+    # ediffi.discrete.request_schedule), so rows of requests with different
+    # samplers share a call, and a captured CUDA graph takes it as an input
+    # (t(sigma) needs the host). None: EDM stages, or the expert's own t(sigma).
     timestep: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -289,12 +289,11 @@ class RequestRun:
 
     def _timesteps(self, sigma: float, rows: int, device: torch.device) -> torch.Tensor | None:
         """The UNet timestep at `sigma` for `rows` rows (float32 holds it
-        exactly) in the conventions of the request's sampler, where they
-        depend on it (DenoiserInputs.timestep); computed on the CPU here."""
-        if self._log_sigmas is None:
+        exactly) in the conventions of the request's sampler
+        (DenoiserInputs.timestep; None for EDM stages); computed on the CPU here."""
+        if self._schedule is None:
             return None
-        t = unet_timesteps(torch.tensor([sigma], dtype=torch.float32), self._log_sigmas, self._schedule)
-        return torch.full((rows,), float(t), device=device, dtype=torch.float32)
+        return torch.full((rows,), timestep_at(self._schedule, sigma), device=device, dtype=torch.float32)
 
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.cat([torch.randn((1, *shape), generator=g) for g in self.generators])
@@ -310,11 +309,9 @@ class RequestRun:
         # Imported checkpoints: the conventions of the diffusers scheduler the
         # request's sampler reproduces (discrete.request_schedule; one training
         # schedule per stage): its sigmas, init_noise_sigma and UNet timesteps.
-        # The rows carry the timesteps only where those depend on the sampler
-        # (SD/SDXL); IF's denoiser computes its own, DPM-Solver's for all.
+        # The rows always carry their timesteps: they depend on the sampler
+        # (SD/SDXL), and a captured CUDA graph cannot compute them on the host.
         self._schedule = None if stage.schedule is None else request_schedule(stage.schedule, self.request.sampler)
-        varies = stage.schedule is not None and conventions_vary_by_sampler(stage.schedule)
-        self._log_sigmas = log_sigma_table(self._schedule) if varies else None
         # The noise diffusers draws for the same seed (CPU generator,
         # [1, C, H/f, W/f]) times its init_noise_sigma.
         scale = sigmas[0] if self._schedule is None else initial_noise_scale(self._schedule, float(sigmas[0]))

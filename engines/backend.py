@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ediffi.discrete import timestep_at
 from ediffi.model import EDiffIModel
 from ediffi.pipeline import DenoiserInputs, stage_shape
 from engines.cost_model import CostModel
@@ -198,6 +199,9 @@ class Backend(ABC):
             pww_strength=torch.zeros(rows, device=device, dtype=dtype),
             low_res=torch.randn(rows, ch, size, size, generator=g).to(device, dtype) if sr else None,
             low_res_sigma=torch.full((rows,), cfg.low_res_aug_sigma, device=device, dtype=torch.float32) if sr else None,
+            timestep=None if cfg.schedule is None else torch.full(
+                (rows,), timestep_at(cfg.schedule, sigma), device=device, dtype=torch.float32
+            ),
         )
 
     def describe(self) -> str:

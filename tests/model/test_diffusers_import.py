@@ -478,3 +478,22 @@ def test_dpmpp_2m_and_euler_rows_share_a_call_and_keep_their_timesteps(imported_
     assert any(c[2] != round(c[2]) for c in shared)
     for request, (image,) in zip(requests, together):
         assert psnr(image, generate(imported_sdxl, request)[0]) >= DPM_PARITY_DB, request.sampler
+
+
+def test_every_discrete_call_carries_its_timestep_so_a_cuda_graph_needs_no_host_step(imported_sd_dir):
+    # A captured CUDA graph cannot run t(sigma) (it reads sigma on the host); the warm-up inputs a graph is
+    # captured from, and every request row, bring the timestep the expert would compute, so nothing changes.
+    from engines.torch_backend import TorchBackend
+
+    backend = TorchBackend(imported_sd_dir)
+    stage = backend.model.config.stages[0]
+    expert = backend.model.stages[stage.name].experts[stage.experts[0].name]
+    inputs = backend.dummy_inputs(stage.name, 2, sigma=3.0)
+    assert inputs.timestep is not None
+    assert torch.equal(inputs.timestep, expert.timesteps(inputs.sigma).float())
+    with torch.no_grad():
+        given = expert(**inputs.as_kwargs())
+        inputs.timestep = None
+        computed = expert(**inputs.as_kwargs())
+    assert torch.equal(given, computed)
+    backend.close()
