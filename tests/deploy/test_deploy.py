@@ -1255,3 +1255,11 @@ def test_container_start_command_serves_and_passes_its_healthcheck(tmp_path, req
     finally:
         stop_process(process, timeout_s=20)
         log.close()
+
+
+def test_the_api_container_may_finish_a_synchronous_wait_when_stopped(compose: dict) -> None:
+    # Docker's default stop grace is 10 s; a synchronous POST /generate waits up to sync_timeout_s.
+    from server.settings import Settings
+
+    grace = compose["services"]["api"].get("stop_grace_period", "10s")
+    assert grace.endswith("s") and float(grace[:-1]) >= Settings.model_fields["sync_timeout_s"].default, grace
