@@ -71,10 +71,12 @@ def log_sigma_table(schedule: TrainingScheduleConfig) -> torch.Tensor:
     return _log_sigmas(schedule) if schedule.karras_scheduler == DPM_SOLVER else training_sigmas(schedule).log()
 
 
-def timestep_at(schedule: TrainingScheduleConfig, sigma: float) -> float:
+def timestep_at(schedule: TrainingScheduleConfig, sigma: float, log_sigmas: torch.Tensor | None = None) -> float:
     """The UNet timestep of a call at `sigma` under `schedule`'s diffusers
-    scheduler (`unet_timesteps` on its `log_sigma_table`)."""
-    return float(unet_timesteps(torch.tensor([sigma], dtype=torch.float32), log_sigma_table(schedule), schedule))
+    scheduler (`unet_timesteps` on its `log_sigma_table`; pass the table when
+    calling often: it is built from the whole training schedule)."""
+    table = log_sigma_table(schedule) if log_sigmas is None else log_sigmas
+    return float(unet_timesteps(torch.tensor([sigma], dtype=torch.float32), table, schedule))
 
 
 def request_schedule(schedule: TrainingScheduleConfig, sampler: str) -> TrainingScheduleConfig:

@@ -23,7 +23,8 @@ from PIL import Image
 from ediffi.capabilities import model_capabilities
 from ediffi.config import ModelConfig, StageConfig
 from ediffi.discrete import (
-    dynamic_threshold, inference_sigmas, initial_noise_scale, noise_level_sigma, request_schedule, timestep_at,
+    dynamic_threshold, inference_sigmas, initial_noise_scale, log_sigma_table, noise_level_sigma, request_schedule,
+    timestep_at,
 )
 from ediffi.encoders import ENCODER_NAMES
 from ediffi.failure import InputError
@@ -293,7 +294,8 @@ class RequestRun:
         (DenoiserInputs.timestep; None for EDM stages); computed on the CPU here."""
         if self._schedule is None:
             return None
-        return torch.full((rows,), timestep_at(self._schedule, sigma), device=device, dtype=torch.float32)
+        t = timestep_at(self._schedule, sigma, self._log_sigmas)
+        return torch.full((rows,), t, device=device, dtype=torch.float32)
 
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.cat([torch.randn((1, *shape), generator=g) for g in self.generators])
@@ -312,6 +314,7 @@ class RequestRun:
         # The rows always carry their timesteps: they depend on the sampler
         # (SD/SDXL), and a captured CUDA graph cannot compute them on the host.
         self._schedule = None if stage.schedule is None else request_schedule(stage.schedule, self.request.sampler)
+        self._log_sigmas = None if self._schedule is None else log_sigma_table(self._schedule)  # once per stage
         # The noise diffusers draws for the same seed (CPU generator,
         # [1, C, H/f, W/f]) times its init_noise_sigma.
         scale = sigmas[0] if self._schedule is None else initial_noise_scale(self._schedule, float(sigmas[0]))

@@ -132,6 +132,14 @@ def is_json_content_type(value: str | None) -> bool:
     return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
+def _body_refusal(
+    status_code: int, message: str, kind: str, ctx: dict, headers: dict[str, str] | None = None
+) -> _RefusedBody:
+    """A refusal of the request body, in the 422 detail shape (``loc`` body)."""
+    detail = [{"loc": ["body"], "msg": message, "type": kind, "ctx": ctx}]
+    return _RefusedBody(status_code, detail=detail, headers=headers)
+
+
 class RequestGuard:
     """Checks a request before its body is read: caller (``check_caller``), JSON content type, size."""
 
@@ -153,26 +161,16 @@ class RequestGuard:
         self.check_caller = check_caller
 
     def _too_large(self) -> _RefusedBody:
-        detail = [
-            {
-                "loc": ["body"],
-                "msg": f"request body is larger than {self.max_body_bytes} bytes",
-                "type": "too_large",
-                "ctx": {"max_bytes": self.max_body_bytes},
-            }
-        ]
-        return _RefusedBody(413, detail=detail)
+        return _body_refusal(
+            413, f"request body is larger than {self.max_body_bytes} bytes", "too_large",
+            {"max_bytes": self.max_body_bytes},
+        )
 
     def _too_slow(self) -> _RefusedBody:
-        detail = [
-            {
-                "loc": ["body"],
-                "msg": f"request body not received within {self.body_timeout_s:g} s",
-                "type": "timeout",
-                "ctx": {"timeout_s": self.body_timeout_s},
-            }
-        ]
-        return _RefusedBody(status.HTTP_408_REQUEST_TIMEOUT, detail=detail, headers={"Connection": "close"})
+        return _body_refusal(
+            status.HTTP_408_REQUEST_TIMEOUT, f"request body not received within {self.body_timeout_s:g} s", "timeout",
+            {"timeout_s": self.body_timeout_s}, headers={"Connection": "close"},
+        )
 
     def _refusal(self, scope: Scope) -> HTTPException | None:
         """Why this request's body must not be read (checked on the first read), or None."""
@@ -205,8 +203,7 @@ class RequestGuard:
             return
         received = 0
         checked = False
-        body_deadline: float | None = None  # loop time by which the body must have arrived; None once it has
-        loop = asyncio.get_running_loop()
+        body_deadline: float | None = None  # loop time by which the body must have arrived; None: no deadline
 
         async def guarded_receive() -> Message:
             nonlocal received, checked, body_deadline
@@ -216,15 +213,12 @@ class RequestGuard:
                     raise refusal
                 checked = True
                 if self.body_timeout_s is not None:
-                    body_deadline = loop.time() + self.body_timeout_s
-            if body_deadline is None:  # the body is in (later reads wait for a disconnect): no deadline
-                message = await receive()
-            else:
-                try:
-                    async with asyncio.timeout_at(body_deadline):
-                        message = await receive()
-                except TimeoutError:
-                    raise self._too_slow() from None
+                    body_deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+            try:
+                async with asyncio.timeout_at(body_deadline):  # None once the body is in (later reads: a disconnect)
+                    message = await receive()
+            except TimeoutError:
+                raise self._too_slow() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
