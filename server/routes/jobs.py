@@ -314,8 +314,12 @@ def _sse_lost(job_id: str) -> str:
     return f"event: {EventType.FAILED.value}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+# Event fields kept on the job's stream for operators (the worker's host name and pid), never sent to clients.
+INTERNAL_EVENT_FIELDS = frozenset({"worker"})
+
+
 def _sse(event: JobEvent, job_id: str) -> str:
-    data: dict[str, Any] = dict(event.data)
+    data: dict[str, Any] = {key: value for key, value in event.data.items() if key not in INTERNAL_EVENT_FIELDS}
     if event.type == EventType.SUCCEEDED:
         data["images"] = [image_path(job_id, k) for k in range(int(data.get("n_images", 0)))]
     return f"id: {event.id}\nevent: {event.type.value}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
