@@ -47,6 +47,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match, Mount
+from starlette.types import Scope
 
 from ediffi.capabilities import ModelCapabilities, SizeRule
 from server.auth import WaitSlots, caller, check_access_settings
@@ -180,6 +182,23 @@ def _limits_in_openapi(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+class WebUIMount(Mount):
+    """The web UI's static files at ``/``, yielding to an API path asked with another method.
+
+    A mount at ``/`` matches every path fully, so Starlette would hand ``GET /generate``
+    to the static files (404) instead of answering 405 with ``Allow: POST``.
+    """
+
+    def __init__(self, app: StaticFiles, api_routes: list[BaseRoute]) -> None:
+        super().__init__("/", app=app, name="static")
+        self._api_routes = api_routes
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if any(route.matches(scope)[0] is Match.PARTIAL for route in self._api_routes if route is not self):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
 def create_app(
     settings: Settings,
     queue: JobQueue | None = None,
@@ -235,7 +254,7 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(models.router)
     if static_dir is not None and Path(static_dir).is_dir():
-        app.mount("/", StaticFiles(directory=static_dir, html=True), name="static")
+        app.router.routes.append(WebUIMount(StaticFiles(directory=static_dir, html=True), api_routes=app.router.routes))
 
     # Outermost last: metrics see every response, the guards' 401/413/415/503 included.
     app.add_middleware(

@@ -284,10 +284,20 @@ def test_the_api_imports_no_torch_and_mounts_static_files_only_if_present(tmp_pa
     (tmp_path / "index.html").write_text("<h1>eDiff-I</h1>")
     app = create_app(make_settings(), static_dir=tmp_path)
 
-    async def fetch() -> tuple[httpx.Response, httpx.Response]:
+    async def fetch() -> tuple[httpx.Response, ...]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            return await client.get("/"), await client.get("/healthz")
+            return (
+                await client.get("/"),
+                await client.get("/healthz"),
+                await client.get("/generate"),
+                await client.delete("/v1/images/generations"),
+                await client.get("/no-such-file.js"),
+            )
 
-    index, health = asyncio.run(fetch())
+    index, health, get_generate, delete_openai, missing = asyncio.run(fetch())
     assert index.status_code == 200 and "eDiff-I" in index.text
     assert health.status_code == 200
+    # An API path with the wrong method is 405 naming the allowed one, not the static mount's 404.
+    assert get_generate.status_code == 405 and get_generate.headers["allow"] == "POST", get_generate.text
+    assert delete_openai.status_code == 405 and delete_openai.headers["allow"] == "POST"
+    assert missing.status_code == 404
