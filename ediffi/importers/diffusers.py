@@ -206,7 +206,8 @@ def require_same_text_encoder(
 class ImportPlan:
     """What an importer decided: components to place and the model.json parts."""
 
-    components: dict[str, Path] = field(default_factory=dict)  # relative target -> source folder
+    # relative target -> a source folder (linked or copied) or a function that writes the folder itself
+    components: dict[str, Path | Callable[[Path], None]] = field(default_factory=dict)
     stages: list[StageConfig] = field(default_factory=list)
     encoders: DiffusersEncodersConfig | None = None
     provenance: dict = field(default_factory=dict)
@@ -418,6 +419,29 @@ def _if_stage(folder: PipelineFolder, prefix: str, plan: ImportPlan, super_resol
     )
 
 
+def t5_tokenizer_component(tokenizer: Path) -> Path | Callable[[Path], None]:
+    """The T5 tokenizer folder as it is when it has a ``tokenizer.json``; else
+    (the released IF-I checkpoints: ``spiece.model`` only) a writer that
+    converts the sentencepiece model to a ``tokenizer.json`` in the model
+    directory, as transformers does when it loads such a folder, so workers
+    load it without sentencepiece and without converting at every start."""
+    if (tokenizer / "tokenizer.json").is_file():
+        return tokenizer
+    if not (tokenizer / "spiece.model").is_file():
+        raise DiffusersImportError(f"{tokenizer}: neither tokenizer.json nor spiece.model (T5's sentencepiece model)")
+
+    def convert(target: Path) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            converted = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        except Exception as error:  # transformers raises ValueError, ImportError, OSError, protobuf's DecodeError
+            raise DiffusersImportError(f"{tokenizer}: cannot convert spiece.model to tokenizer.json: {error}") from error
+        converted.save_pretrained(target)
+
+    return convert
+
+
 def import_deepfloyd_if(stage_1: PipelineFolder, stage_2: PipelineFolder | None, high_noise_frac: float) -> ImportPlan:
     """DeepFloyd IF: stage I (T5 conditioning, 64 px) and optionally stage II
     (super-resolution of stage I's image), a two-stage pixel cascade. Stage
@@ -425,13 +449,7 @@ def import_deepfloyd_if(stage_1: PipelineFolder, stage_2: PipelineFolder | None,
     I's prompt_embeds to it), so a text encoder it carries must be stage I's."""
     plan = ImportPlan()
     plan.components["base/text_encoder"] = stage_1.component("text_encoder")
-    tokenizer = stage_1.component("tokenizer", weights=False)
-    if not (tokenizer / "tokenizer.json").is_file():
-        raise DiffusersImportError(
-            f"{tokenizer}: tokenizer.json is missing (a sentencepiece-only T5 tokenizer); write one with "
-            "transformers' AutoTokenizer.from_pretrained(folder).save_pretrained(folder)"
-        )
-    plan.components["base/tokenizer"] = tokenizer
+    plan.components["base/tokenizer"] = t5_tokenizer_component(stage_1.component("tokenizer", weights=False))
     t5 = T5TextEncoderConfig(kind="t5", name="text_encoder", path="base/text_encoder", tokenizer_path="base/tokenizer", max_length=IF_TOKENS)
     cond = ConditioningConfig(name="t5", encoders=[t5.name], hidden_state="last", empty_negative="encode")
     plan.encoders = DiffusersEncodersConfig(kind="diffusers_clip", text_encoders=[t5], conditionings=[cond])
@@ -459,9 +477,11 @@ PIPELINES: dict[str, Callable[[PipelineFolder, PipelineFolder | None, float], Im
 COMPANION_FLAGS = {"IFPipeline": "--sr"}
 
 
-def _place(source: Path, target: Path, copy: bool) -> None:
+def _place(source: Path | Callable[[Path], None], target: Path, copy: bool) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    if copy:
+    if callable(source):
+        source(target)
+    elif copy:
         shutil.copytree(source, target, ignore=shutil.ignore_patterns(*[f"*{s}" for s in PICKLE_SUFFIXES]))
     else:
         os.symlink(source.resolve(), target, target_is_directory=True)
@@ -493,7 +513,9 @@ def check_out_dir(out_dir: Path, sources: list[Path], replace: bool) -> None:
             raise DiffusersImportError(f"--out {out_dir} already holds a model directory: pass --force to replace it")
 
 
-def write_model_dir(out_dir: Path, config: ModelConfig, components: dict[str, Path], copy: bool) -> None:
+def write_model_dir(
+    out_dir: Path, config: ModelConfig, components: dict[str, Path | Callable[[Path], None]], copy: bool
+) -> None:
     """Write the model directory beside ``out_dir`` first and move it into place when complete, so a failed
     import (a full disk during --copy) leaves the previous model directory, if any, as it was."""
     out_dir = out_dir.absolute()

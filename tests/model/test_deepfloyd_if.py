@@ -34,7 +34,14 @@ from ediffi.paint import PaintWithWordsAddedKVAttnProcessor, Region
 from ediffi.pipeline import GenerationRequest, encode_request, generate
 from engines import Engine, EngineConfig, TextEmbeddingCache, TorchBackend
 from tests.support.diffusers import psnr
-from tests.support.deepfloyd_if import STAGE_I_SIZE, STAGE_II_SIZE, diffusers_if_images, load_if_pipelines
+from tests.support.deepfloyd_if import (
+    STAGE_I_SIZE,
+    STAGE_II_SIZE,
+    TinyIF,
+    diffusers_if_images,
+    load_if_pipelines,
+    write_sentencepiece_t5_tokenizer,
+)
 from tests.support.process import serve_process
 
 PROMPT = "a red cat on the left of a blue house"
@@ -379,10 +386,30 @@ def test_missing_image_noising_scheduler_is_named(tiny_if, tmp_path):
         import_diffusers(tiny_if.stage_1, tmp_path / "out", sr_dir=stage_2)
 
 
-def test_sentencepiece_only_tokenizer_is_named(tiny_if, tmp_path):
+def test_a_sentencepiece_only_tokenizer_is_converted_at_import_and_equals_diffusers(tiny_if, tmp_path):
+    """The released IF-I folders carry spiece.model and no tokenizer.json: the import converts it into
+    the model directory (a linked source folder is never written), and the images equal diffusers'
+    IFPipeline loading the same folder."""
+    stage_1 = _copy(tiny_if.stage_1, tmp_path)
+    shutil.rmtree(stage_1 / "tokenizer")
+    vocab_size = json.loads((stage_1 / "text_encoder" / "config.json").read_text())["vocab_size"]
+    write_sentencepiece_t5_tokenizer(stage_1 / "tokenizer", vocab_size)
+    out = tmp_path / "model"
+    assert main(["import", "diffusers", str(stage_1), "--out", str(out)]) == 0
+    tokenizer = out / "base" / "tokenizer"
+    assert not tokenizer.is_symlink() and (tokenizer / "tokenizer.json").is_file()
+    assert sorted(path.name for path in (stage_1 / "tokenizer").iterdir()) == ["spiece.model", "tokenizer_config.json"]
+
+    low_ref, _ = diffusers_if_images(TinyIF(stage_1, tiny_if.stage_2), PROMPT, seed=SEED, steps=STEPS, guidance=GUIDANCE)
+    request = GenerationRequest(prompt=PROMPT, steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, sampler="dpmpp_2m")
+    (image,) = generate(load_model(out), request)
+    assert psnr(image, low_ref) >= MIN_PSNR
+
+
+def test_a_tokenizer_folder_without_any_tokenizer_file_is_named(tiny_if, tmp_path):
     stage_1 = _copy(tiny_if.stage_1, tmp_path)
     (stage_1 / "tokenizer" / "tokenizer.json").unlink()
-    with pytest.raises(DiffusersImportError, match=r"tokenizer\.json is missing"):
+    with pytest.raises(DiffusersImportError, match=r"neither tokenizer\.json nor spiece\.model"):
         import_diffusers(stage_1, tmp_path / "out")
 
 

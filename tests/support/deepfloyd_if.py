@@ -15,6 +15,7 @@ scheduler.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,29 @@ def tiny_t5(seed: int):
         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
     )
     return tokenizer, T5EncoderModel(config).eval()
+
+
+def write_sentencepiece_t5_tokenizer(folder: Path, vocab_size: int) -> None:
+    """The ``tokenizer`` folder of a pipeline as the released IF-I checkpoints
+    ship it: a sentencepiece model (``spiece.model``, T5's ids: pad 0, eos 1,
+    unk 2) and ``tokenizer_config.json``, no ``tokenizer.json``, the class
+    ``T5Tokenizer`` in ``model_index.json``. Trained here on WORDS."""
+    import sentencepiece
+
+    folder.mkdir(parents=True)
+    sentences = [" ".join(WORDS[k:] + WORDS[:k]) for k in range(len(WORDS))]
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences * 4), model_prefix=str(folder / "spiece"), vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
+    )
+    (folder / "spiece.vocab").unlink()
+    config = {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 77,
+              "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    index_path = folder.parent / "model_index.json"  # the released model_index.json names the class too
+    index = json.loads(index_path.read_text())
+    index["tokenizer"] = ["transformers", "T5Tokenizer"]
+    index_path.write_text(json.dumps(index))
 
 
 def tiny_if_unet(seed: int, sample_size: int, super_resolution: bool):
