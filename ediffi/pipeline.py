@@ -331,7 +331,10 @@ class RequestRun:
             self._low_res = (up + aug * noise).to(device, dtype)
             # Noise levels stay float32 at any model dtype (ediffi/unet.py FourierEmbedding).
             self._low_res_sigma = torch.full((up.shape[0],), aug, device=device, dtype=torch.float32)
-        return make_sampler(self.request.sampler, x.to(device, dtype), sigmas)
+        # Imported experts are separate diffusers pipelines (SDXL base, refiner), each starting its own
+        # scheduler: a multistep solver's history restarts where the next expert takes over.
+        restarts = [expert.sigma_lo for expert in stage.experts if expert.sigma_lo > 0] if self._schedule else []
+        return make_sampler(self.request.sampler, x.to(device, dtype), sigmas, restart_below=restarts)
 
     @property
     def done(self) -> bool:

@@ -12,7 +12,7 @@ to another expert. The engine interleaves many such machines in one batch;
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -76,14 +76,19 @@ class Evaluation:
 
 
 class Sampler:
-    """Per-request sampler state: ask for an evaluation, take its result."""
+    """Per-request sampler state: ask for an evaluation, take its result.
+
+    ``restart_below``: sigmas where a multistep sampler drops its history, so
+    its first step below each is first order, as a solver started afresh
+    there (single-step samplers have no history to drop)."""
 
     evaluations_per_step = 1
 
-    def __init__(self, x: torch.Tensor, sigmas: torch.Tensor):
+    def __init__(self, x: torch.Tensor, sigmas: torch.Tensor, restart_below: Sequence[float] = ()):
         self.x = x
         self.sigmas = [float(s) for s in sigmas]
         self.step = 0
+        self.restart_below = tuple(restart_below)
 
     @property
     def steps(self) -> int:
@@ -118,8 +123,8 @@ class HeunSampler(Sampler):
     """EDM Algorithm 1 (deterministic, S_churn = 0): Euler predictor, then a
     trapezoidal corrector except on the last step to sigma = 0."""
 
-    def __init__(self, x: torch.Tensor, sigmas: torch.Tensor):
-        super().__init__(x, sigmas)
+    def __init__(self, x: torch.Tensor, sigmas: torch.Tensor, restart_below: Sequence[float] = ()):
+        super().__init__(x, sigmas, restart_below)
         self._predicted: torch.Tensor | None = None
         self._denoised: torch.Tensor | None = None
 
@@ -150,8 +155,8 @@ class HeunSampler(Sampler):
 
 
 class DPMPP2MSampler(Sampler):
-    def __init__(self, x: torch.Tensor, sigmas: torch.Tensor):
-        super().__init__(x, sigmas)
+    def __init__(self, x: torch.Tensor, sigmas: torch.Tensor, restart_below: Sequence[float] = ()):
+        super().__init__(x, sigmas, restart_below)
         self._old_denoised: torch.Tensor | None = None
 
     def pending(self) -> Evaluation | None:
@@ -160,7 +165,10 @@ class DPMPP2MSampler(Sampler):
     def advance(self, denoised: torch.Tensor) -> None:
         i = self.step
         sigma_prev = self.sigmas[i - 1] if i > 0 else None
-        self.x = dpmpp_2m_step(self.x, denoised, self._old_denoised, self.sigmas[i], self.sigmas[i + 1], sigma_prev)
+        old_denoised = self._old_denoised
+        if sigma_prev is not None and any(sigma_prev >= r > self.sigmas[i] for r in self.restart_below):
+            old_denoised = None
+        self.x = dpmpp_2m_step(self.x, denoised, old_denoised, self.sigmas[i], self.sigmas[i + 1], sigma_prev)
         self._old_denoised = denoised
         self.step += 1
 
@@ -172,11 +180,12 @@ _SAMPLER_CLASSES: dict[str, type[Sampler]] = {
 }
 
 
-def make_sampler(name: str, x: torch.Tensor, sigmas: torch.Tensor) -> Sampler:
+def make_sampler(name: str, x: torch.Tensor, sigmas: torch.Tensor, restart_below: Sequence[float] = ()) -> Sampler:
     try:
-        return _SAMPLER_CLASSES[name](x, sigmas)
+        sampler_class = _SAMPLER_CLASSES[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
+    return sampler_class(x, sigmas, restart_below)
 
 
 def sample(

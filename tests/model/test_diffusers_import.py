@@ -424,10 +424,9 @@ def test_sd_dpmpp_2m_matches_dpm_solver_multistep_karras(tiny_diffusers_dir, imp
 def test_sdxl_dpmpp_2m_matches_dpm_solver_multistep_karras(tiny_diffusers_dir, imported_sdxl_dir, tmp_path):
     """SDXL base alone with dpmpp_2m = StableDiffusionXLPipeline with DPM++ 2M
     Karras (identical pixels); base + refiner = the base pipeline to
-    denoising_end=0.8 then the refiner pipeline from denoising_start=0.8.
-    That pair is within PARITY_DB only: diffusers' refiner pipeline starts a
-    fresh scheduler, so its first step is first order (the multistep history
-    restarts), where our sampler keeps its history across the expert boundary."""
+    denoising_end=0.8 then the refiner pipeline from denoising_start=0.8,
+    whose fresh scheduler takes its first step first order: the imported
+    stage restarts the multistep history at the expert boundary as well."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from ediffi.importers.diffusers import import_diffusers
@@ -452,7 +451,7 @@ def test_sdxl_dpmpp_2m_matches_dpm_solver_multistep_karras(tiny_diffusers_dir, i
     assert ours.size == ref.size == (48, 32)
     figure = psnr(ours, ref)
     print(f"SDXL base + refiner dpmpp_2m parity: PSNR {figure:.2f} dB")
-    assert figure >= PARITY_DB
+    assert figure >= DPM_PARITY_DB
 
 
 def test_dpmpp_2m_and_euler_rows_share_a_call_and_keep_their_timesteps(imported_sdxl):

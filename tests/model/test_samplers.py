@@ -101,3 +101,29 @@ def test_cfg_per_row_scale_and_scale_at_most_one_is_conditional():
 def test_unknown_sampler_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown sampler"):
         make_sampler("ddim", torch.zeros(1), karras_sigmas(2, SIGMA_MIN, SIGMA_MAX))
+
+
+def _run(state, denoiser=gaussian_denoiser):
+    while (evaluation := state.pending()) is not None:
+        state.advance(denoiser(evaluation.x, evaluation.sigma))
+    return state.x
+
+
+def test_dpmpp_2m_restarting_below_a_sigma_equals_a_fresh_solver_started_there():
+    """Two solvers in sequence (diffusers' SDXL base, then the refiner pipeline's fresh scheduler
+    from the first sigma below the boundary) equal one that restarts its history there."""
+    sigmas = karras_sigmas(12, SIGMA_MIN, SIGMA_MAX)
+    boundary = float(sigmas[5] + sigmas[6]) / 2  # steps 0..5 above it, 6.. below
+    x_t = _start(64)
+    restarted = _run(make_sampler("dpmpp_2m", x_t.clone(), sigmas, restart_below=[boundary]))
+    first = make_sampler("dpmpp_2m", x_t.clone(), sigmas[:7])
+    second = make_sampler("dpmpp_2m", _run(first), sigmas[6:])
+    assert torch.equal(restarted, _run(second))
+    kept = _run(make_sampler("dpmpp_2m", x_t.clone(), sigmas))
+    assert not torch.equal(restarted, kept)  # the restart changes the trajectory
+    # Single-step samplers have no history: the same image with or without the restart.
+    for name in ("euler", "heun"):
+        assert torch.equal(
+            _run(make_sampler(name, x_t.clone(), sigmas, restart_below=[boundary])),
+            _run(make_sampler(name, x_t.clone(), sigmas)),
+        )
