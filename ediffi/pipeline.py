@@ -32,7 +32,8 @@ from ediffi.model import DECODER, EDiffIModel
 from ediffi.paint import build_pww_inputs
 from ediffi.samplers import Sampler, classifier_free_guidance, karras_sigmas, make_sampler
 from ediffi.spec import (
-    DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SEED, DEFAULT_STEPS, SAMPLERS, Region, check_seed, guidance_enabled,
+    DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SEED, DEFAULT_STEPS, SAMPLERS, Region, check_seed,
+    check_style_image_shape, guidance_enabled,
 )
 
 
@@ -78,6 +79,8 @@ class GenerationRequest:
                 raise InputError(name, "must be >= 1")
         if self.sr_noise_level is not None and self.sr_noise_level < 0:
             raise InputError("sr_noise_level", "must be >= 0")
+        if self.style_image is not None:
+            check_style_image_shape(*self.style_image.size)
 
     @property
     def image_seeds(self) -> list[int]:

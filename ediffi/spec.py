@@ -65,6 +65,24 @@ def check_seed(seed: int, n: int) -> None:
         )
 
 
+# ------------------------------------------------------------------ style image
+
+#: A style image's longer side may be at most this many times its shorter. CLIP's image processor
+#: scales the shorter side up to its input size before cropping, so a 1048576x1 strip (within any
+#: pixel limit) would become an image of gigabytes on the worker's device thread.
+MAX_STYLE_IMAGE_ASPECT = 8.0
+
+
+def check_style_image_shape(width: int, height: int) -> None:
+    """Raise :class:`InputError` on ``style_image`` for a strip longer than :data:`MAX_STYLE_IMAGE_ASPECT`."""
+    if max(width, height) > MAX_STYLE_IMAGE_ASPECT * min(width, height):
+        raise InputError(
+            "style_image",
+            f"style image is {width}x{height}; its longer side may be at most {MAX_STYLE_IMAGE_ASPECT:g} times "
+            "its shorter (crop it: only its centre square is seen)",
+        )
+
+
 # ------------------------------------------------------------ paint-with-words
 
 #: Paint-with-words strength w' of a region (eDiff-I §4.3) when none is given, and its largest value.

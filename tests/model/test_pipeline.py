@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ediffi.encoders import ENCODER_NAMES
+from ediffi.failure import InputError
 from ediffi.pipeline import (
     GenerationRequest,
     RequestRun,
@@ -138,6 +139,16 @@ def _style(color):
     image = Image.new("RGB", (24, 20), color)
     image.paste((255, 255, 255), (4, 4, 12, 12))
     return image
+
+
+@pytest.mark.parametrize("size", [(2048, 1), (1, 90), (90, 10)])
+def test_a_style_image_of_extreme_shape_is_refused_before_the_image_processor(tiny_model, size):
+    """CLIP's processor scales the shorter side up to its input size: a 2048x1 strip would become a
+    65536x32 image (a 1048576x1 one, gigabytes) on the device thread; the CLI and the worker refuse it."""
+    with pytest.raises(InputError, match="style_image") as error:
+        encode_request(tiny_model, GenerationRequest(PROMPT, style_image=Image.new("RGB", size)))
+    assert error.value.field == "style_image"
+    encode_request(tiny_model, GenerationRequest(PROMPT, style_image=Image.new("RGB", (80, 10))))  # 8:1 is fine
 
 
 def test_style_image_changes_the_output(tiny_model):

@@ -96,6 +96,9 @@ CASES: list[tuple[str, Any, int, list | None]] = [
     ("style GIF", {"prompt": "a", "style_image": b64(gif_bytes())}, 422, BODY + ["style_image"]),
     ("style truncated PNG", {"prompt": "a", "style_image": b64(truncated_png())}, 422, BODY + ["style_image"]),
     ("style number", {"prompt": "a", "style_image": 12}, 422, BODY + ["style_image"]),
+    # CLIP's processor scales the shorter side up to its input size: a 1 px strip would become gigabytes.
+    ("style a one-pixel strip", {"prompt": "a", "style_image": b64(png_bytes(4096, 1))}, 422, BODY + ["style_image"]),
+    ("style aspect 9:1", {"prompt": "a", "style_image": b64(png_bytes(10, 90))}, 422, BODY + ["style_image"]),
     ("pww missing color map", {"prompt": PROMPT, "paint_with_words": {"regions": []}}, 422, PWW + ["color_map"]),
     ("pww no regions", pww(regions=[]), 422, PWW + ["regions"]),
     ("pww too many regions", pww(regions=[{"color": f"#0000{i:02x}", "phrase": "blue"} for i in range(5)]), 422,
