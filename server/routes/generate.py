@@ -158,14 +158,15 @@ def parse_prefer(prefer: str | None) -> tuple[bool, float | None]:
 
 
 def scoped_idempotency_key(key: str | None, principal: Principal) -> str | None:
-    """The queue-side key: the client's key scoped to its API key, hashed to a fixed length."""
+    """The queue-side key: the client's key scoped to its caller (the API key; anonymous: the client
+    address, so one address cannot replay or probe another's), hashed to a fixed length."""
     if key is None:
         return None
     if not _IDEMPOTENCY_KEY.match(key):
         raise_invalid(
             [field_error(("header", "idempotency-key"), "must be 1-255 visible ASCII characters", "idempotency_key")]
         )
-    return hashlib.sha256(f"{principal.key_id or ''}\n{key}".encode()).hexdigest()
+    return hashlib.sha256(f"{principal.limit_key}\n{key}".encode()).hexdigest()
 
 
 async def submit_job(

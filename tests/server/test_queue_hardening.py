@@ -148,6 +148,28 @@ async def test_one_anonymous_address_cannot_fill_every_anonymous_callers_budget(
         assert [(await post("10.5.0.2")).status_code for _ in range(2)] == [202, 202]
 
 
+@run_async
+async def test_anonymous_idempotency_keys_are_scoped_to_the_client_address(backend: ApiBackend) -> None:
+    # As a key's are to the key: another address reusing the key gets its own job, not the first one's
+    # (nor a 422 telling it that the key exists with another body).
+    async with service(backend, api_keys=[], allow_anonymous=True) as svc:
+        async def post(address: str, prompt: str) -> httpx.Response:
+            transport = httpx.ASGITransport(app=svc.app, client=(address, 40000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+                return await client.post(
+                    "/generate", json={"prompt": prompt, "steps": 1},
+                    headers={"Prefer": "respond-async", "Idempotency-Key": "order-17"},
+                )
+
+        first = await post("10.6.0.1", "a fox")
+        replay = await post("10.6.0.1", "a fox")
+        assert replay.json()["id"] == first.json()["id"] and replay.headers.get("Idempotent-Replayed") == "true"
+        other = await post("10.6.0.2", "a fox")
+        assert other.status_code == 202 and other.json()["id"] != first.json()["id"]
+        assert "Idempotent-Replayed" not in other.headers
+        assert (await post("10.6.0.3", "a dog")).status_code == 202
+
+
 # ------------------------------------------------------ item 7: error replies
 
 
