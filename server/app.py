@@ -56,15 +56,13 @@ from server.metrics import Metrics
 from server.middleware import HTTPMetricsMiddleware, InflightLimit, RequestGuard
 from server.queue import JobQueue, QueueFull, QueueUnavailable, make_queue
 from server.routes import generate, jobs, models, ops
-from server.routes.jobs import QUEUE_UNAVAILABLE_DETAIL
+from server.routes.jobs import QUEUE_UNAVAILABLE_DETAIL, UNAVAILABLE_RETRY_AFTER_S
 from server.settings import Settings
 from server.validation import PayloadTooLarge
 
 #: The shipped model's output canvas (square); pass ``canvas_size`` for another model.
 DEFAULT_CANVAS_SIZE = 64
 STATIC_DIR = Path(__file__).parent / "static"
-#: ``Retry-After`` of a 503 while the queue backend is down, seconds.
-UNAVAILABLE_RETRY_AFTER_S = 5
 _MAX_ECHOED_INPUT_CHARS = 200
 #: Endpoints every probe and scraper must reach however busy the API is.
 OPERATIONS_PATHS = ("/healthz", "/readyz", "/metrics")

@@ -58,11 +58,12 @@ from ediffi.capabilities import ModelCapabilities
 from server.deps import MetricsDep, QueueDep, SettingsDep
 from ediffi.failure import Failure, FailureKind, field_loc
 from server.metrics import Metrics
-from server.queue import JobQueue, JobRecord, JobStatus
+from server.queue import JobQueue, JobRecord, JobStatus, QueueUnavailable
 from server.routes.jobs import (
     AUTH_ERRORS,
     UNAVAILABLE,
     ClientDisconnected,
+    accepted_job_unavailable,
     image_path,
     image_seeds,
     job_links,
@@ -254,6 +255,8 @@ async def wait_or_cancel(
         if cancel_on_disconnect:
             await queue.cancel(record.id)
         raise HTTPException(499, detail="client closed the request") from None
+    except QueueUnavailable:
+        raise accepted_job_unavailable(record.id) from None
 
 
 def accepted(record: JobRecord, *, replayed: bool, preference_applied: bool) -> JSONResponse:
@@ -269,7 +272,10 @@ def accepted(record: JobRecord, *, replayed: bool, preference_applied: bool) -> 
 async def load_images(queue: JobQueue, record: JobRecord) -> list[bytes]:
     images = []
     for k in range(record.n_images):
-        data = await queue.get_image(record.id, k)
+        try:
+            data = await queue.get_image(record.id, k)
+        except QueueUnavailable:
+            raise accepted_job_unavailable(record.id) from None
         if data is None:
             raise HTTPException(status.HTTP_410_GONE, detail=f"result image {k} of job {record.id} expired")
         images.append(data)

@@ -9,11 +9,12 @@ stream takes one of the caller's ``max_streams_per_key`` slots until it ends
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
-from typing import Annotated, Any, AsyncIterator, Callable
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -46,6 +47,8 @@ RECONNECT_MS = 2000
 MAX_BLOCK_S = 4.0
 #: What a client is told when the queue backend fails (details go to the log only, never to clients).
 QUEUE_UNAVAILABLE_DETAIL = "job queue unavailable: the queue backend is not answering"
+#: ``Retry-After`` of a 503 for an unavailable queue, seconds.
+UNAVAILABLE_RETRY_AFTER_S = 5
 _TERMINAL_EVENTS = frozenset({EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELED})
 
 NOT_FOUND = {404: {"model": ErrorMessage, "description": "Unknown or expired job"}}
@@ -150,6 +153,20 @@ def lost_job(job_id: str) -> JobRecord:
     )
 
 
+# A waiting request retries an unanswered queue after these seconds, doubling up to the last.
+WAIT_RETRY_S = (0.25, 2.0)
+
+
+def accepted_job_unavailable(job_id: str) -> HTTPException:
+    """The 503 of a synchronous request whose job was accepted but whose queue stopped answering
+    until the wait's deadline: it names the job, so the client polls it instead of submitting again."""
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        detail=f"{QUEUE_UNAVAILABLE_DETAIL}; job {job_id} was accepted and may still finish: poll /jobs/{job_id}",
+        headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S), "Location": f"/jobs/{job_id}"},
+    )
+
+
 async def wait_for_terminal(
     queue: JobQueue, job_id: str, timeout_s: float, request: Request | None = None
 ) -> JobRecord | None:
@@ -157,11 +174,30 @@ async def wait_for_terminal(
 
     A job whose data vanished before it finished (Redis restarted without
     persistence, or its age limit passed) ends as a ``lost`` failure
-    (:func:`lost_job`). Raises :class:`ClientDisconnected` if ``request``'s
-    client goes away.
+    (:func:`lost_job`). A queue that stops answering is retried until the
+    deadline (the job is stored: a restart with persistence or a failover
+    keeps it), then :class:`QueueUnavailable` is raised. Raises
+    :class:`ClientDisconnected` if ``request``'s client goes away.
     """
     deadline = time.monotonic() + timeout_s
-    record = await queue.get(job_id)
+    retry_s = WAIT_RETRY_S[0]
+
+    async def answered(call: Callable[[], Awaitable[Any]]) -> Any:
+        nonlocal retry_s
+        while True:
+            try:
+                result = await call()
+            except QueueUnavailable:
+                if time.monotonic() + retry_s >= deadline:
+                    raise
+                log.warning("job %s: the queue is not answering a synchronous wait; retrying in %.2f s", job_id, retry_s)
+                await asyncio.sleep(retry_s)
+                retry_s = min(2 * retry_s, WAIT_RETRY_S[1])
+                continue
+            retry_s = WAIT_RETRY_S[0]
+            return result
+
+    record = await answered(lambda: queue.get(job_id))
     if record is None:
         return lost_job(job_id)
     if record.status in TERMINAL_STATUSES:
@@ -171,14 +207,15 @@ async def wait_for_terminal(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
-        events = await queue.events(job_id, after=last_id, block_ms=max(1, int(min(remaining, 1.0) * 1000)))
+        block_ms = max(1, int(min(remaining, 1.0) * 1000))
+        events = await answered(lambda: queue.events(job_id, after=last_id, block_ms=block_ms))
         for event in events:
             last_id = event.id
             if event.type in _TERMINAL_EVENTS:
-                return await queue.get(job_id) or lost_job(job_id)
+                return await answered(lambda: queue.get(job_id)) or lost_job(job_id)
         if request is not None and await request.is_disconnected():
             raise ClientDisconnected()
-        if not events and await queue.get(job_id) is None:  # its data vanished while we waited
+        if not events and await answered(lambda: queue.get(job_id)) is None:  # its data vanished while we waited
             return lost_job(job_id)
 
 
