@@ -5,6 +5,7 @@ readiness, metrics, the lifespan-owned queue, and no model (no torch) in the API
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -175,54 +176,52 @@ async def test_a_hung_redis_answers_503_instead_of_hanging(restartable_redis: Re
         await queue.close()
 
 
-@run_async
-async def test_a_synchronous_request_rides_out_a_redis_blip_after_its_job_was_accepted(
-    restartable_redis: RedisServerProcess,
-) -> None:
-    # The job is in Redis: a 503 mid-wait (no id) made clients resubmit and orphaned the first result.
-    settings = make_settings(sync_timeout_s=30.0)
-    queue = RedisStreamsQueue.from_url(restartable_redis.url, command_timeout_s=0.5, **QUEUE_LIMITS)
-    app = create_app(settings, queue=queue, metrics=Metrics())
+@contextlib.asynccontextmanager
+async def waiting_on_redis(redis_server: RedisServerProcess, sync_timeout_s: float):
+    """An API on ``redis_server`` (1/2 s command timeout) and a synchronous ``POST /generate`` whose job
+    is queued: yields (client, queue, the request's task)."""
+    queue = RedisStreamsQueue.from_url(redis_server.url, command_timeout_s=0.5, **QUEUE_LIMITS)
+    app = create_app(make_settings(sync_timeout_s=sync_timeout_s), queue=queue, metrics=Metrics())
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             waiting = asyncio.create_task(client.post("/generate", json={"prompt": "a fox", "steps": 2}))
             while await queue.depth() == 0:
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)  # the request is waiting on its job's events
-            restartable_redis.pause()
-            await asyncio.sleep(2.0)  # several timed-out reads
-            restartable_redis.resume()
-            async with QueueWorker(queue):
-                response = await asyncio.wait_for(waiting, 20)
-            assert response.status_code == 200, response.text
-            assert response.json()["status"] == "succeeded" and response.json()["images"][0]["b64_json"]
+            yield client, queue, waiting
     finally:
         await queue.close()
+
+
+@run_async
+async def test_a_synchronous_request_rides_out_a_redis_blip_after_its_job_was_accepted(
+    restartable_redis: RedisServerProcess,
+) -> None:
+    # The job is in Redis: a 503 mid-wait (no id) made clients resubmit and orphaned the first result.
+    async with waiting_on_redis(restartable_redis, sync_timeout_s=30.0) as (_client, queue, waiting):
+        await asyncio.sleep(0.3)  # the request is waiting on its job's events
+        restartable_redis.pause()
+        await asyncio.sleep(2.0)  # several timed-out reads
+        restartable_redis.resume()
+        async with QueueWorker(queue):
+            response = await asyncio.wait_for(waiting, 20)
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "succeeded" and response.json()["images"][0]["b64_json"]
 
 
 @run_async
 async def test_a_synchronous_request_whose_queue_stays_down_is_told_its_job_id(
     restartable_redis: RedisServerProcess,
 ) -> None:
-    settings = make_settings(sync_timeout_s=2.0)
-    queue = RedisStreamsQueue.from_url(restartable_redis.url, command_timeout_s=0.5, **QUEUE_LIMITS)
-    app = create_app(settings, queue=queue, metrics=Metrics())
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            waiting = asyncio.create_task(client.post("/generate", json={"prompt": "a fox", "steps": 2}))
-            while await queue.depth() == 0:
-                await asyncio.sleep(0.05)
-            restartable_redis.pause()
-            try:
-                response = await asyncio.wait_for(waiting, 10)
-            finally:
-                restartable_redis.resume()
-            assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
-            job_id = response.headers["location"].removeprefix("/jobs/")
-            assert job_id in response.json()["detail"]
-            assert (await client.get(f"/jobs/{job_id}")).json()["status"] == "queued"  # nothing was lost
-    finally:
-        await queue.close()
+    async with waiting_on_redis(restartable_redis, sync_timeout_s=2.0) as (client, _queue, waiting):
+        restartable_redis.pause()
+        try:
+            response = await asyncio.wait_for(waiting, 10)
+        finally:
+            restartable_redis.resume()
+        assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+        job_id = response.headers["location"].removeprefix("/jobs/")
+        assert job_id in response.json()["detail"]
+        assert (await client.get(f"/jobs/{job_id}")).json()["status"] == "queued"  # nothing was lost
 
 
 # ------------------------------------------------------- readiness and metrics
