@@ -38,9 +38,10 @@ ediffi_jobs_completed_total                 status     worker: terminal transiti
                                                        (succeeded, failed, canceled)
 ediffi_jobs_failed_total                    reason     worker: failures, ``reason`` in
                                                        :data:`FAILURE_REASONS`; ``lost`` also
-                                                       counts outcomes dropped because the job's
-                                                       record was gone (a Redis restart without
-                                                       persistence)
+                                                       counts outcomes dropped, and queued jobs
+                                                       skipped, because the job's record was gone
+                                                       (evicted, a Redis restart without
+                                                       persistence, past its age limit)
 ediffi_jobs_reclaimed_total                            worker: jobs taken over from a dead worker
 ediffi_worker_heartbeats_total                         worker: heartbeats sent
 process_*, python_info, python_gc_*                    both: prometheus_client's process
@@ -220,8 +221,8 @@ class Metrics:
 
         ``reclaimed`` -> ``ediffi_jobs_reclaimed_total``; ``failed_max_deliveries``
         -> ``ediffi_jobs_failed_total{reason="max_deliveries"}`` (and
-        ``jobs_completed_total{status="failed"}``); ``canceled_on_claim`` ->
-        ``jobs_completed_total{status="canceled"}``.
+        ``jobs_completed_total{status="failed"}``); ``lost_on_claim`` -> the same with
+        ``reason="lost"``; ``canceled_on_claim`` -> ``jobs_completed_total{status="canceled"}``.
         """
         snapshot = counters.snapshot()
         delta = {name: value - self._synced_counters.get(name, 0) for name, value in snapshot.items()}
@@ -231,6 +232,9 @@ class Metrics:
         if delta.get("failed_max_deliveries", 0) > 0:
             self.jobs_failed.labels(reason=FailureKind.MAX_DELIVERIES.value).inc(delta["failed_max_deliveries"])
             self.jobs_completed.labels(status="failed").inc(delta["failed_max_deliveries"])
+        if delta.get("lost_on_claim", 0) > 0:
+            self.jobs_failed.labels(reason=FailureKind.LOST.value).inc(delta["lost_on_claim"])
+            self.jobs_completed.labels(status="failed").inc(delta["lost_on_claim"])
         if delta.get("canceled_on_claim", 0) > 0:
             self.jobs_completed.labels(status="canceled").inc(delta["canceled_on_claim"])
 

@@ -144,6 +144,7 @@ class QueueCounters:
     failed_max_deliveries: int = 0  # jobs failed instead of delivered again
     skipped_finished: int = 0  # redeliveries of jobs that were already terminal (acked, dropped)
     canceled_on_claim: int = 0  # jobs whose cancel was pending when redelivered
+    lost_on_claim: int = 0  # deliveries whose job record was gone (evicted, Redis restarted empty, too old)
 
     def snapshot(self) -> dict[str, int]:
         """A copy as a plain dict."""
@@ -264,8 +265,10 @@ class JobQueue(abc.ABC):
         was taken over. Deliveries that must not run are resolved here and
         never returned: a job beyond ``max_deliveries`` is failed, a job with
         a pending cancel is canceled, a job already finished (a redelivery
-        after a crash between storing its result and the acknowledgement) or
-        expired is acknowledged and dropped.
+        after a crash between storing its result and the acknowledgement) is
+        acknowledged and dropped, and a job whose record is gone (evicted, lost
+        in a Redis restart, past ``max_job_age_s``) is acknowledged, logged as a
+        WARNING and counted in ``counters.lost_on_claim``.
         """
 
     @abc.abstractmethod

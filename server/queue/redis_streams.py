@@ -205,7 +205,8 @@ _DELIVER_LUA = """
 -- KEYS[1] job hash, KEYS[2] cancel key
 -- ARGV[1] max deliveries, ARGV[2] "new" | "takeover", ARGV[3] consumer taken over from,
 -- ARGV[4] entries that consumer held
--- Returns {'missing'} | {'finished'} | {'cancel'} | {'exceeded', n}
+-- Returns {'missing'} (no record: evicted, lost in a restart, or past its age limit: a lost job)
+--       | {'finished'} (terminal: a redelivery after its outcome was stored) | {'cancel'} | {'exceeded', n}
 --       | {'deliver', deliveries, released 0|1, params, n_images, input_names, exclusive 0|1}
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing'} end
@@ -998,7 +999,18 @@ class RedisStreamsQueue(JobQueue):
             await self._finish_canceled(job_id, input_names)
             self.counters.canceled_on_claim += 1
             log.info("job %s canceled on worker %s (by its client, before this delivery)", job_id, worker_id)
-        else:  # "finished" or "missing": a redelivery after the outcome was stored, or an expired job
+        elif verdict == "missing":
+            # The stream entry outlived the job's record: evicted (a maxmemory-policy other than
+            # noeviction), Redis restarted without persistence, or the job waited past its age limit.
+            # A finished job's record outlives any redelivery of it (result_ttl_s), so this is a loss.
+            self.counters.lost_on_claim += 1
+            log.warning(
+                "job %s lost: its record is gone from Redis before worker %s could run it (evicted under a "
+                "maxmemory-policy other than noeviction, Redis restarted without persistence, or the job "
+                "outlived EDIFFI_MAX_JOB_AGE_S); counted as failed, reason lost",
+                job_id, worker_id,
+            )
+        else:  # "finished": a redelivery after the outcome was stored (its worker died before the ack)
             self.counters.skipped_finished += 1
         await self._ack(message_id)
         return None

@@ -198,3 +198,49 @@ def test_jobs_the_queue_settles_on_claim_are_logged(redis_url, redis_key_prefix,
     assert f"job {exceeded} failed on worker w-next, reason max_deliveries" in lines, lines
     assert any(line.startswith(f"job {canceled} canceled on worker w-next") for line in lines), lines
     assert "zq-private" not in caplog.text
+
+
+def test_a_queued_job_whose_record_vanished_is_warned_about_and_counted_lost(
+    engine, redis_url, redis_key_prefix, caplog
+) -> None:
+    """A queued job's record is gone when a worker receives it (evicted under a maxmemory-policy
+    other than noeviction, a Redis restart without persistence, or past max_job_age_s): nobody
+    can ever run it or read an outcome. Before, the queue acked it silently (no log line, no
+    metric); a redelivery of a job that did finish is no loss and stays quiet."""
+    caplog.set_level(logging.INFO)
+    settings = settings_for(redis_url, claim_timeout_s=0.3)
+    metrics = Metrics(roles=("worker",))
+
+    async def scenario() -> tuple[str, str, str]:
+        queue = make_queue(settings, key_prefix=redis_key_prefix)
+        vanished = (await queue.submit(PARAMS, {}, 1)).id
+        finished = (await queue.submit(PARAMS, {}, 1)).id
+        # ``finished``: its outcome was stored but its worker died before the acknowledgement.
+        claims = await queue.claim("w-dead", 2)
+        assert {job.job_id for job in claims} == {vanished, finished}
+        with redis.Redis.from_url(redis_url) as client:
+            client.hset(queue.keys.job(finished), "status", JobStatus.SUCCEEDED.value)
+            client.delete(queue.keys.job(vanished))  # what an eviction does
+        ok = (await queue.submit(PARAMS, {}, 1)).id
+        worker = Worker(settings, queue, engine, metrics, worker_id="w-next", shutdown_grace_s=0.0)
+        run = asyncio.create_task(worker.run())
+        await wait_for(lambda: status_is(queue, ok, JobStatus.SUCCEEDED), "ok runs")
+        await wait_for(lambda: _depth_is_zero(queue), "both stale entries acked")
+        worker.stop()
+        await run
+        await queue.close()
+        return vanished, finished, ok
+
+    vanished, finished, ok = asyncio.run(scenario())
+    warnings = [r for r in caplog.records if vanished in r.getMessage() and r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records if vanished in r.getMessage()]
+    assert "lost" in warnings[0].getMessage() and "w-next" in warnings[0].getMessage()
+    assert not [r for r in caplog.records if finished in r.getMessage() and r.levelno >= logging.WARNING]
+    scrape = metrics.render().decode()
+    assert 'ediffi_jobs_failed_total{reason="lost"} 1.0' in scrape
+    assert 'ediffi_jobs_completed_total{status="failed"} 1.0' in scrape
+    assert 'ediffi_jobs_completed_total{status="succeeded"} 1.0' in scrape  # ok only, not the stale redelivery
+
+
+async def _depth_is_zero(queue: JobQueue) -> bool:
+    return await queue.depth() == 0
