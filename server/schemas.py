@@ -50,10 +50,19 @@ def _utf8_text(value: str) -> str:
 Text = Annotated[str, Field(strict=True), AfterValidator(_utf8_text)]
 
 
+# Letters and symbols drawn as nothing: the Hangul fillers and the blank Braille pattern.
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _visible(ch: str) -> bool:
+    """A letter, digit, punctuation mark or symbol that shows (not a space, control or format character,
+    lone combining mark, or blank glyph)."""
+    return unicodedata.category(ch)[0] in "LNPS" and ch not in _BLANK_GLYPHS
+
+
 def _non_blank(value: str) -> str:
-    # Invisible format characters (zero-width space U+200B, joiners, BOM: category Cf) count as blank too.
-    if not "".join(ch for ch in value if unicodedata.category(ch) != "Cf").strip():
-        raise ValueError("must not be empty or only whitespace")
+    if not any(_visible(ch) for ch in value):
+        raise ValueError("must not be empty or only whitespace or invisible characters")
     return value
 
 
