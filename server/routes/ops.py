@@ -28,14 +28,16 @@ router = APIRouter(tags=["operations"])
 PROBE_TIMEOUT_S = 2.0
 
 
-@router.get("/healthz", response_model=Health)
+# HEAD too: load balancers probe with it.
+@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health)
 async def healthz() -> Health:
     """Liveness: the process answers. Checks no dependency."""
     return Health(status="ok")
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     response_model=Readiness,
     response_model_exclude_none=True,
     responses={503: {"model": Readiness, "description": "Queue unreachable or no live worker"}},

@@ -341,9 +341,13 @@ def test_the_api_imports_no_torch_and_mounts_static_files_only_if_present(tmp_pa
                 await client.get("/generate"),
                 await client.delete("/v1/images/generations"),
                 await client.get("/no-such-file.js"),
+                await client.head("/healthz"),
+                await client.head("/readyz"),
             )
 
-    index, health, get_generate, delete_openai, missing = asyncio.run(fetch())
+    index, health, get_generate, delete_openai, missing, head_health, head_ready = asyncio.run(fetch())
+    # Load balancers probe with HEAD: the probes answer it as GET (no worker here: not ready).
+    assert head_health.status_code == 200 and head_ready.status_code == 503
     assert index.status_code == 200 and "eDiff-I" in index.text
     assert health.status_code == 200
     # An API path with the wrong method is 405 naming the allowed one, not the static mount's 404.
