@@ -109,16 +109,29 @@ def check_device(settings: Settings) -> None:
 
 
 def run_api(settings: Settings, model_dir: Path, host: str, port: int) -> None:
-    from server.app import create_app
-
     if not settings.redis_url:
         # The in-process queue of a lone API process has no worker: every job would wait forever.
         refuse("`ediffi api` needs EDIFFI_REDIS_URL, the queue its workers read "
                "(use `ediffi serve` for one process without Redis)")
     check_model_dir(model_dir)
     check_access(settings, host, port)
-    app = create_app(settings, capabilities=capabilities(model_dir))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    asyncio.run(_api_main(settings, model_dir, host, port))
+
+
+async def _api_main(settings: Settings, model_dir: Path, host: str, port: int) -> None:
+    """Serve the API on a queue of its own (opened in this loop), whose counters its /metrics follows:
+    the queued jobs the API cancels itself are counted there (server/metrics.py)."""
+    from server.app import create_app
+    from server.queue import make_queue
+
+    metrics = Metrics(roles=("api",))
+    queue = make_queue(settings)
+    metrics.follow_queue_counters(queue.counters)
+    app = create_app(settings, queue=queue, metrics=metrics, capabilities=capabilities(model_dir))
+    try:
+        await uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).serve()
+    finally:
+        await queue.close()
 
 
 #: Exit status of a worker that gave up on its engine (too many engine failures in a row, or a stalled tick).

@@ -13,7 +13,9 @@ a metric nobody in the process updates would be exported as a constant 0 and
 corrupt every ``max()``/``min()``/``avg()`` across targets (a worker's
 ``ediffi_workers_alive 0`` beside the API's real count, say). The metrics of
 the other role still exist as attributes, unregistered, so code shared by
-both roles may update them. Who updates what:
+both roles may update them. One metric is both roles': ``ediffi_jobs_completed_total``,
+of which the API exports only ``status="canceled"`` (the queued jobs it cancels
+never reach a worker). Who updates what:
 
 =========================================== ========== ============================================
 metric                                      labels     role: updated by
@@ -35,7 +37,10 @@ ediffi_denoiser_forward_seconds             stage,     worker: wall time of each
                                             expert
 ediffi_images_generated_total                          worker: images stored by ``complete``
 ediffi_jobs_completed_total                 status     worker: terminal transitions it made
-                                                       (succeeded, failed, canceled)
+                                                       (succeeded, failed, canceled); API:
+                                                       ``canceled`` only, the queued jobs it
+                                                       canceled (no worker sees those), so over
+                                                       all targets submitted = sum of outcomes
 ediffi_jobs_failed_total                    reason     worker: failures, ``reason`` in
                                                        :data:`FAILURE_REASONS`; ``lost`` also
                                                        counts outcomes dropped, and queued jobs
@@ -161,11 +166,12 @@ class Metrics:
             registry=r,
         )
         self.images_generated = Counter("ediffi_images_generated_total", "Result images stored.", registry=r)
+        # Both roles: the API finishes the queued jobs it cancels (see the module docstring).
         self.jobs_completed = Counter(
             "ediffi_jobs_completed_total",
             "Jobs that reached a terminal state, by status (succeeded, failed, canceled).",
             ["status"],
-            registry=r,
+            registry=self.registry,
         )
         self.jobs_failed = Counter(
             "ediffi_jobs_failed_total",
@@ -181,9 +187,11 @@ class Metrics:
         # Label values known up front show as 0 instead of being absent.
         for reason in FAILURE_REASONS:
             self.jobs_failed.labels(reason=reason)
-        for status in ("succeeded", "failed", "canceled"):
+        # The API alone updates only "canceled": no stand-in zeros for the worker's statuses.
+        for status in ("succeeded", "failed", "canceled") if "worker" in self.roles else ("canceled",):
             self.jobs_completed.labels(status=status)
         self._synced_counters: dict[str, int] = {}
+        self._followed_counters: list["QueueCounters"] = []
 
     # ------------------------------------------------------------- helpers
 
@@ -216,13 +224,19 @@ class Metrics:
         if record.queued_at is not None and record.started_at is not None:
             self.queue_wait.observe(max(0.0, record.started_at - record.queued_at))
 
+    def follow_queue_counters(self, counters: "QueueCounters") -> None:
+        """Sync ``counters`` (the API process's queue) on every :meth:`render`: the API has no loop
+        of its own that would (a worker syncs after each claim; ``ediffi serve`` needs neither)."""
+        self._followed_counters.append(counters)
+
     def sync_queue_counters(self, counters: "QueueCounters") -> None:
-        """Add what the queue's own counters gained since the last call (worker side).
+        """Add what the queue's own counters gained since the last call (one queue per process).
 
         ``reclaimed`` -> ``ediffi_jobs_reclaimed_total``; ``failed_max_deliveries``
         -> ``ediffi_jobs_failed_total{reason="max_deliveries"}`` (and
         ``jobs_completed_total{status="failed"}``); ``lost_on_claim`` -> the same with
-        ``reason="lost"``; ``canceled_on_claim`` -> ``jobs_completed_total{status="canceled"}``.
+        ``reason="lost"``; ``canceled_on_claim`` and ``canceled_queued`` (the client side's
+        cancels of queued jobs) -> ``jobs_completed_total{status="canceled"}``.
         """
         snapshot = counters.snapshot()
         delta = {name: value - self._synced_counters.get(name, 0) for name, value in snapshot.items()}
@@ -235,9 +249,12 @@ class Metrics:
         if delta.get("lost_on_claim", 0) > 0:
             self.jobs_failed.labels(reason=FailureKind.LOST.value).inc(delta["lost_on_claim"])
             self.jobs_completed.labels(status="failed").inc(delta["lost_on_claim"])
-        if delta.get("canceled_on_claim", 0) > 0:
-            self.jobs_completed.labels(status="canceled").inc(delta["canceled_on_claim"])
+        canceled = delta.get("canceled_on_claim", 0) + delta.get("canceled_queued", 0)
+        if canceled > 0:
+            self.jobs_completed.labels(status="canceled").inc(canceled)
 
     def render(self) -> bytes:
-        """The registry in the Prometheus text format."""
+        """The registry in the Prometheus text format (followed queue counters synced first)."""
+        for counters in self._followed_counters:
+            self.sync_queue_counters(counters)
         return generate_latest(self.registry)

@@ -138,13 +138,16 @@ class ClaimedJob:
 
 @dataclass
 class QueueCounters:
-    """Cumulative counts of things :meth:`JobQueue.claim` handled internally, for metrics."""
+    """Cumulative counts of terminal transitions no worker sees (settled inside :meth:`JobQueue.claim`,
+    or applied by :meth:`JobQueue.cancel`) and of reclaims, for metrics."""
 
     reclaimed: int = 0  # deliveries taken over from a silent worker
     failed_max_deliveries: int = 0  # jobs failed instead of delivered again
     skipped_finished: int = 0  # redeliveries of jobs that were already terminal (acked, dropped)
     canceled_on_claim: int = 0  # jobs whose cancel was pending when redelivered
     lost_on_claim: int = 0  # deliveries whose job record was gone (evicted, Redis restarted empty, too old)
+    # Client side: queued jobs ``cancel`` finished itself (no worker ever counts them; the API exports them).
+    canceled_queued: int = 0
 
     def snapshot(self) -> dict[str, int]:
         """A copy as a plain dict."""

@@ -217,6 +217,7 @@ class InProcessQueue(JobQueue):
             return None
         if stored.record.status == JobStatus.QUEUED:
             await self._finish(stored, JobStatus.CANCELED, EventType.CANCELED, {})
+            self.counters.canceled_queued += 1  # no worker finishes it, so none counts it
             # Like XDEL: no worker receives it any more; a worker already holding it acks it.
             self._entries.pop(stored.message_id, None)
             self._undelivered.pop(stored.message_id, None)

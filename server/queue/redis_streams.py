@@ -608,6 +608,7 @@ class RedisStreamsQueue(JobQueue):
             input_names=input_names,
         )
         if outcome.applied:
+            self.counters.canceled_queued += 1  # no worker finishes it, so none counts it
             # Drop the stream entry so no worker ever receives it and depth shrinks now.
             # If a worker already holds it, it acks it when it sees the status.
             message_id = _text(record_fields.get(b"message_id"))

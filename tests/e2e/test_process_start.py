@@ -80,10 +80,11 @@ def test_a_cuda_device_this_machine_lacks_stops_the_process_before_the_model_loa
 
 
 def test_the_api_process_imports_no_torch():
-    # The whole `ediffi api` start-up path up to the server loop (uvicorn.run replaced by a probe).
+    # The whole `ediffi api` start-up path up to the server loop (uvicorn's Server.serve replaced by a probe).
     code = (
         "import sys, uvicorn\n"
-        "uvicorn.run = lambda app, **kw: print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+        "async def probe(self, *args, **kwargs): print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+        "uvicorn.Server.serve = probe\n"
         "from cli.main import main\n"
         "main(['api', '--port', '8999'])\n"
     )

@@ -23,11 +23,19 @@ API_ONLY = {"ediffi_http_requests", "ediffi_http_request_duration_seconds", "edi
             "ediffi_queue_depth", "ediffi_workers_alive", "ediffi_queue_up"}
 WORKER_ONLY = {"ediffi_job_latency_seconds", "ediffi_queue_wait_seconds", "ediffi_active_requests",
                "ediffi_batch_size", "ediffi_denoiser_forward_seconds", "ediffi_images_generated",
-               "ediffi_jobs_completed", "ediffi_jobs_failed", "ediffi_jobs_reclaimed", "ediffi_worker_heartbeats"}
+               "ediffi_jobs_failed", "ediffi_jobs_reclaimed", "ediffi_worker_heartbeats"}
+#: Both roles: the API counts the queued jobs it cancels itself (status "canceled" only).
+BOTH = {"ediffi_jobs_completed"}
 #: From the process, platform and GC collectors (process_* needs /proc: Linux).
 PROCESS = {"python_info", "python_gc_objects_collected"} | (
     {"process_resident_memory_bytes", "process_cpu_seconds", "process_open_fds"} if sys.platform == "linux" else set()
 )
+
+
+def completed_statuses(text: str) -> set[str]:
+    """The ``status`` values ``ediffi_jobs_completed_total`` is exported with."""
+    return {s.labels["status"] for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "ediffi_jobs_completed_total"}
 
 
 def families(text: str) -> set[str]:
@@ -44,14 +52,17 @@ def test_a_one_role_registry_exports_its_own_and_the_process_metrics_only(role, 
     metrics.jobs_submitted.inc()
     metrics.active_requests.set(2)
     metrics.worker_heartbeats.inc()
-    scraped = families(metrics.render().decode())
-    assert own | PROCESS <= scraped
+    text = metrics.render().decode()
+    scraped = families(text)
+    assert own | BOTH | PROCESS <= scraped
     assert not scraped & other, scraped & other
+    statuses = {"api": {"canceled"}, "worker": {"succeeded", "failed", "canceled"}}[role]
+    assert completed_statuses(text) == statuses  # the API exports no stand-in zeros for the worker's
 
 
 def test_the_embedded_serve_registry_exports_both_roles() -> None:
     scraped = families(Metrics(roles=("api", "worker")).render().decode())
-    assert API_ONLY | WORKER_ONLY | PROCESS <= scraped
+    assert API_ONLY | WORKER_ONLY | BOTH | PROCESS <= scraped
     assert families(Metrics().render().decode()) == scraped  # the default: both
 
 
@@ -70,5 +81,6 @@ async def test_the_api_app_scrape_has_no_worker_metrics(redis_url: str, redis_ke
             response = await client.get("/metrics")
     assert response.status_code == 200
     scraped = families(response.text)
-    assert API_ONLY | PROCESS <= scraped
+    assert API_ONLY | BOTH | PROCESS <= scraped
     assert not scraped & WORKER_ONLY, scraped & WORKER_ONLY
+    assert completed_statuses(response.text) == {"canceled"}

@@ -428,6 +428,30 @@ async def test_cancel_a_queued_job_finishes_it_and_it_is_never_delivered(backend
 
 
 @run_async
+async def test_a_cancel_the_queue_applies_itself_is_counted_once_for_the_api_metrics(backend: Backend) -> None:
+    """The worker counts the terminal transitions it makes; the cancels ``cancel`` applies itself
+    (a queued job, before or after a worker received it) never reach a worker's count, so the
+    queue counts them (``counters.canceled_queued``, exported by the API process). Before, they were
+    counted nowhere: submitted jobs did not add up to their outcomes."""
+    async with backend.open() as queue:
+        queued = await submit_job(queue)
+        await queue.cancel(queued.id)
+        await queue.cancel(queued.id)  # already canceled: nothing new
+        assert queue.counters.canceled_queued == 1
+        between = await submit_job(queue)
+        job = await claim_one(queue, "w1")  # received, not started: the cancel is still the API's
+        await queue.cancel(between.id)
+        assert not await queue.finish_canceled(job)  # so the worker counts nothing
+        assert queue.counters.canceled_queued == 2
+        running = await submit_job(queue)
+        job = await claim_one(queue, "w1")
+        await queue.mark_running(job, "w1")
+        await queue.cancel(running.id)  # only flagged: the worker's finish_canceled is the transition
+        assert await queue.finish_canceled(job)
+        assert queue.counters.canceled_queued == 2
+
+
+@run_async
 async def test_cancel_a_running_job_sets_the_flag_for_its_worker(backend: Backend) -> None:
     async with backend.open() as queue:
         record = await submit_job(queue)
