@@ -181,10 +181,12 @@ def _limits_in_openapi(app: FastAPI, settings: Settings) -> None:
 
 
 class WebUIMount(Mount):
-    """The web UI's static files at ``/``, yielding to an API path asked with another method.
+    """The web UI's static files at ``/`` (read with GET or HEAD only), yielding to an API path asked
+    with another method.
 
     A mount at ``/`` matches every path fully, so Starlette would hand ``GET /generate``
-    to the static files (404) instead of answering 405 with ``Allow: POST``.
+    to the static files (404) instead of answering 405 with ``Allow: POST``, and
+    ``POST /no/such/path`` to them (405, ``Allow: GET, HEAD``) instead of answering 404.
     """
 
     def __init__(self, app: StaticFiles, api_routes: list[BaseRoute]) -> None:
@@ -192,6 +194,8 @@ class WebUIMount(Mount):
         self._api_routes = api_routes
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope.get("method") not in ("GET", "HEAD"):
+            return Match.NONE, {}
         if any(route.matches(scope)[0] is Match.PARTIAL for route in self._api_routes if route is not self):
             return Match.NONE, {}
         return super().matches(scope)
