@@ -127,6 +127,7 @@ async def _api_main(settings: Settings, model_dir: Path, host: str, port: int) -
     metrics = Metrics(roles=("api",))
     queue = make_queue(settings)
     metrics.follow_queue_counters(queue.counters)
+    await queue.warn_if_evicting()
     app = create_app(settings, queue=queue, metrics=metrics, capabilities=capabilities(model_dir))
     try:
         await uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).serve()
@@ -165,6 +166,7 @@ async def _worker_main(
     log.info("worker metrics on http://%s:%d/metrics", host, metrics_port)
     engine = await asyncio.to_thread(engine_factory, settings, model_dir)
     queue = make_queue(settings)
+    await queue.warn_if_evicting()
     worker = Worker(settings, queue, engine, metrics)
     _install_signal_handlers(asyncio.get_running_loop(), worker.stop)
     log.info("worker %s ready (engine %s)", worker.worker_id, engine.name)
@@ -198,6 +200,7 @@ async def _serve_main(settings: Settings, model_dir: Path, host: str, port: int)
     metrics = Metrics(roles=("api", "worker"))  # one process, one registry, both roles
     engine = await asyncio.to_thread(build_engine, settings, model_dir)
     queue = make_queue(settings)
+    await queue.warn_if_evicting()
     worker = Worker(settings, queue, engine, metrics)
     from ediffi.capabilities import model_capabilities
 

@@ -337,5 +337,8 @@ class JobQueue(abc.ABC):
 
     # -------------------------------------------------------------- lifecycle
 
+    async def warn_if_evicting(self) -> None:
+        """Log one WARNING if the backend may drop job data under memory pressure (checked at process start)."""
+
     async def close(self) -> None:
         """Release connections; the queue must not be used afterwards."""

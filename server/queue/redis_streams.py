@@ -31,8 +31,8 @@ command covers a pooled connection that died); connection errors surface as
 empty restart) is recreated on first use; scripts are reloaded by redis-py.
 Redis error replies (``READONLY``, ``MISCONF``, ``OOM``...) are
 :class:`QueueUnavailable` too. Memory: run Redis with ``maxmemory`` and
-``maxmemory-policy noeviction`` (evicting would lose queued jobs; a full Redis
-answers ``OOM``, i.e. 503); the submit script keeps uploads within
+``maxmemory-policy noeviction`` (evicting would lose queued jobs, so the processes
+warn at start under any other policy; a full Redis answers ``OOM``, i.e. 503); the submit script keeps uploads within
 ``max_input_bytes`` and each caller within ``max_unfinished_per_owner``, and
 everything an unfinished job stores expires after ``max_job_age_s``.
 Requires Redis >= 7.
@@ -488,6 +488,22 @@ class RedisStreamsQueue(JobQueue):
     def client(self) -> aioredis.Redis:
         """The underlying Redis client (tests inspect raw keys with it)."""
         return self._redis
+
+    async def warn_if_evicting(self) -> None:
+        """Warn once if ``maxmemory-policy`` is not ``noeviction``: every job key carries a TTL, so even
+        a ``volatile-*`` policy may evict a queued job's record, and the job is lost. Managed Redis may
+        refuse ``CONFIG``; then (or if Redis is down) nothing is said."""
+        try:
+            reply = await asyncio.wait_for(self._redis.config_get("maxmemory-policy"), self._command_timeout_s)
+        except Exception:  # noqa: BLE001 - advisory only: CONFIG refused, renamed, or Redis unreachable
+            return
+        policy = next((_text(value) for key, value in (reply or {}).items() if _text(key) == "maxmemory-policy"), None)
+        if policy and policy != "noeviction":
+            log.warning(
+                "Redis maxmemory-policy is %s, not noeviction: under memory pressure Redis may evict job data, "
+                "and a queued job whose record is evicted is lost (counted as failed, reason lost); run Redis "
+                "with maxmemory-policy noeviction", policy,
+            )
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -1,6 +1,10 @@
 """`ediffi api` as a real process against a real Redis (no worker needed): what its /metrics
 counts and what it logs at start.
 
+A Redis whose ``maxmemory-policy`` may evict keys can drop queued jobs' records (they carry a TTL,
+so even ``volatile-*`` policies take them): the process says so once at start, in a WARNING. A
+Redis that refuses ``CONFIG`` (managed offerings) changes nothing.
+
 A queued job canceled through the API never reaches a worker, so no worker counts its
 outcome: the API process counts it in ``ediffi_jobs_completed_total{status="canceled"}``
 (the worker's metric, same name and label), so that over all targets the jobs submitted add
@@ -39,6 +43,36 @@ def api(tiny_model_dir, restartable_redis: RedisServerProcess, tmp_path):
         yield process
     finally:
         process.stop()
+
+
+EVICTION_WARNING = "maxmemory-policy"
+
+
+@pytest.mark.parametrize(("redis_args", "warned"), [
+    (("--maxmemory-policy", "volatile-lru"), True),
+    (("--maxmemory-policy", "allkeys-lru"), True),
+    ((), False),  # noeviction, Redis's default
+    (("--rename-command", "CONFIG", ""), False),  # CONFIG refused, as managed Redis may: no warning, no harm
+])
+def test_the_api_warns_at_start_when_redis_may_evict_job_data(tiny_model_dir, tmp_path, redis_args, warned) -> None:
+    server = RedisServerProcess(extra_args=redis_args)
+    server.start()
+    try:
+        process = ApiProcess(service_env(server.url, tiny_model_dir, {"allow_anonymous": True}), tmp_path)
+        try:
+            process.wait_ready(path="/healthz")
+        finally:
+            process.stop()
+        log = process.log_path.read_text()
+    finally:
+        server.cleanup()
+    lines = [line for line in log.splitlines() if EVICTION_WARNING in line]
+    if warned:
+        assert len(lines) == 1 and "WARNING" in lines[0] and redis_args[1] in lines[0], log
+        assert "noeviction" in lines[0] and "lost" in lines[0]
+    else:
+        assert lines == [], log
+    assert "Traceback" not in log, log
 
 
 def test_queued_jobs_canceled_through_the_api_are_counted_by_the_api(api: ApiProcess) -> None:
