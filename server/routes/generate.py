@@ -21,6 +21,11 @@ A failed job's status comes from its failure kind: 503 with ``Retry-After``
 for ``out_of_memory`` and ``lost``, 504 for ``timeout``, 500 for
 ``internal`` and ``max_deliveries``; the body is ``{detail, kind}``.
 
+Every answer of ``/v1/images/generations`` about a job it already queued (504, 409, a
+failed job's status, the 503 of an accepted job) carries ``x-should-retry: false``:
+OpenAI's clients resend every 5xx and 409 otherwise, without an ``Idempotency-Key``,
+so each retry was a new job (and a canceled job's retry came back as a success).
+
 A synchronous client that disconnects cancels its job, unless it sent an
 ``Idempotency-Key`` (it may come back for the result). A synchronous wait takes
 one of the caller's ``max_streams_per_key`` slots before the job is queued (429
@@ -282,6 +287,19 @@ async def load_images(queue: JobQueue, record: JobRecord) -> list[bytes]:
     return images
 
 
+#: Tells OpenAI's clients not to resend (they retry 409 and 5xx): the job exists, a retry is another one.
+NO_RETRY = {"x-should-retry": "false"}
+NO_RETRY_HEADER = {
+    "x-should-retry": {"description": "false: the job exists; resending creates another", "schema": {"type": "string"}}
+}
+
+
+def not_to_retry(exc: HTTPException) -> HTTPException:
+    """``exc``, marked with :data:`NO_RETRY`."""
+    exc.headers = {**(exc.headers or {}), **NO_RETRY}
+    return exc
+
+
 # --------------------------------------------------------------------- routes
 
 
@@ -357,8 +375,12 @@ async def generate(
     response_model=OpenAIImagesResponse,
     response_model_exclude_none=True,
     responses={
-        409: {"model": ErrorMessage, "description": "The job was canceled"},
-        504: {"model": ErrorMessage, "description": "The job did not finish within sync_timeout_s"},
+        409: {"model": ErrorMessage, "description": "The job was canceled", "headers": NO_RETRY_HEADER},
+        504: {
+            "model": ErrorMessage,
+            "description": "The job did not finish within sync_timeout_s (it keeps running: poll its Location)",
+            "headers": NO_RETRY_HEADER,
+        },
         **COMMON_ERRORS,
     },
     tags=["openai"],
@@ -387,21 +409,30 @@ async def openai_images(
             idempotency_key=idempotency_key,
             capabilities=request.app.state.capabilities,
         )
-        final = await wait_or_cancel(
-            queue, record, settings.sync_timeout_s, request, cancel_on_disconnect=idempotency_key is None
-        )
+        try:
+            final = await wait_or_cancel(
+                queue, record, settings.sync_timeout_s, request, cancel_on_disconnect=idempotency_key is None
+            )
+        except HTTPException as exc:
+            raise not_to_retry(exc) from None
     if final is None or final.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED):
         raise HTTPException(
             status.HTTP_504_GATEWAY_TIMEOUT,
             detail=f"job {record.id} did not finish within {settings.sync_timeout_s:g} s; poll /jobs/{record.id}",
-            headers={"Location": f"/jobs/{record.id}"},
+            headers={"Location": f"/jobs/{record.id}", **NO_RETRY},
         )
     if final.status == JobStatus.FAILED:
-        return failed_job_response(final)
+        failed = failed_job_response(final)
+        failed.headers.update(NO_RETRY)
+        return failed
     if final.status == JobStatus.CANCELED:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {final.id} was canceled")
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {final.id} was canceled", headers=NO_RETRY)
     if body.response_format == "b64_json":
-        data = [OpenAIImage(b64_json=base64.b64encode(blob).decode("ascii")) for blob in await load_images(queue, final)]
+        try:
+            blobs = await load_images(queue, final)
+        except HTTPException as exc:
+            raise not_to_retry(exc) from None
+        data = [OpenAIImage(b64_json=base64.b64encode(blob).decode("ascii")) for blob in blobs]
     else:
         # Never from the request (its Host header is the client's to choose): configured, else relative.
         base = (settings.public_base_url or "").rstrip("/")
