@@ -43,9 +43,10 @@ EngineFactory = Callable[[Settings, Path], Any]
 
 
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop) -> None:
+    """Call ``stop(signal name)`` on SIGTERM and SIGINT."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, stop)
+            loop.add_signal_handler(sig, stop, sig.name)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
             pass
 
@@ -87,7 +88,7 @@ def check_model_dir(model_dir: Path) -> None:
     try:
         ModelConfig.load(model_dir)
     except FileNotFoundError as exc:
-        refuse(f"{exc} (EDIFFI_MODEL_DIR)")
+        refuse(f"{exc} (--model-dir, else EDIFFI_MODEL_DIR)")
     except ValidationError as exc:
         fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
         refuse(f"model directory {model_dir}: invalid model.json: {fields}")
@@ -175,6 +176,7 @@ async def _worker_main(
     finally:
         stop_engine(engine, worker)
         await queue.close()
+        log.info("worker %s stopped", worker.worker_id)
     exit_now_if_stalled(worker)
     return not worker.unhealthy
 
@@ -212,10 +214,11 @@ async def _serve_main(settings: Settings, model_dir: Path, host: str, port: int)
     try:
         await server.serve()  # returns on SIGINT/SIGTERM (uvicorn's handlers)
     finally:
-        worker.stop()
+        worker.stop("server shutdown")
         await worker_task
         stop_engine(engine, worker)
         await queue.close()
+        log.info("worker %s stopped", worker.worker_id)
     exit_now_if_stalled(worker)
     if worker.unhealthy:
         raise SystemExit(EXIT_ENGINE_UNHEALTHY)

@@ -157,8 +157,13 @@ class Worker:
         self.engine_stalled = False
         engine.add_hooks(engine_metric_hooks(metrics))
 
-    def stop(self) -> None:
-        """Ask the worker to stop claiming and shut down (signal-safe)."""
+    def stop(self, reason: str = "") -> None:
+        """Ask the worker to stop claiming and shut down (signal-safe); the first call logs
+        ``stopping (reason): N jobs running, grace G s``."""
+        if not self._stop.is_set():
+            grace = 0.0 if self.unhealthy else self.shutdown_grace_s
+            log.info("worker %s stopping%s: %d jobs running, grace %g s", self.worker_id,
+                     f" ({reason})" if reason else "", len(self.active), grace)
         self._stop.set()
 
     @property
@@ -305,7 +310,7 @@ class Worker:
                 self.consecutive_engine_failures, outcome.failure.kind.value,
             )
             self.unhealthy = True
-            self.stop()
+            self.stop("engine failures")
 
     async def _store_outcome(self, job: ClaimedJob, status: str, failure: Failure | None = None, **result) -> None:
         """Store a computed outcome, retrying through a Redis outage (with backoff) while this
@@ -446,7 +451,7 @@ class Worker:
                     "gives back its %d jobs and exits", running, limit, self.worker_id, len(self.active),
                 )
                 self.engine_stalled = self.unhealthy = True
-                self.stop()
+                self.stop("engine stalled")
                 return
             await asyncio.sleep(min(1.0, limit / 4))
 

@@ -71,3 +71,19 @@ def stopped_worker(tiny_model_dir, tmp_path_factory) -> StoppedWorker:
 def test_the_worker_warns_at_start_when_redis_may_evict_job_data(stopped_worker: StoppedWorker) -> None:
     lines = [line for line in stopped_worker.log.splitlines() if "maxmemory-policy" in line]
     assert len(lines) == 1 and "WARNING" in lines[0] and "allkeys-lru" in lines[0], stopped_worker.log
+
+
+def test_sigterm_is_logged_with_the_jobs_running_and_the_grace_then_stopped(stopped_worker: StoppedWorker) -> None:
+    """Before, a worker said nothing between SIGTERM and its exit (seconds of silence, then gone)."""
+    lines = stopped_worker.log.splitlines()
+    stopping = [i for i, line in enumerate(lines) if "stopping" in line and "SIGTERM" in line]
+    assert len(stopping) == 1, stopping_worker_log(stopped_worker)
+    assert "1 jobs running, grace 1 s" in lines[stopping[0]], lines[stopping[0]]
+    released = [i for i, line in enumerate(lines) if stopped_worker.job_id in line and "released" in line]
+    assert released and released[0] > stopping[0], stopping_worker_log(stopped_worker)
+    assert lines[-1].endswith("stopped") and "INFO" in lines[-1], lines[-1]
+    assert stopped_worker.returncode == 0 and stopped_worker.job_status == "queued"
+
+
+def stopping_worker_log(stopped_worker: StoppedWorker) -> str:
+    return stopped_worker.log[-3000:]
