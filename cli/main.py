@@ -16,6 +16,18 @@ def resolve_model_dir(cli_value: str | None, settings) -> Path:
     return resolve(cli_value, settings.model_dir)
 
 
+def check_before_loading(request, model_dir: Path, max_image_side: int) -> None:
+    """The request's own rules and the model's sizes (from model.json, within the server's
+    EDIFFI_MAX_IMAGE_SIDE), checked before seconds to minutes of model loading."""
+    from ediffi.capabilities import model_capabilities
+    from ediffi.config import ModelConfig
+
+    request.validate()
+    sizes = model_capabilities(ModelConfig.load(model_dir)).sizes
+    for name, message in sizes.errors(request.width, request.height, max_image_side).items():
+        raise spec.InputError(name, message)
+
+
 def cmd_generate(args, settings) -> int:
     from PIL import Image
     from tqdm import tqdm
@@ -44,12 +56,6 @@ def cmd_generate(args, settings) -> int:
     try:
         from engines.engine import make_backend
 
-        # The same backends the server uses: torch, onnxruntime (exported graphs), tensorrt.
-        model = make_backend(
-            args.backend, model_dir, device=args.device or settings.device, dtype=settings.dtype,
-            max_batch=settings.max_batch, threads=settings.intra_op_threads, onnx_dir=settings.onnx_dir,
-            tensorrt_dir=settings.tensorrt_dir, compile_mode=settings.compile_mode,
-        ).model
         request = GenerationRequest(
             prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
             guidance_scale=args.guidance, seed=args.seed, sampler=args.sampler, n=args.n,
@@ -57,6 +63,13 @@ def cmd_generate(args, settings) -> int:
             color_map=Image.open(args.paint) if args.paint else None, regions=regions,
             width=args.width, height=args.height,
         )
+        check_before_loading(request, model_dir, settings.max_image_side)
+        # The same backends the server uses: torch, onnxruntime (exported graphs), tensorrt.
+        model = make_backend(
+            args.backend, model_dir, device=args.device or settings.device, dtype=settings.dtype,
+            max_batch=settings.max_batch, threads=settings.intra_op_threads, onnx_dir=settings.onnx_dir,
+            tensorrt_dir=settings.tensorrt_dir, compile_mode=settings.compile_mode,
+        ).model
         bar = tqdm(total=None, desc="sampling", unit="eval", disable=not sys.stderr.isatty())
 
         def progress(done: int, total: int) -> None:
@@ -169,21 +182,21 @@ def cmd_bench_http(args, settings) -> int:
 def cmd_api(args, settings) -> int:
     from server.main import run_api
 
-    run_api(settings, resolve_model_dir(None, settings), args.host or settings.host, args.port or settings.port)
+    run_api(settings, resolve_model_dir(args.model_dir, settings), args.host or settings.host, args.port or settings.port)
     return 0
 
 
 def cmd_worker(args, settings) -> int:
     from server.main import run_worker
 
-    run_worker(settings, resolve_model_dir(None, settings), args.metrics_port or settings.metrics_port)
+    run_worker(settings, resolve_model_dir(args.model_dir, settings), args.metrics_port or settings.metrics_port)
     return 0
 
 
 def cmd_serve(args, settings) -> int:
     from server.main import run_serve
 
-    run_serve(settings, resolve_model_dir(None, settings), args.host or settings.host, args.port or settings.port)
+    run_serve(settings, resolve_model_dir(args.model_dir, settings), args.host or settings.host, args.port or settings.port)
     return 0
 
 
@@ -245,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     wk = sub.add_parser("worker", help="engine + queue consumer (needs EDIFFI_REDIS_URL)")
     wk.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: EDIFFI_METRICS_PORT, 9100)")
     wk.set_defaults(func=cmd_worker)
+    for role in (sub.choices["serve"], sub.choices["api"], wk):
+        role.add_argument("--model-dir", help="model directory (default: EDIFFI_MODEL_DIR, else models/default)")
 
     train = sub.add_parser("train", help="train the shapes-world eDiff-I (resumable)")
     train.add_argument("--run-dir", default="runs/shapes", help="checkpoints and logs (resumes from here)")

@@ -20,8 +20,9 @@ class SizeRule:
     fixed: bool
     multiple_of: int
 
-    def errors(self, width: int | None, height: int | None, max_side: int) -> dict[str, str]:
-        """{field: message} for a requested width/height this model cannot make."""
+    def errors(self, width: int | None, height: int | None, max_side: int | None) -> dict[str, str]:
+        """{field: message} for a requested width/height this model cannot make
+        (``max_side``: the server's limit; None: none)."""
         problems = {}
         for name, value in (("width", width), ("height", height)):
             if value is None:
@@ -29,7 +30,9 @@ class SizeRule:
             default = self.default_width if name == "width" else self.default_height
             if self.fixed and value != default:
                 problems[name] = f"this model makes {self.default_width}x{self.default_height} images only, got {value}"
-            elif not self.fixed and (value % self.multiple_of or not self.multiple_of <= value <= max_side):
+            elif not self.fixed and max_side is None and (value % self.multiple_of or value < self.multiple_of):
+                problems[name] = f"must be a positive multiple of {self.multiple_of}, got {value}"
+            elif not self.fixed and max_side is not None and (value % self.multiple_of or not self.multiple_of <= value <= max_side):
                 problems[name] = f"must be a multiple of {self.multiple_of} within [{self.multiple_of}, {max_side}], got {value}"
         return problems
 

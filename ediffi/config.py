@@ -409,9 +409,14 @@ class ModelConfig(_Strict):
 
     @classmethod
     def load(cls, model_dir: str | Path) -> ModelConfig:
+        if not Path(model_dir).is_dir():
+            raise FileNotFoundError(f"model directory {model_dir} does not exist")
         path = Path(model_dir) / MODEL_JSON
         if not path.is_file():
-            raise FileNotFoundError(f"model directory {Path(model_dir)} has no {MODEL_JSON} (looked for {path})")
+            hint = ""
+            if (Path(model_dir) / "model_index.json").is_file():
+                hint = f"; it is a diffusers pipeline folder: import it first with `ediffi import diffusers {model_dir} --out DIR`"
+            raise FileNotFoundError(f"model directory {Path(model_dir)} has no {MODEL_JSON} (looked for {path}){hint}")
         return cls.model_validate_json(path.read_text())
 
     def save(self, model_dir: str | Path) -> None:

@@ -122,8 +122,6 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = 
     """Load a model directory offline. Encoders stay float32 (they run once
     per prompt); experts take `dtype`."""
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
     config = ModelConfig.load(model_dir)
     if config.is_imported:
         from ediffi.diffusers_model import load_imported_model

@@ -11,7 +11,6 @@ engine's image equals the reference pipeline's.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -93,7 +92,7 @@ def output_size(config: ModelConfig, request: GenerationRequest) -> tuple[int, i
     a multiple of what its UNet accepts (the default: diffusers' default).
     The server also bounds the side (settings); the model has no limit."""
     rule = model_capabilities(config).sizes
-    for name, message in rule.errors(request.width, request.height, max_side=sys.maxsize).items():
+    for name, message in rule.errors(request.width, request.height, max_side=None).items():
         raise InputError(name, message)
     return request.height or rule.default_height, request.width or rule.default_width
 

@@ -147,3 +147,45 @@ def test_an_out_file_pillow_cannot_write_is_refused_before_sampling(tiny_model_d
     monkeypatch.setattr(ediffi.pipeline, "generate", never)
     assert main(_generate(tiny_model_dir, tmp_path / "out")) == 2
     assert "--out" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_diffusers_folder_as_model_dir_says_to_import_it(tmp_path, capsys):
+    folder = tmp_path / "stable-diffusion-v1-5"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert main(_generate(folder, tmp_path / "x.png")) == 2
+    assert f"ediffi import diffusers {folder}" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails a test whose command loads the model: its errors must come first."""
+    import engines.engine
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(engines.engine, "make_backend", never)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (("--width", "4096"), ["width", "within [8, 2048]"]),  # EDIFFI_MAX_IMAGE_SIDE, as the server
+        (("--height", "60"), ["height", "multiple of 8"]),
+        (("--steps", "0"), ["steps", ">= 1"]),
+    ],
+)
+def test_request_errors_come_before_the_model_loads(imported_sd_dir, tmp_path, capsys, no_model_loading, extra, words):
+    assert main(_generate(imported_sd_dir, tmp_path / "x.png", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(word in err for word in words), err
+    assert str(2**63 - 1) not in err
+
+
+def test_a_style_image_of_extreme_shape_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys,
+                                                                          no_model_loading):
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (400, 2)).save(strip)
+    assert main(_generate(tiny_model_dir, tmp_path / "x.png", "--style-image", str(strip))) == 2
+    assert "style_image" in capsys.readouterr().err

@@ -57,7 +57,17 @@ def test_a_missing_model_dir_stops_the_process_before_anything_loads(command, tm
     missing = tmp_path / "no-such-model"
     result = run_ediffi([command], EDIFFI_MODEL_DIR=str(missing), EDIFFI_REDIS_URL=UNREACHABLE_REDIS,
                         EDIFFI_ALLOW_ANONYMOUS="true")
-    assert_refused(result, str(missing), "model.json", "EDIFFI_MODEL_DIR")
+    assert_refused(result, str(missing), "does not exist", "EDIFFI_MODEL_DIR")
+
+
+@pytest.mark.parametrize("command", ["api", "worker", "serve"])
+def test_model_dir_flag_overrides_the_environment(command, tmp_path):
+    # The flag `generate` has, on every role: EDIFFI_MODEL_DIR names the shipped model, the flag a folder
+    # without a model.json (a diffusers pipeline folder), which stops the process with the import hint.
+    (tmp_path / "model_index.json").write_text("{}")
+    result = run_ediffi([command, "--model-dir", str(tmp_path)], EDIFFI_MODEL_DIR=str(SHIPPED_MODEL),
+                        EDIFFI_REDIS_URL=UNREACHABLE_REDIS, EDIFFI_ALLOW_ANONYMOUS="true")
+    assert_refused(result, str(tmp_path), "model.json", "ediffi import diffusers", "--model-dir")
 
 
 def test_an_invalid_model_json_names_its_fields(tmp_path):
