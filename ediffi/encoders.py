@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPTextConfig,
     CLIPTextModelWithProjection,
     CLIPVisionConfig,
@@ -119,7 +119,7 @@ def build_tiny_encoders(
     )
     vision_dir = out_dir / cfg.clip_vision.path
     _save_tower(CLIPVisionModelWithProjection(vision_cfg), None, vision_dir)
-    CLIPImageProcessor(
+    CLIPImageProcessorPil(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
         resample=Image.Resampling.BICUBIC,
@@ -167,7 +167,9 @@ class Encoders(torch.nn.Module):
         self.t5 = T5EncoderModel.from_pretrained(t5_dir, **load).eval()
         self.clip_text = CLIPTextModelWithProjection.from_pretrained(clip_dir, **load).eval()
         self.clip_vision = CLIPVisionModelWithProjection.from_pretrained(vision_dir, **load).eval()
-        self.image_processor = CLIPImageProcessor.from_pretrained(vision_dir, **load)
+        # Pillow's resize, named: the default class picks torchvision's where it is installed (other pixels)
+        # and warns on every load where it is not.
+        self.image_processor = CLIPImageProcessorPil.from_pretrained(vision_dir, **load)
 
     @property
     def t5_length(self) -> int:
