@@ -11,6 +11,7 @@ serve anonymously.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import signal
@@ -40,6 +41,23 @@ def build_engine(settings: Settings, model_dir: Path):
 
 
 EngineFactory = Callable[[Settings, Path], Any]
+
+
+def quiet_progress_bars(*, load_models: bool) -> None:
+    """No tqdm bars from the Hugging Face libraries in a service's log (transformers' "Loading weights"
+    per encoder; diffusers' and huggingface_hub's while loading): a log is read line by line, not
+    watched. The environment variable covers huggingface_hub, and transformers when imported after it;
+    ``load_models`` (worker, serve) switches off transformers' and diffusers' own bars as well (they
+    import torch, so the API process, which loads no model, gets the environment variable only).
+    The CLI's interactive commands keep their bars."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if not load_models:
+        return
+    for module in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            importlib.import_module(module).disable_progress_bar()
+        except ImportError:  # pragma: no cover - both are dependencies
+            pass
 
 
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop) -> None:
@@ -116,6 +134,7 @@ def run_api(settings: Settings, model_dir: Path, host: str, port: int) -> None:
                "(use `ediffi serve` for one process without Redis)")
     check_model_dir(model_dir)
     check_access(settings, host, port)
+    quiet_progress_bars(load_models=False)
     asyncio.run(_api_main(settings, model_dir, host, port))
 
 
@@ -190,6 +209,7 @@ def run_worker(
         refuse("`ediffi worker` needs EDIFFI_REDIS_URL (use `ediffi serve` for one process without Redis)")
     check_model_dir(model_dir)
     check_device(settings)
+    quiet_progress_bars(load_models=True)
     if not asyncio.run(_worker_main(settings, model_dir, settings.host, metrics_port, engine_factory)):
         raise SystemExit(EXIT_ENGINE_UNHEALTHY)
 
@@ -228,4 +248,5 @@ def run_serve(settings: Settings, model_dir: Path, host: str, port: int) -> None
     check_model_dir(model_dir)  # all before the model loads
     check_device(settings)
     check_access(settings, host, port)
+    quiet_progress_bars(load_models=True)
     asyncio.run(_serve_main(settings, model_dir, host, port))

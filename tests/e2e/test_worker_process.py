@@ -87,3 +87,9 @@ def test_sigterm_is_logged_with_the_jobs_running_and_the_grace_then_stopped(stop
 
 def stopping_worker_log(stopped_worker: StoppedWorker) -> str:
     return stopped_worker.log[-3000:]
+
+
+def test_the_worker_log_has_no_library_progress_bars(stopped_worker: StoppedWorker) -> None:
+    """transformers' "Loading weights" tqdm bars (one per encoder) filled a worker's log before."""
+    assert "Loading weights" not in stopped_worker.log and "it/s]" not in stopped_worker.log, stopped_worker.log
+    assert "ready (engine" in stopped_worker.log  # the weights did load
