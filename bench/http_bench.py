@@ -6,7 +6,9 @@ Without `--url` it starts everything itself on this machine: a private
 `ediffi worker` children (the engine settings below passed as `EDIFFI_*`), waits
 until `/readyz` answers and every worker heartbeats, runs the load, and stops them.
 With `--url` it drives a running API instead (`--metrics-url` names its workers'
-/metrics, for batch sizes and efficiency).
+/metrics, for batch sizes and efficiency), sending `--api-key` (default: the
+environment variable `EDIFFI_BENCH_API_KEY`) as `Authorization: Bearer`. A
+refused warm-up request is one `error:` line and exit status 2.
 
 Load: `bench.engine_bench.synthetic_requests` (same seed -> same prompts, steps,
 samplers, guidance, paint-with-words colour maps and style images as the engine
@@ -60,6 +62,17 @@ from typing import Any
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Where `--api-key` comes from when not given (an argument shows in `ps`; the environment does not).
+API_KEY_ENV = "EDIFFI_BENCH_API_KEY"
+
+
+class BenchError(Exception):
+    """A run that cannot go on, reported as one line (``error: ...``, exit status 2), not a traceback."""
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The headers that authenticate the bench's requests (none without a key)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 # ------------------------------------------------------------------ the load
@@ -338,8 +351,9 @@ class HttpResult:
         return asdict(self)
 
 
-async def run_load(url: str, bodies: list[dict[str, Any]], clients: int, timeout_s: float) -> dict[str, Any]:
-    """Closed loop of `clients` concurrent clients over `bodies`; per-request figures."""
+async def run_load(url: str, bodies: list[dict[str, Any]], clients: int, timeout_s: float,
+                   headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Closed loop of `clients` concurrent clients over `bodies`, each request with `headers`; per-request figures."""
     latencies: list[float] = []
     engine: list[float] = []
     ratios: list[float] = []
@@ -349,7 +363,7 @@ async def run_load(url: str, bodies: list[dict[str, Any]], clients: int, timeout
     counts = {"images": 0, "failed": 0, "next": 0}
     last_finish = [0.0]
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits, headers=headers) as client:
 
         async def one_client() -> None:
             while counts["next"] < len(bodies):
@@ -386,8 +400,34 @@ async def run_load(url: str, bodies: list[dict[str, Any]], clients: int, timeout
                 errors=errors, images=counts["images"], failed=counts["failed"], wall=wall)
 
 
+def warm_up(url: str, body: dict[str, Any], headers: dict[str, str], timeout_s: float) -> None:
+    """One request before the clock starts (first-request costs stay out of the figures); BenchError if refused."""
+    try:
+        response = httpx.post(url + "/generate", json=body, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise BenchError(f"warm-up request to {url}/generate failed: {type(exc).__name__}: {exc}") from None
+    if response.status_code == 200:
+        return
+    try:
+        detail = str(response.json().get("detail", response.text))
+    except (ValueError, AttributeError):
+        detail = response.text
+    detail = " ".join(detail.split())[:300]
+    hint = f" (pass --api-key or set {API_KEY_ENV})" if response.status_code in (401, 403) else ""
+    raise BenchError(f"warm-up request to {url}/generate failed: {response.status_code} {detail}{hint}")
+
+
 def main(args, settings=None, log=print) -> int:
-    """Entry point of `ediffi bench http` (args from cli/main.py)."""
+    """Entry point of `ediffi bench http` (args from cli/main.py); 2 after one ``error:`` line on stderr
+    when the run cannot go on (a refused warm-up request)."""
+    try:
+        return _run(args, settings, log)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _run(args, settings, log) -> int:
     import torch
 
     from ediffi.config import ModelConfig
@@ -413,6 +453,8 @@ def main(args, settings=None, log=print) -> int:
     requests = synthetic_requests(load, image_size)
     bodies = [request_body(r) for r in requests]
     device = args.device or (getattr(settings, "device", None) if settings is not None else None) or "cpu"
+    # A service this bench starts serves anonymously; a key goes only to the API given by --url.
+    headers = auth_headers(getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV)) if args.url else {}
 
     backend = None
     if not args.no_calibrate or args.compare_engine:
@@ -444,15 +486,13 @@ def main(args, settings=None, log=print) -> int:
                     "max_streams_per_key": max(8, args.clients),
                 }, args.workers, progress)
             worker_budgets = service.worker_row_budgets()
-            warm = httpx.post(service.url + "/generate", json=bodies[0], timeout=args.timeout)
-            if warm.status_code != 200:  # not counted: first-request costs stay out of the figures
-                raise RuntimeError(f"warm-up request failed: {warm.status_code} {warm.text[:500]}")
+            warm_up(service.url, bodies[0], headers, args.timeout)
             before = WorkerCounters.scrape(service.metrics_urls) if service.metrics_urls else None
             calibrate = backend is not None and not args.no_calibrate and before is not None
             cal_before = measure_seconds_per_row(backend, 2) if calibrate else None
             progress(f"running {len(bodies)} requests, {args.clients} clients, through {service.url}...")
             cpu_before, client_cpu = service.cpu_seconds(), time.process_time()
-            run = asyncio.run(run_load(service.url, bodies, args.clients, args.timeout))
+            run = asyncio.run(run_load(service.url, bodies, args.clients, args.timeout, headers))
             client_cpu = time.process_time() - client_cpu
             cpu_after = service.cpu_seconds()
             cpu = None

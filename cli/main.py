@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     bh.add_argument("--requests", type=int, default=32, help="requests per policy")
     bh.add_argument("--url", help="drive this running API instead of starting redis, api and workers here")
     bh.add_argument("--metrics-url", action="append", help="with --url: a worker's /metrics (repeatable)")
+    bh.add_argument("--api-key", help="with --url: the API key to send (default: $EDIFFI_BENCH_API_KEY)")
     bh.add_argument("--workers", type=int, default=1, help="worker processes to start (without --url)")
     bh.add_argument("--policies", default="step", help="comma-separated worker batching policies: step, request, none")
     bh.add_argument("--compare-engine", action="store_true",

@@ -61,3 +61,59 @@ def test_bench_http_end_to_end_prints_the_engine_bench_keys(tiny_model_dir, caps
     assert "worker_row_budget" in result and result["cpu_s"]["workers"] > 0
     # The worker reports the engine's own latency; end to end cannot be faster.
     assert 0 < result["engine_latency_p50_s"] <= result["latency_p50_s"] and result["latency_ratio_p50"] >= 1
+
+
+BENCH_KEY = "bench-key-5f1c0e8a9b7d4c2e"
+
+
+@pytest.fixture(scope="module")
+def keyed_cluster(tiny_model_dir, tmp_path_factory):
+    """A real deployment's access rules: API keys required (no anonymous access)."""
+    from tests.support.process import Cluster
+
+    cluster = Cluster(tiny_model_dir, tmp_path_factory.mktemp("bench-keyed-logs"),
+                      settings={"api_keys": BENCH_KEY, "allow_anonymous": False}, persistent=False)
+    try:
+        yield cluster.start(workers=1)
+    finally:
+        cluster.close()
+
+
+def bench_url_argv(cluster, tiny_model_dir, *extra: str) -> list[str]:
+    return ["bench", "http", "--url", cluster.api.url, "--metrics-url", cluster.workers[0].metrics_url,
+            "--clients", "1", "--requests", "2", "--min-steps", "2", "--max-steps", "2", "--threads", "1",
+            "--no-calibrate", "--model-dir", str(tiny_model_dir), "--json", *extra]
+
+
+@pytest.mark.slow  # starts redis, an API and a worker process
+@pytest.mark.timeout(300)
+def test_bench_http_against_a_keyed_api_sends_the_key_from_the_environment(keyed_cluster, tiny_model_dir, capsys,
+                                                                          monkeypatch):
+    """Before, `bench http --url` never sent a key: every real deployment answered 401."""
+    monkeypatch.setenv("EDIFFI_BENCH_API_KEY", BENCH_KEY)
+    args = build_parser().parse_args(bench_url_argv(keyed_cluster, tiny_model_dir))
+    assert args.func(args, Settings(redis_url=None)) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["failed"] == 0 and result["images"] == 2, result["errors"]
+    # --api-key works as well (and wins over the environment).
+    monkeypatch.setenv("EDIFFI_BENCH_API_KEY", "not-the-key")
+    args = build_parser().parse_args(bench_url_argv(keyed_cluster, tiny_model_dir, "--api-key", BENCH_KEY))
+    assert args.func(args, Settings(redis_url=None)) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_refused_warm_up_is_one_error_line_without_a_traceback(keyed_cluster, tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDIFFI_")}
+    result = subprocess.run([sys.executable, "-m", "ediffi", *bench_url_argv(keyed_cluster, tiny_model_dir)],
+                            env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "401" in errors[0] and "--api-key" in errors[0], result.stderr
+    assert result.stdout == ""
+
