@@ -58,6 +58,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -73,6 +74,15 @@ class BenchError(Exception):
 def auth_headers(api_key: str | None) -> dict[str, str]:
     """The headers that authenticate the bench's requests (none without a key)."""
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def redact_password(url: str) -> str:
+    """``url`` with the password of its user info replaced by ``***`` (a Redis URL may carry one)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 # ------------------------------------------------------------------ the load
@@ -224,7 +234,7 @@ def start_service(settings, model_dir: Path, env_settings: dict[str, Any], worke
             redis_url = f"redis://127.0.0.1:{port}/0"
             service.redis_url = redis_url
         else:
-            log(f"using EDIFFI_REDIS_URL={redis_url} (the bench's jobs go to its default key prefix)")
+            log(f"using EDIFFI_REDIS_URL={redact_password(redis_url)} (the bench's jobs go to its default key prefix)")
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDIFFI_")}
         env.update({"PYTHONUNBUFFERED": "1", "EDIFFI_REDIS_URL": redis_url, "EDIFFI_MODEL_DIR": str(model_dir),
                     "EDIFFI_HOST": "127.0.0.1"})

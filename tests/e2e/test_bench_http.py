@@ -117,3 +117,27 @@ def test_a_refused_warm_up_is_one_error_line_without_a_traceback(keyed_cluster, 
     assert len(errors) == 1 and "401" in errors[0] and "--api-key" in errors[0], result.stderr
     assert result.stdout == ""
 
+
+def test_the_redis_url_the_bench_reports_hides_its_password(monkeypatch, tmp_path):
+    """`start_service` says which Redis it uses; the URL's password stays out of that line."""
+    import bench.http_bench as http_bench
+
+    class NoProcess:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(http_bench, "_Child", NoProcess)
+    monkeypatch.setattr(http_bench, "_wait_ready", lambda *args, **kwargs: None)
+    lines: list[str] = []
+    settings = Settings(redis_url="redis://:Sup3rSecretPw@127.0.0.1:16383/0")
+    service = http_bench.start_service(settings, tmp_path, {}, 0, lines.append)
+    service.close()
+    (line,) = [line for line in lines if "EDIFFI_REDIS_URL" in line]
+    assert "Sup3rSecretPw" not in line and "127.0.0.1:16383/0" in line, line
+    settings = Settings(redis_url="rediss://bench:Sup3rSecretPw@redis.internal:6380/2")
+    lines.clear()
+    http_bench.start_service(settings, tmp_path, {}, 0, lines.append).close()
+    assert "Sup3rSecretPw" not in lines[0] and "bench:" in lines[0] and "redis.internal:6380/2" in lines[0], lines
