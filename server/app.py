@@ -51,7 +51,7 @@ from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import Scope
 
 from ediffi.capabilities import ModelCapabilities, SizeRule
-from server.auth import WaitSlots, caller, check_access_settings
+from server.auth import WaitSlots, caller, check_access_settings, limit_key_of
 from server.metrics import Metrics
 from server.middleware import HTTPMetricsMiddleware, InflightLimit, RequestGuard
 from server.queue import JobQueue, QueueFull, QueueUnavailable, make_queue
@@ -266,7 +266,13 @@ def create_app(
         check_caller=lambda request: caller(request, settings),
         body_timeout_s=settings.body_timeout_s,
     )
-    app.add_middleware(InflightLimit, limit=settings.max_inflight_requests, exempt_paths=OPERATIONS_PATHS)
+    app.add_middleware(
+        InflightLimit,
+        limit=settings.max_inflight_requests,
+        exempt_paths=OPERATIONS_PATHS,
+        per_caller=settings.max_inflight_per_caller,
+        identify_caller=lambda request: limit_key_of(request, settings),
+    )
     app.add_middleware(HTTPMetricsMiddleware, metrics=app.state.metrics)
     _limits_in_openapi(app, settings)
     return app

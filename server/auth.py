@@ -22,6 +22,10 @@ all API replicas) counts job submissions
 (``POST /generate`` and ``POST /v1/images/generations``); polling and
 downloads are not counted. Beyond it: 429 with ``Retry-After`` (seconds to the
 next minute).
+
+The per-process caps count under the same name (:func:`limit_key_of`): open
+streams and waits (:class:`WaitSlots`) and all requests in flight
+(``max_inflight_per_caller``, :class:`server.middleware.InflightLimit`).
 """
 
 from __future__ import annotations
@@ -120,6 +124,15 @@ def caller(request: Request, settings: Settings) -> Principal:
     if not matched:
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="invalid API key")
     return Principal(key_id=key_id(key))
+
+
+def limit_key_of(request: Request, settings: Settings) -> str | None:
+    """The name the caller's per-process caps count under (:attr:`Principal.limit_key`), from the
+    headers only; None for a caller :func:`caller` refuses (its request is a 401/403)."""
+    try:
+        return caller(request, settings).limit_key
+    except HTTPException:
+        return None
 
 
 async def authenticate(request: Request, settings: SettingsDep) -> Principal:

@@ -8,7 +8,10 @@
   else its class (``"5xx"``).
 * :class:`InflightLimit`: at most ``limit`` requests in flight at once (event streams
   included); beyond, 503 with ``Retry-After`` at once. The probes and ``/metrics``
-  are not counted, so they answer however busy the API is.
+  are not counted, so they answer however busy the API is. And at most ``per_caller``
+  of them from one caller (named from the headers alone, before any byte of a body is
+  read); beyond, 429 with ``Retry-After``, so one caller's slow uploads or open
+  streams cannot take every slot from the others.
 * :class:`RequestGuard`, on the first read of a request body (before any byte of it is
   read): the caller's key (401/403), ``Content-Type: application/json`` on the JSON
   endpoints (415 for anything else: ``text/plain`` and form bodies are what a foreign
@@ -24,8 +27,9 @@ import asyncio
 import email.message
 import json
 import time
+from collections import Counter
 from http import HTTPStatus
-from typing import Callable, Iterable
+from typing import Callable, Hashable, Iterable
 
 from fastapi import HTTPException, status
 from starlette.requests import Request
@@ -90,18 +94,48 @@ async def _send_json(send: Send, code: int, body: dict[str, object], headers: di
 
 
 class InflightLimit:
-    """At most ``limit`` requests in flight; the rest get 503 + ``Retry-After`` without waiting."""
+    """At most ``limit`` requests in flight; the rest get 503 + ``Retry-After`` without waiting.
 
-    def __init__(self, app: ASGIApp, limit: int, exempt_paths: Iterable[str] = (), retry_after_s: int = 1) -> None:
+    With ``per_caller`` and ``identify_caller``: at most ``per_caller`` of them from one caller; its
+    next gets 429 + ``Retry-After`` without waiting, and other callers are unaffected.
+    ``identify_caller(request)`` names the caller from the request's headers (no body is read), or
+    returns None for a request counted only against ``limit`` (one refused with 401/403 anyway).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        exempt_paths: Iterable[str] = (),
+        retry_after_s: int = 1,
+        per_caller: int | None = None,
+        identify_caller: Callable[[Request], Hashable | None] | None = None,
+    ) -> None:
         self.app = app
         self.limit = limit
         self.exempt_paths = frozenset(exempt_paths)
         self.retry_after_s = retry_after_s
+        self.per_caller = per_caller
+        self.identify_caller = identify_caller
         self.inflight = 0
+        #: Requests in flight per caller; a caller with none has no entry.
+        self.by_caller: Counter[Hashable] = Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in self.exempt_paths:
             await self.app(scope, receive, send)
+            return
+        name = None
+        if self.per_caller is not None and self.identify_caller is not None:
+            name = self.identify_caller(Request(scope))
+        if name is not None and self.by_caller[name] >= self.per_caller:
+            await _send_json(
+                send,
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                {"detail": f"too many requests in flight: at most {self.per_caller} at once per API key "
+                 "(per client address without keys); retry when one of yours has finished"},
+                {"Retry-After": str(self.retry_after_s)},
+            )
             return
         if self.inflight >= self.limit:
             await _send_json(
@@ -112,10 +146,16 @@ class InflightLimit:
             )
             return
         self.inflight += 1
+        if name is not None:
+            self.by_caller[name] += 1
         try:
             await self.app(scope, receive, send)
-        finally:
+        finally:  # whatever ended the request: response sent, error, disconnect, body deadline, cancellation
             self.inflight -= 1
+            if name is not None:
+                self.by_caller[name] -= 1
+                if self.by_caller[name] <= 0:
+                    del self.by_caller[name]
 
 
 class _RefusedBody(HTTPException):

@@ -121,6 +121,14 @@ class Settings(BaseSettings):
         description="Requests one API process serves at once (streams and waits included; /healthz, /readyz "
         "and /metrics are not counted); beyond: 503 with Retry-After.",
     )
+    max_inflight_per_caller: int = Field(
+        default=64,
+        ge=1,
+        description="Of the max_inflight_requests of one API process, how many one API key (or anonymous client "
+        "address) may hold at once, uploads, streams and waits included, so that one caller cannot take every "
+        "slot from the others; beyond: 429 with Retry-After, before the body is read. Keep it at least "
+        "max_streams_per_key.",
+    )
     redis_max_connections: int = Field(
         default=64,
         ge=1,

@@ -14,7 +14,9 @@ job, so that test runs one real worker.
   so in its log and rate-limits anonymous callers by address;
 - ``XMETHOD<random>`` and random paths create no new metric series;
 - the key is checked before the body is read (401 while a 10 MB body is still unsent);
-  ``max_inflight_requests`` caps requests in flight (503) but not the probes;
+  ``max_inflight_requests`` caps requests in flight (503) but not the probes; one key's
+  stalled uploads hold at most ``max_inflight_per_caller`` of them (429 past it), so other
+  keys stay served, and the body deadline and a disconnect give the slots back;
 - ``/readyz`` and ``/metrics`` never SCAN, count live workers, and tell an anonymous
   caller nothing about the Redis behind them;
 - image URLs never come from the ``Host`` header;
@@ -169,7 +171,11 @@ async def open_stream(client: httpx.AsyncClient, job_id: str, key: str) -> Event
 
 @pytest.mark.parametrize(
     "limits",
-    [{"max_streams_per_key": 8}, {"max_streams_per_key": 500, "redis_blocking_connections": 8}],
+    [
+        {"max_streams_per_key": 8},
+        # Both per-caller caps lifted: the bounded pool of blocking reads alone keeps others served.
+        {"max_streams_per_key": 500, "max_inflight_per_caller": 500, "redis_blocking_connections": 8},
+    ],
     ids=["per-key-cap", "cap-lifted-bounded-blocking-pool"],
 )
 def test_110_streams_from_one_key_leave_other_keys_and_readyz_served(
@@ -315,17 +321,22 @@ def read_until_closed(sock: socket.socket) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+def open_upload(port: int, key: str, sent: bytes = b'{"prompt":') -> socket.socket:
+    """A ``POST /generate`` upload by ``key`` that sends its headers and ``sent`` of a 100-byte body, then stalls."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(
+        f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Length: 100\r\n\r\n".encode() + sent
+    )
+    return sock
+
+
 def test_stalled_bodies_get_408_and_give_their_inflight_slots_back(api_factory: ApiFactory) -> None:
     # A client that sends headers and part of a body, then nothing: without a body deadline, 4 such
     # connections held all 4 in-flight slots (every other caller got 503) for as long as they stayed open.
     api = api_factory.start(api_keys=KEY_A, max_inflight_requests=4, body_timeout_s=1)
-    sockets = [socket.create_connection(("127.0.0.1", api.port), timeout=20) for _ in range(4)]
+    sockets = [open_upload(api.port, KEY_A) for _ in range(4)]
     try:
-        for sock in sockets:
-            sock.sendall(
-                f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"Authorization: Bearer {KEY_A}\r\nContent-Length: 100\r\n\r\n{{\"prompt\":".encode()
-            )
         answers = [read_until_closed(sock) for sock in sockets]
     finally:
         for sock in sockets:
@@ -336,6 +347,84 @@ def test_stalled_bodies_get_408_and_give_their_inflight_slots_back(api_factory: 
     with httpx.Client(base_url=api.url, timeout=20) as client:
         answer = client.get("/jobs/" + "0" * 32, headers=auth(KEY_A))
     assert answer.status_code == 404, answer.text  # served, not 503: the slots are free again
+
+
+def answers_so_far(socks: list[socket.socket], wait_s: float = 0.5) -> list[str | None]:
+    """After ``wait_s``, the head of each socket's answer, or None where none came (the request is still held)."""
+    time.sleep(wait_s)
+    heads: list[str | None] = []
+    for sock in socks:
+        sock.settimeout(0.01)
+        try:
+            heads.append(sock.recv(4096).decode(errors="replace"))
+        except TimeoutError:
+            heads.append(None)
+        finally:
+            sock.settimeout(20)
+    return heads
+
+
+def test_one_callers_stalled_uploads_leave_other_callers_served(api_factory: ApiFactory) -> None:
+    # Before: one key's stalled uploads took every in-flight slot of the process (8 here, 256 by default);
+    # every other key's GET /v1/models and POST /generate got 503 "server busy" until they ended.
+    per_caller = 4
+    api = api_factory.start(
+        api_keys=f"{KEY_A},{KEY_B}", max_inflight_requests=8, max_inflight_per_caller=per_caller, body_timeout_s=4
+    )
+
+    def take_every_slot() -> tuple[list[socket.socket], list[str]]:
+        """A opens 10 stalled uploads: ``per_caller`` are held, the rest answered at once (before their body)."""
+        uploads = [open_upload(api.port, KEY_A, sent=b"") for _ in range(10)]
+        heads = answers_so_far(uploads)
+        held = [sock for sock, head in zip(uploads, heads) if head is None]
+        for sock, head in zip(uploads, heads):
+            if head is not None:
+                sock.close()
+        return held, [head for head in heads if head is not None]
+
+    def assert_refused_for_its_share(refused: list[str]) -> None:
+        assert len(refused) == 10 - per_caller, refused
+        for head in refused:
+            assert head.startswith("HTTP/1.1 429"), head
+            assert "retry-after: " in head.lower(), head
+            assert f"at most {per_caller} at once" in head, head
+
+    held, refused = take_every_slot()
+    try:
+        with httpx.Client(base_url=api.url, timeout=20) as client:
+            models = client.get("/v1/models", headers=auth(KEY_B))
+            assert models.status_code == 200, models.text
+            submitted = client.post("/generate", json=BODY, headers={**ASYNC, **auth(KEY_B)})
+            assert submitted.status_code == 202, submitted.text
+            assert len(held) == per_caller, refused
+            assert_refused_for_its_share(refused)
+            # A's own quick requests wait for its share too.
+            assert client.get("/v1/models", headers=auth(KEY_A)).status_code == 429
+        # The body deadline gives A's slots back (408) ...
+        for sock in held:
+            assert read_until_closed(sock).startswith("HTTP/1.1 408")
+    finally:
+        for sock in held:
+            sock.close()
+    # ... all of them: A holds its whole share again, and no more.
+    held, refused = take_every_slot()
+    try:
+        assert len(held) == per_caller, refused
+        assert_refused_for_its_share(refused)
+    finally:
+        for sock in held:  # a client that goes away mid-body gives its slots back too
+            sock.close()
+    time.sleep(0.5)
+    held, refused = take_every_slot()
+    try:
+        assert len(held) == per_caller, refused
+        assert_refused_for_its_share(refused)
+    finally:
+        for sock in held:
+            sock.close()
+    with httpx.Client(base_url=api.url, timeout=20) as client:
+        time.sleep(0.5)
+        assert client.get("/v1/models", headers=auth(KEY_A)).status_code == 200
 
 
 def test_inflight_limit_answers_503_but_probes_still_answer(api_factory: ApiFactory) -> None:
