@@ -20,7 +20,8 @@ API keys, 404 unknown job, 429 with ``Retry-After`` (queue full, rate limit),
 queue unavailable: ..."}``, a generic reason: the details go to the log only);
 the queue reconnects by itself, so the API recovers without a restart. Bad
 input never yields a 500. 415 for a body on a JSON endpoint that is not sent as
-``application/json``.
+``application/json``. Under ``/v1/`` every error is in OpenAI's shape instead,
+``{"error": {"message", "type", "param", "code"}}`` (:class:`OpenAIErrors`).
 
 Access (see README "Security model"): :func:`create_app` refuses settings without
 API keys unless ``allow_anonymous`` is on (:func:`server.auth.check_access_settings`).
@@ -38,6 +39,7 @@ import json
 import logging
 import math
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -48,7 +50,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match, Mount
-from starlette.types import Scope
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ediffi.capabilities import ModelCapabilities, SizeRule
 from server.auth import WaitSlots, caller, check_access_settings, limit_key_of
@@ -149,6 +151,100 @@ def _register_error_handlers(app: FastAPI) -> None:
             status_code=429,
             headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
         )
+
+
+#: Paths whose errors are answered in OpenAI's shape (:class:`OpenAIErrors`).
+OPENAI_PATH_PREFIX = "/v1/"
+#: ``error.code`` of an OpenAI-shaped error that names no field and no failure kind, by status.
+_OPENAI_CODES = {
+    401: "invalid_api_key", 403: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
+    409: "job_canceled", 410: "gone", 413: "too_large", 415: "unsupported_media_type", 429: "rate_limit_exceeded",
+    500: "internal", 503: "service_unavailable", 504: "timeout",
+}
+
+
+def _dotted(loc: Any) -> str | None:
+    """A validation ``loc`` as a dotted field name, without its source: ``["body", "a", 0, "b"]`` -> ``a[0].b``."""
+    parts = list(loc) if isinstance(loc, (list, tuple)) else []
+    if parts and parts[0] in ("body", "header", "query", "path"):
+        parts = parts[1:]
+    name = ""
+    for part in parts:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or None
+
+
+def openai_error(status_code: int, body: Any) -> dict[str, Any]:
+    """An error body of this API in OpenAI's shape ``{"error": {message, type, param, code}}``.
+
+    ``body`` is ``{"detail": ...}`` as the rest of the API answers: field errors (every one in the
+    message, the first one's field as ``param`` and type as ``code``), a string, or a dict with
+    ``message`` and optionally ``param`` and ``code``; a failed job's ``kind`` is the code."""
+    detail = body.get("detail") if isinstance(body, dict) else body
+    try:
+        message = HTTPStatus(status_code).phrase
+    except ValueError:  # 499 and the like
+        message = "error"
+    param, code = None, _OPENAI_CODES.get(status_code)
+    if isinstance(detail, list) and detail and all(isinstance(error, dict) for error in detail):
+        parts = []
+        for error in detail:
+            name = _dotted(error.get("loc"))
+            parts.append(f"{name}: {error.get('msg', '')}" if name else str(error.get("msg", "")))
+        message, param, code = "; ".join(parts), _dotted(detail[0].get("loc")), str(detail[0].get("type") or code)
+    elif isinstance(detail, dict) and "message" in detail:
+        message, param, code = str(detail["message"]), detail.get("param"), detail.get("code", code)
+    elif isinstance(detail, str) and detail:
+        message = detail
+    if isinstance(body, dict) and body.get("kind"):
+        code = str(body["kind"])
+    kind = "server_error" if status_code >= 500 else "rate_limit_error" if status_code == 429 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class OpenAIErrors:
+    """Answers every error on ``/v1/*`` in OpenAI's shape (:func:`openai_error`), whoever produced
+    it: a route, an exception handler, or a middleware refusal before routing (the in-flight limits'
+    429/503, the guard's 401/403/408/413/415). Other paths keep ``{"detail": ...}``; a body already
+    in OpenAI's shape, and HEAD, pass as they are. Pure ASGI; only error bodies are buffered."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") == "HEAD" or not scope["path"].startswith(OPENAI_PATH_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def send_openai_errors(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message
+                return
+            if start is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            raw = b"".join(chunks)
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = {"detail": raw.decode("utf-8", "replace").strip()}
+            if not (isinstance(body, dict) and "error" in body):
+                raw = SafeJSONResponse(openai_error(start["status"], body)).body
+            headers = [
+                (name, value) for name, value in start.get("headers", [])
+                if name.lower() not in (b"content-length", b"content-type")
+            ]
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": raw})
+
+        await self.app(scope, receive, send_openai_errors)
 
 
 def _limits_in_openapi(app: FastAPI, settings: Settings) -> None:
@@ -273,6 +369,7 @@ def create_app(
         per_caller=settings.max_inflight_per_caller,
         identify_caller=lambda request: limit_key_of(request, settings),
     )
+    app.add_middleware(OpenAIErrors)  # outside the refusals above, so /v1/* gets OpenAI's shape from them too
     app.add_middleware(HTTPMetricsMiddleware, metrics=app.state.metrics)
     _limits_in_openapi(app, settings)
     return app

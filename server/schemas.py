@@ -374,6 +374,22 @@ class ErrorMessage(BaseModel):
     kind: FailureKind | None = Field(default=None, description="A failed job's failure kind (see FailureView).")
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong; a field error starts with the field's name.")
+    type: str = Field(description="invalid_request_error (4xx), rate_limit_error (429) or server_error (5xx).")
+    param: str | None = Field(description="The request field at fault, dotted (e.g. paint_with_words.regions[0].phrase).")
+    code: str | None = Field(
+        description="Machine-readable reason: the validation error's type (422), a failed job's failure kind, "
+        "model_not_found, or one per status (e.g. invalid_api_key, rate_limit_exceeded)."
+    )
+
+
+class OpenAIError(BaseModel):
+    """Body of every error on ``/v1/*``: OpenAI's shape (its clients read ``error.message``)."""
+
+    error: OpenAIErrorDetail
+
+
 class FieldError(BaseModel):
     loc: list[str | int]
     msg: str

@@ -84,6 +84,7 @@ from server.schemas import (
     ImageOut,
     JobAccepted,
     JobClient,
+    OpenAIError,
     OpenAIImage,
     OpenAIImagesRequest,
     OpenAIImagesResponse,
@@ -132,6 +133,13 @@ COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
     500: {"model": ErrorMessage, "description": "The job failed on the worker"},
     **UNAVAILABLE,
 }
+
+
+
+def in_openai_shape(responses: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` whose bodies are :class:`OpenAIError`: ``/v1/*`` answers errors in OpenAI's shape."""
+    return {code: {**doc, "model": OpenAIError} for code, doc in responses.items()}
+
 
 PreferHeader = Annotated[
     str | None,
@@ -374,15 +382,18 @@ async def generate(
     "/v1/images/generations",
     response_model=OpenAIImagesResponse,
     response_model_exclude_none=True,
-    responses={
-        409: {"model": ErrorMessage, "description": "The job was canceled", "headers": NO_RETRY_HEADER},
-        504: {
-            "model": ErrorMessage,
-            "description": "The job did not finish within sync_timeout_s (it keeps running: poll its Location)",
-            "headers": NO_RETRY_HEADER,
-        },
-        **COMMON_ERRORS,
-    },
+    responses=in_openai_shape(
+        {
+            **AUTH_ERRORS,
+            409: {"description": "The job was canceled", "headers": NO_RETRY_HEADER},
+            504: {
+                "description": "The job did not finish within sync_timeout_s (it keeps running: poll its Location)",
+                "headers": NO_RETRY_HEADER,
+            },
+            **COMMON_ERRORS,
+            422: {"description": "Invalid input; param names the field"},
+        }
+    ),
     tags=["openai"],
 )
 async def openai_images(

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from ediffi.failure import field_loc
 from tests.support.api import (
     Backend,
     b64,
@@ -222,4 +223,5 @@ async def test_hostile_openai_requests_are_refused_naming_the_field(body: dict, 
     async with service(Backend("memory"), sync_timeout_s=0.2) as svc:
         response = await svc.client.post("/v1/images/generations", json=body)
         assert response.status_code == 422, response.text
-        assert response.json()["detail"][0]["loc"] == loc
+        error = response.json()["error"]  # OpenAI's shape: the first field named as param
+        assert ["body", *field_loc(error["param"])] == loc and error["type"] == "invalid_request_error"

@@ -87,3 +87,83 @@ async def test_a_failed_job_is_reported_once_not_resubmitted(backend: Backend) -
             assert caught.value.status_code == status
             assert caught.value.response.headers["x-should-retry"] == "false"
             assert jobs_submitted(svc) == before + 1, kind
+
+
+# ------------------------------------------------------------------- errors
+
+
+def openai_body(response: Any) -> dict:
+    """The error object of an OpenAI-shaped error body, checked to be exactly that shape."""
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+@run_async
+async def test_validation_errors_name_the_field_as_openai_clients_read_them(backend: Backend) -> None:
+    async with service(backend) as svc, openai_client(svc, max_retries=0) as client:
+        with pytest.raises(openai.UnprocessableEntityError) as caught:
+            await client.images.generate(prompt="a fox", n=0)
+        error = caught.value
+        assert error.param == "n" and error.code == "greater_than_equal" and error.type == "invalid_request_error"
+        assert error.message.startswith("Error code: 422 - ") and "n: Input should be greater than or equal to 1" in (
+            error.message
+        )
+        nested = await svc.client.post(
+            "/v1/images/generations",
+            json={"prompt": "a fox", "paint_with_words": {"color_map": "x", "regions": [{"color": "red", "phrase": "a"}]}},
+        )
+        assert nested.status_code == 422
+        assert openai_body(nested)["param"] == "paint_with_words.regions[0].color"
+        # /generate keeps FastAPI's field-level format.
+        generate = await svc.client.post("/generate", json={"prompt": "a fox", "n": 0})
+        assert generate.status_code == 422 and generate.json()["detail"][0]["loc"] == ["body", "n"]
+
+
+@run_async
+async def test_job_outcomes_are_openai_errors_with_the_failure_kind_as_code(backend: Backend) -> None:
+    async with service(backend, sync_timeout_s=0.2) as svc, openai_client(svc) as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.images.generate(prompt="a fox", extra_body={"steps": 1})
+        error = caught.value
+        assert error.status_code == 504 and error.code == "timeout" and error.type == "server_error"
+        assert "did not finish within 0.2 s; poll /jobs/" in error.message
+        assert error.response.headers["location"].startswith("/jobs/")
+    async with service(backend) as svc, openai_client(svc) as client:
+        async with QueueWorker(svc.queue, mode="fail", failure=Failure.of(FailureKind.OUT_OF_MEMORY)):
+            with pytest.raises(openai.InternalServerError) as caught:
+                await client.images.generate(prompt="a fox", extra_body={"steps": 1})
+        assert caught.value.status_code == 503 and caught.value.code == "out_of_memory"
+        assert caught.value.response.headers["retry-after"]
+
+
+@run_async
+async def test_refusals_before_routing_are_openai_errors_on_v1_only(backend: Backend) -> None:
+    async with service(backend, api_keys=["k" * 32], allow_anonymous=False) as svc:
+        missing = await svc.client.post("/v1/images/generations", json={"prompt": "a fox"})
+        assert missing.status_code == 401 and openai_body(missing)["code"] == "invalid_api_key"
+        assert "missing API key" in openai_body(missing)["message"]
+        wrong = await svc.client.post("/v1/images/generations", json={"prompt": "a"}, headers={"X-API-Key": "nope"})
+        assert wrong.status_code == 403 and openai_body(wrong)["message"] == "invalid API key"
+        form = await svc.client.post(
+            "/v1/images/generations", content=b"prompt=a", headers={"Authorization": "Bearer " + "k" * 32,
+                                                                      "Content-Type": "text/plain"}
+        )
+        assert form.status_code == 415 and openai_body(form)["code"] == "unsupported_media_type"
+        assert form.headers["accept-post"] == "application/json"
+        unknown = await svc.client.get("/v1/no-such-thing")
+        assert unknown.status_code == 404 and openai_body(unknown)["message"] == "Not Found"
+        # Elsewhere, the API's own format.
+        assert (await svc.client.post("/generate", json={"prompt": "a"})).json()["detail"].startswith("missing API key")
+    async with service(backend, max_inflight_requests=1, sync_timeout_s=0.5) as svc, QueueWorker(svc.queue) as worker:
+        worker.mode = "hold"
+        waiting = asyncio.create_task(svc.client.post("/v1/images/generations", json={"prompt": "a fox", "steps": 1}))
+        await asyncio.wait_for(worker.running.wait(), 5)
+        busy = await svc.client.get("/v1/models")
+        assert busy.status_code == 503 and busy.headers["retry-after"]
+        assert openai_body(busy) == {
+            "message": "server busy: 1 requests in flight; retry later", "type": "server_error", "param": None,
+            "code": "service_unavailable",
+        }
+        assert (await waiting).status_code == 504

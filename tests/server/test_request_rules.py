@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from ediffi.capabilities import ModelCapabilities
+from ediffi.failure import field_loc
 from ediffi.spec import MAX_SEED
 from server.app import create_app
 from server.main import capabilities as read_capabilities
@@ -50,8 +51,18 @@ async def api(capabilities: ModelCapabilities | None, **overrides: Any) -> Async
 
 
 def error_locs(response: httpx.Response) -> list[list]:
+    """The fields a 422 names: /generate's ``detail`` locs; /v1's OpenAI-shaped error names one, ``param``."""
     assert response.status_code == 422, response.text
-    return [error["loc"] for error in response.json()["detail"]]
+    body = response.json()
+    if "error" in body:
+        return [["body", *field_loc(body["error"]["param"])]]
+    return [error["loc"] for error in body["detail"]]
+
+
+def error_message(response: httpx.Response) -> str:
+    """The first error's message (of /generate's ``detail``, or /v1's OpenAI-shaped error)."""
+    body = response.json()
+    return body["error"]["message"] if "error" in body else body["detail"][0]["msg"]
 
 
 # ------------------------------------------------------------------ OpenAI size
@@ -118,7 +129,7 @@ def test_openai_size_the_model_cannot_make_is_422_naming_size(sdxl_capabilities,
         async with api(sdxl_capabilities) as (client, queue):
             response = await client.post("/v1/images/generations", json={"prompt": "a cat", "size": size})
             assert error_locs(response) == [["body", "size"]]
-            assert words in response.json()["detail"][0]["msg"]
+            assert words in error_message(response)
             assert await queue.depth() == 0
 
     check()
@@ -138,8 +149,10 @@ def test_openai_size_disagreeing_with_width_height_is_422_naming_both(sdxl_capab
     async def check() -> None:
         async with api(sdxl_capabilities) as (client, _):
             response = await client.post("/v1/images/generations", json={"prompt": "a cat", "size": "48x32", **extra})
-            assert error_locs(response) == [["body", "size"]] + [["body", name] for name in named]
-            assert "disagrees" in response.json()["detail"][0]["msg"]
+            # OpenAI's error shape: the first field is param, the message names each ("size: why; width: why").
+            assert error_locs(response) == [["body", "size"]]
+            assert error_message(response).startswith("size: ") and "disagrees" in error_message(response)
+            assert [name for name in ("width", "height") if f"; {name}: " in error_message(response)] == named
 
     check()
 
@@ -154,7 +167,7 @@ def test_openai_size_of_a_fixed_size_model_is_its_size_only():
             for size in ("32x32", "64x32", "1024x1024"):
                 wrong = await client.post("/v1/images/generations", json={"prompt": "a cat", "size": size})
                 assert error_locs(wrong) == [["body", "size"]]
-                assert "makes 64x64 images only" in wrong.json()["detail"][0]["msg"]
+                assert "makes 64x64 images only" in error_message(wrong)
 
     check()
 
@@ -170,8 +183,9 @@ def test_seed_whose_last_image_overflows_is_422_naming_seed(path, seed, n):
         async with api(None) as (client, queue):
             response = await client.post(path, json={"prompt": "a cat", "seed": seed, "n": n})
             assert error_locs(response) == [["body", "seed"]]
-            detail = response.json()["detail"][0]
-            assert detail["ctx"] == {"le": MAX_SEED - n + 1} and f"n={n}" in detail["msg"]
+            assert f"n={n}" in error_message(response)
+            if path == "/generate":
+                assert response.json()["detail"][0]["ctx"] == {"le": MAX_SEED - n + 1}
             assert await queue.depth() == 0
 
     check()
