@@ -367,9 +367,11 @@ def load_settings():
         return Settings()
     except ValidationError as exc:
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else ""
             message = error["msg"].removeprefix("Value error, ")
-            print(f"error: EDIFFI_{field.upper()}: {message}", file=sys.stderr)
+            if error["loc"]:
+                print(f"error: EDIFFI_{str(error['loc'][0]).upper()}: {message}", file=sys.stderr)
+            else:  # a rule between settings: its message names them
+                print(f"error: {message}", file=sys.stderr)
         return None
 
 

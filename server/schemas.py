@@ -20,7 +20,9 @@ import unicodedata
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from ediffi.failure import FailureKind
 from ediffi.spec import (
@@ -69,7 +71,37 @@ def _non_blank(value: str) -> str:
 # --------------------------------------------------------------------- requests
 
 
-class PaintRegion(BaseModel):
+class NullMeansDefault(BaseModel):
+    """A request model in which JSON null for a field with a default means that default, as in
+    OpenAI's API (its clients send null for an explicit None: ``n=None``, ``response_format=None``)
+    and diffusers' (``negative_prompt=None``). ``/openapi.json`` shows those fields nullable."""
+
+    @classmethod
+    def _null_means_default(cls, name: str) -> bool:
+        field = cls.model_fields.get(name)
+        return field is not None and not field.is_required() and field.default is not None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls_of_defaulted_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None or not cls._null_means_default(key)}
+        return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        properties = handler.resolve_ref_schema(schema).get("properties", {})
+        for name, prop in properties.items():
+            if cls._null_means_default(name):
+                # Title, description and default stay on the property; its type becomes "that, or null".
+                kept = {key: prop.pop(key) for key in ("title", "description", "default", "examples") if key in prop}
+                properties[name] = {"anyOf": [prop, {"type": "null"}], **kept}
+        return schema
+
+
+
+class PaintRegion(NullMeansDefault):
     """One painted region: pixels of ``color`` in the colour map are where ``phrase`` goes."""
 
     model_config = ConfigDict(extra="forbid")
@@ -116,7 +148,7 @@ class PaintWithWords(BaseModel):
     regions: Annotated[list[PaintRegion], Field(min_length=1, description="Regions, each a distinct colour.")]
 
 
-class GenerationOptions(BaseModel):
+class GenerationOptions(NullMeansDefault):
     """Fields shared by ``POST /generate`` and ``POST /v1/images/generations`` (where most are extensions)."""
 
     prompt: Annotated[Text, AfterValidator(_non_blank), Field(min_length=1, description="What to draw.")]

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ediffi import spec
@@ -232,6 +232,18 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         default=9100, ge=0, le=65535, description="Port of a standalone worker's /metrics endpoint."
     )
+
+    @model_validator(mode="after")
+    def _timeouts_outlast_heartbeats(self) -> Settings:
+        # A worker renews its claims and heartbeat every heartbeat interval: a timeout shorter than two
+        # intervals takes jobs from, or declares dead, a healthy worker that was one renewal late.
+        for name in ("claim_timeout_s", "heartbeat_ttl_s"):
+            if getattr(self, name) < 2 * self.heartbeat_interval_s:
+                raise ValueError(
+                    f"EDIFFI_{name.upper()} ({getattr(self, name):g} s) must be at least twice "
+                    f"EDIFFI_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s:g} s)"
+                )
+        return self
 
     @field_validator("redis_url", mode="before")
     @classmethod

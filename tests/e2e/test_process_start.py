@@ -47,6 +47,18 @@ def test_an_invalid_setting_is_one_line_naming_it(command, variable, value, word
     assert "s3cret" not in output, "a Redis password is never repeated"
 
 
+@pytest.mark.parametrize(("values", "words"), [
+    # Renewed every heartbeat interval, a claim that times out sooner is taken from a healthy worker: two
+    # workers took one job from each other until it failed at max_deliveries.
+    ({"EDIFFI_CLAIM_TIMEOUT_S": "1", "EDIFFI_HEARTBEAT_INTERVAL_S": "3"}, ["EDIFFI_CLAIM_TIMEOUT_S", "EDIFFI_HEARTBEAT_INTERVAL_S"]),
+    ({"EDIFFI_HEARTBEAT_TTL_S": "1"}, ["EDIFFI_HEARTBEAT_TTL_S", "EDIFFI_HEARTBEAT_INTERVAL_S"]),
+])
+def test_claim_and_heartbeat_timeouts_must_outlast_two_heartbeats(values, words):
+    result = run_ediffi(["worker"], EDIFFI_REDIS_URL=UNREACHABLE_REDIS, **values)
+    output = assert_refused(result, *words)
+    assert len(output.strip().splitlines()) == 1, output
+
+
 def test_the_api_alone_needs_redis_instead_of_accepting_jobs_no_worker_can_reach():
     result = run_ediffi(["api"], EDIFFI_ALLOW_ANONYMOUS="true")
     assert_refused(result, "EDIFFI_REDIS_URL", "ediffi serve")

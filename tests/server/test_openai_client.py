@@ -167,3 +167,42 @@ async def test_refusals_before_routing_are_openai_errors_on_v1_only(backend: Bac
             "code": "service_unavailable",
         }
         assert (await waiting).status_code == 504
+
+
+# ------------------------------------------------------------ nullable fields
+
+
+@run_async
+async def test_null_for_a_field_with_a_default_means_the_default(backend: Backend) -> None:
+    # openai-python sends JSON null for an explicit None (n: Optional[int], response_format: Optional[...]).
+    async with service(backend) as svc, QueueWorker(svc.queue) as worker, openai_client(svc) as client:
+        images = await client.images.generate(
+            prompt="a fox", n=None, response_format=None, extra_body={"steps": 1, "negative_prompt": None}
+        )
+        (image,) = images.data  # n's default
+        assert image.url is not None and image.url.endswith("/images/0.png")  # the OpenAI default, url
+        assert (worker.claimed[0].params["n"], worker.claimed[0].params["negative_prompt"]) == (1, "")
+        nulls = {key: None for key in ("n", "negative_prompt", "guidance_scale", "sampler", "response_format", "seed")}
+        generate = await svc.client.post("/generate", json={"prompt": "a fox", "steps": 1, **nulls})
+        assert generate.status_code == 200, generate.text
+        (made,) = generate.json()["images"]
+        assert "b64_json" in made  # /generate's default
+        params = worker.claimed[1].params
+        assert (params["guidance_scale"], params["sampler"]) == (3.0, "heun")
+        # Null is not a value for a field without a default.
+        assert (await svc.client.post("/generate", json={"prompt": None})).status_code == 422
+
+
+def test_openapi_shows_nullable_defaults_keeping_their_limits() -> None:
+    from server.app import create_app
+    from tests.support.api import make_settings
+
+    components = create_app(make_settings(max_n=4), static_dir=None).openapi()["components"]["schemas"]
+    for model in ("GenerateRequest", "OpenAIImagesRequest"):
+        n = components[model]["properties"]["n"]
+        assert n["anyOf"] == [{"type": "integer", "minimum": 1}, {"type": "null"}] and n["default"] == 1
+        assert n["maximum"] == 4
+        assert {"type": "null"} in components[model]["properties"]["response_format"]["anyOf"]
+    assert components["PaintRegion"]["properties"]["strength"]["default"] == 0.4
+    assert {"type": "null"} in components["PaintRegion"]["properties"]["strength"]["anyOf"]
+    assert {"type": "null"} not in components["GenerateRequest"]["properties"]["prompt"].get("anyOf", [])

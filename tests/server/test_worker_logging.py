@@ -59,7 +59,7 @@ def engine(tiny_model):
 
 
 def settings_for(redis_url: str, **overrides) -> Settings:
-    return Settings(redis_url=redis_url, heartbeat_interval_s=0.2, **overrides)
+    return Settings(redis_url=redis_url, heartbeat_interval_s=0.1, **overrides)
 
 
 async def wait_for(condition, what: str, timeout_s: float = 60) -> None:
