@@ -229,6 +229,13 @@ class RequestGuard:
                     f"(got {(content_type or 'none')[:100]!r})",
                     headers={"Accept-Post": "application/json"},
                 )
+            encoding = request.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):  # RFC 9110 15.5.16: a coding the server does not decode is a 415
+                return _RefusedBody(
+                    status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+                    detail=f"Content-Encoding {encoding[:40]!r} is not accepted: send the JSON body uncompressed",
+                    headers={"Accept-Encoding": "identity"},
+                )
         try:
             content_length = int(request.headers.get("content-length", ""))
         except ValueError:

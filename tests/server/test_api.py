@@ -6,6 +6,7 @@ Server-Sent Events, cancel, idempotency and the OpenAI-compatible endpoint.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 import time
@@ -302,6 +303,18 @@ async def test_json_bodies_need_a_json_content_type(backend: Backend) -> None:
             refused = await svc.client.post("/generate", content=body, headers=headers)
             assert refused.status_code == 415, (content_type, refused.text)
             assert "application/json" in refused.json()["detail"]
+        # A compressed body is not decoded (a zip bomb's bytes would pass the size cap): 415, not "invalid JSON".
+        for encoding in ("gzip", "br", "deflate, gzip"):
+            refused = await svc.client.post(
+                "/generate", content=gzip.compress(body),
+                headers={"content-type": "application/json", "content-encoding": encoding},
+            )
+            assert refused.status_code == 415, (encoding, refused.text)
+            assert "Content-Encoding" in refused.json()["detail"]
+        identity = await svc.client.post(
+            "/generate", content=body, headers={"content-type": "application/json", "content-encoding": "identity"}
+        )
+        assert identity.status_code == 200, identity.text
         response = await svc.client.post(
             "/generate", content=body, headers={"content-type": "application/json; charset=utf-8"}
         )
