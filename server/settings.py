@@ -304,3 +304,33 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+
+def settings_reference() -> str:
+    """``docs/settings.md``: every ``EDIFFI_*`` variable with its default and meaning, from the class
+    itself (``python -m server.settings > docs/settings.md``; a test keeps the file in step)."""
+    lines = [
+        "# Settings",
+        "",
+        "Environment variables of `ediffi api`, `ediffi worker` and `ediffi serve` (one pydantic-settings class,",
+        "`server/settings.py`; generated from it by `python -m server.settings > docs/settings.md`). An invalid",
+        "value stops the process at start with one line naming the variable.",
+        "",
+        "| variable | default | meaning |",
+        "|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if default is None or default == []:
+            shown = "unset"
+        elif isinstance(default, bool):
+            shown = str(default).lower()
+        else:
+            shown = str(default)
+        description = (field.description or "").replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `EDIFFI_{name.upper()}` | `{shown}` | {description} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_reference(), end="")
