@@ -8,10 +8,12 @@ length, ``n``, ``steps``, regions, image bytes and pixels) are enforced by
 patched into the OpenAPI schema by :func:`server.app.create_app`.
 
 Numbers are strict: ``"n": "2"``, ``"n": 2.0`` or ``"n": true`` are rejected,
-not coerced; floats must be finite. ``/generate`` rejects unknown fields (a
-typo such as ``"stpes"`` is a 422, not silently ignored);
-``/v1/images/generations`` ignores unknown fields, as OpenAI clients send
-``model``, ``quality``, ``style``, ``user`` and the like.
+not coerced; floats must be finite. Both endpoints reject unknown fields (a
+typo such as ``"stpes"``, or diffusers' ``num_inference_steps``, is a 422, not
+silently ignored); ``/v1/images/generations`` takes OpenAI's own fields that do
+not change the image (``quality``, ``style``, ``user``, ``moderation``) and refuses
+the values it cannot honour (``output_format`` other than png, ``stream: true``,
+``background: "transparent"``).
 """
 
 from __future__ import annotations
@@ -20,9 +22,17 @@ import unicodedata
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    model_validator,
+)
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
+from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
 
 from ediffi.failure import FailureKind
 from ediffi.spec import (
@@ -212,13 +222,50 @@ class GenerateRequest(GenerationOptions):
 
 
 
+#: Fields other image APIs name differently, and what this endpoint calls them.
+_FIELD_HINTS = {
+    "num_inference_steps": "steps", "num_images_per_prompt": "n", "guidance": "guidance_scale",
+    "cfg_scale": "guidance_scale", "sampler_name": "sampler", "scheduler": "sampler", "noise_level": "sr_noise_level",
+}
+
+
+def _only(*allowed: Any, why: str) -> AfterValidator:
+    """Absent (None) or one of ``allowed``; another value OpenAI's API takes is refused, saying ``why``."""
+
+    def check(value: Any) -> Any:
+        if value is not None and value not in allowed:
+            raise PydanticCustomError("unsupported_value", why)
+        return value
+
+    return AfterValidator(check)
+
+
 class OpenAIImagesRequest(GenerationOptions):
     """Body of ``POST /v1/images/generations``: the OpenAI subset plus the /generate fields as extensions."""
 
     model_config = ConfigDict(
-        extra="ignore",
+        extra="forbid",
         json_schema_extra={"examples": [{"prompt": "a red circle on the left", "n": 1, "size": "64x64"}]},
     )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _say_what_an_unknown_field_is_called_here(cls, data: Any, handler: Any) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            if not any(error["type"] == "extra_forbidden" for error in exc.errors()):
+                raise
+            errors: list[InitErrorDetails] = []
+            for error in exc.errors():  # each as it was (type, message, ctx), an unknown field's message replaced
+                message, name = error["msg"], error["loc"][-1] if error["loc"] else None
+                if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
+                    hint = f"use {_FIELD_HINTS[name]!r}; " if name in _FIELD_HINTS else ""
+                    message = (f"not a field of this endpoint ({hint}it takes OpenAI's fields and, as extensions, "
+                               "/generate's: prompt, n, size, response_format, steps, guidance_scale, seed, ...)")
+                custom = PydanticCustomError(error["type"], message, error.get("ctx"))
+                errors.append(InitErrorDetails(type=custom, loc=error["loc"], input=error["input"]))
+            raise ValidationError.from_exception_data(exc.title, errors) from None
 
     size: Annotated[
         str | None,
@@ -232,7 +279,41 @@ class OpenAIImagesRequest(GenerationOptions):
     response_format: Annotated[
         ResponseFormat, Field(description="url (the OpenAI default): absolute links; b64_json: images inline.")
     ] = "url"
-    model: Annotated[str | None, Field(description="Accepted and ignored (one model per deployment).")] = None
+    model: Annotated[
+        str | None,
+        Field(
+            strict=True,
+            description="The served model's id (GET /v1/models), or absent; any other id is a 404 model_not_found "
+            "(one model per deployment: an OpenAI model name such as dall-e-3 is not silently replaced).",
+        ),
+    ] = None
+    quality: Annotated[
+        Literal["standard", "hd", "low", "medium", "high", "auto"] | None,
+        Field(description="OpenAI's; accepted and ignored (steps sets the effort here)."),
+    ] = None
+    style: Annotated[
+        Literal["vivid", "natural"] | None, Field(description="OpenAI's (dall-e-3); accepted and ignored.")
+    ] = None
+    user: Annotated[Text | None, Field(description="OpenAI's end-user id; accepted and ignored.")] = None
+    moderation: Annotated[
+        Literal["low", "auto"] | None, Field(description="OpenAI's; accepted and ignored.")
+    ] = None
+    background: Annotated[
+        Literal["transparent", "opaque", "auto"] | None,
+        _only("auto", "opaque", why="transparent backgrounds are not made here: the images are opaque; send auto or "
+              "opaque, or omit it"),
+        Field(description="auto or opaque (the images are opaque); transparent is a 422."),
+    ] = None
+    output_format: Annotated[
+        Literal["png", "jpeg", "webp"] | None,
+        _only("png", why="only PNG is made here; send png or omit it"),
+        Field(description="png only (jpeg and webp are a 422)."),
+    ] = None
+    stream: Annotated[
+        bool | None,
+        Field(strict=True, description="false only (streaming partial images is not offered; true is a 422)."),
+        _only(False, why="streaming is not offered here; send false or omit it"),
+    ] = None
 
 
 # -------------------------------------------------------------------- job params

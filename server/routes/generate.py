@@ -385,6 +385,7 @@ async def generate(
     responses=in_openai_shape(
         {
             **AUTH_ERRORS,
+            404: {"description": "model is not the served model's id (code model_not_found)"},
             409: {"description": "The job was canceled", "headers": NO_RETRY_HEADER},
             504: {
                 "description": "The job did not finish within sync_timeout_s (it keeps running: poll its Location)",
@@ -407,6 +408,17 @@ async def openai_images(
     idempotency_key: IdempotencyHeader = None,
 ) -> JSONResponse:
     """OpenAI-compatible image generation (prompt, n, size, response_format; /generate fields as extensions)."""
+    served = request.app.state.capabilities.id
+    if body.model is not None and body.model != served:  # as OpenAI answers a model it does not have
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            detail={
+                "message": f"The model {body.model!r} does not exist here: this server serves {served!r} "
+                "(GET /v1/models); send that id or omit model",
+                "param": "model",
+                "code": "model_not_found",
+            },
+        )
     # size -> width/height, so every later check (and the job) sees one size.
     body = apply_size(body, settings, request.app.state.capabilities)
     with wait_slots.hold(principal):

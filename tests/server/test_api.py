@@ -519,7 +519,7 @@ async def test_openai_images_generations(backend: Backend) -> None:
     async with service(backend) as svc, QueueWorker(svc.queue):
         response = await svc.client.post(
             "/v1/images/generations",
-            json={"prompt": "a fox", "n": 2, "size": "64x64", "response_format": "b64_json", "model": "dall-e-2",
+            json={"prompt": "a fox", "n": 2, "size": "64x64", "response_format": "b64_json", "model": "ediffi",
                   "quality": "standard", "user": "u1", "steps": 2, "seed": 9},
         )
         assert response.status_code == 200, response.text

@@ -206,3 +206,37 @@ def test_openapi_shows_nullable_defaults_keeping_their_limits() -> None:
     assert components["PaintRegion"]["properties"]["strength"]["default"] == 0.4
     assert {"type": "null"} in components["PaintRegion"]["properties"]["strength"]["anyOf"]
     assert {"type": "null"} not in components["GenerateRequest"]["properties"]["prompt"].get("anyOf", [])
+
+
+# ------------------------------------------------------------ fields it cannot honour
+
+
+@run_async
+async def test_fields_it_cannot_honour_are_refused_naming_them(backend: Backend) -> None:
+    async with service(backend) as svc, openai_client(svc, max_retries=0) as client:
+        with pytest.raises(openai.UnprocessableEntityError) as caught:  # diffusers' name: it was silently dropped
+            await client.images.generate(prompt="a fox", extra_body={"num_inference_steps": 4})
+        assert caught.value.param == "num_inference_steps" and caught.value.code == "extra_forbidden"
+        assert "use 'steps'" in caught.value.message
+        with pytest.raises(openai.UnprocessableEntityError) as caught:  # it returned a PNG
+            await client.images.generate(prompt="a fox", output_format="jpeg")
+        assert caught.value.param == "output_format" and "only PNG" in caught.value.message
+        for field, value in [("stream", True), ("background", "transparent"), ("output_compression", 50)]:
+            response = await svc.client.post("/v1/images/generations", json={"prompt": "a fox", field: value})
+            assert response.status_code == 422, (field, response.text)
+            assert openai_body(response)["param"] == field
+        with pytest.raises(openai.NotFoundError) as caught:  # DALL-E code's hardcoded model: not silently replaced
+            await client.images.generate(prompt="a fox", model="dall-e-3")
+        assert caught.value.param == "model" and caught.value.code == "model_not_found"
+        assert "'ediffi'" in caught.value.message
+        assert jobs_submitted(svc) == 0
+
+
+@run_async
+async def test_openai_fields_that_do_not_change_the_image_are_accepted(backend: Backend) -> None:
+    async with service(backend) as svc, QueueWorker(svc.queue), openai_client(svc) as client:
+        images = await client.images.generate(
+            prompt="a fox", model="ediffi", quality="hd", style="vivid", user="u1", moderation="low",
+            background="auto", output_format="png", response_format="b64_json", extra_body={"steps": 1, "stream": False},
+        )
+        assert len(images.data) == 1 and images.data[0].b64_json
