@@ -6,6 +6,7 @@ parsing, its nullable fields and ``client.models``.
 from __future__ import annotations
 
 import asyncio
+import os
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -240,3 +241,25 @@ async def test_openai_fields_that_do_not_change_the_image_are_accepted(backend: 
             background="auto", output_format="png", response_format="b64_json", extra_body={"steps": 1, "stream": False},
         )
         assert len(images.data) == 1 and images.data[0].b64_json
+
+
+# ------------------------------------------------------------------- models
+
+
+@run_async
+async def test_models_list_and_retrieve_as_openai_clients_read_them(tmp_path: Any) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.json").write_text("{}")  # only its modification time is read here
+    os.utime(model_dir / "model.json", (1_700_000_000, 1_700_000_000))
+    async with service(Backend("memory"), model_dir=model_dir) as svc, openai_client(svc, max_retries=0) as client:
+        listed = [model async for model in client.models.list()]
+        assert [(m.id, m.object, m.created, m.owned_by) for m in listed] == [
+            ("ediffi", "model", 1_700_000_000, "ediffi-serving")
+        ]
+        model = await client.models.retrieve("ediffi")
+        assert (model.id, model.created, model.owned_by) == ("ediffi", 1_700_000_000, "ediffi-serving")
+        assert model.model_extra["capabilities"] == listed[0].model_extra["capabilities"]
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.models.retrieve("dall-e-3")
+        assert caught.value.code == "model_not_found" and "'ediffi'" in caught.value.message
