@@ -494,6 +494,7 @@ def _run(args, settings, log) -> int:
                     # A loopback API of its own, no keys: every client waits synchronously from one address.
                     "allow_anonymous": True, "rate_limit_per_minute": 1_000_000,
                     "max_streams_per_key": max(8, args.clients),
+                    "max_inflight_per_caller": max(64, args.clients),
                 }, args.workers, progress)
             worker_budgets = service.worker_row_budgets()
             warm_up(service.url, bodies[0], headers, args.timeout)
