@@ -277,7 +277,13 @@ class OpenAIImagesRequest(GenerationOptions):
         ),
     ] = None
     response_format: Annotated[
-        ResponseFormat, Field(description="url (the OpenAI default): absolute links; b64_json: images inline.")
+        ResponseFormat,
+        Field(
+            description="url (the OpenAI default): links to /jobs/{id}/images/{k}.png, relative unless the server "
+            "sets EDIFFI_PUBLIC_BASE_URL (then absolute); unlike OpenAI's pre-signed URLs, fetching one needs the "
+            "request's API key when keys are configured, and it expires after EDIFFI_RESULT_TTL_S. "
+            "b64_json: images inline.",
+        ),
     ] = "url"
     model: Annotated[
         str | None,

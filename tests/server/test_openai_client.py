@@ -263,3 +263,14 @@ async def test_models_list_and_retrieve_as_openai_clients_read_them(tmp_path: An
         with pytest.raises(openai.NotFoundError) as caught:
             await client.models.retrieve("dall-e-3")
         assert caught.value.code == "model_not_found" and "'ediffi'" in caught.value.message
+
+
+def test_openapi_says_what_an_image_url_is() -> None:
+    from server.app import create_app
+    from tests.support.api import make_settings
+
+    schema = create_app(make_settings(), static_dir=None).openapi()
+    described = schema["components"]["schemas"]["OpenAIImagesRequest"]["properties"]["response_format"]["description"]
+    # It said "absolute links": they are relative unless EDIFFI_PUBLIC_BASE_URL is set, and need the API key.
+    assert "absolute links" not in described
+    assert "relative unless" in described and "EDIFFI_PUBLIC_BASE_URL" in described and "API key" in described
