@@ -212,7 +212,7 @@ def test_imported_model_refuses_a_style_image(imported_sd_dir):
     model = load_model(imported_sd_dir)
     with pytest.raises(ValueError, match="^style_image"):
         encode_request(model, GenerationRequest(prompt="a cat", style_image=Image.new("RGB", (8, 8))))
-    with pytest.raises(ValueError, match="^width: must be a multiple of 8"):
+    with pytest.raises(ValueError, match="^width: must be a positive multiple of 8"):
         encode_request(model, GenerationRequest(prompt="a cat", width=36))
 
 
