@@ -28,6 +28,8 @@ ediffi_jobs_submitted_total                            API, each newly queued jo
 ediffi_queue_depth                                     API on every /metrics scrape (and on submit)
 ediffi_workers_alive                                   API on every /metrics scrape and /readyz
 ediffi_queue_up                                        API: 1 if the queue answered the last check
+ediffi_queue_memory_used_bytes                         API on every /metrics scrape: Redis's used_memory
+ediffi_queue_memory_limit_bytes                        API on every /metrics scrape: its maxmemory (0: none)
 ediffi_job_latency_seconds                             worker: finished_at - queued_at of a job
 ediffi_queue_wait_seconds                              worker: started_at - queued_at of a job
 ediffi_active_requests                                 worker: jobs it holds in its engine now
@@ -133,6 +135,12 @@ class Metrics:
         )
         self.workers_alive = Gauge("ediffi_workers_alive", "Workers whose heartbeat has not expired.", registry=r)
         self.queue_up = Gauge("ediffi_queue_up", "1 if the queue backend answered the last check, else 0.", registry=r)
+        self.queue_memory_used = Gauge(
+            "ediffi_queue_memory_used_bytes", "Memory Redis uses (INFO memory used_memory).", registry=r
+        )
+        self.queue_memory_limit = Gauge(
+            "ediffi_queue_memory_limit_bytes", "Redis's maxmemory; 0: no limit.", registry=r
+        )
 
         # --- Worker ---------------------------------------------------------
         r = self.registry if "worker" in self.roles else None

@@ -247,6 +247,10 @@ class JobQueue(abc.ABC):
     async def workers_alive(self) -> int:
         """Workers whose heartbeat has not expired."""
 
+    async def memory(self) -> tuple[int, int] | None:
+        """(bytes the backend uses, its limit; 0: none), or None where it keeps no separate memory."""
+        return None
+
     @abc.abstractmethod
     async def rate_limit(self, key: str, per_minute: int) -> bool:
         """Count one request of ``key`` in the current minute; True if within ``per_minute``.

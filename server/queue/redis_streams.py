@@ -644,6 +644,11 @@ class RedisStreamsQueue(JobQueue):
         await self._redis.ping()
 
     @_translate_redis_errors
+    async def memory(self) -> tuple[int, int] | None:
+        info = await self._redis.info("memory")
+        return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+
+    @_translate_redis_errors
     async def workers_alive(self) -> int:
         return int(await self._workers_alive_script(keys=[self._keys.worker_heartbeats]))
 

@@ -72,6 +72,7 @@ async def metrics_endpoint(request: Request, metrics: MetricsDep) -> Response:
         queue = await get_queue(request)
         depth = await asyncio.wait_for(queue.depth(), PROBE_TIMEOUT_S)
         workers = await asyncio.wait_for(queue.workers_alive(), PROBE_TIMEOUT_S)
+        memory = await asyncio.wait_for(queue.memory(), PROBE_TIMEOUT_S)
     except (QueueUnavailable, TimeoutError) as exc:
         log.warning("/metrics: job queue unavailable: %s", exc or f"no answer within {PROBE_TIMEOUT_S} s")
         metrics.queue_up.set(0)  # the other gauges keep their last values
@@ -79,4 +80,7 @@ async def metrics_endpoint(request: Request, metrics: MetricsDep) -> Response:
         metrics.queue_up.set(1)
         metrics.queue_depth.set(depth)
         metrics.workers_alive.set(workers)
+        if memory is not None:
+            metrics.queue_memory_used.set(memory[0])
+            metrics.queue_memory_limit.set(memory[1])
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -740,7 +740,7 @@ def test_no_panel_or_alert_filters_on_the_scrape_job():
 def test_alerts_cover_targets_down_without_job_names():
     alerts = dict((where.removeprefix("alerts.yml: "), expr) for where, expr in _alert_exprs())
     for name in ("EdiffiNoWorkers", "EdiffiQueueUnreachable", "EdiffiApiDown", "EdiffiWorkerDown",
-                 "EdiffiWorkerHeartbeatStopped"):
+                 "EdiffiWorkerHeartbeatStopped", "EdiffiQueueMemoryHigh"):
         assert name in alerts, name
     assert "ediffi_queue_up" in alerts["EdiffiApiDown"] and "up == 0" in alerts["EdiffiApiDown"]
     assert "ediffi_worker_heartbeats_total" in alerts["EdiffiWorkerDown"] and "up == 0" in alerts["EdiffiWorkerDown"]

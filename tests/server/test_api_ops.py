@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
 from server.metrics import Metrics
@@ -227,6 +228,27 @@ async def test_a_synchronous_request_whose_queue_stays_down_is_told_its_job_id(
 
 
 # ------------------------------------------------------- readiness and metrics
+
+
+@run_async
+async def test_metrics_report_how_full_redis_is(restartable_redis: RedisServerProcess) -> None:
+    # Finished jobs' images are held for the result TTL and are not budgeted: a Redis at maxmemory refuses
+    # every new job. The API's scrape says how close it is, for EdiffiQueueMemoryHigh to warn before.
+    import redis.asyncio
+
+    admin = redis.asyncio.Redis.from_url(restartable_redis.url)
+    await admin.config_set("maxmemory", str(64 * 1024 * 1024))
+    await admin.aclose()
+    queue = RedisStreamsQueue.from_url(restartable_redis.url, **QUEUE_LIMITS)
+    app = create_app(make_settings(), queue=queue, metrics=Metrics(roles=("api",)))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            families = {f.name: f for f in text_string_to_metric_families((await client.get("/metrics")).text)}
+    finally:
+        await queue.close()
+    (used,) = families["ediffi_queue_memory_used_bytes"].samples
+    (limit,) = families["ediffi_queue_memory_limit_bytes"].samples
+    assert limit.value == 64 * 1024 * 1024 and 0 < used.value < limit.value
 
 
 @run_async
