@@ -24,15 +24,23 @@ One tick, as the engine drives it:
 
 Policies:
 
-- ``step`` (default): expert-aware step scheduling, most urgent first.
-  A request's *urgency* is the ticks it will have taken if it is served
-  every tick from now on: ticks since it arrived plus the evaluations it
-  still needs (`PendingView.remaining`). Serving the most urgent first is
-  least-laxity-first under one common latency target (earliest deadline
-  first with deadline = arrival + D; laxity = D - urgency): the requests
-  that decide the tail (the longest, and the ones passed over) run first,
-  and a request that waits grows more urgent by one every tick it is not
-  served, so waiting is its own aging. Each tick every (stage, expert,
+- ``step`` (default): expert-aware step scheduling, most urgent first
+  within a fair share. A request's *urgency* is the ticks it will have
+  taken if it is served every tick from now on: ticks since it arrived plus
+  the evaluations it still needs (`PendingView.remaining`). Serving the most
+  urgent first is least-laxity-first under one common latency target
+  (earliest deadline first with deadline = arrival + D; laxity = D -
+  urgency): the requests that decide the tail (the longest, and the ones
+  passed over) run first, and a request that waits grows more urgent by one
+  every tick it is not served, so waiting is its own aging. Alone that
+  starves short requests beside a long one: a request of 400 evaluations
+  stays more urgent than a new 4-evaluation one for ~400 ticks. So a
+  request that is *behind its fair share* runs before all the others: one
+  that, unless served now, will have taken more ticks since it was admitted
+  than its own evaluations times the batches competing this tick (the
+  latency of taking turns with them; `_urgency`). Serving it every tick from
+  then on keeps it at that bound, so a short request's latency is bounded by
+  its own length, not by another client's. Each tick every (stage, expert,
   shape) group offers one batch: its most urgent requests (starved first)
   up to the expert's cheapest batch per row, read off the measured cost
   model (`engines.cost_model`: forward seconds versus batch rows per
@@ -60,9 +68,20 @@ expert still gets cheaper per row at (`auto_row_budget`), None where that
 is the backend's max batch.
 
 Measured alternatives (`engines.simulation`, and `ediffi bench engine`;
-see bench/README.md): the best batch by rows per second relative to its
-expert's cheapest, aged by its requests' consecutive waits (the previous
-default) gave long requests the tail, p95 up to 1.2x `request`'s in
+see bench/README.md): the fair-share tier costs 1.5% of the throughput
+over 32 simulated loads (step / request 1.28x against 1.30x on average,
+3-8% at steps 8-48, where short requests now take their turns beside
+long Heun ones), p95 0.74 against 0.73 of `request`'s, and
+cuts a 4-step request beside an n=8, 100-step Heun one from 50-335x its
+latency alone to 3.4-19x. Ranking everyone by slowdown (ticks taken / own
+evaluations) or by ticks waited since arrival, instead of tiering, gave
+short requests about the same but p95 up to 1.39-1.44x `request`'s and up
+to 20% less throughput; a fixed multiple of the own evaluations (2-4x,
+plus 0-16 ticks) instead of the batches competing failed the p95 target in
+3-6 of the 32 loads; offering every batch of a group (not only its first)
+broke cohorts (p95 up to 1.16x `request`'s). The best batch by rows per
+second relative to its expert's cheapest, aged by its requests'
+consecutive waits (the previous default) gave long requests the tail, p95 up to 1.2x `request`'s in
 simulation and 1.3-1.5x in the bench at 16 clients; most urgent first beat
 it on throughput, p95 and efficiency on every cost curve simulated;
 oldest first (first-come-first-served with batching) cut the tail less;
@@ -200,6 +219,8 @@ class _Entry:
     cancelled: bool = False
     waited: int = 0  # ticks in a row with a pending evaluation but not served
     max_waited: int = 0
+    admitted_tick: int = 0  # the tick count when it became active
+    served: int = 0  # evaluations served so far
 
 
 @dataclass(frozen=True)
@@ -208,7 +229,7 @@ class _Candidate:
 
     group: Group
     efficiency: float  # rows per second relative to the expert's cheapest batch
-    urgency: int  # of its most urgent request
+    urgency: tuple[int, int]  # of its most urgent request (`StepScheduler._urgency`)
     starved: bool
     longest_wait: int
     oldest_seq: int
@@ -246,6 +267,7 @@ class StepScheduler:
         self._seq = itertools.count()
         self._tick = 0
         self._cohort_open = False
+        self._sharing = 1  # batches competing in the tick being planned
         self.stats = SchedulerStats()
 
     # -- queue state -------------------------------------------------------
@@ -362,6 +384,7 @@ class StepScheduler:
 
     def _activate(self) -> str:
         rid, entry = self._waiting.popitem(last=False)
+        entry.admitted_tick = self._tick
         self._active[rid] = entry
         return rid
 
@@ -384,6 +407,10 @@ class StepScheduler:
         for entry in self._active.values():
             if entry.pending is not None and not entry.cancelled:
                 by_key.setdefault(entry.pending.key, []).append(entry)
+        if self.config.policy == "step":  # the batches competing this tick, for `_urgency`
+            self._sharing = sum(
+                -(-sum(e.pending.rows for e in entries) // self._target(key)) for key, entries in by_key.items()
+            )
         for entries in by_key.values():
             # Starved first, then the most urgent (step) or oldest: a batch cut
             # at its size leaves the least urgent behind, never the same request for long.
@@ -441,7 +468,7 @@ class StepScheduler:
         # The batch of the most urgent request, and every other batch already
         # at its expert's cheapest size: waiting cannot make those cheaper,
         # and a tick's batches are queued back to back (one device synchronize).
-        candidates.sort(key=lambda c: (-c.urgency, -c.efficiency, c.oldest_seq))
+        candidates.sort(key=lambda c: (-c.urgency[0], -c.urgency[1], -c.efficiency, c.oldest_seq))
         chosen, used = [candidates[0].group], candidates[0].group.total_rows
         budget = self.config.max_rows_per_tick
         for c in candidates[1:]:
@@ -456,7 +483,7 @@ class StepScheduler:
         its rows per second relative to that cheapest batch and the urgency
         of its most urgent request."""
         cost = self.cost_model.expert(key.stage, key.expert)
-        target = cost.best_rows(self._cap(key), TARGET_TOLERANCE)
+        target = self._target(key)
         group = self._split(key, entries, target)[0]
         members = entries[: len(group.request_ids)]
         rows = group.total_rows
@@ -470,18 +497,30 @@ class StepScheduler:
             oldest_seq=min(e.seq for e in members),
         )
 
-    def _urgency(self, entry: _Entry) -> int:
-        """The ticks this request will have taken if served every tick from now on."""
-        return self._tick - entry.arrival_tick + entry.pending.remaining
+    def _target(self, key: GroupKey) -> int:
+        """The rows of `key`'s cheapest batch per row (within `TARGET_TOLERANCE`)."""
+        return self.cost_model.expert(key.stage, key.expert).best_rows(self._cap(key), TARGET_TOLERANCE)
 
-    def _priority(self, entry: _Entry) -> tuple[int, int, int]:
+    def _urgency(self, entry: _Entry) -> tuple[int, int]:
+        """(behind its fair share, the ticks it will have taken if served
+        every tick from now on); larger runs first. Behind: unless served
+        now, it will have taken more ticks since it was admitted than its
+        own evaluations times the batches competing this tick (the latency
+        of taking turns with them)."""
+        remaining = entry.pending.remaining
+        fair = self._sharing * (entry.served + remaining)
+        behind = int(self._tick - entry.admitted_tick + remaining >= fair)
+        return behind, self._tick - entry.arrival_tick + remaining
+
+    def _priority(self, entry: _Entry) -> tuple[int, int, int, int]:
         """Smaller runs first: starved requests (longest wait first), then
         the rest, most urgent first (the baselines: oldest first)."""
         if entry.waited >= self.config.max_wait_ticks:
-            return (0, -entry.waited, entry.seq)
+            return (0, -entry.waited, 0, entry.seq)
         if self.config.policy == "step":
-            return (1, -self._urgency(entry), entry.seq)
-        return (1, 0, entry.seq)
+            behind, urgency = self._urgency(entry)
+            return (1, -behind, -urgency, entry.seq)
+        return (1, 0, 0, entry.seq)
 
     def _group(self, key: GroupKey, chunk: list[_Entry]) -> Group:
         return Group(key, tuple(e.id for e in chunk), tuple(e.pending.rows for e in chunk))
@@ -497,6 +536,7 @@ class StepScheduler:
         for entry in self._active.values():
             if entry.id in served:
                 entry.waited = 0
+                entry.served += 1
             elif entry.pending is not None:
                 entry.waited += 1
                 entry.max_waited = max(entry.max_waited, entry.waited)

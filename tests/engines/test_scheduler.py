@@ -165,16 +165,17 @@ def test_budget_caps_the_tick_and_the_most_urgent_goes_first():
     assert sorted(ids[0] for ids in order) == ["first"] * 3 + ["second"] * 2 + ["third"]
 
 
-def test_step_serves_the_most_urgent_request_first():
+def test_step_serves_the_most_urgent_request_first_within_its_fair_share():
     """Urgency = ticks since arrival + evaluations left: of requests that
-    arrive together, the one with the most work left runs first, and a
-    request passed over grows more urgent each tick until it runs."""
+    arrive together, the one with the most work left runs first, until the
+    other would fall behind its fair share (its own evaluations times the
+    batches competing: here 2 x 2 ticks); from then on it runs first."""
     e = make(max_batch=8, max_rows_per_tick=2, max_wait_ticks=1000)
     e.add("short", [A, A])
     e.add("long", [B] * 5)
     order = [e.tick().request_ids for _ in range(7)]
-    # long (urgency 5) runs while short's urgency climbs 2, 3, 4, 5; at 5 = 5 the older goes first.
-    assert order == [("long",), ("long",), ("long",), ("short",), ("long",), ("short",), ("long",)]
+    # long (urgency 5) runs first; after 2 ticks short would take more than 4 unless served.
+    assert order == [("long",), ("long",), ("short",), ("short",), ("long",), ("long",), ("long",)]
 
 
 def test_step_cuts_a_full_group_keeping_its_most_urgent_requests():
@@ -377,3 +378,38 @@ def test_step_needs_fewer_calls_than_request_and_none():
 def test_unknown_policy_rejected():
     with pytest.raises(ValueError):
         SchedulerConfig(policy="fifo")
+
+
+@pytest.mark.parametrize("short_key", [B, A], ids=["other-expert", "same-expert-full-batch"])
+@pytest.mark.parametrize("delay", [0, 5])
+def test_a_short_request_beside_a_long_one_finishes_in_about_its_own_ticks(short_key, delay):
+    """A hostile-client review: one client's request of 16 rows and ~400
+    evaluations (n=8, 100 Heun steps, guidance) at its expert's cheapest
+    batch, and another client's 1-row request of 4 evaluations, admitted
+    with it or a few ticks later, that cannot share its batch (another
+    expert, or the long one's batch is already at the max batch). Under
+    one common latency target the long request stayed the most urgent for
+    ~400 ticks and the short one ran only when starvation forced it (one
+    evaluation per max_wait_ticks + 1 ticks). Its latency is bounded by its
+    own evaluations now, and the long request still runs every tick but
+    the few the short one needs."""
+    curve = {1: 1.0, 2: 1.1, 4: 1.3, 8: 1.6, 16: 2.2}  # cheapest per row at 16 rows
+    s = StepScheduler(SchedulerConfig(), max_batch=16, cost_model=cost_model(base0=curve, base1=curve))
+    e = FakeEngine(s)
+    e.add("long", [A] * 398, rows=16)
+    for _ in range(delay):
+        e.tick()
+    e.add("short", [short_key] * 4, rows=1)
+    start = len(e.plans)
+    finished = {}
+    while s.has_work():
+        e.tick()
+        for rid in ("long", "short"):
+            if rid not in finished and not e.scripts[rid]:
+                finished[rid] = len(e.plans)
+        assert len(e.plans) < 2000
+    short_ticks = finished["short"] - start
+    assert short_ticks <= 3 * 4, f"the 4-evaluation request took {short_ticks} ticks beside the long one"
+    assert finished["short"] < finished["long"]
+    # The long request is not starved in turn: it waits at most a tick per evaluation of the short one.
+    assert finished["long"] <= 398 + 4

@@ -100,3 +100,24 @@ def test_no_request_waits_past_the_starvation_bound(cost_model):
     result = run("step", cost_model, requests, clients=48, max_wait_ticks=guard, max_active_requests=active)
     assert result.images == 200
     assert 0 < result.max_wait_ticks <= guard + -(-active * 2 // 16)
+
+
+@pytest.mark.parametrize("curve", sorted(EXAMPLE_COST_MODELS))
+def test_a_short_request_beside_a_heavy_one_takes_about_its_own_time(curve):
+    """The hostile-client case in simulated seconds: a 4-step Euler request
+    of one row next to another client's n=8, 100-step Heun request with
+    guidance (16 rows, 398 evaluations). Under one common latency target it
+    ran only when starvation forced it (50-335x its latency alone, 0.56-0.60
+    of the heavy one's). Now it gets its fair share: at most two ticks per
+    evaluation (two batches compete), each costing at most a tick of the
+    heavy request and one of its own evaluations."""
+    model = EXAMPLE_COST_MODELS[curve]
+    short_request, heavy_request = SimRequest(4, "euler", 1), SimRequest(100, "heun", 16)
+    alone = run("step", model, [short_request], clients=1).latency_max
+    both = run("step", model, [heavy_request, short_request], clients=2)
+    heavy = both.latency_max
+    short = 2 * both.latency_p50 - heavy  # the median of two latencies is their mean
+    evaluations = len(short_request.keys(SHIPPED_CASCADE))
+    heavy_tick = heavy / len(heavy_request.keys(SHIPPED_CASCADE))
+    assert short <= 2 * evaluations * (heavy_tick + alone / evaluations)
+    assert short < 0.05 * heavy
