@@ -205,8 +205,9 @@ def openai_error(status_code: int, body: Any) -> dict[str, Any]:
 class OpenAIErrors:
     """Answers every error on ``/v1/*`` in OpenAI's shape (:func:`openai_error`), whoever produced
     it: a route, an exception handler, or a middleware refusal before routing (the in-flight limits'
-    429/503, the guard's 401/403/408/413/415). Other paths keep ``{"detail": ...}``; a body already
-    in OpenAI's shape, and HEAD, pass as they are. Pure ASGI; only error bodies are buffered."""
+    429/503, the guard's 401/403/408/413/415), with the API's own ``detail`` kept beside ``error``.
+    Other paths answer ``{"detail": ...}`` only; a body already in OpenAI's shape, and HEAD, pass as
+    they are. Pure ASGI; only error bodies are buffered."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -235,7 +236,10 @@ class OpenAIErrors:
             except ValueError:
                 body = {"detail": raw.decode("utf-8", "replace").strip()}
             if not (isinstance(body, dict) and "error" in body):
-                raw = SafeJSONResponse(openai_error(start["status"], body)).body
+                # OpenAI's clients read ``error``; the API's own contract (DESIGN.md: field-level ``detail``,
+                # a failed job's ``kind``) stays beside it, so neither kind of client loses anything.
+                own = body if isinstance(body, dict) else {"detail": body}
+                raw = SafeJSONResponse({**own, **openai_error(start["status"], body)}).body
             headers = [
                 (name, value) for name, value in start.get("headers", [])
                 if name.lower() not in (b"content-length", b"content-type")
