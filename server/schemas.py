@@ -289,8 +289,9 @@ class OpenAIImagesRequest(GenerationOptions):
         str | None,
         Field(
             strict=True,
-            description="The served model's id (GET /v1/models), or absent; any other id is a 404 model_not_found "
-            "(one model per deployment: an OpenAI model name such as dall-e-3 is not silently replaced).",
+            description="The served model's id (GET /v1/models), OpenAI's own image model names (dall-e-*, "
+            "gpt-image-*: the served model, so code written for OpenAI runs unchanged), or absent; any other id "
+            "is a 404 model_not_found.",
         ),
     ] = None
     quality: Annotated[

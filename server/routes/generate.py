@@ -378,6 +378,15 @@ async def generate(
     return JSONResponse(response.model_dump(mode="json", exclude_none=True), headers=headers)
 
 
+#: OpenAI's own image models: code written for OpenAI names one, meaning "the image model"; it gets the
+#: served one, so it runs unchanged against this server (any other id that is not the served one is a 404).
+OPENAI_IMAGE_MODEL_PREFIXES = ("dall-e-", "gpt-image-")
+
+
+def serves_model(requested: str | None, served: str) -> bool:
+    return requested is None or requested == served or requested.startswith(OPENAI_IMAGE_MODEL_PREFIXES)
+
+
 @router.post(
     "/v1/images/generations",
     response_model=OpenAIImagesResponse,
@@ -409,7 +418,7 @@ async def openai_images(
 ) -> JSONResponse:
     """OpenAI-compatible image generation (prompt, n, size, response_format; /generate fields as extensions)."""
     served = request.app.state.capabilities.id
-    if body.model is not None and body.model != served:  # as OpenAI answers a model it does not have
+    if not serves_model(body.model, served):  # as OpenAI answers a model it does not have
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
             detail={
