@@ -235,12 +235,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _timeouts_outlast_heartbeats(self) -> Settings:
-        # A worker renews its claims and heartbeat every heartbeat interval: a timeout shorter than two
-        # intervals takes jobs from, or declares dead, a healthy worker that was one renewal late.
+        # A worker renews its claims and heartbeat every heartbeat interval: a timeout no longer than one
+        # interval takes jobs from, or declares dead, a healthy worker between two renewals (keep a margin:
+        # the defaults are 30x and 5x).
         for name in ("claim_timeout_s", "heartbeat_ttl_s"):
-            if getattr(self, name) < 2 * self.heartbeat_interval_s:
+            if getattr(self, name) <= self.heartbeat_interval_s:
                 raise ValueError(
-                    f"EDIFFI_{name.upper()} ({getattr(self, name):g} s) must be at least twice "
+                    f"EDIFFI_{name.upper()} ({getattr(self, name):g} s) must be longer than "
                     f"EDIFFI_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s:g} s)"
                 )
         return self
