@@ -758,7 +758,8 @@ def test_dashboard_covers_what_operators_need():
             assert has(rf"histogram_quantile\({q}, sum by \(le\) \(rate\({latency}"), (latency, q)
     assert has(r"rate\(ediffi_http_requests_total") and has(r'status=~"[^"]*5\.\.')
     for metric in ("ediffi_queue_depth", "ediffi_active_requests", "ediffi_images_generated_total",
-                   "ediffi_jobs_reclaimed_total", "ediffi_workers_alive", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_GPU_UTIL"):
+                   "ediffi_jobs_reclaimed_total", "ediffi_workers_alive", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_GPU_UTIL",
+                   "ediffi_queue_memory_used_bytes", "ediffi_queue_memory_limit_bytes"):
         assert metric in joined, metric
     assert has(r"sum by \(reason\) \(\w+\(ediffi_jobs_failed_total")
     assert has(r"by \(stage, expert\) \(rate\(ediffi_batch_size_(sum|count|bucket)")
