@@ -407,16 +407,18 @@ class StepScheduler:
         for entry in self._active.values():
             if entry.pending is not None and not entry.cancelled:
                 by_key.setdefault(entry.pending.key, []).append(entry)
-        if self.config.policy == "step":  # the batches competing this tick, for `_urgency`
+        # Each group's cheapest batch, once per tick; the step policy's batches competing this tick (`_urgency`).
+        targets = {key: self._target(key) for key in by_key} if self.config.policy == "step" else {}
+        if targets:
             self._sharing = sum(
-                -(-sum(e.pending.rows for e in entries) // self._target(key)) for key, entries in by_key.items()
+                -(-sum(e.pending.rows for e in entries) // targets[key]) for key, entries in by_key.items()
             )
         for entries in by_key.values():
             # Starved first, then the most urgent (step) or oldest: a batch cut
             # at its size leaves the least urgent behind, never the same request for long.
             entries.sort(key=self._priority)
         if self.config.policy == "step":
-            chosen = self._select_step(by_key)
+            chosen = self._select_step(by_key, targets)
         else:  # the baselines run every pending evaluation of their cohort
             chosen = [group for key, entries in by_key.items() for group in self._split(key, entries, self._cap(key))]
         self._tick += 1
@@ -447,11 +449,11 @@ class StepScheduler:
             groups.append(self._group(key, chunk))
         return groups
 
-    def _select_step(self, by_key: dict[GroupKey, list[_Entry]]) -> list[Group]:
+    def _select_step(self, by_key: dict[GroupKey, list[_Entry]], targets: dict[GroupKey, int]) -> list[Group]:
         """The step policy's batches for one tick (see the module docstring):
         the groups of starved requests if any, else the best batch and the
         full ones."""
-        candidates = [self._candidate(key, entries) for key, entries in by_key.items()]
+        candidates = [self._candidate(key, entries, targets[key]) for key, entries in by_key.items()]
         starved = [c for c in candidates if c.starved]
         if starved:
             starved.sort(key=lambda c: -c.longest_wait)
@@ -477,13 +479,12 @@ class StepScheduler:
                 used += c.group.total_rows
         return chosen
 
-    def _candidate(self, key: GroupKey, entries: list[_Entry]) -> _Candidate:
+    def _candidate(self, key: GroupKey, entries: list[_Entry], target: int) -> _Candidate:
         """The batch this group would run now: its first requests (starved,
-        then most urgent) up to the expert's cheapest batch per row, with
+        then most urgent) up to `target`, the expert's cheapest batch per row, with
         its rows per second relative to that cheapest batch and the urgency
         of its most urgent request."""
         cost = self.cost_model.expert(key.stage, key.expert)
-        target = self._target(key)
         group = self._split(key, entries, target)[0]
         members = entries[: len(group.request_ids)]
         rows = group.total_rows
