@@ -56,6 +56,7 @@ class ModelCapabilities:
     style_image: bool = True
     source: str = "ediffi"
     sr_noise_level: NoiseLevelRule | None = None  # None: the request field does not apply
+    created: int = 0  # OpenAI's `created`: the model.json's modification time (epoch s); 0: unknown
 
     def max_side(self, max_image_side: int) -> int:
         """The largest width/height a request may ask for: the server's limit, or

@@ -27,11 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def capabilities(model_dir: Path):
-    """What the model can do, read from model.json (no torch)."""
-    from ediffi.capabilities import model_capabilities
-    from ediffi.config import ModelConfig
+    """What the model can do, read from model.json (no torch), with the file's modification time as
+    its ``created`` (stable while the model directory is unchanged, the same on every replica)."""
+    from dataclasses import replace
 
-    return model_capabilities(ModelConfig.load(model_dir))
+    from ediffi.capabilities import model_capabilities
+    from ediffi.config import MODEL_JSON, ModelConfig
+
+    created = int((Path(model_dir) / MODEL_JSON).stat().st_mtime)
+    return replace(model_capabilities(ModelConfig.load(model_dir)), created=created)
 
 
 def build_engine(settings: Settings, model_dir: Path):
@@ -224,9 +228,7 @@ async def _serve_main(settings: Settings, model_dir: Path, host: str, port: int)
     queue = make_queue(settings)
     await queue.warn_if_evicting()
     worker = Worker(settings, queue, engine, metrics)
-    from ediffi.capabilities import model_capabilities
-
-    app = create_app(settings, queue=queue, metrics=metrics, capabilities=model_capabilities(engine.model.config))
+    app = create_app(settings, queue=queue, metrics=metrics, capabilities=capabilities(model_dir))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     worker_task = asyncio.create_task(worker.run())
     # A worker that gave up on its engine takes the server down with it (restarted from outside).

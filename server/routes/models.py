@@ -8,9 +8,9 @@ With them, what a client may send: the largest side, the samplers, and each
 request field's default and limits (the settings' limits, and the model's
 `sr_noise_level` range, null where the field does not apply).
 
-``created`` is the model.json's modification time (epoch seconds): stable while
-the model directory is unchanged, and the same on every replica of one image;
-0 when the API cannot read it.
+``created`` is the model.json's modification time (epoch seconds), read with the
+capabilities at start (``server.main.capabilities``): stable while the model
+directory is unchanged, and the same on every replica of one image.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, status
 
-from ediffi.config import MODEL_JSON, resolve_model_dir
 from server.deps import SettingsDep
 from server.schemas import OpenAIError
 from server.settings import Settings
@@ -27,14 +26,6 @@ from server.settings import Settings
 router = APIRouter(tags=["models"])
 
 OWNED_BY = "ediffi-serving"
-
-
-def model_created(settings: Settings) -> int:
-    """The served model's ``created``: its model.json's modification time, 0 when unreadable."""
-    try:
-        return int((resolve_model_dir(None, settings.model_dir) / MODEL_JSON).stat().st_mtime)
-    except OSError:
-        return 0
 
 
 def served_model(request: Request, settings: Settings) -> dict[str, Any]:
@@ -46,7 +37,7 @@ def served_model(request: Request, settings: Settings) -> dict[str, Any]:
     return {
         "id": capabilities.id,
         "object": "model",
-        "created": model_created(settings),
+        "created": capabilities.created,
         "owned_by": OWNED_BY,
         "capabilities": described,
     }

@@ -6,8 +6,10 @@ parsing, its nullable fields and ``client.models``.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import httpx2
@@ -23,6 +25,8 @@ from tests.support.api import (  # noqa: F401 - the backend fixture is used by n
     run_async,
     service,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @asynccontextmanager
@@ -256,11 +260,15 @@ async def test_openai_fields_that_do_not_change_the_image_are_accepted(backend: 
 
 @run_async
 async def test_models_list_and_retrieve_as_openai_clients_read_them(tmp_path: Any) -> None:
+    from server.main import capabilities
+
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    (model_dir / "model.json").write_text("{}")  # only its modification time is read here
+    shipped = json.loads((REPO / "models" / "default" / "model.json").read_text())
+    (model_dir / "model.json").write_text(json.dumps({**shipped, "name": "ediffi"}))  # read at start, as serve does
     os.utime(model_dir / "model.json", (1_700_000_000, 1_700_000_000))
-    async with service(Backend("memory"), model_dir=model_dir) as svc, openai_client(svc, max_retries=0) as client:
+    served = capabilities(model_dir)
+    async with service(Backend("memory"), capabilities=served) as svc, openai_client(svc, max_retries=0) as client:
         listed = [model async for model in client.models.list()]
         assert [(m.id, m.object, m.created, m.owned_by) for m in listed] == [
             ("ediffi", "model", 1_700_000_000, "ediffi-serving")

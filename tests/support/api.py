@@ -23,6 +23,7 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
+from ediffi.capabilities import ModelCapabilities
 from ediffi.failure import Failure
 from server.app import DEFAULT_CANVAS_SIZE, create_app
 from server.metrics import Metrics
@@ -101,12 +102,15 @@ class Service:
 
 
 @asynccontextmanager
-async def service(backend: Backend, **overrides: Any) -> AsyncIterator[Service]:
-    """An app on a fresh queue of ``backend`` and an HTTP client talking to it in process."""
+async def service(
+    backend: Backend, capabilities: ModelCapabilities | None = None, **overrides: Any
+) -> AsyncIterator[Service]:
+    """An app on a fresh queue of ``backend`` and an HTTP client talking to it in process
+    (``capabilities``: the served model's; None: create_app's default)."""
     settings = make_settings(**overrides)
     queue = backend.build(settings)
     metrics = Metrics()
-    app = create_app(settings, queue=queue, metrics=metrics)
+    app = create_app(settings, queue=queue, metrics=metrics, capabilities=capabilities)
     transport = httpx.ASGITransport(app=app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
