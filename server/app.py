@@ -20,8 +20,8 @@ API keys, 404 unknown job, 429 with ``Retry-After`` (queue full, rate limit),
 queue unavailable: ..."}``, a generic reason: the details go to the log only);
 the queue reconnects by itself, so the API recovers without a restart. Bad
 input never yields a 500. 415 for a body on a JSON endpoint that is not sent as
-``application/json``. Under ``/v1/`` every error is in OpenAI's shape instead,
-``{"error": {"message", "type", "param", "code"}}`` (:class:`OpenAIErrors`).
+``application/json``. Under ``/v1/`` every error also carries OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` beside ``detail`` (:class:`OpenAIErrors`).
 
 Access (see README "Security model"): :func:`create_app` refuses settings without
 API keys unless ``allow_anonymous`` is on (:func:`server.auth.check_access_settings`).

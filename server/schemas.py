@@ -110,7 +110,6 @@ class NullMeansDefault(BaseModel):
         return schema
 
 
-
 class PaintRegion(NullMeansDefault):
     """One painted region: pixels of ``color`` in the colour map are where ``phrase`` goes."""
 
@@ -219,7 +218,6 @@ class GenerateRequest(GenerationOptions):
         extra="forbid",
         json_schema_extra={"examples": [{"prompt": "a red circle on the left", "n": 1, "seed": 7}]},
     )
-
 
 
 #: Fields other image APIs name differently, and what this endpoint calls them.

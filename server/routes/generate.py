@@ -135,7 +135,6 @@ COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-
 def in_openai_shape(responses: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` whose bodies are :class:`OpenAIError`: ``/v1/*`` answers errors in OpenAI's shape."""
     return {code: {**doc, "model": OpenAIError} for code, doc in responses.items()}
