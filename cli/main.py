@@ -47,18 +47,25 @@ def cmd_generate(args, settings) -> int:
     if out.suffix.lower() not in Image.registered_extensions():  # checked before minutes of sampling, not after
         print(f"error: --out {out}: not an image file name Pillow can write (e.g. out.png, out.jpg)", file=sys.stderr)
         return 2
+    seed = spec.pick_seed(args.seed)
     try:  # image k uses seed + k: the API's rule, checked before minutes of model loading
-        spec.check_seed(args.seed, args.n)
+        spec.check_seed(seed, args.n)
     except spec.InputError as exc:
         print(f"error: --seed: {exc.message}", file=sys.stderr)
         return 2
+    if seed != args.seed:
+        print(f"seed: {seed}", file=sys.stderr)
     model_dir = resolve_model_dir(args.model_dir, settings)
     try:
+        from ediffi.config import ModelConfig
         from engines.engine import make_backend
 
+        defaults = ModelConfig.load(model_dir).request_defaults
         request = GenerationRequest(
-            prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-            guidance_scale=args.guidance, seed=args.seed, sampler=args.sampler, n=args.n,
+            prompt=args.prompt, negative_prompt=args.negative_prompt,
+            steps=defaults.steps if args.steps is None else args.steps,
+            guidance_scale=defaults.guidance_scale if args.guidance is None else args.guidance,
+            seed=seed, sampler=args.sampler or defaults.sampler, n=args.n,
             style_image=Image.open(args.style_image) if args.style_image else None,
             color_map=Image.open(args.paint) if args.paint else None, regions=regions,
             width=args.width, height=args.height,
@@ -213,11 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images for one prompt (reference pipeline)")
     gen.add_argument("prompt")
     gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--steps", type=int, default=spec.DEFAULT_STEPS)
-    gen.add_argument("--guidance", type=float, default=spec.DEFAULT_GUIDANCE, help="classifier-free guidance scale (1 = off)")
-    gen.add_argument("--seed", type=int, default=spec.DEFAULT_SEED)
+    model_default = "default: the model's (an imported model's: its diffusers pipeline's; the shipped: %s)"
+    gen.add_argument("--steps", type=int, help=model_default % spec.DEFAULT_STEPS)
+    gen.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (1 = off); " + model_default % spec.DEFAULT_GUIDANCE
+    )
+    gen.add_argument("--seed", type=int, default=spec.DEFAULT_SEED, help="-1: a random one (printed)")
     gen.add_argument("--n", type=int, default=1, help="images (seeds seed, seed+1, ...)")
-    gen.add_argument("--sampler", choices=spec.SAMPLERS, default=spec.DEFAULT_SAMPLER)
+    gen.add_argument("--sampler", choices=spec.SAMPLERS, help=model_default % spec.DEFAULT_SAMPLER)
     gen.add_argument("--style-image", help="reference image whose CLIP image embedding sets the style")
     gen.add_argument("--paint", help="paint-with-words colour map (PNG)")
     gen.add_argument("--region", action="append", default=[], help="'#rrggbb=phrase[:strength]' (repeatable)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ediffi import spec
-from ediffi.config import ModelConfig
+from ediffi.config import GenerationDefaults, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,11 @@ class ModelCapabilities:
     source: str = "ediffi"
     sr_noise_level: NoiseLevelRule | None = None  # None: the request field does not apply
     created: int = 0  # OpenAI's `created`: the model.json's modification time (epoch s); 0: unknown
+    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # of steps, guidance_scale, sampler
+
+    def default_steps(self, max_steps: int) -> int:
+        """The steps of a request that sends none: the model's default, within the server's limit."""
+        return min(self.defaults.steps, max_steps)
 
     def max_side(self, max_image_side: int) -> int:
         """The largest width/height a request may ask for: the server's limit, or
@@ -81,18 +86,19 @@ class ModelCapabilities:
         (clients rely on them), then what a client may send with the server's
         limits (settings, passed in: this layer reads none)."""
         described = asdict(self)
-        del described["sr_noise_level"]  # under "request", with the other request fields
+        del described["sr_noise_level"], described["defaults"]  # under "request", with the other request fields
         described["max_side"] = self.max_side(max_image_side)
         described["samplers"] = list(spec.SAMPLERS)
         described["request"] = {
             "n": {"default": 1, "min": 1, "max": max_n},
-            "steps": {"default": spec.DEFAULT_STEPS, "min": 1, "max": max_steps},
+            "steps": {"default": self.default_steps(max_steps), "min": 1, "max": max_steps},
             "guidance_scale": {
-                "default": spec.DEFAULT_GUIDANCE, "min": 0.0, "max": spec.MAX_GUIDANCE,
+                "default": self.defaults.guidance_scale, "min": 0.0, "max": spec.MAX_GUIDANCE,
                 "off_at_or_below": spec.GUIDANCE_OFF_AT_OR_BELOW,
             },
-            "seed": {"min": 0, "max": spec.MAX_SEED},  # image k uses seed + k: seed + n - 1 <= max
-            "sampler": {"default": spec.DEFAULT_SAMPLER},
+            # image k uses seed + k: seed + n - 1 <= max; -1 (A1111's) or absent: the server picks one
+            "seed": {"min": 0, "max": spec.MAX_SEED, "random": spec.RANDOM_SEED},
+            "sampler": {"default": self.defaults.sampler},
             "sr_noise_level": None if self.sr_noise_level is None else asdict(self.sr_noise_level),
         }
         return described
@@ -121,7 +127,7 @@ def model_capabilities(config: ModelConfig) -> ModelCapabilities:
     return ModelCapabilities(
         id=config.name, sizes=sizes, stages=stages, paint_with_words=True,
         style_image=not config.is_imported, source=str(config.training.get("pipeline", "ediffi")),
-        sr_noise_level=noise_level_rule(config),
+        sr_noise_level=noise_level_rule(config), defaults=config.request_defaults,
     )
 
 

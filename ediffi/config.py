@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ediffi import spec
+
 MODEL_JSON = "model.json"
 
 #: The shipped model: models/default in a checkout (and at /app/models/default in the images).
@@ -362,6 +364,26 @@ class DiffusersEncodersConfig(_Strict):
         raise KeyError(f"no conditioning named {name!r}; there are {[c.name for c in self.conditionings]}")
 
 
+class GenerationDefaults(_Strict):
+    """What a request that leaves ``steps``, ``guidance_scale`` or ``sampler`` out gets."""
+
+    steps: int = Field(spec.DEFAULT_STEPS, ge=1)
+    guidance_scale: float = Field(spec.DEFAULT_GUIDANCE, ge=0.0, le=spec.MAX_GUIDANCE, allow_inf_nan=False)
+    sampler: spec.SamplerName = spec.DEFAULT_SAMPLER
+
+
+#: An imported model's defaults: its diffusers pipeline's own (``__call__``'s
+#: ``num_inference_steps`` and ``guidance_scale``), with the sampler whose
+#: images equal that pipeline's on the Karras schedule (README). DeepFloyd IF
+#: runs one ``steps`` for both stages: 50, stage II's default (stage I's 100 is
+#: for its DDPM scheduler; DPM++ 2M needs fewer), and stage I's guidance.
+PIPELINE_DEFAULTS: dict[str, GenerationDefaults] = {
+    "StableDiffusionPipeline": GenerationDefaults(steps=50, guidance_scale=7.5, sampler="euler"),
+    "StableDiffusionXLPipeline": GenerationDefaults(steps=50, guidance_scale=5.0, sampler="euler"),
+    "IFPipeline": GenerationDefaults(steps=50, guidance_scale=7.0, sampler="dpmpp_2m"),
+}
+
+
 class ModelConfig(_Strict):
     format_version: int = 1
     name: str = "ediffi"
@@ -370,6 +392,9 @@ class ModelConfig(_Strict):
     stages: list[StageConfig]
     # Free-form provenance (training command, steps, wall time).
     training: dict = Field(default_factory=dict)
+    # Absent: an imported model's pipeline defaults (PIPELINE_DEFAULTS, for
+    # directories imported before the importer wrote them), else the shipped family's.
+    defaults: GenerationDefaults | None = None
 
     @model_validator(mode="after")
     def _cascade_is_consistent(self) -> ModelConfig:
@@ -391,6 +416,13 @@ class ModelConfig(_Strict):
         for expert in discrete:
             self.encoders.conditioning(expert.network.conditioning)  # names an existing block
         return self
+
+    @property
+    def request_defaults(self) -> GenerationDefaults:
+        """The steps, guidance scale and sampler of a request that leaves them out."""
+        if self.defaults is not None:
+            return self.defaults
+        return PIPELINE_DEFAULTS.get(str(self.training.get("pipeline")), GenerationDefaults())
 
     @property
     def is_imported(self) -> bool:

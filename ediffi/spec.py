@@ -15,6 +15,7 @@ are settings; their defaults are here.
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -38,6 +39,18 @@ MAX_GUIDANCE = 50.0
 GUIDANCE_OFF_AT_OR_BELOW = 1.0
 DEFAULT_SEED = 0  # the command line's; the API picks one when the client sends none
 MAX_SEED = 2**32 - 1  # image k uses seed + k, so seed + n - 1 must not exceed it (check_seed)
+#: A1111's seed for "pick one at random" (its web UI and API send it by default): the API and the
+#: command line pick a seed below 2**31, as for an absent one, and report it with the images.
+RANDOM_SEED = -1
+#: Server-picked seeds stay below 2**31 (safe in every client language and in seed + k).
+AUTO_SEED_LIMIT = 2**31
+
+
+def pick_seed(requested: int | None) -> int:
+    """The seed a request runs with: its own, or a random one for none or :data:`RANDOM_SEED`."""
+    if requested is None or requested == RANDOM_SEED:
+        return secrets.randbelow(AUTO_SEED_LIMIT)
+    return requested
 
 # Defaults of the operator's limits (server.settings.Settings: max_prompt_chars, max_n, max_steps, max_regions).
 DEFAULT_MAX_PROMPT_CHARS = 500
@@ -56,7 +69,7 @@ def check_seed(seed: int, n: int) -> None:
     """Image k of ``n`` uses ``seed + k``, so all of them, not only the first, must be
     seeds in ``[0, MAX_SEED]``; raises :class:`InputError` on ``seed``."""
     if seed < 0:
-        raise InputError("seed", f"must be >= 0, got {seed}")
+        raise InputError("seed", f"must be >= 0 (or {RANDOM_SEED}: a random one), got {seed}")
     if seed + max(n, 1) - 1 > MAX_SEED:
         raise InputError(
             "seed",

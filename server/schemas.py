@@ -36,14 +36,12 @@ from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
 
 from ediffi.failure import FailureKind
 from ediffi.spec import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_SAMPLER,
-    DEFAULT_STEPS,
     DEFAULT_STRENGTH,
     HEX_COLOR_PATTERN,
     MAX_GUIDANCE,
     MAX_SEED,
     MAX_STRENGTH,
+    RANDOM_SEED,
     SamplerName,
 )
 
@@ -163,26 +161,32 @@ class GenerationOptions(NullMeansDefault):
     prompt: Annotated[Text, AfterValidator(_non_blank), Field(min_length=1, description="What to draw.")]
     n: Annotated[int, Field(strict=True, ge=1, description="Number of images.")] = 1
     negative_prompt: Annotated[Text, Field(description="Text the image should not show (guidance's negative).")] = ""
-    steps: Annotated[int, Field(strict=True, ge=1, description="Sampling steps.")] = DEFAULT_STEPS
+    steps: Annotated[
+        int | None,
+        Field(strict=True, ge=1, description="Sampling steps. Absent: the model's default (GET /v1/models: request.steps)."),
+    ] = None
     guidance_scale: Annotated[
-        float,
+        float | None,
         Field(
             strict=True, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
             description="Classifier-free guidance scale; at most 1 (e.g. 0) turns guidance off: the prompt's "
-            "prediction alone, as diffusers' pipelines.",
+            "prediction alone, as diffusers' pipelines. Absent: the model's default (GET /v1/models).",
         ),
-    ] = DEFAULT_GUIDANCE
+    ] = None
     seed: Annotated[
         int | None,
         Field(
             strict=True,
-            ge=0,
+            ge=RANDOM_SEED,
             le=MAX_SEED,
             description="Seed of the first image; image k uses seed + k, so seed + n - 1 must be at most "
-            f"{MAX_SEED}. Absent: the server picks one.",
+            f"{MAX_SEED}. Absent or {RANDOM_SEED} (A1111's random): the server picks one (each image's is in the answer).",
         ),
     ] = None
-    sampler: Annotated[SamplerName, Field(description="ODE solver on the Karras sigma schedule.")] = DEFAULT_SAMPLER
+    sampler: Annotated[
+        SamplerName | None,
+        Field(description="ODE solver on the Karras sigma schedule. Absent: the model's default (GET /v1/models)."),
+    ] = None
     style_image: Annotated[
         str | None,
         Field(strict=True, min_length=1, description="Base64 PNG or JPEG (optionally a data: URL) used as style."),

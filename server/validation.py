@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import re
-import secrets
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -36,15 +35,16 @@ from fastapi.exceptions import RequestValidationError
 from PIL import Image
 
 from ediffi.capabilities import ModelCapabilities
+from ediffi.config import GenerationDefaults
 from ediffi.failure import InputError, field_loc
-from ediffi.spec import MAX_SEED, check_color_map_aspect, check_seed, check_style_image_shape, find_phrase
+from ediffi.spec import (
+    MAX_SEED, RANDOM_SEED, check_color_map_aspect, check_seed, check_style_image_shape, find_phrase, pick_seed,
+)
 from server.schemas import GenerationOptions, JobPaintWithWords, JobParams, JobRegion, OpenAIImagesRequest
 from server.settings import Settings
 
 Loc = tuple[str | int, ...]
 
-#: Server-picked seeds stay below 2**31 (safe in every client language and in seed + k).
-AUTO_SEED_LIMIT = 2**31
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 
@@ -116,7 +116,7 @@ def check_limits(request: GenerationOptions, settings: Settings) -> list[dict[st
                 ctx={"le": settings.max_n},
             )
         )
-    if request.seed is not None:
+    if request.seed is not None and request.seed != RANDOM_SEED:
         # The schema bounds the seed alone; image k uses seed + k, so n bounds it too
         # (the same rule the CLI and the worker apply).
         try:
@@ -305,6 +305,22 @@ def check_model_fields(
     return errors
 
 
+def with_model_defaults(
+    request: GenerationOptions, settings: Settings, capabilities: ModelCapabilities | None
+) -> GenerationOptions:
+    """The request with the steps, guidance scale and sampler it left out set to the
+    served model's defaults (an imported model's are its diffusers pipeline's; steps
+    within ``max_steps``), as ``GET /v1/models`` reports them."""
+    defaults = capabilities.defaults if capabilities is not None else GenerationDefaults()
+    missing = {
+        "steps": min(defaults.steps, settings.max_steps),
+        "guidance_scale": defaults.guidance_scale,
+        "sampler": defaults.sampler,
+    }
+    update = {name: value for name, value in missing.items() if getattr(request, name) is None}
+    return request.model_copy(update=update) if update else request
+
+
 def validate_generation(
     request: GenerationOptions, settings: Settings, capabilities: ModelCapabilities | None = None
 ) -> ValidatedJob:
@@ -315,6 +331,7 @@ def validate_generation(
     CPU-bound (image decoding): call it from a thread pool when images are present.
     """
     body: Loc = ("body",)
+    request = with_model_defaults(request, settings, capabilities)
     raise_invalid(check_limits(request, settings) + check_model_fields(request, settings, capabilities))
 
     inputs: dict[str, bytes] = {}
@@ -362,7 +379,7 @@ def validate_generation(
             ]
         )
 
-    seed = request.seed if request.seed is not None else secrets.randbelow(AUTO_SEED_LIMIT)
+    seed = pick_seed(request.seed)
     params = JobParams(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -386,7 +403,7 @@ def validate_generation(
 def request_fingerprint(params: dict[str, Any], request: GenerationOptions, inputs: dict[str, bytes]) -> str:
     """Hash of what the client asked for (a server-picked seed excluded), for Idempotency-Key reuse checks."""
     canonical = {key: value for key, value in params.items() if key != "response_format"}
-    if request.seed is None:
+    if request.seed is None or request.seed == RANDOM_SEED:
         canonical["seed"] = None
     canonical["inputs"] = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(inputs.items())}
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()

@@ -35,6 +35,7 @@ from ediffi.config import (
     ExpertConfig,
     LatentConfig,
     ModelConfig,
+    PIPELINE_DEFAULTS,
     StageConfig,
     T5TextEncoderConfig,
     TrainingScheduleConfig,
@@ -580,6 +581,7 @@ def import_diffusers(
     config = ModelConfig(
         name=name or default_model_name(base.root), encoders=plan.encoders, stages=plan.stages,
         training={"imported_from": str(base.root.resolve()), "pipeline": base.pipeline_class, **plan.provenance},
+        defaults=PIPELINE_DEFAULTS[base.pipeline_class],
     )
     write_model_dir(out_dir, config, plan.components, copy)
     return config

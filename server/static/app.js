@@ -656,10 +656,19 @@ async function reuseEntry(e) {
 
 // ------------------------------------------------------------------------ init
 
-// Show only the controls the served model supports (GET /v1/models): a model
+// Show only the controls the served model supports (GET /v1/models), set to its
+// defaults: a model
 // without an image encoder (an imported SD/SDXL) takes no style image; a model
 // that makes more than one size (a latent one) gets width and height, starting
 // at its default, in steps of the multiple it needs.
+// A control the user changed before the listing arrived keeps their value.
+function setUntouched(control, value) {
+  const untouched = control.tagName === "SELECT"
+    ? control.selectedOptions[0]?.defaultSelected
+    : control.value === control.defaultValue;
+  if (untouched) control.value = value;
+}
+
 async function applyCapabilities() {
   try {
     const listing = await (await api("/v1/models")).json();
@@ -668,6 +677,14 @@ async function applyCapabilities() {
       $("style-controls").hidden = true;
       setStyle(null);
     }
+    // The model's defaults (an imported model's are its diffusers pipeline's) and the server's limits.
+    const request = caps.request || {};
+    if (request.steps) {
+      $("steps").max = request.steps.max;
+      setUntouched($("steps"), request.steps.default);
+    }
+    if (request.guidance_scale) setUntouched($("guidance"), request.guidance_scale.default);
+    if (request.sampler) setUntouched($("sampler"), request.sampler.default);
     const sizes = caps.sizes;
     if (sizes && !sizes.fixed) {
       for (const [side, initial] of [["width", sizes.default_width], ["height", sizes.default_height]]) {

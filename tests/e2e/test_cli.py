@@ -189,3 +189,30 @@ def test_a_style_image_of_extreme_shape_is_refused_before_the_model_loads(tiny_m
     Image.new("RGB", (400, 2)).save(strip)
     assert main(_generate(tiny_model_dir, tmp_path / "x.png", "--style-image", str(strip))) == 2
     assert "style_image" in capsys.readouterr().err
+
+
+def test_an_imported_model_samples_with_its_pipelines_defaults(imported_sd_dir, tmp_path, capsys):
+    """No --steps/--guidance/--sampler: StableDiffusionPipeline's own 50 steps and guidance 7.5, with
+    the Euler sampler, exactly as when they are given (so not the shipped family's 32 Heun steps at 3)."""
+    base = ["generate", "a red circle", "--model-dir", str(imported_sd_dir), "--seed", "3"]
+    assert main([*base, "--out", str(tmp_path / "defaults.png")]) == 0
+    assert main([*base, "--steps", "50", "--guidance", "7.5", "--sampler", "euler", "--out", str(tmp_path / "named.png")]) == 0
+    assert main([*base, "--out", str(tmp_path / "shipped.png"), "--steps", "32", "--guidance", "3", "--sampler", "heun"]) == 0
+    defaults, named, shipped = (np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("defaults", "named", "shipped"))
+    assert np.array_equal(defaults, named)
+    assert not np.array_equal(defaults, shipped)
+
+
+def test_seed_minus_one_is_a_random_seed_printed(tiny_model_dir, tmp_path, capsys):
+    def generate(seed: str, out: Path) -> None:
+        assert main(["generate", "a red circle", "--model-dir", str(tiny_model_dir), "--steps", "2", "--sampler",
+                     "euler", "--seed", seed, "--out", str(out)]) == 0
+
+    seeds = []
+    for name in ("a", "b"):
+        generate("-1", tmp_path / f"{name}.png")
+        err = capsys.readouterr().err
+        seeds.append(int(err.split("seed: ")[1].split()[0]))
+    assert seeds[0] != seeds[1] and all(0 <= seed < 2**31 for seed in seeds)
+    generate(str(seeds[0]), tmp_path / "again.png")  # the printed seed reproduces the image
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "again.png")))

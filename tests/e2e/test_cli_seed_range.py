@@ -18,7 +18,7 @@ def _generate(model_dir, out, seed: int, n: int) -> list[str]:
             "--seed", str(seed), "--n", str(n), "--out", str(out)]
 
 
-@pytest.mark.parametrize(("seed", "n"), [(MAX_SEED, 2), (MAX_SEED - 1, 3), (-1, 1)])
+@pytest.mark.parametrize(("seed", "n"), [(MAX_SEED, 2), (MAX_SEED - 1, 3), (-2, 1)])
 def test_seed_out_of_range_for_its_last_image_is_refused(tiny_model_dir, tmp_path, capsys, seed, n):
     out = tmp_path / "x.png"
     assert main(_generate(tiny_model_dir, out, seed, n)) == 2

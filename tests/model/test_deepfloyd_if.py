@@ -96,6 +96,8 @@ def test_import_writes_a_two_stage_pixel_cascade(if_model_dir):
         network = stage.experts[0].network
         assert network.learned_variance and network.schedule.karras_scheduler == "DPMSolverMultistepScheduler"
     assert [e.kind for e in config.encoders.text_encoders] == ["t5"]
+    # A request's defaults: IFPipeline's guidance 7, 50 steps (stage II's) of the sampler diffusers' IF example uses.
+    assert config.defaults.model_dump() == {"steps": 50, "guidance_scale": 7.0, "sampler": "dpmpp_2m"}
 
 
 @pytest.mark.parametrize("stage_name", ["base", "sr"])

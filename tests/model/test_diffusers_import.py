@@ -321,6 +321,33 @@ def test_the_model_id_is_the_folder_the_cache_repository_or_name(tiny_diffusers_
     assert ModelConfig.load(tmp_path / "c").name == "my-model"
 
 
+def test_imported_models_default_to_their_pipelines_steps_and_guidance(imported_sd_dir, imported_sdxl_dir, tmp_path):
+    """model.json records each pipeline's own __call__ defaults (read from diffusers' signatures here);
+    a model directory imported before it did gets them from its pipeline class; the shipped family its own."""
+    import inspect
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from ediffi.config import GenerationDefaults
+    from ediffi.spec import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+
+    for model_dir, pipeline in ((imported_sd_dir, StableDiffusionPipeline), (imported_sdxl_dir, StableDiffusionXLPipeline)):
+        signature = inspect.signature(pipeline.__call__).parameters
+        recorded = json.loads((model_dir / "model.json").read_text())["defaults"]
+        assert recorded == {
+            "steps": signature["num_inference_steps"].default,
+            "guidance_scale": signature["guidance_scale"].default,
+            "sampler": "euler",  # equals EulerDiscreteScheduler's images on the Karras schedule
+        }
+        older = json.loads((model_dir / "model.json").read_text())
+        del older["defaults"]
+        assert ModelConfig.model_validate(older).request_defaults == GenerationDefaults(**recorded)
+        older["training"] = {}
+        assert ModelConfig.model_validate(older).request_defaults.model_dump() == {
+            "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE, "sampler": DEFAULT_SAMPLER,
+        }
+
+
 # -- sampler dpmpp_2m = diffusers' "DPM++ 2M Karras" ----------------------------
 # DPMSolverMultistepScheduler(use_karras_sigmas=True, algorithm_type="dpmsolver++",
 # solver_order=2) from the checkpoint's scheduler config: its own conventions,

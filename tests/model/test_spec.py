@@ -52,13 +52,16 @@ def test_color_map_aspect():
 
 def test_every_layer_offers_the_spec_samplers():
     from cli.main import build_parser
+    from ediffi.config import GenerationDefaults
     from ediffi.samplers import SAMPLERS as implemented
     from server.schemas import GenerateRequest
 
     assert implemented == spec.SAMPLERS == ("heun", "euler", "dpmpp_2m")
     api_schema = GenerateRequest.model_json_schema()["properties"]["sampler"]
     (named,) = [choice for choice in api_schema["anyOf"] if "enum" in choice]  # null: the default
-    assert tuple(named["enum"]) == spec.SAMPLERS and api_schema["default"] == spec.DEFAULT_SAMPLER
+    assert tuple(named["enum"]) == spec.SAMPLERS
+    assert api_schema["default"] is None  # absent: the served model's default (GET /v1/models)
+    assert GenerationDefaults().sampler == spec.DEFAULT_SAMPLER  # the shipped family's
     args = build_parser().parse_args(["generate", "x", "--sampler", "dpmpp_2m"])
     assert args.sampler == "dpmpp_2m"
     with pytest.raises(SystemExit):

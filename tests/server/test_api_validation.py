@@ -83,7 +83,7 @@ CASES: list[tuple[str, Any, int, list | None]] = [
     ("guidance overflow", b'{"prompt": "a", "guidance_scale": 1e999}', 422, BODY + ["guidance_scale"]),
     ("guidance negative", {"prompt": "a", "guidance_scale": -1}, 422, BODY + ["guidance_scale"]),
     ("guidance too big", {"prompt": "a", "guidance_scale": 1000}, 422, BODY + ["guidance_scale"]),
-    ("seed negative", {"prompt": "a", "seed": -1}, 422, BODY + ["seed"]),
+    ("seed negative", {"prompt": "a", "seed": -2}, 422, BODY + ["seed"]),
     ("seed too big", {"prompt": "a", "seed": 2**32}, 422, BODY + ["seed"]),
     ("seed float", {"prompt": "a", "seed": 1.5}, 422, BODY + ["seed"]),
     ("unknown sampler", {"prompt": "a", "sampler": "ddim"}, 422, BODY + ["sampler"]),

@@ -228,12 +228,63 @@ def test_models_lists_what_a_client_may_send(sdxl_capabilities):
     assert caps["samplers"] == ["heun", "euler", "dpmpp_2m"]
     assert caps["request"] == {
         "n": {"default": 1, "min": 1, "max": 3},
-        "steps": {"default": 32, "min": 1, "max": 40},
-        "guidance_scale": {"default": 3.0, "min": 0.0, "max": 50.0, "off_at_or_below": 1.0},
-        "seed": {"min": 0, "max": MAX_SEED},
-        "sampler": {"default": "heun"},
+        # StableDiffusionXLPipeline's own defaults: 50 steps (here within max_steps 40) and guidance 5,
+        # with the sampler whose images equal its EulerDiscreteScheduler's (on the Karras schedule).
+        "steps": {"default": 40, "min": 1, "max": 40},
+        "guidance_scale": {"default": 5.0, "min": 0.0, "max": 50.0, "off_at_or_below": 1.0},
+        "seed": {"min": 0, "max": MAX_SEED, "random": -1},
+        "sampler": {"default": "euler"},
         "sr_noise_level": None,  # no noise-level SR stage: the field does not apply
     }
+
+
+def test_models_lists_the_shipped_family_defaults():
+    request = asyncio.run(_listed(None))["request"]
+    assert request["steps"]["default"] == 32 and request["guidance_scale"]["default"] == 3.0
+    assert request["sampler"] == {"default": "heun"}
+
+
+# ------------------------------------------------------------ model defaults
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/images/generations"])
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ({}, {"steps": 50, "guidance_scale": 5.0, "sampler": "euler"}),  # SDXL's pipeline defaults
+        ({"steps": None, "guidance_scale": None, "sampler": None}, {"steps": 50, "guidance_scale": 5.0, "sampler": "euler"}),
+        ({"steps": 3, "guidance_scale": 0.0, "sampler": "heun"}, {"steps": 3, "guidance_scale": 0.0, "sampler": "heun"}),
+        ({"guidance_scale": 7.5}, {"steps": 50, "guidance_scale": 7.5, "sampler": "euler"}),
+    ],
+)
+def test_fields_left_out_take_the_models_defaults(sdxl_capabilities, path, sent, expected):
+    @run_async
+    async def check() -> None:
+        async with api(sdxl_capabilities) as (client, queue), QueueWorker(queue, image_size=32) as worker:
+            response = await client.post(path, json={"prompt": "a cat", **sent})
+            assert response.status_code == 200, response.text
+            (job,) = worker.claimed
+            assert {name: job.params[name] for name in expected} == expected
+
+    check()
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/images/generations"])
+def test_seed_minus_one_picks_a_random_seed_as_absent_does(path):
+    @run_async
+    async def check() -> None:
+        async with api(None) as (client, queue), QueueWorker(queue) as worker:
+            for _attempt in range(2):
+                response = await client.post(path, json={"prompt": "a cat", "seed": -1, "n": 2, "steps": 1})
+                assert response.status_code == 200, response.text
+            if path == "/generate":  # each image's seed is in the answer
+                last = worker.claimed[-1].params["seed"]
+                assert [image["seed"] for image in response.json()["images"]] == [last, last + 1]
+            seeds = [job.params["seed"] for job in worker.claimed]
+            assert all(0 <= seed < 2**31 for seed in seeds)
+            assert seeds[0] != seeds[1]  # picked per request (a 1 in 2**31 chance of a false failure)
+
+    check()
 
 
 def test_models_max_side_of_a_fixed_size_model_is_its_size():
