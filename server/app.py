@@ -131,6 +131,12 @@ def _register_error_handlers(app: FastAPI) -> None:
             return SafeJSONResponse({"detail": [error]}, status_code=422)
         return await http_exception_handler(request, exc)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's input: JSON like every other answer (Starlette's default is
+        # plain text), nothing of the exception shown; Starlette re-raises it to be logged.
+        return SafeJSONResponse({"detail": "internal server error"}, status_code=500)
+
     @app.exception_handler(PayloadTooLarge)
     async def payload_too_large(_request: Request, exc: PayloadTooLarge) -> JSONResponse:
         return SafeJSONResponse({"detail": sanitize_errors(exc.errors())}, status_code=413)
@@ -218,13 +224,15 @@ class OpenAIErrors:
             return
         start: Message | None = None
         chunks: list[bytes] = []
+        answered = False
 
         async def send_openai_errors(message: Message) -> None:
-            nonlocal start
+            nonlocal start, answered
             if message["type"] == "http.response.start" and message["status"] >= 400:
                 start = message
                 return
             if start is None or message["type"] != "http.response.body":
+                answered = True
                 await send(message)
                 return
             chunks.append(message.get("body", b""))
@@ -245,10 +253,25 @@ class OpenAIErrors:
                 if name.lower() not in (b"content-length", b"content-type")
             ]
             headers += [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+            answered = True
             await send({**start, "headers": headers})
             await send({"type": "http.response.body", "body": raw})
 
-        await self.app(scope, receive, send_openai_errors)
+        try:
+            await self.app(scope, receive, send_openai_errors)
+        except Exception:
+            # An unhandled error reaches Starlette's outermost handler, outside this wrapper: its
+            # 500 would not be in OpenAI's shape, so it is answered here (the handler then sees a
+            # started response, sends nothing, and the error is still raised to be logged).
+            if not answered:
+                answered = True
+                raw = SafeJSONResponse({"detail": "internal server error", **openai_error(500, None)}).body
+                await send({
+                    "type": "http.response.start", "status": 500,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+                })
+                await send({"type": "http.response.body", "body": raw})
+            raise
 
 
 def _limits_in_openapi(app: FastAPI, settings: Settings) -> None:

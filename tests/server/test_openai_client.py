@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import httpx
 import httpx2
 import openai
 import pytest
@@ -175,6 +176,32 @@ async def test_refusals_before_routing_are_openai_errors_on_v1_only(backend: Bac
             "code": "service_unavailable",
         }
         assert (await waiting).status_code == 504
+
+
+@run_async
+async def test_an_unexpected_error_is_a_json_500_in_openai_shape_on_v1(backend: Backend, monkeypatch) -> None:
+    """A bug (here the queue raising what it never should) is still an answer the client can parse:
+    OpenAI's shape on /v1 (openai-python's InternalServerError with its message), JSON elsewhere;
+    nothing of the exception leaks."""
+    async with service(backend) as svc:
+        async def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("secret internals")
+
+        monkeypatch.setattr(svc.queue, "submit", broken)
+        transport = httpx.ASGITransport(app=svc.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            v1 = await http.post("/v1/images/generations", json={"prompt": "a fox", "steps": 1})
+            assert v1.status_code == 500 and openai_body(v1)["type"] == "server_error", v1.text
+            own = await http.post("/generate", json={"prompt": "a fox", "steps": 1})
+            assert own.status_code == 500 and own.json() == {"detail": "internal server error"}
+            assert "secret" not in v1.text + own.text
+        http2 = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=svc.app, raise_app_exceptions=False))
+        async with openai.AsyncOpenAI(
+            base_url="http://testserver/v1", api_key="sk-unused", http_client=http2, max_retries=0
+        ) as client:
+            with pytest.raises(openai.InternalServerError) as caught:
+                await client.images.generate(prompt="a fox", extra_body={"steps": 1})
+            assert caught.value.status_code == 500 and caught.value.type == "server_error"  # its parsed error object
 
 
 # ------------------------------------------------------------ nullable fields
