@@ -22,7 +22,7 @@ import itertools
 import json
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -262,7 +262,7 @@ class InProcessQueue(JobQueue):
             deadline = 0.0
         while len(claimed) < max_jobs:
             while self._undelivered and len(claimed) < max_jobs:
-                message_id, _ = self._undelivered.popitem(last=False)
+                message_id = self._next_turn()
                 self._pending[message_id] = _Delivery(self._entries[message_id], worker_id, time.monotonic())
                 job = await self._accept_delivery(message_id, taken_over=False)
                 if job is not None:
@@ -272,6 +272,26 @@ class InProcessQueue(JobQueue):
                 break
             await self._entry_added.wait(remaining)
         return claimed
+
+    def _next_turn(self) -> str:
+        """Take the undelivered entry to hand out next: the oldest of the owner (API key or client
+        address) with the fewest jobs out on workers, so one caller's backlog does not hold back
+        another caller's job queued after it; the Redis queue's claim does the same (``_TURN_LUA``)."""
+        out: Counter[str | None] = Counter()
+        for delivery in self._pending.values():
+            stored = self._jobs.get(delivery.job_id)
+            if stored is not None and stored.record.status in _UNFINISHED:
+                out[stored.owner] += 1
+        chosen, fewest = "", -1
+        for message_id in self._undelivered:
+            stored = self._jobs.get(self._entries[message_id])
+            count = out[stored.owner] if stored is not None else 0  # gone: settled at once in its turn
+            if fewest < 0 or count < fewest:
+                chosen, fewest = message_id, count
+                if count == 0:
+                    break
+        del self._undelivered[chosen]
+        return chosen
 
     async def load_input(self, job_id: str, name: str) -> bytes | None:
         self._purge_expired()

@@ -16,6 +16,8 @@ Layout (key names in :mod:`server.keys`):
   writes the hash, the event and the result keys together, so concurrent
   transitions (a cancel racing a completion, a duplicate completion after a
   redelivery) cannot interleave: the first terminal transition wins.
+* Claims are fair across callers (``owner_set``): a fresh delivery whose caller has more jobs out on
+  workers than a caller waiting behind it gives its turn, its entry moving to the tail (``_TURN_LUA``).
 * Delivery counting uses the hash's ``deliveries`` field, incremented once per
   delivery by the same script that decides whether the delivery may run; it
   is visible in the job record, and a release does not count.
@@ -234,6 +236,58 @@ local fields = redis.call('HMGET', KEYS[1], 'params', 'n_images', 'input_names',
 return {'deliver', deliveries, released, fields[1], fields[2], fields[3], fields[4] and 1 or 0}
 """
 
+# Fair claiming across callers (API keys, or client addresses: a job's owner set). The stream is
+# first in, first out, so one caller's backlog would all be claimed before another caller's job
+# queued behind it. Before a fresh delivery is counted, this compares its owner with the owners of
+# the jobs waiting behind it (the next ARGV[5] entries, at most ARGV[6] owners): if one of them has
+# fewer jobs out on workers (delivered and unfinished), the delivery yields its turn: its entry
+# moves to the tail (same job, new entry id, nothing counted) and the claim reads on, taking the
+# waiting job next. It yields only to a job that is waiting, so no worker idles for fairness.
+_TURN_LUA = """
+-- KEYS[1] jobs stream, KEYS[2] job hash
+-- ARGV[1] entry id, ARGV[2] job id, ARGV[3] consumer group, ARGV[4] job hash key prefix,
+-- ARGV[5] entries to look at behind this one, ARGV[6] most other owners to compare
+-- Returns {'keep'} | {'yield', new entry id}
+local job = redis.call('HMGET', KEYS[2], 'owner_set', 'deliveries', 'status')
+if not job[1] or job[3] ~= 'queued' or tonumber(job[2] or '0') > 0 then return {'keep'} end
+local function out_on_workers(owner_set)
+  local n = 0
+  for _, id in ipairs(redis.call('ZRANGE', owner_set, 0, -1)) do
+    local fields = redis.call('HMGET', ARGV[4] .. id, 'deliveries', 'status')
+    if (fields[2] == 'queued' or fields[2] == 'running') and tonumber(fields[1] or '0') > 0 then n = n + 1 end
+  end
+  return n
+end
+local mine = out_on_workers(job[1])
+if mine == 0 then return {'keep'} end
+local compared, n_compared = {}, 0
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', tonumber(ARGV[5]))) do
+  local fields, other_id = entry[2], nil
+  for i = 1, #fields, 2 do if fields[i] == 'job_id' then other_id = fields[i + 1] end end
+  if other_id then
+    local other = redis.call('HMGET', ARGV[4] .. other_id, 'owner_set', 'deliveries', 'status')
+    if other[1] and other[1] ~= job[1] and other[3] == 'queued' and tonumber(other[2] or '0') == 0
+        and not compared[other[1]] then
+      compared[other[1]], n_compared = true, n_compared + 1
+      if out_on_workers(other[1]) < mine then
+        redis.call('XACK', KEYS[1], ARGV[3], ARGV[1])
+        redis.call('XDEL', KEYS[1], ARGV[1])
+        local moved = redis.call('XADD', KEYS[1], '*', 'job_id', ARGV[2])
+        redis.call('HSET', KEYS[2], 'message_id', moved)
+        return {'yield', moved}
+      end
+      if n_compared >= tonumber(ARGV[6]) then return {'keep'} end
+    end
+  end
+end
+return {'keep'}
+"""
+#: Fair claiming (_TURN_LUA): waiting entries looked at behind a delivery, owners compared, and the
+#: reads one claim makes after turns were yielded (each yield puts a waiting job first).
+_TURN_LOOKAHEAD = 64
+_TURN_OWNERS = 8
+_TURN_READS = 8
+
 # Remember which dead consumer held a job together with others (see _DELIVER_LUA), before
 # any of its entries is taken over, so the last one taken is not mistaken for a sole holding.
 _MARK_SHARED_LUA = """
@@ -423,6 +477,7 @@ class RedisStreamsQueue(JobQueue):
         self._submit_script = client.register_script(_SUBMIT_LUA)
         self._transition_script = client.register_script(_TRANSITION_LUA)
         self._deliver_script = client.register_script(_DELIVER_LUA)
+        self._turn_script = client.register_script(_TURN_LUA)
         self._delete_if_equal_script = client.register_script(_DELETE_IF_EQUAL_LUA)
         self._heartbeat_script = client.register_script(_HEARTBEAT_LUA)
         self._workers_alive_script = client.register_script(_WORKERS_ALIVE_LUA)
@@ -674,10 +729,12 @@ class RedisStreamsQueue(JobQueue):
                 if job.exclusive:
                     return claimed  # a suspect runs alone: nothing new with it
         await self._remove_dead_consumers(worker_id)
-        remaining = max_jobs - len(claimed)
-        if remaining > 0:
+        for read in range(_TURN_READS):
+            remaining = max_jobs - len(claimed)
+            if remaining <= 0:
+                break
             # Block only when there is nothing to hand out yet; taken-over jobs go out at once.
-            block = block_ms if block_ms > 0 and not claimed else None
+            block = block_ms if block_ms > 0 and not claimed and read == 0 else None
             response = await self._with_group(
                 lambda: self._redis.xreadgroup(
                     self._keys.consumer_group,
@@ -687,17 +744,29 @@ class RedisStreamsQueue(JobQueue):
                     block=block,
                 )
             )
+            yielded = 0
             for _stream, entries in response or []:
                 for message_id, fields in entries:
-                    job = await self._accept_delivery(
-                        _text(message_id) or "",
-                        _text((fields or {}).get(b"job_id")) or "",
-                        take_over=None,
-                        worker_id=worker_id,
-                    )
+                    message_id, job_id = _text(message_id) or "", _text((fields or {}).get(b"job_id")) or ""
+                    if await self._yields_turn(message_id, job_id):
+                        yielded += 1
+                        continue
+                    job = await self._accept_delivery(message_id, job_id, take_over=None, worker_id=worker_id)
                     if job is not None:
                         claimed.append(job)
+            if not yielded:
+                break
         return claimed
+
+    async def _yields_turn(self, message_id: str, job_id: str) -> bool:
+        """Whether this fresh delivery gave its turn to another caller's waiting job (``_TURN_LUA``)."""
+        verdict, *_ = await self._with_group(
+            lambda: self._turn_script(
+                keys=[self._keys.jobs_stream, self._keys.job(job_id)],
+                args=[message_id, job_id, self._keys.consumer_group, self._keys.job(""), _TURN_LOOKAHEAD, _TURN_OWNERS],
+            )
+        )
+        return _text(verdict) == "yield"
 
     @_translate_redis_errors
     async def load_input(self, job_id: str, name: str) -> bytes | None:
