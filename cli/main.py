@@ -23,9 +23,12 @@ def check_before_loading(request, model_dir: Path, max_image_side: int) -> None:
     from ediffi.config import ModelConfig
 
     request.validate()
-    sizes = model_capabilities(ModelConfig.load(model_dir)).sizes
-    for name, message in sizes.errors(request.width, request.height, max_image_side).items():
+    capabilities = model_capabilities(ModelConfig.load(model_dir))
+    for name, message in capabilities.sizes.errors(request.width, request.height, max_image_side).items():
         raise spec.InputError(name, message)
+    message = capabilities.karras_sigmas_error(request.use_karras_sigmas, request.sampler)
+    if message is not None:
+        raise spec.InputError("use_karras_sigmas", message)
 
 
 def cmd_generate(args, settings) -> int:
@@ -61,11 +64,15 @@ def cmd_generate(args, settings) -> int:
         from engines.engine import make_backend
 
         defaults = ModelConfig.load(model_dir).request_defaults
+        sampler = args.sampler or defaults.sampler
         request = GenerationRequest(
             prompt=args.prompt, negative_prompt=args.negative_prompt,
             steps=defaults.steps if args.steps is None else args.steps,
             guidance_scale=defaults.guidance_scale if args.guidance is None else args.guidance,
-            seed=seed, sampler=args.sampler or defaults.sampler, n=args.n,
+            seed=seed, sampler=sampler, n=args.n,
+            use_karras_sigmas=(
+                defaults.karras_sigmas_with(sampler) if args.use_karras_sigmas is None else args.use_karras_sigmas
+            ),
             style_image=Image.open(args.style_image) if args.style_image else None,
             color_map=Image.open(args.paint) if args.paint else None, regions=regions,
             width=args.width, height=args.height,
@@ -228,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=spec.DEFAULT_SEED, help="-1: a random one (printed)")
     gen.add_argument("--n", type=int, default=1, help="images (seeds seed, seed+1, ...)")
     gen.add_argument("--sampler", choices=spec.SAMPLERS, help=model_default % spec.DEFAULT_SAMPLER)
+    gen.add_argument(
+        "--karras-sigmas", dest="use_karras_sigmas", action=argparse.BooleanOptionalAction,
+        help="imported SD/SDXL with --sampler euler: --no-karras-sigmas samples on the scheduler's own sigmas "
+        "(diffusers' default EulerDiscreteScheduler); default: the model's",
+    )
     gen.add_argument("--style-image", help="reference image whose CLIP image embedding sets the style")
     gen.add_argument("--paint", help="paint-with-words colour map (PNG)")
     gen.add_argument("--region", action="append", default=[], help="'#rrggbb=phrase[:strength]' (repeatable)")

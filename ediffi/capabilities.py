@@ -58,6 +58,9 @@ class ModelCapabilities:
     sr_noise_level: NoiseLevelRule | None = None  # None: the request field does not apply
     created: int = 0  # OpenAI's `created`: the model.json's modification time (epoch s); 0: unknown
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # of steps, guidance_scale, sampler
+    # Whether `use_karras_sigmas: false` applies: every stage an imported checkpoint whose
+    # scheduler is diffusers' EulerDiscreteScheduler (SD, SDXL), which samples on its own sigmas.
+    scheduler_sigmas: bool = False
 
     def default_steps(self, max_steps: int) -> int:
         """The steps of a request that sends none: the model's default, within the server's limit."""
@@ -81,12 +84,23 @@ class ModelCapabilities:
             return f"must be within [{rule.min}, {rule.max}], got {value}"
         return None
 
+    def karras_sigmas_error(self, use_karras_sigmas: bool | None, sampler: str | None) -> str | None:
+        """Why a request's ``use_karras_sigmas`` cannot be honoured (with its ``sampler``), else None."""
+        if use_karras_sigmas is None or use_karras_sigmas:
+            return None
+        if not self.scheduler_sigmas:
+            return "this model samples on the Karras schedule only; false is for imported SD/SDXL checkpoints"
+        if sampler != "euler":
+            return f"false goes with sampler euler only (diffusers' EulerDiscreteScheduler), got {sampler!r}"
+        return None
+
     def as_json(self, *, max_image_side: int, max_n: int, max_steps: int) -> dict:
         """`GET /v1/models`' capabilities: the model's fields as they always were
         (clients rely on them), then what a client may send with the server's
         limits (settings, passed in: this layer reads none)."""
         described = asdict(self)
-        del described["sr_noise_level"], described["defaults"]  # under "request", with the other request fields
+        # under "request", with the other request fields
+        del described["sr_noise_level"], described["defaults"], described["scheduler_sigmas"]
         described["max_side"] = self.max_side(max_image_side)
         described["samplers"] = list(spec.SAMPLERS)
         described["request"] = {
@@ -100,6 +114,8 @@ class ModelCapabilities:
             "seed": {"min": 0, "max": spec.MAX_SEED, "random": spec.RANDOM_SEED},
             "sampler": {"default": self.defaults.sampler},
             "sr_noise_level": None if self.sr_noise_level is None else asdict(self.sr_noise_level),
+            # false: the scheduler's own sigmas (sampler euler); null where only Karras's apply
+            "use_karras_sigmas": {"default": self.defaults.use_karras_sigmas} if self.scheduler_sigmas else None,
         }
         return described
 
@@ -128,6 +144,10 @@ def model_capabilities(config: ModelConfig) -> ModelCapabilities:
         id=config.name, sizes=sizes, stages=stages, paint_with_words=True,
         style_image=not config.is_imported, source=str(config.training.get("pipeline", "ediffi")),
         sr_noise_level=noise_level_rule(config), defaults=config.request_defaults,
+        scheduler_sigmas=all(
+            stage.schedule is not None and stage.schedule.karras_scheduler == "EulerDiscreteScheduler"
+            for stage in config.stages
+        ),
     )
 
 

@@ -91,6 +91,10 @@ class TrainingScheduleConfig(_Strict):
     # see and its initial noise scale (discrete.py). IF uses DPM-Solver++:
     # diffusers' Euler cannot take a learned-variance output.
     karras_scheduler: Literal["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"] = "EulerDiscreteScheduler"
+    # False: the scheduler's own spaced sigmas instead of Karras's, as diffusers'
+    # default EulerDiscreteScheduler (use_karras_sigmas=False); a request's choice
+    # (discrete.request_schedule), Euler only.
+    use_karras_sigmas: bool = True
 
 
 class DynamicThresholdingConfig(_Strict):
@@ -370,6 +374,14 @@ class GenerationDefaults(_Strict):
     steps: int = Field(spec.DEFAULT_STEPS, ge=1)
     guidance_scale: float = Field(spec.DEFAULT_GUIDANCE, ge=0.0, le=spec.MAX_GUIDANCE, allow_inf_nan=False)
     sampler: spec.SamplerName = spec.DEFAULT_SAMPLER
+    # Imported models: False samples on the scheduler's own sigmas (the importer's
+    # default where the folder's scheduler is diffusers' plain EulerDiscreteScheduler).
+    use_karras_sigmas: bool = True
+
+    def karras_sigmas_with(self, sampler: str) -> bool:
+        """A request's ``use_karras_sigmas`` when it names none: the model's, which can be
+        false with the Euler sampler only (another sampler samples on Karras's sigmas)."""
+        return self.use_karras_sigmas or sampler != "euler"
 
 
 #: An imported model's defaults: its diffusers pipeline's own (``__call__``'s
@@ -415,6 +427,11 @@ class ModelConfig(_Strict):
             raise ValueError("diffusers experts need diffusers_clip encoders")
         for expert in discrete:
             self.encoders.conditioning(expert.network.conditioning)  # names an existing block
+        if self.defaults is not None and not self.defaults.use_karras_sigmas:
+            euler_discrete = all(s.schedule is not None and s.schedule.karras_scheduler == "EulerDiscreteScheduler"
+                                 for s in self.stages)
+            if not euler_discrete or self.defaults.sampler != "euler":
+                raise ValueError("defaults.use_karras_sigmas false is for imported SD/SDXL with sampler euler")
         return self
 
     @property

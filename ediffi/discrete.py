@@ -79,7 +79,9 @@ def timestep_at(schedule: TrainingScheduleConfig, sigma: float, log_sigmas: torc
     return float(unet_timesteps(torch.tensor([sigma], dtype=torch.float32), table, schedule))
 
 
-def request_schedule(schedule: TrainingScheduleConfig, sampler: str) -> TrainingScheduleConfig:
+def request_schedule(
+    schedule: TrainingScheduleConfig, sampler: str, use_karras_sigmas: bool = True
+) -> TrainingScheduleConfig:
     """The schedule whose diffusers scheduler a request's sampler reproduces.
     `dpmpp_2m` is "DPM++ 2M Karras", diffusers' DPMSolverMultistepScheduler
     (use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2),
@@ -88,9 +90,13 @@ def request_schedule(schedule: TrainingScheduleConfig, sampler: str) -> Training
     range whatever the timestep_spacing, init_noise_sigma is 1 (it samples
     the VP x), and the timesteps it feeds the UNet are `_sigma_to_t(...)`
     rounded to integers, where Euler's stay fractional. Euler and Heun keep
-    the checkpoint's own (Euler's for SD/SDXL, DPM-Solver's for IF)."""
+    the checkpoint's own (Euler's for SD/SDXL, DPM-Solver's for IF).
+    ``use_karras_sigmas=False`` (Euler only, checked by the request): the
+    scheduler's own spaced sigmas, diffusers' default EulerDiscreteScheduler."""
     if sampler == "dpmpp_2m" and schedule.karras_scheduler != DPM_SOLVER:
-        return schedule.model_copy(update={"karras_scheduler": DPM_SOLVER})
+        schedule = schedule.model_copy(update={"karras_scheduler": DPM_SOLVER})
+    if schedule.use_karras_sigmas != use_karras_sigmas:
+        schedule = schedule.model_copy(update={"use_karras_sigmas": use_karras_sigmas})
     return schedule
 
 
@@ -110,8 +116,9 @@ def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
     return ((1 - w).double() * low_idx + w.double() * high_idx).to(log_sigmas.dtype)
 
 
-def _spaced_timesteps(schedule: TrainingScheduleConfig, steps: int) -> np.ndarray:
-    """diffusers' inference timesteps for `timestep_spacing` (Lin et al. 2023, Table 2)."""
+def inference_timesteps(schedule: TrainingScheduleConfig, steps: int) -> np.ndarray:
+    """diffusers' inference timesteps for `timestep_spacing` (Lin et al. 2023, Table 2), float32:
+    without Karras sigmas, the timesteps EulerDiscreteScheduler feeds the UNet, one per sigma."""
     n = schedule.num_train_timesteps
     if schedule.timestep_spacing == "linspace":
         return np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
@@ -131,10 +138,15 @@ def inference_sigmas(schedule: TrainingScheduleConfig, steps: int) -> torch.Tens
     if steps < 1:
         raise ValueError("steps must be >= 1")
     sigmas = training_sigmas(schedule).numpy()
+    if not schedule.use_karras_sigmas:
+        # EulerDiscreteScheduler's own: the training sigmas at the spaced timesteps
+        # (linear interpolation in t), then 0.
+        spaced = np.interp(inference_timesteps(schedule, steps), np.arange(0, len(sigmas)), sigmas)
+        return torch.from_numpy(np.concatenate([spaced, [0.0]]).astype(np.float32)).double()
     if schedule.karras_scheduler == DPM_SOLVER:
         sigma_min, sigma_max = float(sigmas[0]), float(sigmas[-1])
     else:
-        spaced = np.interp(_spaced_timesteps(schedule, steps), np.arange(0, len(sigmas)), sigmas)
+        spaced = np.interp(inference_timesteps(schedule, steps), np.arange(0, len(sigmas)), sigmas)
         sigma_min, sigma_max = float(spaced[-1]), float(spaced[0])
     ramp = np.linspace(0, 1, steps)
     karras = (sigma_max ** (1 / KARRAS_RHO) + ramp * (sigma_min ** (1 / KARRAS_RHO) - sigma_max ** (1 / KARRAS_RHO))) ** KARRAS_RHO

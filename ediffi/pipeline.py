@@ -22,8 +22,8 @@ from PIL import Image
 from ediffi.capabilities import model_capabilities
 from ediffi.config import ModelConfig, StageConfig
 from ediffi.discrete import (
-    dynamic_threshold, inference_sigmas, initial_noise_scale, log_sigma_table, noise_level_sigma, request_schedule,
-    timestep_at,
+    dynamic_threshold, inference_sigmas, inference_timesteps, initial_noise_scale, log_sigma_table, noise_level_sigma,
+    request_schedule, timestep_at,
 )
 from ediffi.encoders import ENCODER_NAMES
 from ediffi.failure import InputError
@@ -58,6 +58,9 @@ class GenerationRequest:
     # low-res image, in timesteps of the image-noising schedule (diffusers'
     # `noise_level`); None: the pipeline's default.
     sr_noise_level: int | None = None
+    # Imported SD/SDXL with the Euler sampler: False samples on the scheduler's own
+    # sigmas (diffusers' default EulerDiscreteScheduler) instead of Karras's.
+    use_karras_sigmas: bool = True
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -114,20 +117,28 @@ def low_res_sigma(stage: StageConfig, request: GenerationRequest) -> float:
     return noise_level_sigma(stage.noise_level_schedule, request.sr_noise_level)
 
 
-def validate_sr_noise_level(config: ModelConfig, request: GenerationRequest) -> None:
-    """The rule `GET /v1/models` publishes and the API checks (ediffi.capabilities)."""
-    message = model_capabilities(config).sr_noise_level_error(request.sr_noise_level)
+def validate_for_model(config: ModelConfig, request: GenerationRequest) -> None:
+    """The rules `GET /v1/models` publishes and the API checks (ediffi.capabilities):
+    `sr_noise_level` within the model's range, `use_karras_sigmas` false only where it applies."""
+    capabilities = model_capabilities(config)
+    message = capabilities.sr_noise_level_error(request.sr_noise_level)
     if message is not None:
         raise InputError("sr_noise_level", message)
+    message = capabilities.karras_sigmas_error(request.use_karras_sigmas, request.sampler)
+    if message is not None:
+        raise InputError("use_karras_sigmas", message)
 
 
-def stage_sigmas(stage: StageConfig, steps: int, sampler: str = DEFAULT_SAMPLER) -> torch.Tensor:
+def stage_sigmas(
+    stage: StageConfig, steps: int, sampler: str = DEFAULT_SAMPLER, use_karras_sigmas: bool = True
+) -> torch.Tensor:
     """The sampler's sigma schedule: EDM's Karras schedule over the stage's
     range, or for a discrete-time checkpoint the one diffusers' scheduler
     with Karras sigmas uses (within its trained range): Euler's, or
-    DPM-Solver's for `dpmpp_2m` (ediffi.discrete.request_schedule)."""
+    DPM-Solver's for `dpmpp_2m` (ediffi.discrete.request_schedule); without
+    Karras sigmas, Euler's own spaced ones."""
     if stage.schedule is not None:
-        return inference_sigmas(request_schedule(stage.schedule, sampler), steps)
+        return inference_sigmas(request_schedule(stage.schedule, sampler, use_karras_sigmas), steps)
     return karras_sigmas(steps, stage.sigma_min, stage.sigma_max, stage.rho)
 
 
@@ -200,7 +211,7 @@ def encode_request(model: EDiffIModel, request: GenerationRequest, text_cache: C
     if request.style_image is not None and not enc.has_image_encoder:
         raise InputError("style_image", "this model has no image encoder, so it takes no style image")
     height, width = output_size(model.config, request)
-    validate_sr_noise_level(model.config, request)
+    validate_for_model(model.config, request)
     encode_text = text_cache or enc.encode_text
     use_t5, use_clip = "t5" in request.encoders, "clip_text" in request.encoders
     text = encode_text([request.prompt], use_t5, use_clip)
@@ -288,7 +299,7 @@ class RequestRun:
         self.sampler: Sampler = self._start_stage()
 
     def _sigmas(self, stage) -> torch.Tensor:
-        return stage_sigmas(stage, self.request.steps, self.request.sampler)
+        return stage_sigmas(stage, self.request.steps, self.request.sampler, self.request.use_karras_sigmas)
 
     def _timesteps(self, sigma: float, rows: int, device: torch.device) -> torch.Tensor | None:
         """The UNet timestep at `sigma` for `rows` rows (float32 holds it
@@ -296,7 +307,9 @@ class RequestRun:
         (DenoiserInputs.timestep; None for EDM stages); computed on the CPU here."""
         if self._schedule is None:
             return None
-        t = timestep_at(self._schedule, sigma, self._log_sigmas)
+        t = self._scheduler_timesteps.get(sigma)
+        if t is None:
+            t = timestep_at(self._schedule, sigma, self._log_sigmas)
         return torch.full((rows,), t, device=device, dtype=torch.float32)
 
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -315,8 +328,16 @@ class RequestRun:
         # schedule per stage): its sigmas, init_noise_sigma and UNet timesteps.
         # The rows always carry their timesteps: they depend on the sampler
         # (SD/SDXL), and a captured CUDA graph cannot compute them on the host.
-        self._schedule = None if stage.schedule is None else request_schedule(stage.schedule, self.request.sampler)
+        self._schedule = None if stage.schedule is None else request_schedule(
+            stage.schedule, self.request.sampler, self.request.use_karras_sigmas
+        )
         self._log_sigmas = None if self._schedule is None else log_sigma_table(self._schedule)  # once per stage
+        # On the scheduler's own sigmas, each call gets exactly the spaced timestep diffusers
+        # feeds its UNet (sigma -> t by log interpolation would be close, not equal, between steps).
+        self._scheduler_timesteps: dict[float, float] = {}
+        if self._schedule is not None and not self._schedule.use_karras_sigmas:
+            spaced = inference_timesteps(self._schedule, self.request.steps)
+            self._scheduler_timesteps = dict(zip(sigmas[:-1].tolist(), spaced.tolist()))
         # The noise diffusers draws for the same seed (CPU generator,
         # [1, C, H/f, W/f]) times its init_noise_sigma.
         scale = sigmas[0] if self._schedule is None else initial_noise_scale(self._schedule, float(sigmas[0]))

@@ -202,6 +202,15 @@ class GenerationOptions(NullMeansDefault):
             "below the schedule's length). Absent: the pipeline's default (250 for IF).",
         ),
     ] = None
+    use_karras_sigmas: Annotated[
+        bool | None,
+        Field(
+            strict=True,
+            description="Imported SD/SDXL with sampler euler: false samples on the scheduler's own sigmas, as "
+            "diffusers' default EulerDiscreteScheduler (diffusers' use_karras_sigmas); true: Karras's. Absent: the "
+            "model's default (GET /v1/models: request.use_karras_sigmas; null there: Karras's only).",
+        ),
+    ] = None
     width: Annotated[
         int | None,
         Field(strict=True, ge=1, description="Image width in pixels (GET /v1/models: sizes). Absent: the model's default."),
@@ -366,6 +375,7 @@ class JobParams(BaseModel):
           "inputs": ["color_map"?, "style_image"?],   # names of the job's byte inputs, sorted
           "paint_with_words": null | {"regions": [{"color": "#rrggbb", "phrase": str, "strength": float}]},
           "sr_noise_level": null | int,     # >= 0; the model checks its range (IF stage II)
+          "use_karras_sigmas": bool,        # false: imported SD/SDXL, sampler euler, the scheduler's own sigmas
           "width"?: int, "height"?: int,    # only when the client asked for a size (width/height, or
                                             # /v1/images/generations' size), else the default
           "response_format": "b64_json" | "url",      # how the API will answer; not the worker's concern
@@ -402,6 +412,7 @@ class JobParams(BaseModel):
     inputs: list[str] = Field(default_factory=list)
     paint_with_words: JobPaintWithWords | None = None
     sr_noise_level: int | None = None
+    use_karras_sigmas: bool = True
     width: int | None = None
     height: int | None = None
     response_format: ResponseFormat = "b64_json"

@@ -302,6 +302,9 @@ def check_model_fields(
     noise_level_problem = capabilities.sr_noise_level_error(request.sr_noise_level)
     if noise_level_problem is not None:
         errors.append(field_error(body + ("sr_noise_level",), noise_level_problem, "unsupported_value"))
+    karras_problem = capabilities.karras_sigmas_error(request.use_karras_sigmas, request.sampler)
+    if karras_problem is not None:
+        errors.append(field_error(body + ("use_karras_sigmas",), karras_problem, "unsupported_value"))
     return errors
 
 
@@ -316,6 +319,7 @@ def with_model_defaults(
         "steps": min(defaults.steps, settings.max_steps),
         "guidance_scale": defaults.guidance_scale,
         "sampler": defaults.sampler,
+        "use_karras_sigmas": defaults.karras_sigmas_with(request.sampler or defaults.sampler),
     }
     update = {name: value for name, value in missing.items() if getattr(request, name) is None}
     return request.model_copy(update=update) if update else request
@@ -391,6 +395,7 @@ def validate_generation(
         inputs=sorted(inputs),
         paint_with_words=pww_params,
         sr_noise_level=request.sr_noise_level,
+        use_karras_sigmas=request.use_karras_sigmas,
         width=request.width,
         height=request.height,
         response_format=request.response_format,

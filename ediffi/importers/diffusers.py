@@ -45,7 +45,9 @@ from ediffi.discrete import boundary_sigma, noise_level_sigma, training_sigmas
 DEFAULT_HIGH_NOISE_FRAC = 0.8
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 # Scheduler-config fields that fix the sigmas; the refiner must agree with the base.
-_SCHEDULE_FIELDS = tuple(TrainingScheduleConfig.model_fields)
+# The scheduler config keys of the training schedule (a folder's use_karras_sigmas is no part of it:
+# it sets the requests' default, samples_on_own_sigmas).
+_SCHEDULE_FIELDS = tuple(name for name in TrainingScheduleConfig.model_fields if name != "use_karras_sigmas")
 # Config keys that differ between identical weights saved by different runs.
 _VOLATILE_KEYS = {"_name_or_path", "transformers_version", "_diffusers_version", "_commit_hash"}
 
@@ -174,6 +176,20 @@ def schedule_of(folder: PipelineFolder) -> tuple[TrainingScheduleConfig, str]:
     fields = {k: cfg[k] for k in _SCHEDULE_FIELDS if cfg.get(k) is not None}
     schedule = TrainingScheduleConfig(**{**defaults.model_dump(), **fields})
     return schedule, prediction
+
+
+def samples_on_own_sigmas(folder: PipelineFolder, stages: list[StageConfig]) -> bool:
+    """Whether the folder's own scheduler is diffusers' plain EulerDiscreteScheduler (SDXL's):
+    its spaced sigmas, not Karras's, which requests then default to (use_karras_sigmas false),
+    so a request that leaves the sampling fields out gets the image of the pipeline as loaded."""
+    cfg = folder.config("scheduler", "scheduler_config.json")
+    return (
+        all(s.schedule is not None and s.schedule.karras_scheduler == "EulerDiscreteScheduler" for s in stages)
+        and cfg.get("_class_name") == "EulerDiscreteScheduler"
+        and not any(cfg.get(key) for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
+        and cfg.get("interpolation_type", "linear") == "linear"
+        and cfg.get("final_sigmas_type", "zero") == "zero"
+    )
 
 
 def _files_digest(folder: Path) -> str:
@@ -581,7 +597,9 @@ def import_diffusers(
     config = ModelConfig(
         name=name or default_model_name(base.root), encoders=plan.encoders, stages=plan.stages,
         training={"imported_from": str(base.root.resolve()), "pipeline": base.pipeline_class, **plan.provenance},
-        defaults=PIPELINE_DEFAULTS[base.pipeline_class],
+        defaults=PIPELINE_DEFAULTS[base.pipeline_class].model_copy(
+            update={"use_karras_sigmas": not samples_on_own_sigmas(base, plan.stages)}
+        ),
     )
     write_model_dir(out_dir, config, plan.components, copy)
     return config

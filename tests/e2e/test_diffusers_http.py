@@ -26,15 +26,23 @@ def served_sdxl(imported_sdxl_dir, tmp_path_factory):
         yield url
 
 
-def test_generate_over_http_matches_diffusers(served_sdxl, tiny_diffusers_dir):
-    body = {"prompt": "a red cat on the house", "steps": 8, "guidance_scale": 5.0, "seed": 7, "sampler": "euler",
-            "width": 48, "height": 32}
+@pytest.mark.parametrize(
+    ("fields", "karras"),
+    [
+        ({}, False),  # the model's defaults: the schedulers as the folders name them, guidance 5
+        ({"sampler": "euler", "use_karras_sigmas": True, "guidance_scale": 5.0}, True),
+    ],
+    ids=["defaults", "euler-karras"],
+)
+def test_generate_over_http_matches_diffusers(served_sdxl, tiny_diffusers_dir, fields, karras):
+    body = {"prompt": "a red cat on the house", "steps": 8, "seed": 7, "width": 48, "height": 32, **fields}
     response = httpx.post(served_sdxl + "/generate", json=body, timeout=240)
     assert response.status_code == 200, response.text
     image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]["b64_json"])))
-    reference = sdxl_reference(tiny_diffusers_dir, body["prompt"], seed=7, steps=8, guidance=5.0, width=48, height=32)
+    reference = sdxl_reference(tiny_diffusers_dir, body["prompt"], seed=7, steps=8, guidance=5.0, width=48, height=32,
+                               karras=karras)
     assert image.size == reference.size == (48, 32)
-    print(f"SDXL base + refiner over HTTP: PSNR {psnr(image, reference):.2f} dB")
+    print(f"SDXL base + refiner over HTTP ({'Karras' if karras else 'as loaded'}): PSNR {psnr(image, reference):.2f} dB")
     assert psnr(image, reference) >= 35.0
 
 

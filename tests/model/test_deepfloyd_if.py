@@ -97,7 +97,9 @@ def test_import_writes_a_two_stage_pixel_cascade(if_model_dir):
         assert network.learned_variance and network.schedule.karras_scheduler == "DPMSolverMultistepScheduler"
     assert [e.kind for e in config.encoders.text_encoders] == ["t5"]
     # A request's defaults: IFPipeline's guidance 7, 50 steps (stage II's) of the sampler diffusers' IF example uses.
-    assert config.defaults.model_dump() == {"steps": 50, "guidance_scale": 7.0, "sampler": "dpmpp_2m"}
+    assert config.defaults.model_dump() == {
+        "steps": 50, "guidance_scale": 7.0, "sampler": "dpmpp_2m", "use_karras_sigmas": True,
+    }
 
 
 @pytest.mark.parametrize("stage_name", ["base", "sr"])

@@ -87,7 +87,7 @@ def _write_generate(model_dir, out, *extra):
     from cli.main import main
 
     code = main(["generate", "a red cat on the house", "--model-dir", str(model_dir), "--sampler", "euler",
-                 "--steps", "8", "--guidance", "5", "--seed", "7", "--out", str(out), *extra])
+                 "--karras-sigmas", "--steps", "8", "--guidance", "5", "--seed", "7", "--out", str(out), *extra])
     assert code == 0
     return Image.open(out)
 
@@ -137,6 +137,48 @@ def test_sdxl_base_and_refiner_match_diffusers(tiny_diffusers_dir, imported_sdxl
     assert ours.size == ref.size == (48, 32)
     print(f"SDXL base + refiner parity: PSNR {psnr(ours, ref):.2f} dB")
     assert psnr(ours, ref) >= PARITY_DB
+
+
+def test_sdxl_defaults_are_the_pipelines_as_loaded(tiny_diffusers_dir, imported_sdxl_dir, tmp_path):
+    """With only a prompt, seed and steps, the imported SDXL base + refiner = diffusers' documented
+    ensemble-of-experts example with the schedulers the folders name (EulerDiscreteScheduler on its
+    own "leading" sigmas, not Karras's), its guidance 5 and high_noise_frac 0.8."""
+    from cli.main import main
+
+    assert json.loads((imported_sdxl_dir / "model.json").read_text())["defaults"]["use_karras_sigmas"] is False
+    out = tmp_path / "ours.png"
+    assert main(["generate", "a red cat on the house", "--model-dir", str(imported_sdxl_dir), "--steps", "8",
+                 "--seed", "7", "--width", "48", "--height", "32", "--out", str(out)]) == 0
+    ours = Image.open(out)
+    ref = sdxl_reference(tiny_diffusers_dir, "a red cat on the house", seed=7, steps=8, guidance=5.0, width=48,
+                         height=32, karras=False)
+    print(f"SDXL base + refiner, schedulers as loaded: PSNR {psnr(ours, ref):.2f} dB")
+    assert psnr(ours, ref) >= PARITY_DB
+    karras = sdxl_reference(tiny_diffusers_dir, "a red cat on the house", seed=7, steps=8, guidance=5.0, width=48,
+                            height=32)
+    assert psnr(ours, karras) < psnr(ours, ref) - 5  # the bar tells the two schedules apart
+
+
+@pytest.mark.parametrize("folder", ["sd", "sd-v"])
+def test_euler_on_the_schedulers_own_sigmas_matches_euler_discrete(tiny_diffusers_dir, tmp_path, folder):
+    """--no-karras-sigmas = EulerDiscreteScheduler.from_config(the folder's config): SD's "linspace"
+    spacing (fractional timesteps, fed to the UNet exactly), epsilon and v-prediction."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from cli.main import main
+    from ediffi.importers.diffusers import import_diffusers
+
+    import_diffusers(tiny_diffusers_dir / folder, tmp_path / "m")
+    out = tmp_path / "ours.png"
+    assert main(["generate", "a red cat on the house", "--model-dir", str(tmp_path / "m"), "--sampler", "euler",
+                 "--no-karras-sigmas", "--steps", "7", "--guidance", "5", "--seed", "7", "--out", str(out)]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_diffusers_dir / folder, use_safetensors=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a red cat on the house", num_inference_steps=7, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(7)).images[0]
+    print(f"{folder} Euler on the scheduler's own sigmas: PSNR {psnr(Image.open(out), ref):.2f} dB")
+    assert psnr(Image.open(out), ref) >= PARITY_DB
 
 
 def test_sdxl_refiner_runs_the_low_noise_steps(imported_sdxl):
@@ -331,20 +373,25 @@ def test_imported_models_default_to_their_pipelines_steps_and_guidance(imported_
     from ediffi.config import GenerationDefaults
     from ediffi.spec import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 
-    for model_dir, pipeline in ((imported_sd_dir, StableDiffusionPipeline), (imported_sdxl_dir, StableDiffusionXLPipeline)):
+    # SD's folder names PNDMScheduler (not reproduced: Euler on Karras's sigmas); SDXL's its plain
+    # EulerDiscreteScheduler, whose own sigmas requests then sample on.
+    cases = ((imported_sd_dir, StableDiffusionPipeline, True), (imported_sdxl_dir, StableDiffusionXLPipeline, False))
+    for model_dir, pipeline, karras in cases:
         signature = inspect.signature(pipeline.__call__).parameters
         recorded = json.loads((model_dir / "model.json").read_text())["defaults"]
         assert recorded == {
             "steps": signature["num_inference_steps"].default,
             "guidance_scale": signature["guidance_scale"].default,
-            "sampler": "euler",  # equals EulerDiscreteScheduler's images on the Karras schedule
+            "sampler": "euler",
+            "use_karras_sigmas": karras,
         }
         older = json.loads((model_dir / "model.json").read_text())
-        del older["defaults"]
-        assert ModelConfig.model_validate(older).request_defaults == GenerationDefaults(**recorded)
+        del older["defaults"]  # imported before the importer wrote them: Karras's, as then
+        assert ModelConfig.model_validate(older).request_defaults == GenerationDefaults(**{**recorded, "use_karras_sigmas": True})
         older["training"] = {}
         assert ModelConfig.model_validate(older).request_defaults.model_dump() == {
             "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE, "sampler": DEFAULT_SAMPLER,
+            "use_karras_sigmas": True,
         }
 
 

@@ -44,6 +44,7 @@ JOB_PARAM_KEYS = {
     "inputs",
     "paint_with_words",
     "sr_noise_level",
+    "use_karras_sigmas",
     "response_format",
     "client",
 }

@@ -235,6 +235,7 @@ def test_models_lists_what_a_client_may_send(sdxl_capabilities):
         "seed": {"min": 0, "max": MAX_SEED, "random": -1},
         "sampler": {"default": "euler"},
         "sr_noise_level": None,  # no noise-level SR stage: the field does not apply
+        "use_karras_sigmas": {"default": False},  # its folder's EulerDiscreteScheduler samples on its own sigmas
     }
 
 
@@ -242,6 +243,7 @@ def test_models_lists_the_shipped_family_defaults():
     request = asyncio.run(_listed(None))["request"]
     assert request["steps"]["default"] == 32 and request["guidance_scale"]["default"] == 3.0
     assert request["sampler"] == {"default": "heun"}
+    assert request["use_karras_sigmas"] is None  # Karras's sigmas only
 
 
 # ------------------------------------------------------------ model defaults
@@ -251,10 +253,15 @@ def test_models_lists_the_shipped_family_defaults():
 @pytest.mark.parametrize(
     ("sent", "expected"),
     [
-        ({}, {"steps": 50, "guidance_scale": 5.0, "sampler": "euler"}),  # SDXL's pipeline defaults
-        ({"steps": None, "guidance_scale": None, "sampler": None}, {"steps": 50, "guidance_scale": 5.0, "sampler": "euler"}),
-        ({"steps": 3, "guidance_scale": 0.0, "sampler": "heun"}, {"steps": 3, "guidance_scale": 0.0, "sampler": "heun"}),
-        ({"guidance_scale": 7.5}, {"steps": 50, "guidance_scale": 7.5, "sampler": "euler"}),
+        # SDXL's pipeline defaults, on its scheduler's own sigmas
+        ({}, {"steps": 50, "guidance_scale": 5.0, "sampler": "euler", "use_karras_sigmas": False}),
+        ({"steps": None, "guidance_scale": None, "sampler": None, "use_karras_sigmas": None},
+         {"steps": 50, "guidance_scale": 5.0, "sampler": "euler", "use_karras_sigmas": False}),
+        # another sampler: Karras's sigmas (the scheduler's own go with Euler only)
+        ({"steps": 3, "guidance_scale": 0.0, "sampler": "heun"},
+         {"steps": 3, "guidance_scale": 0.0, "sampler": "heun", "use_karras_sigmas": True}),
+        ({"guidance_scale": 7.5, "use_karras_sigmas": True},
+         {"steps": 50, "guidance_scale": 7.5, "sampler": "euler", "use_karras_sigmas": True}),
     ],
 )
 def test_fields_left_out_take_the_models_defaults(sdxl_capabilities, path, sent, expected):
@@ -265,6 +272,30 @@ def test_fields_left_out_take_the_models_defaults(sdxl_capabilities, path, sent,
             assert response.status_code == 200, response.text
             (job,) = worker.claimed
             assert {name: job.params[name] for name in expected} == expected
+
+    check()
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/images/generations"])
+@pytest.mark.parametrize(
+    ("imported", "fields", "words"),
+    [
+        (False, {"use_karras_sigmas": False}, "Karras schedule only"),
+        (True, {"use_karras_sigmas": False, "sampler": "dpmpp_2m"}, "sampler euler only"),
+        (True, {"use_karras_sigmas": False, "sampler": "heun"}, "sampler euler only"),
+        (True, {"use_karras_sigmas": "no"}, "valid boolean"),
+    ],
+)
+def test_use_karras_sigmas_false_where_it_cannot_apply_is_422_naming_it(
+    sdxl_capabilities, path, imported, fields, words
+):
+    @run_async
+    async def check() -> None:
+        async with api(sdxl_capabilities if imported else None) as (client, queue):
+            response = await client.post(path, json={"prompt": "a cat", **fields})
+            assert error_locs(response) == [["body", "use_karras_sigmas"]]
+            assert words in error_message(response)
+            assert await queue.depth() == 0
 
     check()
 

@@ -168,16 +168,24 @@ def karras_dpmpp(pipe):
     return pipe
 
 
+def as_loaded(pipe):
+    """The pipeline with the scheduler its folder names (SDXL's: EulerDiscreteScheduler, its own sigmas)."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def sdxl_reference(checkpoints: Path, prompt: str, seed: int, steps: int, guidance: float, width: int, height: int,
-                   high_noise_frac: float = 0.8):
+                   high_noise_frac: float = 0.8, karras: bool = True):
     """diffusers' own SDXL base + refiner image: StableDiffusionXLPipeline(
     denoising_end=F, output_type="latent") then StableDiffusionXLImg2ImgPipeline(
-    denoising_start=F), both with Euler + Karras sigmas."""
+    denoising_start=F), both with Euler + Karras sigmas, or (``karras=False``) with
+    the schedulers as loaded (the documented ensemble-of-experts example)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    base = karras_euler(StableDiffusionXLPipeline.from_pretrained(
+    scheduler = karras_euler if karras else as_loaded
+    base = scheduler(StableDiffusionXLPipeline.from_pretrained(
         checkpoints / "sdxl-base", use_safetensors=True, add_watermarker=False))
-    refiner = karras_euler(StableDiffusionXLImg2ImgPipeline.from_pretrained(
+    refiner = scheduler(StableDiffusionXLImg2ImgPipeline.from_pretrained(
         checkpoints / "sdxl-refiner", use_safetensors=True, add_watermarker=False))
     kw = dict(num_inference_steps=steps, guidance_scale=guidance)
     latents = base(prompt, width=width, height=height, denoising_end=high_noise_frac, output_type="latent",
