@@ -64,7 +64,8 @@ class QueueFull(Exception):
     such error of every layer, so it lives here, torch-free, at the bottom.
 
     ``limit`` says which: ``"queue"`` (``max_queue`` unfinished jobs), ``"inputs"`` (the
-    ``max_queued_input_bytes`` budget of uploaded inputs) or ``"key"`` (the caller's
+    ``max_queued_input_bytes`` budget of uploaded inputs), ``"results"`` (the
+    ``max_stored_result_bytes`` budget of finished jobs' images) or ``"key"`` (the caller's
     ``max_unfinished_per_key``) in the job queue; ``"engine"`` (an engine's
     ``max_waiting`` requests waiting for admission). ``used`` and ``maximum`` are in the limit's unit.
     """
@@ -75,6 +76,8 @@ class QueueFull(Exception):
         "key": "too many unfinished jobs for this caller (its API key, or its address without keys): "
                "{used}, limit {maximum}",
         "engine": "engine full: {used} requests waiting for admission, limit {maximum}",
+        "results": "stored results over budget: finished jobs hold {used} bytes of images, limit {maximum} "
+                   "bytes (they expire after the result TTL)",
     }
 
     def __init__(self, used: int, maximum: int, retry_after_s: float = 5.0, limit: str = "queue") -> None:

@@ -19,6 +19,9 @@ Layout (with the default prefix)::
     ediffi:inputs:jobs              hash: job id -> its input bytes counted in inputs:bytes
     ediffi:inputs:deadlines         sorted set: job id by the epoch ms its unfinished life ends
     ediffi:owner:{key}:jobs         sorted set: unfinished jobs of one API key, by the same deadline
+    ediffi:results:bytes            bytes of the result images finished jobs hold (the submit budget)
+    ediffi:results:jobs             hash: job id -> its image bytes counted in results:bytes
+    ediffi:results:deadlines        sorted set: job id by the epoch ms its images expire
 """
 
 from __future__ import annotations
@@ -107,6 +110,19 @@ class RedisKeys:
     @property
     def input_deadlines(self) -> str:
         return f"{self.prefix}inputs:deadlines"
+
+    @property
+    def result_bytes(self) -> str:
+        """Total bytes of the result images finished jobs hold (checked against the budget at submit)."""
+        return f"{self.prefix}results:bytes"
+
+    @property
+    def result_bytes_by_job(self) -> str:
+        return f"{self.prefix}results:jobs"
+
+    @property
+    def result_deadlines(self) -> str:
+        return f"{self.prefix}results:deadlines"
 
     def owner_jobs(self, owner: str) -> str:
         """Unfinished jobs of one API key (or of anonymous callers)."""

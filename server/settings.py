@@ -202,6 +202,13 @@ class Settings(BaseSettings):
         description="Bytes of uploaded inputs (style images, colour maps) the unfinished jobs may hold in Redis "
         "together; a submission beyond it gets 429. Keep it well under Redis's maxmemory.",
     )
+    max_stored_result_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="Bytes of result images finished jobs may hold in Redis together (each for result_ttl_s); "
+        "while they exceed it, submissions get 429 with Retry-After until the oldest expire. Keep it plus "
+        "max_queued_input_bytes well under Redis's maxmemory.",
+    )
     max_unfinished_per_key: int = Field(
         default=64,
         ge=1,

@@ -62,6 +62,7 @@ def queue_limits(settings: "Settings") -> dict[str, Any]:
         result_ttl_s=settings.result_ttl_s,
         heartbeat_ttl_s=settings.heartbeat_ttl_s,
         max_input_bytes=settings.max_queued_input_bytes,
+        max_result_bytes=settings.max_stored_result_bytes,
         max_unfinished_per_owner=settings.max_unfinished_per_key,
         max_job_age_s=settings.max_job_age_s,
     )

@@ -106,11 +106,13 @@ class InProcessQueue(JobQueue):
         result_ttl_s: float,
         heartbeat_ttl_s: float,
         max_input_bytes: int = 512 * 1024 * 1024,
+        max_result_bytes: int = 1 << 62,
         max_unfinished_per_owner: int = 1_000_000,
         max_job_age_s: float = 24 * 3600,
     ) -> None:
         self._max_queue = max_queue
         self._max_input_bytes = max_input_bytes
+        self._max_result_bytes = max_result_bytes
         self._max_unfinished_per_owner = max_unfinished_per_owner
         self._max_job_age_s = max_job_age_s
         self._claim_timeout_s = claim_timeout_s
@@ -155,6 +157,14 @@ class InProcessQueue(JobQueue):
         owned = sum(1 for stored in unfinished if stored.owner == owner)
         if owned >= self._max_unfinished_per_owner:
             raise QueueFull(owned, self._max_unfinished_per_owner, limit="key")
+        holding = [stored for stored in self._jobs.values() if stored.images and stored.expires_at is not None]
+        results = sum(len(image) for stored in holding for image in stored.images)
+        if results > self._max_result_bytes:
+            first_expiry = min(stored.expires_at for stored in holding)
+            raise QueueFull(
+                results, self._max_result_bytes, retry_after_s=max(1.0, first_expiry - time.monotonic()),
+                limit="results",
+            )
         new_bytes = sum(len(data) for data in inputs.values())
         held = sum(len(data) for stored in unfinished for data in stored.inputs.values())
         if new_bytes and held + new_bytes > self._max_input_bytes:

@@ -86,7 +86,7 @@ _UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 #: Owner of the jobs submitted without an API key (keys off): they share one cap.
 ANONYMOUS_OWNER = "-anonymous-"
 # Submit script verdicts for a limit reached -> QueueFull.limit
-_FULL_LIMITS = {"full": "queue", "owner_full": "key", "inputs_full": "inputs"}
+_FULL_LIMITS = {"full": "queue", "owner_full": "key", "inputs_full": "inputs", "results_full": "results"}
 
 # Enqueue a job atomically: idempotency check, limits, inputs, hash, stream entry, first event.
 # Checking and then setting the idempotency key inside one script is the SET NX
@@ -101,10 +101,11 @@ _SUBMIT_LUA = """#!lua
 -- without it Redis checks memory only before a script's first write, and this one writes first.
 -- KEYS[1] jobs stream, KEYS[2] job hash, KEYS[3] job events, KEYS[4] idempotency key,
 -- KEYS[5] input bytes total, KEYS[6] input bytes by job (hash), KEYS[7] input deadlines (zset),
--- KEYS[8] owner's unfinished jobs (zset), KEYS[9 .. 8+n] input keys
+-- KEYS[8] owner's unfinished jobs (zset), KEYS[9] result bytes total, KEYS[10] result bytes by job (hash),
+-- KEYS[11] result deadlines (zset), KEYS[12 .. 11+n] input keys
 -- ARGV[1] job id, ARGV[2] max_queue, ARGV[3] "1": use the idempotency key, ARGV[4] age limit ms,
 -- ARGV[5] queued event data, ARGV[6] max input bytes, ARGV[7] max unfinished per owner,
--- ARGV[8] n inputs, ARGV[9 .. 8+n] input bytes, then hash field/value pairs
+-- ARGV[8] max result bytes, ARGV[9] n inputs, ARGV[10 .. 9+n] input bytes, then hash field/value pairs
 if ARGV[3] == '1' then
   local existing = redis.call('GET', KEYS[4])
   if existing then return {'existing', existing} end
@@ -112,27 +113,38 @@ end
 local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local age_ms = tonumber(ARGV[4])
-for _, stale in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now_ms, 'LIMIT', 0, 100)) do
-  local held = redis.call('HGET', KEYS[6], stale)
-  if held then redis.call('DECRBY', KEYS[5], held) end
-  redis.call('HDEL', KEYS[6], stale)
-  redis.call('ZREM', KEYS[7], stale)
+-- A byte budget (total, bytes by job, deadlines) gives back what reached its deadline.
+local function give_back_expired(total, by_job, deadlines)
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', deadlines, '-inf', now_ms, 'LIMIT', 0, 1000)) do
+    local held = redis.call('HGET', by_job, gone)
+    if held then redis.call('DECRBY', total, held) end
+    redis.call('HDEL', by_job, gone)
+    redis.call('ZREM', deadlines, gone)
+  end
 end
+give_back_expired(KEYS[5], KEYS[6], KEYS[7])
 redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now_ms)
 local depth = redis.call('XLEN', KEYS[1])
 if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth), ARGV[2]} end
 local owned = redis.call('ZCARD', KEYS[8])
 if owned >= tonumber(ARGV[7]) then return {'owner_full', tostring(owned), ARGV[7]} end
-local n = tonumber(ARGV[8])
+give_back_expired(KEYS[9], KEYS[10], KEYS[11])
+local results = tonumber(redis.call('GET', KEYS[9]) or '0')
+if results > tonumber(ARGV[8]) then
+  local first = redis.call('ZRANGE', KEYS[11], 0, 0, 'WITHSCORES')
+  local wait_ms = first[2] and (tonumber(first[2]) - now_ms) or 1000
+  return {'results_full', tostring(results), ARGV[8], tostring(wait_ms)}
+end
+local n = tonumber(ARGV[9])
 local bytes = 0
-for i = 1, n do bytes = bytes + string.len(ARGV[8 + i]) end
+for i = 1, n do bytes = bytes + string.len(ARGV[9 + i]) end
 local held = tonumber(redis.call('GET', KEYS[5]) or '0')
 if bytes > 0 and held + bytes > tonumber(ARGV[6]) then
   return {'inputs_full', tostring(held), ARGV[6]}
 end
 local deadline = now_ms + age_ms
-for i = 1, n do redis.call('SET', KEYS[8 + i], ARGV[8 + i], 'PX', age_ms) end
-redis.call('HSET', KEYS[2], unpack(ARGV, 9 + n, #ARGV))
+for i = 1, n do redis.call('SET', KEYS[11 + i], ARGV[9 + i], 'PX', age_ms) end
+redis.call('HSET', KEYS[2], unpack(ARGV, 10 + n, #ARGV))
 local message_id = redis.call('XADD', KEYS[1], '*', 'job_id', ARGV[1])
 redis.call('HSET', KEYS[2], 'message_id', message_id, 'owner_set', KEYS[8], 'input_bytes', bytes)
 redis.call('PEXPIRE', KEYS[2], age_ms)
@@ -152,10 +164,12 @@ return {'created', message_id}
 # Change a job's status if it is in one of the allowed states; write everything that goes with it.
 _TRANSITION_LUA = """
 -- KEYS[1] job hash, KEYS[2] job events, KEYS[3] input bytes total, KEYS[4] input bytes by job,
--- KEYS[5] input deadlines, then n_set keys to SET, then n_delete keys to DEL
+-- KEYS[5] input deadlines, KEYS[6] result bytes total, KEYS[7] result bytes by job, KEYS[8] result
+-- deadlines, then n_set keys to SET (the result images), then n_delete keys to DEL
 -- ARGV[1] allowed current statuses, space separated and padded (" queued running ")
 -- ARGV[2] ttl ms for the hash, the events and the set keys ("0": leave TTLs alone); a
---   terminal transition (ttl > 0) also gives back the job's input budget and owner slot
+--   terminal transition (ttl > 0) also gives back the job's input budget and owner slot, and
+--   counts the images it stores against the result budget until they expire
 -- ARGV[3] event type ("" for none), ARGV[4] event data JSON; events are trimmed to about
 --   10000 per job, far above steps * stages
 -- ARGV[5] n_set, ARGV[6] n_delete, ARGV[7 .. 6+n_set] values of the set keys,
@@ -167,7 +181,7 @@ local idem = redis.call('HGET', KEYS[1], 'idempotency_key') or ''
 if not string.find(ARGV[1], ' ' .. status .. ' ', 1, true) then return {0, status, idem} end
 local ttl = tonumber(ARGV[2])
 local n_set, n_delete = tonumber(ARGV[5]), tonumber(ARGV[6])
-local first_key = 6
+local first_key = 9
 for i = 1, n_set do
   if ttl > 0 then
     redis.call('SET', KEYS[first_key - 1 + i], ARGV[6 + i], 'PX', ttl)
@@ -192,6 +206,17 @@ if ttl > 0 then
   end
   local owner_set = redis.call('HGET', KEYS[1], 'owner_set')
   if owner_set then redis.call('ZREM', owner_set, id) end
+  if n_set > 0 then
+    local stored = 0
+    for i = 1, n_set do stored = stored + string.len(ARGV[6 + i]) end
+    local clock = redis.call('TIME')
+    local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+    local counted = redis.call('HGET', KEYS[7], id)
+    if counted then redis.call('DECRBY', KEYS[6], counted) end
+    redis.call('INCRBY', KEYS[6], stored)
+    redis.call('HSET', KEYS[7], id, stored)
+    redis.call('ZADD', KEYS[8], now_ms + ttl, id)
+  end
 end
 for i = 1, n_delete do redis.call('DEL', KEYS[first_key - 1 + n_set + i]) end
 return {1, status, idem}
@@ -445,6 +470,7 @@ class RedisStreamsQueue(JobQueue):
         result_ttl_s: float,
         heartbeat_ttl_s: float,
         max_input_bytes: int = 512 * 1024 * 1024,
+        max_result_bytes: int = 1 << 62,
         max_unfinished_per_owner: int = 1_000_000,
         max_job_age_s: float = 24 * 3600,
         prefix: str = DEFAULT_PREFIX,
@@ -470,6 +496,7 @@ class RedisStreamsQueue(JobQueue):
         self._result_ttl_ms = max(1, int(result_ttl_s * 1000))
         self._heartbeat_ttl_ms = max(1, int(heartbeat_ttl_s * 1000))
         self._max_input_bytes = max_input_bytes
+        self._max_result_bytes = max_result_bytes
         self._max_unfinished_per_owner = max_unfinished_per_owner
         self._job_age_ms = max(1, int(max_job_age_s * 1000))
         self._next_consumer_sweep = 0.0
@@ -603,6 +630,9 @@ class RedisStreamsQueue(JobQueue):
                 self._keys.input_bytes_by_job,
                 self._keys.input_deadlines,
                 self._keys.owner_jobs(owner or ANONYMOUS_OWNER),
+                self._keys.result_bytes,
+                self._keys.result_bytes_by_job,
+                self._keys.result_deadlines,
                 *(self._keys.job_input(job_id, name) for name in input_names),
             ]
             args: list[Any] = [
@@ -613,6 +643,7 @@ class RedisStreamsQueue(JobQueue):
                 json.dumps({}),
                 self._max_input_bytes,
                 self._max_unfinished_per_owner,
+                self._max_result_bytes,
                 len(input_names),
                 *(inputs[name] for name in input_names),
                 *(item for pair in hash_fields.items() for item in pair),
@@ -620,7 +651,11 @@ class RedisStreamsQueue(JobQueue):
             outcome, detail, *limit = await self._submit_script(keys=keys, args=args)
             outcome, detail = _text(outcome), _text(detail)
             if outcome in _FULL_LIMITS:
-                raise QueueFull(int(detail or 0), int(_text(limit[0]) or 0), limit=_FULL_LIMITS[outcome])
+                retry_after_s = max(1.0, int(_text(limit[1]) or 0) / 1000) if len(limit) > 1 else 5.0
+                raise QueueFull(
+                    int(detail or 0), int(_text(limit[0]) or 0), retry_after_s=retry_after_s,
+                    limit=_FULL_LIMITS[outcome],
+                )
             if outcome == "created":
                 record = await self.get(job_id)
                 assert record is not None, "job hash written by the submit script"
@@ -1167,6 +1202,9 @@ class RedisStreamsQueue(JobQueue):
             self._keys.input_bytes,
             self._keys.input_bytes_by_job,
             self._keys.input_deadlines,
+            self._keys.result_bytes,
+            self._keys.result_bytes_by_job,
+            self._keys.result_deadlines,
             *set_values,
             *delete_keys,
         ]

@@ -185,6 +185,28 @@ async def test_submit_keeps_uploads_within_the_byte_budget_and_each_owner_within
 
 
 @run_async
+async def test_stored_results_over_their_budget_refuse_submissions_until_they_expire(backend: Backend) -> None:
+    """Finished jobs' images count against max_result_bytes for as long as they are kept
+    (result_ttl_s): over it, a submission is refused with a Retry-After that ends when the oldest
+    expire, and accepted again after; what is stored is never dropped early."""
+    async with backend.open(max_result_bytes=30, result_ttl_s=WINDOW_S) as queue:
+        await submit_job(queue)
+        job = await claim_one(queue, "w1")
+        started = time.monotonic()
+        await queue.complete(job, [PNG_A], [1], {})  # 17 bytes: within the budget
+        await submit_job(queue)
+        second = await claim_one(queue, "w1")
+        await queue.complete(second, [PNG_A, PNG_B], [1, 2], {})  # 51 bytes held in all: over it
+        with pytest.raises(QueueFull) as excinfo:
+            await submit_job(queue)
+        assert excinfo.value.limit == "results" and excinfo.value.used == 3 * len(PNG_A)
+        assert 1.0 <= excinfo.value.retry_after_s <= WINDOW_S + 1
+        assert await queue.get_image(second.job_id, 1) == PNG_B  # kept: the budget refuses work, drops nothing
+        await sleep_past(started, WINDOW_S)
+        await submit_job(queue)  # both expired: the budget is free again
+
+
+@run_async
 async def test_depth_counts_queued_and_in_flight_jobs(backend: Backend) -> None:
     async with backend.open() as queue:
         for _ in range(3):

@@ -134,6 +134,21 @@ async def test_one_key_cannot_fill_the_queue(backend: ApiBackend) -> None:
 
 
 @run_async
+async def test_results_over_their_budget_are_429_with_retry_after_until_they_expire(backend: ApiBackend) -> None:
+    """Finished jobs' PNGs are held for result_ttl_s; past max_stored_result_bytes new work is refused
+    (429, Retry-After) rather than Redis filling up, and the stored images stay downloadable."""
+    async with service(backend, max_stored_result_bytes=64, result_ttl_s=3) as svc, QueueWorker(svc.queue):
+        done = await svc.client.post("/generate", json={"prompt": "a fox", "steps": 1, "response_format": "url"})
+        assert done.status_code == 200, done.text  # one 64 px PNG: over 64 bytes
+        refused = await svc.client.post("/generate", json={"prompt": "a fox", "steps": 1})
+        assert refused.status_code == 429 and "stored results over budget" in refused.json()["detail"]
+        assert 1 <= int(refused.headers["Retry-After"]) <= 4
+        assert (await svc.client.get(done.json()["images"][0]["url"])).status_code == 200
+        await asyncio.sleep(int(refused.headers["Retry-After"]) + 0.5)
+        assert (await svc.client.post("/generate", json={"prompt": "a fox", "steps": 1})).status_code == 200
+
+
+@run_async
 async def test_one_anonymous_address_cannot_fill_every_anonymous_callers_budget(backend: ApiBackend) -> None:
     # Without keys, callers are told apart by address (as the rate limit does); they used to share one budget.
     async with service(backend, api_keys=[], allow_anonymous=True, max_queue=16, max_unfinished_per_key=2) as svc:
