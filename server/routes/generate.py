@@ -25,6 +25,8 @@ Every answer of ``/v1/images/generations`` about a job it already queued (504, 4
 failed job's status, the 503 of an accepted job) carries ``x-should-retry: false``:
 OpenAI's clients resend every 5xx and 409 otherwise, without an ``Idempotency-Key``,
 so each retry was a new job (and a canceled job's retry came back as a success).
+Under an ``Idempotency-Key`` a resend is the same job, so the answers about one
+still unfinished (504, the 503 of an accepted job) leave the client free to retry.
 
 A synchronous client that disconnects cancels its job, unless it sent an
 ``Idempotency-Key`` (it may come back for the result). A synchronous wait takes
@@ -440,17 +442,21 @@ async def openai_images(
             idempotency_key=idempotency_key,
             capabilities=request.app.state.capabilities,
         )
+        # Still running, or out of sight through an outage: a resend under the same Idempotency-Key is
+        # this job again and waits on, so a client that sent one may retry; without one it would be another job.
+        unfinished = {} if idempotency_key is not None else NO_RETRY
         try:
             final = await wait_or_cancel(
                 queue, record, settings.sync_timeout_s, request, cancel_on_disconnect=idempotency_key is None
             )
         except HTTPException as exc:
-            raise not_to_retry(exc) from None
+            exc.headers = {**(exc.headers or {}), **unfinished}
+            raise exc from None
     if final is None or final.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED):
         raise HTTPException(
             status.HTTP_504_GATEWAY_TIMEOUT,
             detail=f"job {record.id} did not finish within {settings.sync_timeout_s:g} s; poll /jobs/{record.id}",
-            headers={"Location": f"/jobs/{record.id}", **NO_RETRY},
+            headers={"Location": f"/jobs/{record.id}", **unfinished},
         )
     if final.status == JobStatus.FAILED:
         failed = failed_job_response(final)

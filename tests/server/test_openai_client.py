@@ -60,6 +60,22 @@ async def test_a_sync_wait_that_times_out_is_one_job_not_one_per_client_retry(ba
 
 
 @run_async
+async def test_under_an_idempotency_key_the_client_retries_a_timed_out_wait_on_the_same_job(backend: Backend) -> None:
+    # With the key a resend is the same job: openai-python's own retries then wait on it again
+    # (two retries: three waits of 0.2 s) and the worker's result, when it comes, is the answer.
+    async with service(backend, sync_timeout_s=0.2) as svc, openai_client(svc, max_retries=3) as client:
+        worker = QueueWorker(svc.queue, step_delay_s=0.05)
+        started = asyncio.create_task(client.images.generate(
+            prompt="a fox", extra_body={"steps": 8}, extra_headers={"Idempotency-Key": "fox-1"},
+        ))
+        await asyncio.sleep(0.3)  # the first wait has timed out: 504, which the client may retry
+        async with worker:
+            result = await asyncio.wait_for(started, 30)
+        assert result.data and result.data[0].url
+        assert jobs_submitted(svc) == 1 and len(worker.claimed) == 1
+
+
+@run_async
 async def test_a_canceled_job_is_a_conflict_not_a_silent_resubmission(backend: Backend) -> None:
     async with service(backend) as svc, QueueWorker(svc.queue, mode="hold") as worker, openai_client(svc) as client:
 
