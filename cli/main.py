@@ -113,10 +113,13 @@ def cmd_import(args, settings) -> int:
     if not 0.0 < high_noise_frac < 1.0:
         print(f"error: --high-noise-frac must be within (0, 1), got {high_noise_frac}", file=sys.stderr)
         return 2
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     try:
         config = import_diffusers(
             args.base_dir, args.out, refiner_dir=args.refiner, high_noise_frac=high_noise_frac, copy=args.copy,
-            sr_dir=args.sr, replace=args.force, name=args.name,
+            sr_dir=args.sr, replace=args.force, name=args.name, report=report,
         )
     except (DiffusersImportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -530,17 +530,32 @@ def check_out_dir(out_dir: Path, sources: list[Path], replace: bool) -> None:
             raise DiffusersImportError(f"--out {out_dir} already holds a model directory: pass --force to replace it")
 
 
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
 def write_model_dir(
-    out_dir: Path, config: ModelConfig, components: dict[str, Path | Callable[[Path], None]], copy: bool
+    out_dir: Path,
+    config: ModelConfig,
+    components: dict[str, Path | Callable[[Path], None]],
+    copy: bool,
+    report: Callable[[str], None] = lambda line: None,
 ) -> None:
     """Write the model directory beside ``out_dir`` first and move it into place when complete, so a failed
-    import (a full disk during --copy) leaves the previous model directory, if any, as it was."""
+    import (a full disk during --copy) leaves the previous model directory, if any, as it was. ``report``
+    gets a line per component as it is placed (a --copy of SDXL is gigabytes: the user sees it move)."""
     out_dir = out_dir.absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.importing-", dir=out_dir.parent))
     try:
         staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a container's non-root user
-        for relative, source in components.items():
+        for k, (relative, source) in enumerate(components.items(), start=1):
+            if callable(source):
+                report(f"[{k}/{len(components)}] writing {relative}")
+            elif copy:
+                report(f"[{k}/{len(components)}] copying {relative} ({_folder_bytes(source) / 1e9:.2f} GB)")
+            else:
+                report(f"[{k}/{len(components)}] linking {relative} -> {source.resolve()}")
             _place(source, staging / relative, copy)
         config.save(staging)
         if out_dir.exists():
@@ -574,11 +589,12 @@ def import_diffusers(
     sr_dir: str | Path | None = None,
     replace: bool = False,
     name: str | None = None,
+    report: Callable[[str], None] = lambda line: None,
 ) -> ModelConfig:
     """Write a model directory for a diffusers pipeline folder (and its
     refiner, or for IF its super-resolution stage). ``replace``: an existing
     model directory at ``out_dir`` is replaced (else refused). ``name``: the
-    model's id (``GET /v1/models``); default: :func:`default_model_name`."""
+    model's id (``GET /v1/models``); default: :func:`default_model_name`. ``report``: progress lines."""
     base = PipelineFolder.open(base_dir)
     importer = PIPELINES.get(base.pipeline_class)
     if importer is None:
@@ -601,5 +617,5 @@ def import_diffusers(
             update={"use_karras_sigmas": not samples_on_own_sigmas(base, plan.stages)}
         ),
     )
-    write_model_dir(out_dir, config, plan.components, copy)
+    write_model_dir(out_dir, config, plan.components, copy, report)
     return config

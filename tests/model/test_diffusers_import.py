@@ -274,6 +274,19 @@ def _import(*args: str) -> int:
     return main(["import", "diffusers", *map(str, args)])
 
 
+@pytest.mark.parametrize("copy", [False, True])
+def test_import_reports_each_component_as_it_is_placed(tiny_diffusers_dir, tmp_path, capsys, copy):
+    """A --copy of SDXL is gigabytes: a line per component (with its size) on stderr as it goes."""
+    assert _import(tiny_diffusers_dir / "sd", "--out", tmp_path / "m", *(["--copy"] if copy else [])) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    components = sorted(p.name for p in (tmp_path / "m" / "base").iterdir())
+    assert len(lines) == len(components) and lines[0].startswith(f"[1/{len(components)}] ")
+    verb = "copying" if copy else "linking"
+    assert all(f"] {verb} base/" in line for line in lines), lines
+    if copy:
+        assert all(line.endswith(" GB)") for line in lines), lines
+
+
 def _weights_intact(folder) -> bool:
     unet = folder / "unet"
     return not unet.is_symlink() and (unet / "diffusion_pytorch_model.safetensors").is_file()
