@@ -30,6 +30,10 @@ ediffi_workers_alive                                   API on every /metrics scr
 ediffi_queue_up                                        API: 1 if the queue answered the last check
 ediffi_queue_memory_used_bytes                         API on every /metrics scrape: Redis's used_memory
 ediffi_queue_memory_limit_bytes                        API on every /metrics scrape: its maxmemory (0: none)
+ediffi_queue_stored_bytes                   kind       API on every /metrics scrape: bytes held against a
+                                                       budget, kind inputs (unfinished jobs' uploads) or
+                                                       results (finished jobs' images, until they expire)
+ediffi_queue_stored_budget_bytes            kind       API on every /metrics scrape: that budget (429 beyond)
 ediffi_job_latency_seconds                             worker: finished_at - queued_at of a job
 ediffi_queue_wait_seconds                              worker: started_at - queued_at of a job
 ediffi_active_requests                                 worker: jobs it holds in its engine now
@@ -140,6 +144,15 @@ class Metrics:
         )
         self.queue_memory_limit = Gauge(
             "ediffi_queue_memory_limit_bytes", "Redis's maxmemory; 0: no limit.", registry=r
+        )
+        self.queue_stored = Gauge(
+            "ediffi_queue_stored_bytes",
+            "Bytes held against a submit budget: inputs (unfinished jobs' uploads), results (finished jobs' images).",
+            ["kind"], registry=r,
+        )
+        self.queue_stored_budget = Gauge(
+            "ediffi_queue_stored_budget_bytes", "The submit budget of each kind of stored bytes (429 beyond).",
+            ["kind"], registry=r,
         )
 
         # --- Worker ---------------------------------------------------------

@@ -252,6 +252,11 @@ class JobQueue(abc.ABC):
         return None
 
     @abc.abstractmethod
+    async def stored_bytes(self) -> dict[str, tuple[int, int]]:
+        """``{"inputs": (held, budget), "results": (held, budget)}``: the bytes of unfinished jobs'
+        uploads and of finished jobs' images (until they expire), each against its submit budget."""
+
+    @abc.abstractmethod
     async def rate_limit(self, key: str, per_minute: int) -> bool:
         """Count one request of ``key`` in the current minute; True if within ``per_minute``.
 

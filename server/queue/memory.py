@@ -283,6 +283,15 @@ class InProcessQueue(JobQueue):
             await self._entry_added.wait(remaining)
         return claimed
 
+    async def stored_bytes(self) -> dict[str, tuple[int, int]]:
+        self._purge_expired()
+        inputs = sum(
+            len(data) for job_id in self._entries.values() if job_id in self._jobs
+            for data in self._jobs[job_id].inputs.values()
+        )
+        results = sum(len(image) for stored in self._jobs.values() if stored.expires_at is not None for image in stored.images)
+        return {"inputs": (inputs, self._max_input_bytes), "results": (results, self._max_result_bytes)}
+
     def _next_turn(self) -> str:
         """Take the undelivered entry to hand out next: the oldest of the owner (API key or client
         address) with the fewest jobs out on workers, so one caller's backlog does not hold back

@@ -323,6 +323,23 @@ end
 return #KEYS
 """
 
+# The two byte budgets as they stand: each total less its expired holdings (the next submission gives
+# them back). Read-only, so a scrape works on a full Redis (noeviction refuses writes) and on a replica.
+_STORED_BYTES_LUA = """#!lua flags=no-writes
+-- KEYS[1..3] input bytes total, by job, deadlines; KEYS[4..6] the same of result images
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local function held(total, by_job, deadlines)
+  local sum = tonumber(redis.call('GET', total) or '0')
+  local expired = redis.call('ZRANGEBYSCORE', deadlines, '-inf', now_ms, 'LIMIT', 0, 1000)
+  if #expired > 0 then
+    for _, bytes in ipairs(redis.call('HMGET', by_job, unpack(expired))) do sum = sum - tonumber(bytes or '0') end
+  end
+  return sum
+end
+return {held(KEYS[1], KEYS[2], KEYS[3]), held(KEYS[4], KEYS[5], KEYS[6])}
+"""
+
 # Count one request in the current minute of Redis's clock (the window key is the prefix plus
 # that minute, built here because only the script knows the minute; a single Redis, not a cluster).
 _RATE_LUA = """
@@ -510,6 +527,7 @@ class RedisStreamsQueue(JobQueue):
         self._workers_alive_script = client.register_script(_WORKERS_ALIVE_LUA)
         self._mark_shared_script = client.register_script(_MARK_SHARED_LUA)
         self._rate_script = client.register_script(_RATE_LUA)
+        self._stored_bytes_script = client.register_script(_STORED_BYTES_LUA)
         self.counters = QueueCounters()
 
     @classmethod
@@ -737,6 +755,15 @@ class RedisStreamsQueue(JobQueue):
     async def memory(self) -> tuple[int, int] | None:
         info = await self._redis.info("memory")
         return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+
+    @_translate_redis_errors
+    async def stored_bytes(self) -> dict[str, tuple[int, int]]:
+        keys = self._keys
+        inputs, results = await self._stored_bytes_script(keys=[
+            keys.input_bytes, keys.input_bytes_by_job, keys.input_deadlines,
+            keys.result_bytes, keys.result_bytes_by_job, keys.result_deadlines,
+        ])
+        return {"inputs": (int(inputs), self._max_input_bytes), "results": (int(results), self._max_result_bytes)}
 
     @_translate_redis_errors
     async def workers_alive(self) -> int:

@@ -73,6 +73,7 @@ async def metrics_endpoint(request: Request, metrics: MetricsDep) -> Response:
         depth = await asyncio.wait_for(queue.depth(), PROBE_TIMEOUT_S)
         workers = await asyncio.wait_for(queue.workers_alive(), PROBE_TIMEOUT_S)
         memory = await asyncio.wait_for(queue.memory(), PROBE_TIMEOUT_S)
+        stored = await asyncio.wait_for(queue.stored_bytes(), PROBE_TIMEOUT_S)
     except (QueueUnavailable, TimeoutError) as exc:
         log.warning("/metrics: job queue unavailable: %s", exc or f"no answer within {PROBE_TIMEOUT_S} s")
         metrics.queue_up.set(0)  # the other gauges keep their last values
@@ -83,4 +84,7 @@ async def metrics_endpoint(request: Request, metrics: MetricsDep) -> Response:
         if memory is not None:
             metrics.queue_memory_used.set(memory[0])
             metrics.queue_memory_limit.set(memory[1])
+        for kind, (held, budget) in stored.items():
+            metrics.queue_stored.labels(kind=kind).set(held)
+            metrics.queue_stored_budget.labels(kind=kind).set(budget)
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

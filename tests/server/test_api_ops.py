@@ -232,8 +232,8 @@ async def test_a_synchronous_request_whose_queue_stays_down_is_told_its_job_id(
 
 @run_async
 async def test_metrics_report_how_full_redis_is(restartable_redis: RedisServerProcess) -> None:
-    # Finished jobs' images are held for the result TTL and are not budgeted: a Redis at maxmemory refuses
-    # every new job. The API's scrape says how close it is, for EdiffiQueueMemoryHigh to warn before.
+    # A Redis at maxmemory refuses every new job: the API's scrape says how close it is, for
+    # EdiffiQueueMemoryHigh to warn before.
     import redis.asyncio
 
     admin = redis.asyncio.Redis.from_url(restartable_redis.url)
@@ -249,6 +249,35 @@ async def test_metrics_report_how_full_redis_is(restartable_redis: RedisServerPr
     (used,) = families["ediffi_queue_memory_used_bytes"].samples
     (limit,) = families["ediffi_queue_memory_limit_bytes"].samples
     assert limit.value == 64 * 1024 * 1024 and 0 < used.value < limit.value
+
+
+@run_async
+async def test_metrics_report_the_stored_bytes_against_their_budgets(backend: Backend) -> None:
+    """Uploads of unfinished jobs and finished jobs' images, each beside its submit budget (429 beyond),
+    and the images no longer counted once they expire."""
+    async with service(
+        backend, max_queued_input_bytes=10_000, max_stored_result_bytes=20_000, result_ttl_s=1
+    ) as svc:
+        async def stored() -> dict[tuple[str, str], float]:
+            families = {f.name: f for f in text_string_to_metric_families((await svc.client.get("/metrics")).text)}
+            return {
+                (family, sample.labels["kind"]): sample.value
+                for family in ("ediffi_queue_stored_bytes", "ediffi_queue_stored_budget_bytes")
+                for sample in families[family].samples
+            }
+
+        assert await stored() == {
+            ("ediffi_queue_stored_bytes", "inputs"): 0, ("ediffi_queue_stored_bytes", "results"): 0,
+            ("ediffi_queue_stored_budget_bytes", "inputs"): 10_000,
+            ("ediffi_queue_stored_budget_bytes", "results"): 20_000,
+        }
+        async with QueueWorker(svc.queue):
+            done = await svc.client.post("/generate", json={"prompt": "a fox", "steps": 1, "response_format": "url"})
+            assert done.status_code == 200, done.text
+        image = await svc.client.get(done.json()["images"][0]["url"])
+        assert (await stored())[("ediffi_queue_stored_bytes", "results")] == len(image.content)
+        await asyncio.sleep(1.2)  # past the result TTL
+        assert (await stored())[("ediffi_queue_stored_bytes", "results")] == 0
 
 
 @run_async

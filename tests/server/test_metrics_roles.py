@@ -21,7 +21,7 @@ from tests.support.api import make_settings, run_async
 
 API_ONLY = {"ediffi_http_requests", "ediffi_http_request_duration_seconds", "ediffi_jobs_submitted",
             "ediffi_queue_depth", "ediffi_workers_alive", "ediffi_queue_up", "ediffi_queue_memory_used_bytes",
-            "ediffi_queue_memory_limit_bytes"}
+            "ediffi_queue_memory_limit_bytes", "ediffi_queue_stored_bytes", "ediffi_queue_stored_budget_bytes"}
 WORKER_ONLY = {"ediffi_job_latency_seconds", "ediffi_queue_wait_seconds", "ediffi_active_requests",
                "ediffi_batch_size", "ediffi_denoiser_forward_seconds", "ediffi_images_generated",
                "ediffi_jobs_failed", "ediffi_jobs_reclaimed", "ediffi_worker_heartbeats"}
