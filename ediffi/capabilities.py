@@ -58,8 +58,8 @@ class ModelCapabilities:
     sr_noise_level: NoiseLevelRule | None = None  # None: the request field does not apply
     created: int = 0  # OpenAI's `created`: the model.json's modification time (epoch s); 0: unknown
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # of steps, guidance_scale, sampler
-    # Whether `use_karras_sigmas: false` applies: every stage an imported checkpoint whose
-    # scheduler is diffusers' EulerDiscreteScheduler (SD, SDXL), which samples on its own sigmas.
+    # Whether `use_karras_sigmas: false` applies: every stage an imported (discrete-time)
+    # checkpoint, whose scheduler samples on its own spaced sigmas.
     scheduler_sigmas: bool = False
 
     def default_steps(self, max_steps: int) -> int:
@@ -89,9 +89,12 @@ class ModelCapabilities:
         if use_karras_sigmas is None or use_karras_sigmas:
             return None
         if not self.scheduler_sigmas:
-            return "this model samples on the Karras schedule only; false is for imported SD/SDXL checkpoints"
-        if sampler != "euler":
-            return f"false goes with sampler euler only (diffusers' EulerDiscreteScheduler), got {sampler!r}"
+            return "this model samples on the Karras schedule only; false is for imported diffusers checkpoints"
+        if sampler not in spec.SCHEDULER_SIGMA_SAMPLERS:
+            return (
+                f"false goes with sampler euler or dpmpp_2m (diffusers' EulerDiscreteScheduler, "
+                f"DPMSolverMultistepScheduler), got {sampler!r}"
+            )
         return None
 
     def as_json(self, *, max_image_side: int, max_n: int, max_steps: int) -> dict:
@@ -144,10 +147,7 @@ def model_capabilities(config: ModelConfig) -> ModelCapabilities:
         id=config.name, sizes=sizes, stages=stages, paint_with_words=True,
         style_image=not config.is_imported, source=str(config.training.get("pipeline", "ediffi")),
         sr_noise_level=noise_level_rule(config), defaults=config.request_defaults,
-        scheduler_sigmas=all(
-            stage.schedule is not None and stage.schedule.karras_scheduler == "EulerDiscreteScheduler"
-            for stage in config.stages
-        ),
+        scheduler_sigmas=all(stage.schedule is not None for stage in config.stages),
     )
 
 

@@ -93,7 +93,7 @@ class TrainingScheduleConfig(_Strict):
     karras_scheduler: Literal["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"] = "EulerDiscreteScheduler"
     # False: the scheduler's own spaced sigmas instead of Karras's, as diffusers'
     # default EulerDiscreteScheduler (use_karras_sigmas=False); a request's choice
-    # (discrete.request_schedule), Euler only.
+    # (discrete.request_schedule), with Euler or DPM++ 2M.
     use_karras_sigmas: bool = True
 
 
@@ -379,9 +379,9 @@ class GenerationDefaults(_Strict):
     use_karras_sigmas: bool = True
 
     def karras_sigmas_with(self, sampler: str) -> bool:
-        """A request's ``use_karras_sigmas`` when it names none: the model's, which can be
-        false with the Euler sampler only (another sampler samples on Karras's sigmas)."""
-        return self.use_karras_sigmas or sampler != "euler"
+        """A request's ``use_karras_sigmas`` when it names none: the model's with its default
+        sampler (one configuration, e.g. SDXL's Euler as loaded), Karras's with any other."""
+        return self.use_karras_sigmas or sampler != self.sampler
 
 
 #: An imported model's defaults: its diffusers pipeline's own (``__call__``'s
@@ -428,10 +428,11 @@ class ModelConfig(_Strict):
         for expert in discrete:
             self.encoders.conditioning(expert.network.conditioning)  # names an existing block
         if self.defaults is not None and not self.defaults.use_karras_sigmas:
-            euler_discrete = all(s.schedule is not None and s.schedule.karras_scheduler == "EulerDiscreteScheduler"
-                                 for s in self.stages)
-            if not euler_discrete or self.defaults.sampler != "euler":
-                raise ValueError("defaults.use_karras_sigmas false is for imported SD/SDXL with sampler euler")
+            imported = all(s.schedule is not None for s in self.stages)
+            if not imported or self.defaults.sampler not in spec.SCHEDULER_SIGMA_SAMPLERS:
+                raise ValueError(
+                    "defaults.use_karras_sigmas false is for imported diffusers checkpoints with sampler euler or dpmpp_2m"
+                )
         return self
 
     @property

@@ -91,8 +91,8 @@ def request_schedule(
     the VP x), and the timesteps it feeds the UNet are `_sigma_to_t(...)`
     rounded to integers, where Euler's stay fractional. Euler and Heun keep
     the checkpoint's own (Euler's for SD/SDXL, DPM-Solver's for IF).
-    ``use_karras_sigmas=False`` (Euler only, checked by the request): the
-    scheduler's own spaced sigmas, diffusers' default EulerDiscreteScheduler."""
+    ``use_karras_sigmas=False`` (Euler and DPM++ 2M, checked by the request): the
+    scheduler's own spaced sigmas, as diffusers' schedulers by default."""
     if sampler == "dpmpp_2m" and schedule.karras_scheduler != DPM_SOLVER:
         schedule = schedule.model_copy(update={"karras_scheduler": DPM_SOLVER})
     if schedule.use_karras_sigmas != use_karras_sigmas:
@@ -118,8 +118,18 @@ def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
 
 def inference_timesteps(schedule: TrainingScheduleConfig, steps: int) -> np.ndarray:
     """diffusers' inference timesteps for `timestep_spacing` (Lin et al. 2023, Table 2), float32:
-    without Karras sigmas, the timesteps EulerDiscreteScheduler feeds the UNet, one per sigma."""
+    without Karras sigmas, the timesteps the scheduler feeds the UNet, one per sigma.
+    DPMSolverMultistepScheduler spaces steps + 1 points and drops the last, in integers."""
     n = schedule.num_train_timesteps
+    if schedule.karras_scheduler == DPM_SOLVER:
+        if schedule.timestep_spacing == "linspace":
+            spaced = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+        elif schedule.timestep_spacing == "leading":
+            spaced = (np.arange(0, steps + 1) * (n // (steps + 1))).round()[::-1][:-1].astype(np.int64)
+            spaced += schedule.steps_offset
+        else:  # trailing
+            spaced = np.arange(n, 0, -n / steps).round().astype(np.int64) - 1
+        return spaced.astype(np.float32)
     if schedule.timestep_spacing == "linspace":
         return np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
     if schedule.timestep_spacing == "leading":
@@ -139,8 +149,8 @@ def inference_sigmas(schedule: TrainingScheduleConfig, steps: int) -> torch.Tens
         raise ValueError("steps must be >= 1")
     sigmas = training_sigmas(schedule).numpy()
     if not schedule.use_karras_sigmas:
-        # EulerDiscreteScheduler's own: the training sigmas at the spaced timesteps
-        # (linear interpolation in t), then 0.
+        # The scheduler's own (EulerDiscreteScheduler's, DPMSolverMultistepScheduler's): the
+        # training sigmas at its spaced timesteps (linear interpolation in t), then 0.
         spaced = np.interp(inference_timesteps(schedule, steps), np.arange(0, len(sigmas)), sigmas)
         return torch.from_numpy(np.concatenate([spaced, [0.0]]).astype(np.float32)).double()
     if schedule.karras_scheduler == DPM_SOLVER:

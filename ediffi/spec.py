@@ -27,6 +27,9 @@ from ediffi.failure import InputError
 SamplerName = Literal["heun", "euler", "dpmpp_2m"]
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 DEFAULT_SAMPLER: SamplerName = "heun"
+#: The samplers that take ``use_karras_sigmas: false`` on an imported checkpoint: the diffusers
+#: schedulers reproduced on their own spaced sigmas (EulerDiscreteScheduler, DPMSolverMultistepScheduler).
+SCHEDULER_SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "dpmpp_2m")
 
 DEFAULT_STEPS = 32
 DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale (<= GUIDANCE_OFF_AT_OR_BELOW: off)

@@ -33,6 +33,7 @@ from ediffi.config import (
     DynamicThresholdingConfig,
     DiffusersUNetConfig,
     ExpertConfig,
+    GenerationDefaults,
     LatentConfig,
     ModelConfig,
     PIPELINE_DEFAULTS,
@@ -178,18 +179,45 @@ def schedule_of(folder: PipelineFolder) -> tuple[TrainingScheduleConfig, str]:
     return schedule, prediction
 
 
-def samples_on_own_sigmas(folder: PipelineFolder, stages: list[StageConfig]) -> bool:
-    """Whether the folder's own scheduler is diffusers' plain EulerDiscreteScheduler (SDXL's):
-    its spaced sigmas, not Karras's, which requests then default to (use_karras_sigmas false),
-    so a request that leaves the sampling fields out gets the image of the pipeline as loaded."""
+def sampler_as_loaded(folder: PipelineFolder) -> str | None:
+    """The sampler that reproduces the folder's own scheduler on its own spaced sigmas, if it is one
+    reproduced: a plain EulerDiscreteScheduler (SDXL's) -> euler, DPM-Solver++(2M) -> dpmpp_2m. Requests
+    then default to it with use_karras_sigmas false, so one that leaves the sampling fields out gets
+    the image of the pipeline as loaded."""
     cfg = folder.config("scheduler", "scheduler_config.json")
-    return (
-        all(s.schedule is not None and s.schedule.karras_scheduler == "EulerDiscreteScheduler" for s in stages)
-        and cfg.get("_class_name") == "EulerDiscreteScheduler"
-        and not any(cfg.get(key) for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
-        and cfg.get("interpolation_type", "linear") == "linear"
+    # The class diffusers' from_pretrained instantiates is model_index.json's, whatever the config names.
+    entry = folder.index.get("scheduler")
+    loaded = entry[1] if isinstance(entry, list) and len(entry) == 2 else cfg.get("_class_name")
+    plain = (
+        not any(cfg.get(key) for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                          "use_lu_lambdas", "use_flow_sigmas"))
         and cfg.get("final_sigmas_type", "zero") == "zero"
     )
+    if not plain:
+        return None
+    if loaded == "EulerDiscreteScheduler" and cfg.get("interpolation_type", "linear") == "linear":
+        return "euler"
+    if (
+        loaded == "DPMSolverMultistepScheduler"
+        and cfg.get("algorithm_type", "dpmsolver++") == "dpmsolver++"
+        and cfg.get("solver_order", 2) == 2
+        and cfg.get("solver_type", "midpoint") == "midpoint"
+        and cfg.get("lower_order_final", True)
+        and not cfg.get("euler_at_final")
+        and cfg.get("lambda_min_clipped", float("-inf")) == float("-inf")
+    ):
+        return "dpmpp_2m"
+    return None
+
+
+def request_defaults(base: PipelineFolder, stages: list[StageConfig]) -> GenerationDefaults:
+    """The pipeline's own steps and guidance (PIPELINE_DEFAULTS) with, where the base folder's
+    scheduler is one reproduced on its own sigmas (:func:`sampler_as_loaded`), that sampler on them."""
+    defaults = PIPELINE_DEFAULTS[base.pipeline_class]
+    sampler = sampler_as_loaded(base)
+    if sampler is None or any(stage.schedule is None for stage in stages):
+        return defaults
+    return defaults.model_copy(update={"sampler": sampler, "use_karras_sigmas": False})
 
 
 def _files_digest(folder: Path) -> str:
@@ -613,9 +641,7 @@ def import_diffusers(
     config = ModelConfig(
         name=name or default_model_name(base.root), encoders=plan.encoders, stages=plan.stages,
         training={"imported_from": str(base.root.resolve()), "pipeline": base.pipeline_class, **plan.provenance},
-        defaults=PIPELINE_DEFAULTS[base.pipeline_class].model_copy(
-            update={"use_karras_sigmas": not samples_on_own_sigmas(base, plan.stages)}
-        ),
+        defaults=request_defaults(base, plan.stages),
     )
     write_model_dir(out_dir, config, plan.components, copy, report)
     return config

@@ -174,7 +174,7 @@ def no_model_loading(monkeypatch):
         (("--width", "4096"), ["width", "within [8, 2048]"]),  # EDIFFI_MAX_IMAGE_SIDE, as the server
         (("--height", "60"), ["height", "multiple of 8"]),
         (("--steps", "0"), ["steps", ">= 1"]),
-        (("--no-karras-sigmas", "--sampler", "heun"), ["use_karras_sigmas", "sampler euler only"]),
+        (("--no-karras-sigmas", "--sampler", "heun"), ["use_karras_sigmas", "sampler euler or dpmpp_2m"]),
     ],
 )
 def test_request_errors_come_before_the_model_loads(imported_sd_dir, tmp_path, capsys, no_model_loading, extra, words):

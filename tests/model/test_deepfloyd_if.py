@@ -216,6 +216,21 @@ def test_negative_prompt_equals_diffusers(tiny_if, if_stage_1_dir):
     assert psnr(image, low_ref) >= MIN_PSNR
 
 
+def test_dpmpp_2m_on_the_schedulers_own_sigmas_equals_diffusers_at_both_stages(tiny_if, if_model, if_stage_1_dir):
+    """use_karras_sigmas false = DPMSolverMultistepScheduler as from_config makes it (its own
+    "linspace" timesteps, integers, on the cosine schedule), stage I and stage II."""
+    low_ref, high_ref = diffusers_if_images(tiny_if, PROMPT, seed=SEED, steps=STEPS, guidance=GUIDANCE, karras=False)
+    request = GenerationRequest(
+        prompt=PROMPT, steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, sampler="dpmpp_2m", use_karras_sigmas=False
+    )
+    (low,) = generate(load_model(if_stage_1_dir), request)
+    (high,) = generate(if_model, request)
+    print(f"IF dpmpp_2m on its own sigmas: PSNR stage I {psnr(low, low_ref):.2f} dB, stage II {psnr(high, high_ref):.2f} dB")
+    assert psnr(low, low_ref) >= MIN_PSNR and psnr(high, high_ref) >= MIN_PSNR
+    _, karras_high = diffusers_if_images(tiny_if, PROMPT, seed=SEED, steps=STEPS, guidance=GUIDANCE)
+    assert psnr(high, karras_high) < psnr(high, high_ref) - 5  # the bar tells the two schedules apart
+
+
 def test_sr_noise_level_per_request_equals_diffusers_noise_level(tiny_if, if_model):
     _, high_ref = diffusers_if_images(tiny_if, PROMPT, seed=SEED, steps=STEPS, guidance=GUIDANCE, noise_level=100)
     request = dict(prompt=PROMPT, steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, sampler="dpmpp_2m")

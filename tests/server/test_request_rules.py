@@ -257,11 +257,13 @@ def test_models_lists_the_shipped_family_defaults():
         ({}, {"steps": 50, "guidance_scale": 5.0, "sampler": "euler", "use_karras_sigmas": False}),
         ({"steps": None, "guidance_scale": None, "sampler": None, "use_karras_sigmas": None},
          {"steps": 50, "guidance_scale": 5.0, "sampler": "euler", "use_karras_sigmas": False}),
-        # another sampler: Karras's sigmas (the scheduler's own go with Euler only)
+        # another sampler: Karras's sigmas unless asked (the model's own go with its default sampler)
         ({"steps": 3, "guidance_scale": 0.0, "sampler": "heun"},
          {"steps": 3, "guidance_scale": 0.0, "sampler": "heun", "use_karras_sigmas": True}),
         ({"guidance_scale": 7.5, "use_karras_sigmas": True},
          {"steps": 50, "guidance_scale": 7.5, "sampler": "euler", "use_karras_sigmas": True}),
+        ({"sampler": "dpmpp_2m"}, {"sampler": "dpmpp_2m", "use_karras_sigmas": True}),  # "DPM++ 2M Karras"
+        ({"sampler": "dpmpp_2m", "use_karras_sigmas": False}, {"sampler": "dpmpp_2m", "use_karras_sigmas": False}),
     ],
 )
 def test_fields_left_out_take_the_models_defaults(sdxl_capabilities, path, sent, expected):
@@ -281,8 +283,7 @@ def test_fields_left_out_take_the_models_defaults(sdxl_capabilities, path, sent,
     ("imported", "fields", "words"),
     [
         (False, {"use_karras_sigmas": False}, "Karras schedule only"),
-        (True, {"use_karras_sigmas": False, "sampler": "dpmpp_2m"}, "sampler euler only"),
-        (True, {"use_karras_sigmas": False, "sampler": "heun"}, "sampler euler only"),
+        (True, {"use_karras_sigmas": False, "sampler": "heun"}, "sampler euler or dpmpp_2m"),
         (True, {"use_karras_sigmas": "no"}, "valid boolean"),
     ],
 )

@@ -135,39 +135,39 @@ def build_tiny_if(folder: Path, seed: int = 0) -> TinyIF:
     return out
 
 
-def dpmpp_2m_karras(pipe):
-    """The reference scheduler: DPM-Solver++(2M) with Karras sigmas from the
-    checkpoint's own scheduler config (diffusers' Euler cannot take IF's
+def dpmpp_2m_karras(pipe, karras: bool = True):
+    """The reference scheduler: DPM-Solver++(2M) with Karras sigmas (or, ``karras=False``, its own
+    spaced ones) from the checkpoint's own scheduler config (diffusers' Euler cannot take IF's
     learned-variance output)."""
     from diffusers import DPMSolverMultistepScheduler
 
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
+        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=karras
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def load_if_pipelines(checkpoints: TinyIF):
+def load_if_pipelines(checkpoints: TinyIF, karras: bool = True):
     from diffusers import IFPipeline, IFSuperResolutionPipeline
 
     stage_1 = IFPipeline.from_pretrained(checkpoints.stage_1, local_files_only=True)
     stage_2 = IFSuperResolutionPipeline.from_pretrained(
         checkpoints.stage_2, text_encoder=None, tokenizer=None, local_files_only=True
     )
-    return dpmpp_2m_karras(stage_1), dpmpp_2m_karras(stage_2)
+    return dpmpp_2m_karras(stage_1, karras), dpmpp_2m_karras(stage_2, karras)
 
 
 @torch.no_grad()
 def diffusers_if_images(
     checkpoints: TinyIF, prompt: str, seed: int, steps: int, guidance: float, negative_prompt: str | None = None,
-    noise_level: int | None = None,
+    noise_level: int | None = None, karras: bool = True,
 ):
     """(stage I image, stage II image) as 8-bit arrays from diffusers' IF
     example: one CPU generator seeded with `seed` passed to both stages, the
     prompt encoded once by stage I, stage I's raw output ("pt") upscaled by
     stage II at its default noise level (unless `noise_level` is given)."""
-    stage_1, stage_2 = load_if_pipelines(checkpoints)
+    stage_1, stage_2 = load_if_pipelines(checkpoints, karras)
     prompt_embeds, negative_embeds = stage_1.encode_prompt(prompt, negative_prompt=negative_prompt, clean_caption=False)
     generator = torch.Generator().manual_seed(seed)
     common = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, generator=generator,
