@@ -57,7 +57,7 @@ from server.auth import WaitSlots, caller, check_access_settings, limit_key_of
 from server.metrics import Metrics
 from server.middleware import HTTPMetricsMiddleware, InflightLimit, RequestGuard
 from server.queue import JobQueue, QueueFull, QueueUnavailable, make_queue
-from server.routes import generate, jobs, models, ops
+from server.routes import a1111, generate, jobs, models, ops
 from server.routes.jobs import QUEUE_UNAVAILABLE_DETAIL, UNAVAILABLE_RETRY_AFTER_S
 from server.settings import Settings
 from server.validation import PayloadTooLarge
@@ -68,7 +68,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 _MAX_ECHOED_INPUT_CHARS = 200
 #: Endpoints every probe and scraper must reach however busy the API is.
 OPERATIONS_PATHS = ("/healthz", "/readyz", "/metrics")
-JSON_PATHS = ("/generate", "/v1/images/generations")
+JSON_PATHS = ("/generate", "/v1/images/generations", "/sdapi/v1/txt2img")
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +375,7 @@ def create_app(
 
     _register_error_handlers(app)
     app.include_router(generate.router)
+    app.include_router(a1111.router)
     app.include_router(jobs.router)
     app.include_router(ops.router)
     app.include_router(models.router)

@@ -353,7 +353,7 @@ class JobClient(BaseModel):
     owner: str | None = None  # hash of the API key that submitted the job (None without keys)
     submission_id: str  # unique per accepted HTTP submission (tells a new job from an idempotent replay)
     request_hash: str  # fingerprint of the request (an Idempotency-Key reused with another body is a 422)
-    api: Literal["generate", "openai"] = "generate"
+    api: Literal["generate", "openai", "a1111"] = "generate"
 
 
 class JobParams(BaseModel):
@@ -380,7 +380,7 @@ class JobParams(BaseModel):
                                             # /v1/images/generations' size), else the default
           "response_format": "b64_json" | "url",      # how the API will answer; not the worker's concern
           "client": {"owner": str | null, "submission_id": str, "request_hash": str,
-                     "api": "generate" | "openai"}     # API bookkeeping; the worker ignores it
+                     "api": "generate" | "openai" | "a1111"}  # API bookkeeping; the worker ignores it
         }
 
     Byte inputs (``JobQueue.load_input(job_id, name)``; names also in ``ClaimedJob.input_names``):

@@ -273,6 +273,31 @@ async def wait_or_cancel(
         raise accepted_job_unavailable(record.id) from None
 
 
+def unsuccessful_answer(
+    final: JobRecord | None,
+    record: JobRecord,
+    settings: Settings,
+    *,
+    unfinished_headers: dict[str, str],
+    finished_headers: dict[str, str],
+) -> JSONResponse | None:
+    """A synchronous endpoint's answer unless its job succeeded (then None): raises 504 with the
+    job's Location while it is unfinished, 409 if canceled; returns a failed job's response."""
+    if final is None or final.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED):
+        raise HTTPException(
+            status.HTTP_504_GATEWAY_TIMEOUT,
+            detail=f"job {record.id} did not finish within {settings.sync_timeout_s:g} s; poll /jobs/{record.id}",
+            headers={"Location": f"/jobs/{record.id}", **unfinished_headers},
+        )
+    if final.status == JobStatus.FAILED:
+        failed = failed_job_response(final)
+        failed.headers.update(finished_headers)
+        return failed
+    if final.status == JobStatus.CANCELED:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {final.id} was canceled", headers=finished_headers)
+    return None
+
+
 def accepted(record: JobRecord, *, replayed: bool, preference_applied: bool) -> JSONResponse:
     body = JobAccepted(id=record.id, status=record.status.value, links=job_links(record.id))
     headers = {"Location": f"/jobs/{record.id}"}
@@ -452,18 +477,10 @@ async def openai_images(
         except HTTPException as exc:
             exc.headers = {**(exc.headers or {}), **unfinished}
             raise exc from None
-    if final is None or final.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED):
-        raise HTTPException(
-            status.HTTP_504_GATEWAY_TIMEOUT,
-            detail=f"job {record.id} did not finish within {settings.sync_timeout_s:g} s; poll /jobs/{record.id}",
-            headers={"Location": f"/jobs/{record.id}", **unfinished},
-        )
-    if final.status == JobStatus.FAILED:
-        failed = failed_job_response(final)
-        failed.headers.update(NO_RETRY)
-        return failed
-    if final.status == JobStatus.CANCELED:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {final.id} was canceled", headers=NO_RETRY)
+    unsuccessful = unsuccessful_answer(final, record, settings, unfinished_headers=unfinished, finished_headers=NO_RETRY)
+    if unsuccessful is not None:
+        return unsuccessful
+    assert final is not None
     if body.response_format == "b64_json":
         try:
             blobs = await load_images(queue, final)

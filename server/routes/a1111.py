@@ -1,0 +1,290 @@
+"""The AUTOMATIC1111 (stable-diffusion-webui) API subset: ``POST /sdapi/v1/txt2img``,
+``GET /sdapi/v1/samplers``, ``/schedulers`` and ``/sd-models``, so tools written against A1111's API
+run unchanged against this server.
+
+A txt2img body becomes a ``/generate`` request (``cfg_scale`` -> ``guidance_scale``, ``batch_size`` x
+``n_iter`` -> ``n``, ``sampler_name`` + ``scheduler`` -> ``sampler`` + ``use_karras_sigmas``, seed -1:
+random) and follows the same path (validation, limits, the queue, the synchronous wait); the answer
+is A1111's ``{images, parameters, info}``, ``info`` a JSON string with ``seed``, ``all_seeds`` and
+``infotexts``. Errors are the API's own (a 422 names A1111's field). A field A1111 uses to change the
+image in a way this server does not (hires fix, face restoration, tiling, variation seeds, styles,
+scripts, settings overrides) is a 422 naming it unless it has its default; A1111's bookkeeping fields
+(saving, sending, task ids) are accepted and ignored; any other field is a 422.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server.auth import SubmitterDep, WaitSlotsDep, authenticate
+from server.deps import MetricsDep, QueueDep, SettingsDep
+from server.routes.generate import (
+    COMMON_ERRORS,
+    IdempotencyHeader,
+    load_images,
+    submit_job,
+    unsuccessful_answer,
+    wait_or_cancel,
+)
+from server.routes.jobs import AUTH_ERRORS, image_seeds
+from server.schemas import GenerateRequest
+from server.validation import field_error, raise_invalid
+
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+
+#: A1111 sampler names served: (sampler, use_karras_sigmas with scheduler "Automatic"; None: the model's).
+#: "Euler" and "DPM++ 2M" sample on the checkpoint's own sigmas as diffusers' schedulers do, which is
+#: what A1111's "Automatic" scheduler means for them on a discrete checkpoint (close to, not equal to,
+#: A1111's own k-diffusion discretisation); the shipped family has only Karras's schedule.
+A1111_SAMPLERS: dict[str, tuple[str, bool | None]] = {
+    "Euler": ("euler", False),
+    "DPM++ 2M": ("dpmpp_2m", False),
+    "DPM++ 2M Karras": ("dpmpp_2m", True),
+    "Heun": ("heun", True),
+}
+#: A1111 (>= 1.9) scheduler names served, lower-cased: "Automatic" keeps the sampler's own choice.
+A1111_SCHEDULERS: dict[str, bool | None] = {"automatic": None, "karras": True}
+
+#: Fields that change the image in ways this server does not: each must keep A1111's default.
+_IMAGE_FIELDS_AT_DEFAULT: dict[str, Any] = {
+    "enable_hr": False, "restore_faces": False, "tiling": False, "subseed_strength": 0, "styles": [],
+    "override_settings": {}, "alwayson_scripts": {}, "script_name": None, "script_args": [], "s_churn": 0,
+    "refiner_checkpoint": None, "seed_resize_from_h": -1, "seed_resize_from_w": -1,
+}
+_HINTS = {
+    "enable_hr": "hires fix is not supported: ask for the size you want (width/height)",
+    "restore_faces": "face restoration is not supported",
+    "tiling": "tiling is not supported",
+    "subseed_strength": "variation seeds are not supported",
+    "styles": "A1111 styles are not supported: put the text in the prompt",
+    "refiner_checkpoint": "import the refiner with the base instead (ediffi import diffusers BASE --refiner DIR)",
+}
+#: A1111 fields -> this API's, for error locations.
+_FIELD_NAMES = {"guidance_scale": "cfg_scale", "n": "batch_size", "sampler": "sampler_name"}
+
+
+class Txt2ImgRequest(BaseModel):
+    """A1111's ``StableDiffusionTxt2ImgProcessingAPI`` fields (what its web UI and clients send)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # A1111's older name of sampler_name
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    # Must keep their defaults (_IMAGE_FIELDS_AT_DEFAULT).
+    enable_hr: bool = False
+    restore_faces: bool | None = False
+    tiling: bool | None = False
+    subseed_strength: float = 0
+    styles: list[str] | None = []
+    override_settings: dict[str, Any] | None = {}
+    alwayson_scripts: dict[str, Any] | None = {}
+    script_name: str | None = None
+    script_args: list[Any] | None = []
+    s_churn: float | None = 0
+    refiner_checkpoint: str | None = None
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    # Accepted and ignored: A1111 bookkeeping, or settings that only act with the features above.
+    subseed: int = -1
+    eta: float | None = None
+    s_min_uncond: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    denoising_strength: float | None = None
+    firstphase_width: int | None = None
+    firstphase_height: int | None = None
+    hr_scale: float | None = None
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int | None = None
+    hr_resize_x: int | None = None
+    hr_resize_y: int | None = None
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str | None = None
+    hr_negative_prompt: str | None = None
+    hr_additional_modules: list[Any] | None = None
+    refiner_switch_at: float | None = None
+    override_settings_restore_afterwards: bool | None = True
+    do_not_save_samples: bool | None = False
+    do_not_save_grid: bool | None = False
+    send_images: bool = True
+    save_images: bool = False
+    disable_extra_networks: bool | None = False
+    comments: dict[str, Any] | None = None
+    force_task_id: str | None = None
+    infotext: str | None = None
+    firstpass_image: str | None = None
+
+
+def _unsupported(body: Txt2ImgRequest) -> list[dict[str, Any]]:
+    errors = []
+    for name, default in _IMAGE_FIELDS_AT_DEFAULT.items():
+        value = getattr(body, name)
+        if name.startswith("seed_resize_from_") and value <= 0:  # A1111 resizes only for positive sizes
+            continue
+        if value not in (default, None) and not (default in ([], {}) and not value):
+            hint = _HINTS.get(name, "not supported by this server")
+            errors.append(field_error(("body", name), f"{hint} (send {json.dumps(default)} or leave it out)", "unsupported"))
+    return errors
+
+
+def _sampling(body: Txt2ImgRequest, scheduler_sigmas: bool) -> dict[str, Any]:
+    """sampler and use_karras_sigmas of the request (absent: the model's defaults)."""
+    name = body.sampler_name or body.sampler_index
+    field = "sampler_name" if body.sampler_name else "sampler_index"
+    if name is None:
+        if body.scheduler and body.scheduler.lower() == "karras":
+            return {"use_karras_sigmas": True} if scheduler_sigmas else {}
+        return {}
+    if name not in A1111_SAMPLERS:
+        raise_invalid([field_error(
+            ("body", field), f"{name!r} is not served; choose one of {', '.join(A1111_SAMPLERS)}", "unsupported",
+        )])
+    sampler, karras = A1111_SAMPLERS[name]
+    scheduler = (body.scheduler or "automatic").lower()
+    if scheduler not in A1111_SCHEDULERS:
+        raise_invalid([field_error(
+            ("body", "scheduler"), f"{body.scheduler!r} is not served; choose Automatic or Karras", "unsupported",
+        )])
+    if A1111_SCHEDULERS[scheduler] is not None:
+        karras = A1111_SCHEDULERS[scheduler]
+    fields: dict[str, Any] = {"sampler": sampler}
+    if scheduler_sigmas:  # the shipped family samples on Karras's sigmas whatever the name says
+        fields["use_karras_sigmas"] = True if sampler == "heun" else karras
+    return fields
+
+
+def _as_generate_request(body: Txt2ImgRequest, scheduler_sigmas: bool) -> GenerateRequest:
+    fields: dict[str, Any] = {
+        "prompt": body.prompt, "negative_prompt": body.negative_prompt, "n": body.batch_size * body.n_iter,
+        "seed": body.seed, "steps": body.steps, "width": body.width, "height": body.height,
+        "guidance_scale": None if body.cfg_scale is None else float(body.cfg_scale),
+        **_sampling(body, scheduler_sigmas),
+    }
+    try:
+        return GenerateRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        raise RequestValidationError(_a1111_locations(exc.errors())) from None
+
+
+def _a1111_locations(errors: list[Any]) -> list[Any]:
+    """The errors with this API's field names turned into A1111's (guidance_scale -> cfg_scale, ...)."""
+    renamed = []
+    for error in errors:
+        loc = list(error.get("loc", ()))
+        if len(loc) >= 2 and loc[0] == "body":
+            loc[1] = _FIELD_NAMES.get(loc[1], loc[1])
+        elif loc and isinstance(loc[0], str):
+            loc = ["body", _FIELD_NAMES.get(loc[0], loc[0]), *loc[1:]]
+        renamed.append({**error, "loc": loc})
+    return renamed
+
+
+def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int, model: str) -> str:
+    """A1111's "parameters" text, which its UI and PNG-info readers parse."""
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg:g}, Seed: {seed}, Size: {w}x{h}, Model: {model}")
+    return "\n".join(lines)
+
+
+@router.post(
+    "/txt2img",
+    responses={**AUTH_ERRORS, 504: {"description": "The job did not finish within sync_timeout_s"}, **COMMON_ERRORS},
+)
+async def txt2img(
+    body: Txt2ImgRequest,
+    request: Request,
+    principal: SubmitterDep,
+    queue: QueueDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    wait_slots: WaitSlotsDep,
+    idempotency_key: IdempotencyHeader = None,
+) -> JSONResponse:
+    """A1111's txt2img: waits for the images and answers ``{images, parameters, info}``."""
+    raise_invalid(_unsupported(body))
+    capabilities = request.app.state.capabilities
+    generate = _as_generate_request(body, scheduler_sigmas=bool(capabilities and capabilities.scheduler_sigmas))
+    with wait_slots.hold(principal):
+        try:
+            record, _replayed = await submit_job(
+                generate, api="a1111", principal=principal, queue=queue, settings=settings, metrics=metrics,
+                idempotency_key=idempotency_key, capabilities=capabilities,
+            )
+        except RequestValidationError as exc:
+            raise RequestValidationError(_a1111_locations(list(exc.errors()))) from None
+        final = await wait_or_cancel(queue, record, settings.sync_timeout_s, request, cancel_on_disconnect=idempotency_key is None)
+    unsuccessful = unsuccessful_answer(final, record, settings, unfinished_headers={}, finished_headers={})
+    if unsuccessful is not None:
+        return unsuccessful
+    assert final is not None
+    blobs = await load_images(queue, final)
+    params = final.params
+    seeds = image_seeds(final)
+    model = capabilities.id if capabilities is not None else "ediffi"
+    width = params.get("width") or (capabilities.sizes.default_width if capabilities else 0)
+    height = params.get("height") or (capabilities.sizes.default_height if capabilities else 0)
+    sampler_label = body.sampler_name or body.sampler_index or params["sampler"]
+    infotexts = [
+        _infotext(params["prompt"], params["negative_prompt"], params["steps"], sampler_label,
+                  params["guidance_scale"], seed, width, height, model)
+        for seed in seeds
+    ]
+    info = {
+        "prompt": params["prompt"], "all_prompts": [params["prompt"]] * len(seeds),
+        "negative_prompt": params["negative_prompt"], "all_negative_prompts": [params["negative_prompt"]] * len(seeds),
+        "seed": seeds[0] if seeds else params["seed"], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0, "width": width, "height": height, "sampler_name": sampler_label,
+        "cfg_scale": params["guidance_scale"], "steps": params["steps"], "batch_size": body.batch_size,
+        "restore_faces": False, "sd_model_name": model, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0,
+        "infotexts": infotexts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(final.finished_at or time.time())),
+        "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": "ediffi", "job_id": final.id,
+    }
+    return JSONResponse({
+        "images": [base64.b64encode(blob).decode("ascii") for blob in blobs],
+        "parameters": body.model_dump(mode="json"),
+        "info": json.dumps(info),
+    })
+
+
+@router.get("/samplers", dependencies=[Depends(authenticate)])
+async def samplers() -> list[dict[str, Any]]:
+    """The A1111 sampler names txt2img takes."""
+    return [{"name": name, "aliases": [], "options": {}} for name in A1111_SAMPLERS]
+
+
+@router.get("/schedulers", dependencies=[Depends(authenticate)])
+async def schedulers() -> list[dict[str, Any]]:
+    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
+            {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}]
+
+
+@router.get("/sd-models", dependencies=[Depends(authenticate)])
+async def sd_models(request: Request) -> list[dict[str, Any]]:
+    """The served model, as A1111 lists checkpoints (no file names: paths stay on the server)."""
+    capabilities = request.app.state.capabilities
+    name = capabilities.id if capabilities is not None else "ediffi"
+    return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": "", "config": None}]
