@@ -56,7 +56,7 @@ A1111_SCHEDULERS: dict[str, bool | None] = {"automatic": None, "karras": True}
 #: Fields that change the image in ways this server does not: each must keep A1111's default.
 _IMAGE_FIELDS_AT_DEFAULT: dict[str, Any] = {
     "enable_hr": False, "restore_faces": False, "tiling": False, "subseed_strength": 0, "styles": [],
-    "override_settings": {}, "alwayson_scripts": {}, "script_name": None, "script_args": [], "s_churn": 0,
+    "alwayson_scripts": {}, "script_name": None, "script_args": [], "s_churn": 0,
     "refiner_checkpoint": None, "seed_resize_from_h": -1, "seed_resize_from_w": -1,
 }
 _HINTS = {
@@ -134,6 +134,24 @@ class Txt2ImgRequest(BaseModel):
     force_task_id: str | None = None
     infotext: str | None = None
     firstpass_image: str | None = None
+
+
+#: override_settings a tool may send that change nothing here: the served checkpoint (by its id),
+#: and CLIP's last layer (the only one the imported encoders use where A1111's default applies).
+_NEUTRAL_SETTINGS = {"CLIP_stop_at_last_layers": (1,)}
+
+
+def _override_errors(settings: dict[str, Any] | None, served: str) -> list[dict[str, Any]]:
+    errors = []
+    for name, value in (settings or {}).items():
+        if name == "sd_model_checkpoint":
+            if value != served and str(value).split(" [")[0].removesuffix(".safetensors") != served:
+                errors.append(field_error(("body", "override_settings", name),
+                                          f"this server serves {served!r} only (GET /sdapi/v1/sd-models)", "unsupported"))
+        elif value not in _NEUTRAL_SETTINGS.get(name, ()):
+            errors.append(field_error(("body", "override_settings", name),
+                                      "this setting is not supported (leave it out)", "unsupported"))
+    return errors
 
 
 def _unsupported(body: Txt2ImgRequest) -> list[dict[str, Any]]:
@@ -224,8 +242,9 @@ async def txt2img(
     idempotency_key: IdempotencyHeader = None,
 ) -> JSONResponse:
     """A1111's txt2img: waits for the images and answers ``{images, parameters, info}``."""
-    raise_invalid(_unsupported(body))
     capabilities = request.app.state.capabilities
+    served = capabilities.id if capabilities is not None else "ediffi"
+    raise_invalid(_unsupported(body) + _override_errors(body.override_settings, served))
     generate = _as_generate_request(body, scheduler_sigmas=bool(capabilities and capabilities.scheduler_sigmas))
     with wait_slots.hold(principal):
         try:
@@ -243,7 +262,7 @@ async def txt2img(
     blobs = await load_images(queue, final)
     params = final.params
     seeds = image_seeds(final)
-    model = capabilities.id if capabilities is not None else "ediffi"
+    model = served
     width = params.get("width") or (capabilities.sizes.default_width if capabilities else 0)
     height = params.get("height") or (capabilities.sizes.default_height if capabilities else 0)
     sampler_label = body.sampler_name or body.sampler_index or params["sampler"]

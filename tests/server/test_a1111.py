@@ -104,6 +104,10 @@ def test_a1111_sampler_and_scheduler_names_pick_the_sampler_and_its_sigmas(sdxl_
         ({"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts", "not supported"),
         ({"subseed_strength": 0.3}, "subseed_strength", "variation seeds"),
         ({"clip_skip": 2}, "clip_skip", "Extra inputs are not permitted"),
+        ({"override_settings": {"sd_model_checkpoint": "v1-5-pruned.safetensors [6ce0161689]"}},
+         "override_settings.sd_model_checkpoint", "serves"),
+        ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings.CLIP_stop_at_last_layers",
+         "not supported"),
         ({"cfg_scale": 100}, "cfg_scale", "less than or equal to 50"),
         ({"batch_size": 5, "n_iter": 2}, "batch_size", "less than or equal to"),  # n = 10 > EDIFFI_MAX_N
         ({"prompt": ""}, "prompt", ""),
@@ -117,11 +121,21 @@ def test_what_cannot_be_honoured_is_422_naming_the_a1111_field(fields, field, wo
             response = await svc.client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 2, **fields})
             assert response.status_code == 422, response.text
             detail = response.json()["detail"]
-            assert [error["loc"] for error in detail] == [["body", field]], detail
+            assert [error["loc"] for error in detail] == [["body", *field.split(".")]], detail
             assert words in detail[0]["msg"]
             assert await svc.queue.depth() == 0
 
     check()
+
+
+@run_async
+async def test_override_settings_naming_the_served_checkpoint_are_accepted(backend: Backend) -> None:
+    async with service(backend) as svc, QueueWorker(svc.queue):
+        (model,) = (await svc.client.get("/sdapi/v1/sd-models")).json()
+        for served in (model["title"], f"{model['title']}.safetensors [0123abcd]"):
+            body = {"prompt": "a cat", "steps": 1, "override_settings": {"sd_model_checkpoint": served,
+                                                                        "CLIP_stop_at_last_layers": 1}}
+            assert (await svc.client.post("/sdapi/v1/txt2img", json=body)).status_code == 200
 
 
 @run_async
