@@ -71,7 +71,7 @@ def cmd_generate(args, settings) -> int:
             guidance_scale=defaults.guidance_scale if args.guidance is None else args.guidance,
             seed=seed, sampler=sampler, n=args.n,
             use_karras_sigmas=(
-                defaults.karras_sigmas_with(sampler) if args.use_karras_sigmas is None else args.use_karras_sigmas
+                defaults.karras_sigmas_with(args.sampler) if args.use_karras_sigmas is None else args.use_karras_sigmas
             ),
             style_image=Image.open(args.style_image) if args.style_image else None,
             color_map=Image.open(args.paint) if args.paint else None, regions=regions,

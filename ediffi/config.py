@@ -378,10 +378,11 @@ class GenerationDefaults(_Strict):
     # default where the folder's scheduler is diffusers' plain EulerDiscreteScheduler).
     use_karras_sigmas: bool = True
 
-    def karras_sigmas_with(self, sampler: str) -> bool:
-        """A request's ``use_karras_sigmas`` when it names none: the model's with its default
-        sampler (one configuration, e.g. SDXL's Euler as loaded), Karras's with any other."""
-        return self.use_karras_sigmas or sampler != self.sampler
+    def karras_sigmas_with(self, sampler: str | None) -> bool:
+        """A request's ``use_karras_sigmas`` when it names none: the model's when it names no
+        sampler either (the model's one default configuration, e.g. SDXL's Euler as loaded);
+        Karras's, as ``sampler`` always meant, when it names one."""
+        return self.use_karras_sigmas if sampler is None else True
 
 
 #: An imported model's defaults: its diffusers pipeline's own (``__call__``'s

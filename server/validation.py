@@ -319,7 +319,7 @@ def with_model_defaults(
         "steps": min(defaults.steps, settings.max_steps),
         "guidance_scale": defaults.guidance_scale,
         "sampler": defaults.sampler,
-        "use_karras_sigmas": defaults.karras_sigmas_with(request.sampler or defaults.sampler),
+        "use_karras_sigmas": defaults.karras_sigmas_with(request.sampler),
     }
     update = {name: value for name, value in missing.items() if getattr(request, name) is None}
     return request.model_copy(update=update) if update else request

@@ -257,12 +257,13 @@ def test_models_lists_the_shipped_family_defaults():
         ({}, {"steps": 50, "guidance_scale": 5.0, "sampler": "euler", "use_karras_sigmas": False}),
         ({"steps": None, "guidance_scale": None, "sampler": None, "use_karras_sigmas": None},
          {"steps": 50, "guidance_scale": 5.0, "sampler": "euler", "use_karras_sigmas": False}),
-        # another sampler: Karras's sigmas unless asked (the model's own go with its default sampler)
+        # a sampler named: Karras's sigmas unless asked (the model's own are its default configuration)
         ({"steps": 3, "guidance_scale": 0.0, "sampler": "heun"},
          {"steps": 3, "guidance_scale": 0.0, "sampler": "heun", "use_karras_sigmas": True}),
         ({"guidance_scale": 7.5, "use_karras_sigmas": True},
          {"steps": 50, "guidance_scale": 7.5, "sampler": "euler", "use_karras_sigmas": True}),
         ({"sampler": "dpmpp_2m"}, {"sampler": "dpmpp_2m", "use_karras_sigmas": True}),  # "DPM++ 2M Karras"
+        ({"sampler": "euler"}, {"sampler": "euler", "use_karras_sigmas": True}),  # as `euler` always meant
         ({"sampler": "dpmpp_2m", "use_karras_sigmas": False}, {"sampler": "dpmpp_2m", "use_karras_sigmas": False}),
     ],
 )
