@@ -1,5 +1,5 @@
 """The AUTOMATIC1111 (stable-diffusion-webui) API subset: ``POST /sdapi/v1/txt2img``,
-``GET /sdapi/v1/samplers``, ``/schedulers`` and ``/sd-models``, so tools written against A1111's API
+``GET /sdapi/v1/samplers``, ``/schedulers``, ``/sd-models`` and ``/options``, so tools written against A1111's API
 run unchanged against this server.
 
 A txt2img body becomes a ``/generate`` request (``cfg_scale`` -> ``guidance_scale``, ``batch_size`` x
@@ -299,6 +299,17 @@ async def samplers() -> list[dict[str, Any]]:
 async def schedulers() -> list[dict[str, Any]]:
     return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
             {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}]
+
+
+@router.get("/options", dependencies=[Depends(authenticate)])
+async def options(request: Request) -> dict[str, Any]:
+    """The A1111 settings tools read at start (the loaded checkpoint, CLIP's last layer, the image format)."""
+    capabilities = request.app.state.capabilities
+    return {
+        "sd_model_checkpoint": capabilities.id if capabilities is not None else "ediffi",
+        "CLIP_stop_at_last_layers": 1,
+        "samples_format": "png",
+    }
 
 
 @router.get("/sd-models", dependencies=[Depends(authenticate)])

@@ -146,3 +146,5 @@ async def test_samplers_schedulers_and_models_are_listed(backend: Backend) -> No
         assert [s["label"] for s in (await svc.client.get("/sdapi/v1/schedulers")).json()] == ["Automatic", "Karras"]
         (model,) = (await svc.client.get("/sdapi/v1/sd-models")).json()
         assert model["model_name"] == model["title"] and model["filename"] == ""  # no server paths
+        options = (await svc.client.get("/sdapi/v1/options")).json()
+        assert options["sd_model_checkpoint"] == model["title"] and options["CLIP_stop_at_last_layers"] == 1
