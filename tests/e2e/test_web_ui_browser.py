@@ -55,8 +55,10 @@ class RecordingWorker(QueueWorker):
 class LiveServer:
     """The API on a real socket, in a thread with its own event loop."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, capabilities: Any = None, image_size: int | None = None, **settings: Any) -> None:
         self.settings = make_settings(**settings)
+        self.capabilities = capabilities  # None: the shipped model's
+        self.worker_options = {} if image_size is None else {"image_size": image_size}
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
@@ -67,9 +69,9 @@ class LiveServer:
 
     async def _main(self) -> None:
         queue = InProcessQueue(**QUEUE_LIMITS)
-        app = create_app(self.settings, queue=queue)
+        app = create_app(self.settings, queue=queue, capabilities=self.capabilities)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.worker = RecordingWorker(queue, step_delay_s=0.03)
+        self.worker = RecordingWorker(queue, step_delay_s=0.03, **self.worker_options)
         async with self.worker:
             serve = asyncio.create_task(self.server.serve(sockets=[self.sock]))
             while not self.server.started and not serve.done():
@@ -312,3 +314,29 @@ def test_style_image_preview_upload_and_error(browser, live, tmp_path) -> None: 
     assert job["inputs"]["style_image"] == good.read_bytes()
     assert "paint_with_words" not in job["params"] or job["params"]["paint_with_words"] is None
     assert "style image" in driver.find_element("id", "result-caption").text
+
+
+def test_an_imported_models_defaults_fill_the_form_and_a_changed_field_keeps_its_value(  # noqa: F811
+    browser, imported_sdxl_dir
+) -> None:
+    """Against an API serving the imported SDXL (GET /v1/models: 50 steps, guidance 5, euler, 32 px;
+    at most EDIFFI_MAX_STEPS 60), the form starts at those defaults and sends them; a field the user
+    changed is kept when the listing is applied again."""
+    from server.main import capabilities as read_capabilities
+
+    driver = browser
+    with LiveServer(capabilities=read_capabilities(imported_sdxl_dir), image_size=32, max_steps=60) as server:
+        open_page(driver, server.url)
+        wait_for(driver, lambda d: d.find_element("id", "steps").get_attribute("value") == "50", 10,
+                 "the model's steps did not reach the form")
+        values = {name: driver.find_element("id", name).get_attribute("value") for name in ("guidance", "sampler", "width")}
+        assert values == {"guidance": "5", "sampler": "euler", "width": "32"}
+        set_value(driver, "guidance", "2.5")
+        driver.execute_script("applyCapabilities()")  # the listing arriving again: the user's value stays
+        wait_for(driver, lambda d: d.find_element("id", "steps").get_attribute("max") == "60", 10, "no listing")
+        assert driver.find_element("id", "guidance").get_attribute("value") == "2.5"
+        type_prompt(driver, "a red circle")
+        driver.find_element("id", "generate").click()
+        assert finished_state(driver) == "succeeded"
+        params = server.worker.jobs[-1]["params"]
+        assert (params["steps"], params["guidance_scale"], params["sampler"]) == (50, 2.5, "euler")
