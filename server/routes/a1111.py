@@ -176,13 +176,13 @@ def _sampling(body: Txt2ImgRequest, scheduler_sigmas: bool) -> dict[str, Any]:
         return {}
     if name not in A1111_SAMPLERS:
         raise_invalid([field_error(
-            ("body", field), f"{name!r} is not served; choose one of {', '.join(A1111_SAMPLERS)}", "unsupported",
+            ("body", field), f"{name[:60]!r} is not served; choose one of {', '.join(A1111_SAMPLERS)}", "unsupported",
         )])
     sampler, karras = A1111_SAMPLERS[name]
     scheduler = (body.scheduler or "automatic").lower()
     if scheduler not in A1111_SCHEDULERS:
         raise_invalid([field_error(
-            ("body", "scheduler"), f"{body.scheduler!r} is not served; choose Automatic or Karras", "unsupported",
+            ("body", "scheduler"), f"{body.scheduler[:60]!r} is not served; choose Automatic or Karras", "unsupported",
         )])
     if A1111_SCHEDULERS[scheduler] is not None:
         karras = A1111_SCHEDULERS[scheduler]
