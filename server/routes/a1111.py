@@ -1,5 +1,6 @@
 """The AUTOMATIC1111 (stable-diffusion-webui) API subset: ``POST /sdapi/v1/txt2img``,
-``GET /sdapi/v1/samplers``, ``/schedulers``, ``/sd-models`` and ``/options``, so tools written against A1111's API
+``GET /sdapi/v1/samplers``, ``/schedulers``, ``/sd-models``, ``/options`` and ``/progress``,
+``POST /sdapi/v1/interrupt``, so tools written against A1111's API
 run unchanged against this server.
 
 A txt2img body becomes a ``/generate`` request (``cfg_scale`` -> ``guidance_scale``, ``batch_size`` x
@@ -24,8 +25,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.auth import SubmitterDep, WaitSlotsDep, authenticate
+from server.auth import PrincipalDep, SubmitterDep, WaitSlotsDep, authenticate
 from server.deps import MetricsDep, QueueDep, SettingsDep
+from server.queue import JobStatus
 from server.routes.generate import (
     COMMON_ERRORS,
     IdempotencyHeader,
@@ -246,6 +248,7 @@ async def txt2img(
     served = capabilities.id if capabilities is not None else "ediffi"
     raise_invalid(_unsupported(body) + _override_errors(body.override_settings, served))
     generate = _as_generate_request(body, scheduler_sigmas=bool(capabilities and capabilities.scheduler_sigmas))
+    waiting: dict[str, str] = request.app.state.a1111_waits
     with wait_slots.hold(principal):
         try:
             record, _replayed = await submit_job(
@@ -254,7 +257,14 @@ async def txt2img(
             )
         except RequestValidationError as exc:
             raise RequestValidationError(_a1111_locations(list(exc.errors()))) from None
-        final = await wait_or_cancel(queue, record, settings.sync_timeout_s, request, cancel_on_disconnect=idempotency_key is None)
+        waiting[principal.limit_key] = record.id  # for /progress and /interrupt: the caller's latest wait
+        try:
+            final = await wait_or_cancel(
+                queue, record, settings.sync_timeout_s, request, cancel_on_disconnect=idempotency_key is None
+            )
+        finally:
+            if waiting.get(principal.limit_key) == record.id:
+                del waiting[principal.limit_key]
     unsuccessful = unsuccessful_answer(final, record, settings, unfinished_headers={}, finished_headers={})
     if unsuccessful is not None:
         return unsuccessful
@@ -287,6 +297,44 @@ async def txt2img(
         "parameters": body.model_dump(mode="json"),
         "info": json.dumps(info),
     })
+
+
+_IDLE_STATE = {
+    "skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
+    "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
+}
+
+
+@router.get("/progress")
+async def progress(request: Request, principal: PrincipalDep, queue: QueueDep) -> dict[str, Any]:
+    """A1111's progress poll: the caller's txt2img now waiting in this API process (its latest), as
+    A1111 reports it (``progress`` 0-1, ``eta_relative`` seconds, ``state``); idle without one. With
+    several API replicas a poll may reach another one, which knows no wait: use ``/jobs/{id}/events``
+    for progress that any replica answers."""
+    job_id = request.app.state.a1111_waits.get(principal.limit_key)
+    record = await queue.get(job_id) if job_id else None
+    if record is None or record.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+        return {"progress": 0.0, "eta_relative": 0.0, "state": _IDLE_STATE, "current_image": None, "textinfo": None}
+    done = record.progress.step / record.progress.total if record.progress.total else 0.0
+    elapsed = time.time() - record.started_at if record.started_at else 0.0
+    eta = elapsed / done - elapsed if done > 0 else 0.0
+    state = {
+        **_IDLE_STATE, "job": f"task({record.id})", "job_count": 1,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(record.queued_at or time.time())),
+        "sampling_step": record.progress.step, "sampling_steps": record.progress.total,
+    }
+    return {"progress": round(done, 4), "eta_relative": round(eta, 3), "state": state, "current_image": None,
+            "textinfo": record.status.value}
+
+
+@router.post("/interrupt")
+async def interrupt(request: Request, principal: PrincipalDep, queue: QueueDep) -> JSONResponse:
+    """A1111's interrupt: cancels the caller's txt2img now waiting in this API process (its answer is
+    then a 409); nothing else is touched, so one caller cannot stop another's work."""
+    job_id = request.app.state.a1111_waits.get(principal.limit_key)
+    if job_id is not None:
+        await queue.cancel(job_id)
+    return JSONResponse({})
 
 
 @router.get("/samplers", dependencies=[Depends(authenticate)])

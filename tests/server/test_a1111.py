@@ -4,6 +4,7 @@ the app in process with a worker playing the engine."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -148,3 +149,32 @@ async def test_samplers_schedulers_and_models_are_listed(backend: Backend) -> No
         assert model["model_name"] == model["title"] and model["filename"] == ""  # no server paths
         options = (await svc.client.get("/sdapi/v1/options")).json()
         assert options["sd_model_checkpoint"] == model["title"] and options["CLIP_stop_at_last_layers"] == 1
+
+
+@run_async
+async def test_progress_and_interrupt_follow_the_callers_own_wait(backend: Backend) -> None:
+    keys = {"a": {"Authorization": "Bearer key-a"}, "b": {"Authorization": "Bearer key-b"}}
+    async with service(backend, api_keys=["key-a", "key-b"], allow_anonymous=False, sync_timeout_s=20) as svc, \
+            QueueWorker(svc.queue, step_delay_s=0.05):
+        async def progress(caller: str) -> dict[str, Any]:
+            response = await svc.client.get("/sdapi/v1/progress", headers=keys[caller])
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        assert (await progress("a"))["state"]["job_count"] == 0  # idle
+        waiting = asyncio.create_task(
+            svc.client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 40}, headers=keys["a"])
+        )
+        for _ in range(200):
+            polled = await progress("a")
+            if polled["state"]["sampling_step"] >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert 0 < polled["progress"] < 1 and polled["state"]["sampling_steps"] == 40 and polled["eta_relative"] > 0
+        assert (await progress("b"))["state"]["job_count"] == 0  # b sees nothing of a's job
+        assert (await svc.client.post("/sdapi/v1/interrupt", headers=keys["b"])).status_code == 200
+        await asyncio.sleep(0.2)
+        assert (await progress("a"))["state"]["job_count"] == 1  # b's interrupt stopped nothing of a's
+        assert (await svc.client.post("/sdapi/v1/interrupt", headers=keys["a"])).status_code == 200
+        assert (await asyncio.wait_for(waiting, 10)).status_code == 409  # a's own interrupt cancels its job
+        assert (await progress("a"))["state"]["job_count"] == 0
