@@ -170,26 +170,26 @@ def _unsupported(body: Txt2ImgRequest) -> list[dict[str, Any]]:
 
 def _sampling(body: Txt2ImgRequest, scheduler_sigmas: bool) -> dict[str, Any]:
     """sampler and use_karras_sigmas of the request (absent: the model's defaults)."""
+    scheduler = (body.scheduler or "automatic").lower()
+    if scheduler not in A1111_SCHEDULERS:
+        raise_invalid([field_error(
+            ("body", "scheduler"), f"{(body.scheduler or '')[:60]!r} is not served; choose Automatic or Karras",
+            "unsupported",
+        )])
     name = body.sampler_name or body.sampler_index
     field = "sampler_name" if body.sampler_name else "sampler_index"
-    if name is None:
-        if body.scheduler and body.scheduler.lower() == "karras":
-            return {"use_karras_sigmas": True} if scheduler_sigmas else {}
-        return {}
+    if name is None:  # the model's default sampler; Karras's sigmas if asked for
+        return {"use_karras_sigmas": True} if scheduler_sigmas and A1111_SCHEDULERS[scheduler] else {}
     if name not in A1111_SAMPLERS:
         raise_invalid([field_error(
             ("body", field), f"{name[:60]!r} is not served; choose one of {', '.join(A1111_SAMPLERS)}", "unsupported",
         )])
     sampler, karras = A1111_SAMPLERS[name]
-    scheduler = (body.scheduler or "automatic").lower()
-    if scheduler not in A1111_SCHEDULERS:
-        raise_invalid([field_error(
-            ("body", "scheduler"), f"{body.scheduler[:60]!r} is not served; choose Automatic or Karras", "unsupported",
-        )])
     if A1111_SCHEDULERS[scheduler] is not None:
         karras = A1111_SCHEDULERS[scheduler]
     fields: dict[str, Any] = {"sampler": sampler}
-    if scheduler_sigmas:  # the shipped family samples on Karras's sigmas whatever the name says
+    # Only imported checkpoints have sigmas of their own; the shipped family's are Karras's whatever the name.
+    if scheduler_sigmas:
         fields["use_karras_sigmas"] = True if sampler == "heun" else karras
     return fields
 

@@ -79,6 +79,7 @@ async def test_the_web_uis_payload_answers_in_a1111s_shape(backend: Backend) -> 
         ({"sampler_name": "Heun"}, ("heun", True)),
         ({"sampler_index": "DPM++ 2M Karras"}, ("dpmpp_2m", True)),  # A1111's older field name
         ({}, ("euler", False)),  # none named: the model's default (SDXL's Euler as loaded)
+        ({"scheduler": "Karras"}, ("euler", True)),  # the model's sampler on Karras's sigmas
     ],
 )
 def test_a1111_sampler_and_scheduler_names_pick_the_sampler_and_its_sigmas(sdxl_capabilities, fields, expected):
@@ -99,6 +100,7 @@ def test_a1111_sampler_and_scheduler_names_pick_the_sampler_and_its_sigmas(sdxl_
     [
         ({"sampler_name": "Euler a"}, "sampler_name", "not served"),
         ({"sampler_name": "DPM++ 2M", "scheduler": "Exponential"}, "scheduler", "Automatic or Karras"),
+        ({"scheduler": "Exponential"}, "scheduler", "Automatic or Karras"),  # with no sampler named too
         ({"enable_hr": True}, "enable_hr", "hires fix"),
         ({"restore_faces": True}, "restore_faces", "face restoration"),
         ({"styles": ["cinematic"]}, "styles", "styles"),
