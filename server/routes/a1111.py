@@ -31,6 +31,7 @@ from server.queue import JobStatus
 from server.routes.generate import (
     COMMON_ERRORS,
     IdempotencyHeader,
+    OffloadedJSONRoute,
     load_images,
     submit_job,
     unsuccessful_answer,
@@ -40,7 +41,9 @@ from server.routes.jobs import AUTH_ERRORS, image_seeds
 from server.schemas import GenerateRequest
 from server.validation import field_error, raise_invalid
 
-router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+# Large bodies are JSON-decoded in a worker thread, as /generate's (one client's 10 MB body must not
+# stall the event loop every other request and the health probes share).
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], route_class=OffloadedJSONRoute)
 
 #: A1111 sampler names served: (sampler, use_karras_sigmas with scheduler "Automatic"; None: the model's).
 #: "Euler" and "DPM++ 2M" sample on the checkpoint's own sigmas as diffusers' schedulers do, which is
