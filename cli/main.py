@@ -63,16 +63,12 @@ def cmd_generate(args, settings) -> int:
         from ediffi.config import ModelConfig
         from engines.engine import make_backend
 
-        defaults = ModelConfig.load(model_dir).request_defaults
-        sampler = args.sampler or defaults.sampler
+        sampling = ModelConfig.load(model_dir).request_defaults.fill(
+            steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+            use_karras_sigmas=args.use_karras_sigmas,
+        )
         request = GenerationRequest(
-            prompt=args.prompt, negative_prompt=args.negative_prompt,
-            steps=defaults.steps if args.steps is None else args.steps,
-            guidance_scale=defaults.guidance_scale if args.guidance is None else args.guidance,
-            seed=seed, sampler=sampler, n=args.n,
-            use_karras_sigmas=(
-                defaults.karras_sigmas_with(args.sampler) if args.use_karras_sigmas is None else args.use_karras_sigmas
-            ),
+            prompt=args.prompt, negative_prompt=args.negative_prompt, seed=seed, n=args.n, **sampling,
             style_image=Image.open(args.style_image) if args.style_image else None,
             color_map=Image.open(args.paint) if args.paint else None, regions=regions,
             width=args.width, height=args.height,
@@ -240,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", choices=spec.SAMPLERS, help=model_default % spec.DEFAULT_SAMPLER)
     gen.add_argument(
         "--karras-sigmas", dest="use_karras_sigmas", action=argparse.BooleanOptionalAction,
-        help="imported SD/SDXL with --sampler euler: --no-karras-sigmas samples on the scheduler's own sigmas "
-        "(diffusers' default EulerDiscreteScheduler); default: the model's",
+        help="imported models with --sampler euler or dpmpp_2m: --no-karras-sigmas samples on the scheduler's own "
+        "sigmas (diffusers' EulerDiscreteScheduler / DPMSolverMultistepScheduler by default); default: the model's",
     )
     gen.add_argument("--style-image", help="reference image whose CLIP image embedding sets the style")
     gen.add_argument("--paint", help="paint-with-words colour map (PNG)")

@@ -57,14 +57,10 @@ class ModelCapabilities:
     source: str = "ediffi"
     sr_noise_level: NoiseLevelRule | None = None  # None: the request field does not apply
     created: int = 0  # OpenAI's `created`: the model.json's modification time (epoch s); 0: unknown
-    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # of steps, guidance_scale, sampler
+    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # of the sampling fields
     # Whether `use_karras_sigmas: false` applies: every stage an imported (discrete-time)
     # checkpoint, whose scheduler samples on its own spaced sigmas.
     scheduler_sigmas: bool = False
-
-    def default_steps(self, max_steps: int) -> int:
-        """The steps of a request that sends none: the model's default, within the server's limit."""
-        return min(self.defaults.steps, max_steps)
 
     def max_side(self, max_image_side: int) -> int:
         """The largest width/height a request may ask for: the server's limit, or
@@ -108,7 +104,7 @@ class ModelCapabilities:
         described["samplers"] = list(spec.SAMPLERS)
         described["request"] = {
             "n": {"default": 1, "min": 1, "max": max_n},
-            "steps": {"default": self.default_steps(max_steps), "min": 1, "max": max_steps},
+            "steps": {"default": self.defaults.steps_within(max_steps), "min": 1, "max": max_steps},
             "guidance_scale": {
                 "default": self.defaults.guidance_scale, "min": 0.0, "max": spec.MAX_GUIDANCE,
                 "off_at_or_below": spec.GUIDANCE_OFF_AT_OR_BELOW,
@@ -117,7 +113,7 @@ class ModelCapabilities:
             "seed": {"min": 0, "max": spec.MAX_SEED, "random": spec.RANDOM_SEED},
             "sampler": {"default": self.defaults.sampler},
             "sr_noise_level": None if self.sr_noise_level is None else asdict(self.sr_noise_level),
-            # false: the scheduler's own sigmas (sampler euler); null where only Karras's apply
+            # false: the scheduler's own sigmas (sampler euler or dpmpp_2m); null where only Karras's apply
             "use_karras_sigmas": {"default": self.defaults.use_karras_sigmas} if self.scheduler_sigmas else None,
         }
         return described

@@ -369,20 +369,36 @@ class DiffusersEncodersConfig(_Strict):
 
 
 class GenerationDefaults(_Strict):
-    """What a request that leaves ``steps``, ``guidance_scale`` or ``sampler`` out gets."""
+    """What a request that leaves ``steps``, ``guidance_scale``, ``sampler`` or
+    ``use_karras_sigmas`` out gets (:meth:`fill`: the one rule the API and the CLI apply)."""
 
     steps: int = Field(spec.DEFAULT_STEPS, ge=1)
     guidance_scale: float = Field(spec.DEFAULT_GUIDANCE, ge=0.0, le=spec.MAX_GUIDANCE, allow_inf_nan=False)
     sampler: spec.SamplerName = spec.DEFAULT_SAMPLER
-    # Imported models: False samples on the scheduler's own sigmas (the importer's
-    # default where the folder's scheduler is diffusers' plain EulerDiscreteScheduler).
+    # Imported models: False samples on the scheduler's own sigmas (the importer's default
+    # where the folder loads a plain EulerDiscreteScheduler or DPM-Solver++ 2M).
     use_karras_sigmas: bool = True
 
-    def karras_sigmas_with(self, sampler: str | None) -> bool:
-        """A request's ``use_karras_sigmas`` when it names none: the model's when it names no
-        sampler either (the model's one default configuration, e.g. SDXL's Euler as loaded);
-        Karras's, as ``sampler`` always meant, when it names one."""
-        return self.use_karras_sigmas if sampler is None else True
+    def steps_within(self, max_steps: int | None) -> int:
+        """The default steps within a server's limit (None: none)."""
+        return self.steps if max_steps is None else min(self.steps, max_steps)
+
+    def fill(
+        self, *, steps: int | None, guidance_scale: float | None, sampler: str | None,
+        use_karras_sigmas: bool | None, max_steps: int | None = None,
+    ) -> dict:
+        """The four sampling fields of a request, those it left out (None) from these defaults.
+        ``use_karras_sigmas`` left out is the model's only when ``sampler`` is left out too (the
+        model's one default configuration, e.g. SDXL's Euler as loaded); with a sampler named it
+        is Karras's, as ``sampler`` always meant."""
+        return {
+            "steps": self.steps_within(max_steps) if steps is None else steps,
+            "guidance_scale": self.guidance_scale if guidance_scale is None else guidance_scale,
+            "sampler": self.sampler if sampler is None else sampler,
+            "use_karras_sigmas": (
+                (self.use_karras_sigmas if sampler is None else True) if use_karras_sigmas is None else use_karras_sigmas
+            ),
+        }
 
 
 #: An imported model's defaults: its diffusers pipeline's own (``__call__``'s

@@ -58,8 +58,8 @@ class GenerationRequest:
     # low-res image, in timesteps of the image-noising schedule (diffusers'
     # `noise_level`); None: the pipeline's default.
     sr_noise_level: int | None = None
-    # Imported SD/SDXL with the Euler sampler: False samples on the scheduler's own
-    # sigmas (diffusers' default EulerDiscreteScheduler) instead of Karras's.
+    # Imported checkpoints with euler or dpmpp_2m: False samples on the scheduler's own
+    # sigmas (diffusers' schedulers' default) instead of Karras's.
     use_karras_sigmas: bool = True
 
     def validate(self) -> None:
@@ -136,7 +136,7 @@ def stage_sigmas(
     range, or for a discrete-time checkpoint the one diffusers' scheduler
     with Karras sigmas uses (within its trained range): Euler's, or
     DPM-Solver's for `dpmpp_2m` (ediffi.discrete.request_schedule); without
-    Karras sigmas, Euler's own spaced ones."""
+    Karras sigmas, that scheduler's own spaced ones."""
     if stage.schedule is not None:
         return inference_sigmas(request_schedule(stage.schedule, sampler, use_karras_sigmas), steps)
     return karras_sigmas(steps, stage.sigma_min, stage.sigma_max, stage.rho)

@@ -55,6 +55,7 @@ def pick_seed(requested: int | None) -> int:
         return secrets.randbelow(AUTO_SEED_LIMIT)
     return requested
 
+
 # Defaults of the operator's limits (server.settings.Settings: max_prompt_chars, max_n, max_steps, max_regions).
 DEFAULT_MAX_PROMPT_CHARS = 500
 DEFAULT_MAX_N = 8

@@ -27,6 +27,7 @@ Layout (with the default prefix)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 DEFAULT_PREFIX = "ediffi:"
 
@@ -98,31 +99,15 @@ class RedisKeys:
         """The rate counters of one API key without the minute (the rate script appends Redis's own)."""
         return f"{self.prefix}rate:{key}:"
 
+    def byte_budget(self, kind: Literal["inputs", "results"]) -> tuple[str, str, str]:
+        """The keys of one submit budget, ``inputs`` (unfinished jobs' uploads) or ``results`` (finished
+        jobs' images): (total bytes, hash job id -> its bytes, sorted set of job ids by deadline ms)."""
+        return f"{self.prefix}{kind}:bytes", f"{self.prefix}{kind}:jobs", f"{self.prefix}{kind}:deadlines"
+
     @property
     def input_bytes(self) -> str:
         """Total bytes of the inputs of unfinished jobs (checked against the budget at submit)."""
-        return f"{self.prefix}inputs:bytes"
-
-    @property
-    def input_bytes_by_job(self) -> str:
-        return f"{self.prefix}inputs:jobs"
-
-    @property
-    def input_deadlines(self) -> str:
-        return f"{self.prefix}inputs:deadlines"
-
-    @property
-    def result_bytes(self) -> str:
-        """Total bytes of the result images finished jobs hold (checked against the budget at submit)."""
-        return f"{self.prefix}results:bytes"
-
-    @property
-    def result_bytes_by_job(self) -> str:
-        return f"{self.prefix}results:jobs"
-
-    @property
-    def result_deadlines(self) -> str:
-        return f"{self.prefix}results:deadlines"
+        return self.byte_budget("inputs")[0]
 
     def owner_jobs(self, owner: str) -> str:
         """Unfinished jobs of one API key (or of anonymous callers)."""

@@ -206,9 +206,10 @@ class GenerationOptions(NullMeansDefault):
         bool | None,
         Field(
             strict=True,
-            description="Imported SD/SDXL with sampler euler: false samples on the scheduler's own sigmas, as "
-            "diffusers' default EulerDiscreteScheduler (diffusers' use_karras_sigmas); true: Karras's. Absent: the "
-            "model's default (GET /v1/models: request.use_karras_sigmas; null there: Karras's only).",
+            description="Imported checkpoints with sampler euler or dpmpp_2m: false samples on the scheduler's own "
+            "sigmas, as diffusers' EulerDiscreteScheduler and DPMSolverMultistepScheduler by default (diffusers' "
+            "use_karras_sigmas); true: Karras's. Absent: the model's default with its default sampler, else true "
+            "(GET /v1/models: request.use_karras_sigmas; null there: Karras's only).",
         ),
     ] = None
     width: Annotated[
@@ -375,7 +376,7 @@ class JobParams(BaseModel):
           "inputs": ["color_map"?, "style_image"?],   # names of the job's byte inputs, sorted
           "paint_with_words": null | {"regions": [{"color": "#rrggbb", "phrase": str, "strength": float}]},
           "sr_noise_level": null | int,     # >= 0; the model checks its range (IF stage II)
-          "use_karras_sigmas": bool,        # false: imported SD/SDXL, sampler euler, the scheduler's own sigmas
+          "use_karras_sigmas": bool,        # false: imported model, euler/dpmpp_2m, the scheduler's own sigmas
           "width"?: int, "height"?: int,    # only when the client asked for a size (width/height, or
                                             # /v1/images/generations' size), else the default
           "response_format": "b64_json" | "url",      # how the API will answer; not the worker's concern

@@ -311,17 +311,15 @@ def check_model_fields(
 def with_model_defaults(
     request: GenerationOptions, settings: Settings, capabilities: ModelCapabilities | None
 ) -> GenerationOptions:
-    """The request with the steps, guidance scale and sampler it left out set to the
-    served model's defaults (an imported model's are its diffusers pipeline's; steps
-    within ``max_steps``), as ``GET /v1/models`` reports them."""
+    """The request with the sampling fields it left out set to the served model's defaults
+    (an imported model's are its diffusers pipeline's; steps within ``max_steps``), as
+    ``GET /v1/models`` reports them (:meth:`GenerationDefaults.fill`)."""
     defaults = capabilities.defaults if capabilities is not None else GenerationDefaults()
-    missing = {
-        "steps": min(defaults.steps, settings.max_steps),
-        "guidance_scale": defaults.guidance_scale,
-        "sampler": defaults.sampler,
-        "use_karras_sigmas": defaults.karras_sigmas_with(request.sampler),
-    }
-    update = {name: value for name, value in missing.items() if getattr(request, name) is None}
+    filled = defaults.fill(
+        steps=request.steps, guidance_scale=request.guidance_scale, sampler=request.sampler,
+        use_karras_sigmas=request.use_karras_sigmas, max_steps=settings.max_steps,
+    )
+    update = {name: value for name, value in filled.items() if getattr(request, name) is None}
     return request.model_copy(update=update) if update else request
 
 

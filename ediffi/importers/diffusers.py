@@ -47,7 +47,7 @@ DEFAULT_HIGH_NOISE_FRAC = 0.8
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 # Scheduler-config fields that fix the sigmas; the refiner must agree with the base.
 # The scheduler config keys of the training schedule (a folder's use_karras_sigmas is no part of it:
-# it sets the requests' default, samples_on_own_sigmas).
+# it sets the requests' default, sampler_as_loaded).
 _SCHEDULE_FIELDS = tuple(name for name in TrainingScheduleConfig.model_fields if name != "use_karras_sigmas")
 # Config keys that differ between identical weights saved by different runs.
 _VOLATILE_KEYS = {"_name_or_path", "transformers_version", "_diffusers_version", "_commit_hash"}
@@ -210,12 +210,12 @@ def sampler_as_loaded(folder: PipelineFolder) -> str | None:
     return None
 
 
-def request_defaults(base: PipelineFolder, stages: list[StageConfig]) -> GenerationDefaults:
+def request_defaults(base: PipelineFolder) -> GenerationDefaults:
     """The pipeline's own steps and guidance (PIPELINE_DEFAULTS) with, where the base folder's
     scheduler is one reproduced on its own sigmas (:func:`sampler_as_loaded`), that sampler on them."""
     defaults = PIPELINE_DEFAULTS[base.pipeline_class]
     sampler = sampler_as_loaded(base)
-    if sampler is None or any(stage.schedule is None for stage in stages):
+    if sampler is None:
         return defaults
     return defaults.model_copy(update={"sampler": sampler, "use_karras_sigmas": False})
 
@@ -641,7 +641,7 @@ def import_diffusers(
     config = ModelConfig(
         name=name or default_model_name(base.root), encoders=plan.encoders, stages=plan.stages,
         training={"imported_from": str(base.root.resolve()), "pipeline": base.pipeline_class, **plan.provenance},
-        defaults=request_defaults(base, plan.stages),
+        defaults=request_defaults(base),
     )
     write_model_dir(out_dir, config, plan.components, copy, report)
     return config

@@ -71,6 +71,14 @@ class _Delivery:
     delivered_at: float  # monotonic; renewed by keep_alive, backdated by release
 
 
+def _input_bytes(jobs: Sequence[_StoredJob]) -> int:
+    return sum(len(data) for stored in jobs for data in stored.inputs.values())
+
+
+def _result_bytes(jobs: Sequence[_StoredJob]) -> int:
+    return sum(len(image) for stored in jobs for image in stored.images)
+
+
 class _Wakeup:
     """Wakes every waiter at once, without a lock. Waiters check the state, then wait here; nothing can run in
     between (no await), so no wake-up is missed. It replaces ``asyncio.Condition``: a waiter cancelled inside
@@ -153,20 +161,20 @@ class InProcessQueue(JobQueue):
         depth = len(self._entries)
         if depth >= self._max_queue:
             raise QueueFull(depth, self._max_queue)
-        unfinished = [self._jobs[job_id] for job_id in self._entries.values() if job_id in self._jobs]
+        unfinished = self._unfinished()
         owned = sum(1 for stored in unfinished if stored.owner == owner)
         if owned >= self._max_unfinished_per_owner:
             raise QueueFull(owned, self._max_unfinished_per_owner, limit="key")
-        holding = [stored for stored in self._jobs.values() if stored.images and stored.expires_at is not None]
-        results = sum(len(image) for stored in holding for image in stored.images)
+        holding = self._holding_results()
+        results = _result_bytes(holding)
         if results > self._max_result_bytes:
-            first_expiry = min(stored.expires_at for stored in holding)
+            first_expiry = min(stored.expires_at for stored in holding if stored.expires_at is not None)
             raise QueueFull(
                 results, self._max_result_bytes, retry_after_s=max(1.0, first_expiry - time.monotonic()),
                 limit="results",
             )
         new_bytes = sum(len(data) for data in inputs.values())
-        held = sum(len(data) for stored in unfinished for data in stored.inputs.values())
+        held = _input_bytes(unfinished)
         if new_bytes and held + new_bytes > self._max_input_bytes:
             raise QueueFull(held, self._max_input_bytes, limit="inputs")
         job_id = uuid.uuid4().hex
@@ -285,12 +293,18 @@ class InProcessQueue(JobQueue):
 
     async def stored_bytes(self) -> dict[str, tuple[int, int]]:
         self._purge_expired()
-        inputs = sum(
-            len(data) for job_id in self._entries.values() if job_id in self._jobs
-            for data in self._jobs[job_id].inputs.values()
-        )
-        results = sum(len(image) for stored in self._jobs.values() if stored.expires_at is not None for image in stored.images)
-        return {"inputs": (inputs, self._max_input_bytes), "results": (results, self._max_result_bytes)}
+        return {
+            "inputs": (_input_bytes(self._unfinished()), self._max_input_bytes),
+            "results": (_result_bytes(self._holding_results()), self._max_result_bytes),
+        }
+
+    def _unfinished(self) -> list[_StoredJob]:
+        """The jobs of the stream's entries (queued or held by a worker)."""
+        return [self._jobs[job_id] for job_id in self._entries.values() if job_id in self._jobs]
+
+    def _holding_results(self) -> list[_StoredJob]:
+        """Finished jobs still keeping images (until they expire): the result budget's holdings."""
+        return [stored for stored in self._jobs.values() if stored.images and stored.expires_at is not None]
 
     def _next_turn(self) -> str:
         """Take the undelivered entry to hand out next: the oldest of the owner (API key or client

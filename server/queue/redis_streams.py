@@ -211,8 +211,6 @@ if ttl > 0 then
     for i = 1, n_set do stored = stored + string.len(ARGV[6 + i]) end
     local clock = redis.call('TIME')
     local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-    local counted = redis.call('HGET', KEYS[7], id)
-    if counted then redis.call('DECRBY', KEYS[6], counted) end
     redis.call('INCRBY', KEYS[6], stored)
     redis.call('HSET', KEYS[7], id, stored)
     redis.call('ZADD', KEYS[8], now_ms + ttl, id)
@@ -644,13 +642,9 @@ class RedisStreamsQueue(JobQueue):
                 self._keys.job(job_id),
                 self._keys.job_events(job_id),
                 idem_key,
-                self._keys.input_bytes,
-                self._keys.input_bytes_by_job,
-                self._keys.input_deadlines,
+                *self._keys.byte_budget("inputs"),
                 self._keys.owner_jobs(owner or ANONYMOUS_OWNER),
-                self._keys.result_bytes,
-                self._keys.result_bytes_by_job,
-                self._keys.result_deadlines,
+                *self._keys.byte_budget("results"),
                 *(self._keys.job_input(job_id, name) for name in input_names),
             ]
             args: list[Any] = [
@@ -758,11 +752,9 @@ class RedisStreamsQueue(JobQueue):
 
     @_translate_redis_errors
     async def stored_bytes(self) -> dict[str, tuple[int, int]]:
-        keys = self._keys
-        inputs, results = await self._stored_bytes_script(keys=[
-            keys.input_bytes, keys.input_bytes_by_job, keys.input_deadlines,
-            keys.result_bytes, keys.result_bytes_by_job, keys.result_deadlines,
-        ])
+        inputs, results = await self._stored_bytes_script(
+            keys=[*self._keys.byte_budget("inputs"), *self._keys.byte_budget("results")]
+        )
         return {"inputs": (int(inputs), self._max_input_bytes), "results": (int(results), self._max_result_bytes)}
 
     @_translate_redis_errors
@@ -1226,12 +1218,8 @@ class RedisStreamsQueue(JobQueue):
         keys = [
             self._keys.job(job_id),
             self._keys.job_events(job_id),
-            self._keys.input_bytes,
-            self._keys.input_bytes_by_job,
-            self._keys.input_deadlines,
-            self._keys.result_bytes,
-            self._keys.result_bytes_by_job,
-            self._keys.result_deadlines,
+            *self._keys.byte_budget("inputs"),
+            *self._keys.byte_budget("results"),
             *set_values,
             *delete_keys,
         ]
