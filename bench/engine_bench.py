@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from ediffi.pipeline import GenerationRequest
-from ediffi.samplers import SAMPLERS
+from ediffi.spec import ANY_MODEL_SAMPLERS, BENCH_SAMPLERS
 from engines.backend import Backend
 from engines.cost_model import CostModel
 from engines.engine import Engine, EngineConfig, EngineHooks
@@ -56,7 +56,7 @@ class LoadConfig:
     rate: float | None = None
     min_steps: int = 8
     max_steps: int = 16
-    samplers: tuple[str, ...] = SAMPLERS
+    samplers: tuple[str, ...] = BENCH_SAMPLERS
     guidance: tuple[float, ...] = (2.0, 3.0, 5.0)
     p_paint: float = 0.25
     p_style: float = 0.25
@@ -410,13 +410,13 @@ def apply_shared_bound(results: list[PolicyResult], calibrations: list[Calibrati
 
 
 def parse_samplers(text: str | None) -> tuple[str, ...]:
-    """"heun,euler" -> ("heun", "euler"); None or empty: every sampler."""
+    """"heun,euler" -> ("heun", "euler"); None or empty: the default mix (BENCH_SAMPLERS)."""
     if not text:
-        return SAMPLERS
+        return BENCH_SAMPLERS
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    unknown = [n for n in names if n not in SAMPLERS]
+    unknown = [n for n in names if n not in ANY_MODEL_SAMPLERS]
     if unknown or not names:
-        raise ValueError(f"unknown sampler(s) {', '.join(unknown) or text!r}; choose from {', '.join(SAMPLERS)}")
+        raise ValueError(f"unknown sampler(s) {', '.join(unknown) or text!r}; choose from {', '.join(ANY_MODEL_SAMPLERS)}")
     return names
 
 

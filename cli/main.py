@@ -26,9 +26,12 @@ def check_before_loading(request, model_dir: Path, max_image_side: int) -> None:
     capabilities = model_capabilities(ModelConfig.load(model_dir))
     for name, message in capabilities.sizes.errors(request.width, request.height, max_image_side).items():
         raise spec.InputError(name, message)
-    message = capabilities.karras_sigmas_error(request.use_karras_sigmas, request.sampler)
-    if message is not None:
-        raise spec.InputError("use_karras_sigmas", message)
+    errors = capabilities.request_errors(
+        sampler=request.sampler, steps=request.steps, use_karras_sigmas=request.use_karras_sigmas,
+        sr_noise_level=request.sr_noise_level,
+    )
+    for name, message in errors.items():
+        raise spec.InputError(name, message)
 
 
 def cmd_generate(args, settings) -> int:
@@ -339,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="step policy's row budget per tick: auto (batch while it pays), none (every pending row) or N")
     be.add_argument("--min-steps", type=int, default=8)
     be.add_argument("--max-steps", type=int, default=16)
-    be.add_argument("--samplers", help="comma-separated samplers the load draws from (default: all of them)")
+    be.add_argument("--samplers", help="comma-separated samplers the load draws from (default: heun,euler,dpmpp_2m; euler_a also)")
     be.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--model-dir", help="default: EDIFFI_MODEL_DIR, else models/default, else a random model of its shape")

@@ -61,6 +61,8 @@ class ModelCapabilities:
     # Whether `use_karras_sigmas: false` applies: every stage an imported (discrete-time)
     # checkpoint, whose scheduler samples on its own spaced sigmas.
     scheduler_sigmas: bool = False
+    # The fewest steps pndm takes: 4 where a stage's PNDMScheduler starts with Runge-Kutta steps.
+    pndm_min_steps: int = 1
 
     def max_side(self, max_image_side: int) -> int:
         """The largest width/height a request may ask for: the server's limit, or
@@ -80,16 +82,56 @@ class ModelCapabilities:
             return f"must be within [{rule.min}, {rule.max}], got {value}"
         return None
 
+    def request_errors(
+        self, *, sampler: str | None, steps: int | None, use_karras_sigmas: bool | None, sr_noise_level: int | None,
+    ) -> dict[str, str]:
+        """field -> why this model cannot honour it, for the sampling fields of a request (its left-out
+        fields filled from the defaults first); empty when it can. The API, the command line and the
+        pipeline all ask this."""
+        errors: dict[str, str] = {}
+        if (message := self.sr_noise_level_error(sr_noise_level)) is not None:
+            errors["sr_noise_level"] = message
+        if (message := self.sampler_error(sampler)) is not None:
+            errors["sampler"] = message
+            return errors  # its steps and sigmas are no second problem
+        if sampler == "pndm" and steps is not None and steps < self.pndm_min_steps:
+            errors["steps"] = (
+                f"pndm with this checkpoint's scheduler starts with Runge-Kutta steps (skip_prk_steps false): "
+                f"at least {self.pndm_min_steps}, got {steps}"
+            )
+        if (message := self.karras_sigmas_error(use_karras_sigmas, sampler)) is not None:
+            errors["use_karras_sigmas"] = message
+        return errors
+
+    def sampler_error(self, sampler: str | None) -> str | None:
+        """Why this model cannot sample with ``sampler``, else None: ddim and pndm are diffusers
+        schedulers' timesteps, which only an imported checkpoint has."""
+        if sampler in spec.SCHEDULER_ONLY_SAMPLERS and not self.scheduler_sigmas:
+            return (
+                f"{sampler!r} reproduces a diffusers scheduler on an imported checkpoint's own timesteps; "
+                f"this model samples on the Karras schedule: choose one of {', '.join(self.samplers)}"
+            )
+        return None
+
+    @property
+    def samplers(self) -> list[str]:
+        """The samplers this model serves."""
+        return list(spec.SAMPLERS if self.scheduler_sigmas else spec.ANY_MODEL_SAMPLERS)
+
     def karras_sigmas_error(self, use_karras_sigmas: bool | None, sampler: str | None) -> str | None:
         """Why a request's ``use_karras_sigmas`` cannot be honoured (with its ``sampler``), else None."""
-        if use_karras_sigmas is None or use_karras_sigmas:
+        if use_karras_sigmas is None:
+            return None
+        if use_karras_sigmas:
+            if sampler in spec.SCHEDULER_ONLY_SAMPLERS:
+                return f"{sampler} steps its diffusers scheduler's own timesteps: send false or leave it out"
             return None
         if not self.scheduler_sigmas:
             return "this model samples on the Karras schedule only; false is for imported diffusers checkpoints"
-        if sampler not in spec.SCHEDULER_SIGMA_SAMPLERS:
+        if sampler not in spec.SCHEDULER_SIGMA_SAMPLERS + spec.SCHEDULER_ONLY_SAMPLERS:
             return (
-                f"false goes with sampler euler or dpmpp_2m (diffusers' EulerDiscreteScheduler, "
-                f"DPMSolverMultistepScheduler), got {sampler!r}"
+                f"false goes with sampler {', '.join(spec.SCHEDULER_SIGMA_SAMPLERS + spec.SCHEDULER_ONLY_SAMPLERS)} "
+                f"(diffusers' schedulers on their own sigmas), got {sampler!r}"
             )
         return None
 
@@ -99,9 +141,9 @@ class ModelCapabilities:
         limits (settings, passed in: this layer reads none)."""
         described = asdict(self)
         # under "request", with the other request fields
-        del described["sr_noise_level"], described["defaults"], described["scheduler_sigmas"]
+        del described["sr_noise_level"], described["defaults"], described["scheduler_sigmas"], described["pndm_min_steps"]
         described["max_side"] = self.max_side(max_image_side)
-        described["samplers"] = list(spec.SAMPLERS)
+        described["samplers"] = self.samplers
         described["request"] = {
             "n": {"default": 1, "min": 1, "max": max_n},
             "steps": {"default": self.defaults.steps_within(max_steps), "min": 1, "max": max_steps},
@@ -113,7 +155,7 @@ class ModelCapabilities:
             "seed": {"min": 0, "max": spec.MAX_SEED, "random": spec.RANDOM_SEED},
             "sampler": {"default": self.defaults.sampler},
             "sr_noise_level": None if self.sr_noise_level is None else asdict(self.sr_noise_level),
-            # false: the scheduler's own sigmas (sampler euler or dpmpp_2m); null where only Karras's apply
+            # false: the scheduler's own sigmas (euler, dpmpp_2m, euler_a; ddim and pndm always); null where only Karras's apply
             "use_karras_sigmas": {"default": self.defaults.use_karras_sigmas} if self.scheduler_sigmas else None,
         }
         return described
@@ -144,6 +186,7 @@ def model_capabilities(config: ModelConfig) -> ModelCapabilities:
         style_image=not config.is_imported, source=str(config.training.get("pipeline", "ediffi")),
         sr_noise_level=noise_level_rule(config), defaults=config.request_defaults,
         scheduler_sigmas=all(stage.schedule is not None for stage in config.stages),
+        pndm_min_steps=4 if any(s.schedule is not None and not s.schedule.skip_prk_steps for s in config.stages) else 1,
     )
 
 

@@ -85,7 +85,19 @@ class TrainingScheduleConfig(_Strict):
     # How diffusers spaces the inference timesteps; it fixes the end points of
     # its Karras schedule and how it scales the initial noise (see discrete.py).
     timestep_spacing: Literal["linspace", "leading", "trailing"] = "linspace"
+    # False where the folder's scheduler config names no spacing: each diffusers scheduler class then
+    # takes its own default (Euler: linspace, the one above; DDIM and PNDM: leading, as SD 1.x runs).
+    timestep_spacing_given: bool = True
     steps_offset: int = 0
+    # DDIM / PNDM: alpha_bar past t = 0 is 1 (true) or alpha_bar_0 (false, SD's config); None: the
+    # config names none, each class's default (DDIM true, PNDM false).
+    set_alpha_to_one: bool | None = None
+    # DDIM: clip its predicted x0 to [-range, range]; None: the config names none, DDIMScheduler's
+    # default (true). The other samplers never clip (their diffusers schedulers have no such option).
+    clip_sample: bool | None = None
+    # PNDM: skip its Runge-Kutta start (PLMS, SD's config); None: the config names none, PNDM's default (false)
+    skip_prk_steps: bool | None = None
+    clip_sample_range: float = Field(1.0, gt=0.0)
     # The diffusers scheduler (with use_karras_sigmas) whose conventions the
     # sampler reproduces: its Karras end points, the timesteps its UNet calls
     # see and its initial noise scale (discrete.py). IF uses DPM-Solver++:
@@ -383,6 +395,12 @@ class GenerationDefaults(_Strict):
         """The default steps within a server's limit (None: none)."""
         return self.steps if max_steps is None else min(self.steps, max_steps)
 
+    def _karras_for(self, sampler: str | None) -> bool:
+        if sampler is None:
+            return self.use_karras_sigmas
+        # ddim and pndm have no Karras variant; a sigma sampler named means Karras's, as it always did
+        return sampler not in spec.SCHEDULER_ONLY_SAMPLERS
+
     def fill(
         self, *, steps: int | None, guidance_scale: float | None, sampler: str | None,
         use_karras_sigmas: bool | None, max_steps: int | None = None,
@@ -390,14 +408,12 @@ class GenerationDefaults(_Strict):
         """The four sampling fields of a request, those it left out (None) from these defaults.
         ``use_karras_sigmas`` left out is the model's only when ``sampler`` is left out too (the
         model's one default configuration, e.g. SDXL's Euler as loaded); with a sampler named it
-        is Karras's, as ``sampler`` always meant."""
+        is Karras's, as ``sampler`` always meant (ddim and pndm: their own timesteps, never Karras's)."""
         return {
             "steps": self.steps_within(max_steps) if steps is None else steps,
             "guidance_scale": self.guidance_scale if guidance_scale is None else guidance_scale,
             "sampler": self.sampler if sampler is None else sampler,
-            "use_karras_sigmas": (
-                (self.use_karras_sigmas if sampler is None else True) if use_karras_sigmas is None else use_karras_sigmas
-            ),
+            "use_karras_sigmas": use_karras_sigmas if use_karras_sigmas is not None else self._karras_for(sampler),
         }
 
 
@@ -444,12 +460,15 @@ class ModelConfig(_Strict):
             raise ValueError("diffusers experts need diffusers_clip encoders")
         for expert in discrete:
             self.encoders.conditioning(expert.network.conditioning)  # names an existing block
-        if self.defaults is not None and not self.defaults.use_karras_sigmas:
+        if self.defaults is not None:
             imported = all(s.schedule is not None for s in self.stages)
-            if not imported or self.defaults.sampler not in spec.SCHEDULER_SIGMA_SAMPLERS:
+            own_sigmas = spec.SCHEDULER_SIGMA_SAMPLERS + spec.SCHEDULER_ONLY_SAMPLERS
+            if not self.defaults.use_karras_sigmas and (not imported or self.defaults.sampler not in own_sigmas):
                 raise ValueError(
-                    "defaults.use_karras_sigmas false is for imported diffusers checkpoints with sampler euler or dpmpp_2m"
+                    f"defaults.use_karras_sigmas false is for imported diffusers checkpoints with sampler {', '.join(own_sigmas)}"
                 )
+            if self.defaults.sampler in spec.SCHEDULER_ONLY_SAMPLERS and (not imported or self.defaults.use_karras_sigmas):
+                raise ValueError(f"defaults.sampler {self.defaults.sampler} is for imported checkpoints, with use_karras_sigmas false")
         return self
 
     @property

@@ -25,13 +25,16 @@ picture diffusers gives; for the `dpmpp_2m` sampler (and IF) those of
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 from torch import nn
 
-from ediffi.config import ConditioningConfig, LatentConfig, TrainingScheduleConfig
+from ediffi.config import ConditioningConfig, DynamicThresholdingConfig, LatentConfig, TrainingScheduleConfig
+from ediffi.failure import InputError
+from ediffi.samplers import ScheduledSteps
 
 KARRAS_RHO = 7.0
 DPM_SOLVER = "DPMSolverMultistepScheduler"
@@ -137,6 +140,57 @@ def inference_timesteps(schedule: TrainingScheduleConfig, steps: int) -> np.ndar
         return (np.arange(0, steps) * ratio).round()[::-1].copy().astype(np.float32) + schedule.steps_offset
     ratio = n / steps  # trailing
     return np.arange(n, 0, -ratio).round().copy().astype(np.float32) - 1
+
+
+def scheduled_steps(
+    schedule: TrainingScheduleConfig, sampler: str, steps: int, v_prediction: bool,
+    thresholding: DynamicThresholdingConfig | None = None,
+) -> ScheduledSteps:
+    """The timesteps of diffusers' DDIMScheduler or PNDMScheduler (skip_prk_steps) built from the
+    checkpoint's scheduler config, as its `set_timesteps(steps)` makes them: integer timesteps spaced
+    by the config's `timestep_spacing` (the class default "leading" where the config names none),
+    PNDM's with its second timestep repeated (plms_timesteps), its alpha_bar past t = 0 and DDIM's
+    correction of x0: the stage's dynamic `thresholding` if any, else clip_sample (each None in the
+    schedule: the class default, as `from_config` gives it). PNDMScheduler corrects nothing."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    n = schedule.num_train_timesteps
+    spacing = schedule.timestep_spacing if schedule.timestep_spacing_given else "leading"
+    if spacing == "linspace":
+        timesteps = np.linspace(0, n - 1, steps).round().astype(np.int64)
+    elif spacing == "leading":
+        timesteps = (np.arange(0, steps) * (n // steps)).round().astype(np.int64) + schedule.steps_offset
+    else:  # trailing
+        timesteps = np.round(np.arange(n, 0, -n / steps))[::-1].astype(np.int64) - 1
+    prk_evaluations = 0
+    if sampler == "pndm" and schedule.skip_prk_steps:
+        timesteps = np.concatenate([timesteps[:-1], timesteps[-2:-1], timesteps[-1:]])
+    elif sampler == "pndm":  # PNDMScheduler.set_timesteps' Runge-Kutta timesteps, then the multistep ones
+        pndm_order, half = 4, n // steps // 2
+        if steps < pndm_order:
+            raise InputError("steps", f"pndm with this checkpoint's scheduler (Runge-Kutta start) needs steps >= {pndm_order}")
+        prk = timesteps[-pndm_order:].repeat(2) + np.tile(np.array([0, half]), pndm_order)
+        prk = prk[:-1].repeat(2)[1:-1]
+        prk_evaluations = len(prk)
+        timesteps = np.concatenate([timesteps[:-3], prk])  # ascending here; reversed below
+    elif sampler != "ddim":
+        raise ValueError(f"sampler {sampler!r} does not step by timestep (ddim, pndm do)")
+    set_alpha_to_one = schedule.set_alpha_to_one if schedule.set_alpha_to_one is not None else sampler == "ddim"
+    alphas_cumprod = training_alphas_cumprod(schedule)
+    correct_x0 = None
+    if sampler == "ddim" and thresholding is not None:
+        correct_x0 = functools.partial(dynamic_threshold, ratio=thresholding.ratio, max_value=thresholding.max_value)
+    elif sampler == "ddim" and (schedule.clip_sample if schedule.clip_sample is not None else True):
+        correct_x0 = functools.partial(torch.clamp, min=-schedule.clip_sample_range, max=schedule.clip_sample_range)
+    return ScheduledSteps(
+        timesteps=tuple(int(t) for t in timesteps[::-1]),
+        step_ratio=n // steps,
+        alphas_cumprod=alphas_cumprod,
+        final_alpha_cumprod=1.0 if set_alpha_to_one else float(alphas_cumprod[0]),
+        v_prediction=v_prediction,
+        correct_x0=correct_x0,
+        prk_evaluations=prk_evaluations,
+    )
 
 
 def inference_sigmas(schedule: TrainingScheduleConfig, steps: int) -> torch.Tensor:

@@ -23,15 +23,15 @@ from ediffi.capabilities import model_capabilities
 from ediffi.config import ModelConfig, StageConfig
 from ediffi.discrete import (
     dynamic_threshold, inference_sigmas, inference_timesteps, initial_noise_scale, log_sigma_table, noise_level_sigma,
-    request_schedule, timestep_at,
+    request_schedule, scheduled_steps, timestep_at,
 )
 from ediffi.encoders import ENCODER_NAMES
 from ediffi.failure import InputError
 from ediffi.model import DECODER, EDiffIModel
 from ediffi.paint import build_pww_inputs
-from ediffi.samplers import Sampler, classifier_free_guidance, karras_sigmas, make_sampler
+from ediffi.samplers import Evaluation, Sampler, ScheduledSteps, classifier_free_guidance, karras_sigmas, make_sampler
 from ediffi.spec import (
-    DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SEED, DEFAULT_STEPS, SAMPLERS, Region, check_seed,
+    DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SEED, DEFAULT_STEPS, SAMPLERS, SCHEDULER_ONLY_SAMPLERS, Region, check_seed,
     check_style_image_shape, guidance_enabled,
 )
 
@@ -118,15 +118,15 @@ def low_res_sigma(stage: StageConfig, request: GenerationRequest) -> float:
 
 
 def validate_for_model(config: ModelConfig, request: GenerationRequest) -> None:
-    """The rules `GET /v1/models` publishes and the API checks (ediffi.capabilities):
-    `sr_noise_level` within the model's range, `use_karras_sigmas` false only where it applies."""
-    capabilities = model_capabilities(config)
-    message = capabilities.sr_noise_level_error(request.sr_noise_level)
-    if message is not None:
-        raise InputError("sr_noise_level", message)
-    message = capabilities.karras_sigmas_error(request.use_karras_sigmas, request.sampler)
-    if message is not None:
-        raise InputError("use_karras_sigmas", message)
+    """The rules `GET /v1/models` publishes and the API checks (ModelCapabilities.request_errors):
+    `sr_noise_level` within the model's range, a sampler the model serves (with its fewest steps),
+    `use_karras_sigmas` false only where it applies."""
+    errors = model_capabilities(config).request_errors(
+        sampler=request.sampler, steps=request.steps, use_karras_sigmas=request.use_karras_sigmas,
+        sr_noise_level=request.sr_noise_level,
+    )
+    for name, message in errors.items():
+        raise InputError(name, message)
 
 
 def stage_sigmas(
@@ -136,10 +136,24 @@ def stage_sigmas(
     range, or for a discrete-time checkpoint the one diffusers' scheduler
     with Karras sigmas uses (within its trained range): Euler's, or
     DPM-Solver's for `dpmpp_2m` (ediffi.discrete.request_schedule); without
-    Karras sigmas, that scheduler's own spaced ones."""
+    Karras sigmas, that scheduler's own spaced ones; for ddim and pndm, those of their timesteps."""
+    scheduled = stage_scheduled_steps(stage, steps, sampler)
+    if scheduled is not None:  # ddim, pndm: the sigmas of their timesteps
+        return scheduled.sigmas
     if stage.schedule is not None:
         return inference_sigmas(request_schedule(stage.schedule, sampler, use_karras_sigmas), steps)
     return karras_sigmas(steps, stage.sigma_min, stage.sigma_max, stage.rho)
+
+
+def stage_scheduled_steps(stage: StageConfig, steps: int, sampler: str) -> ScheduledSteps | None:
+    """For ddim and pndm (imported stages only: validate_for_model), the timesteps of the diffusers
+    scheduler they reproduce on the stage's training schedule; None for the sigma samplers."""
+    if sampler not in SCHEDULER_ONLY_SAMPLERS:
+        return None
+    if stage.schedule is None:
+        raise InputError("sampler", f"{sampler!r} is for imported diffusers checkpoints; stage {stage.name!r} is not one")
+    v_prediction = any(e.is_discrete and e.network.prediction_type == "v_prediction" for e in stage.experts)
+    return scheduled_steps(stage.schedule, sampler, steps, v_prediction, stage.dynamic_thresholding)
 
 
 @dataclass
@@ -288,8 +302,7 @@ class RequestRun:
         self.stage_index = 0
         self.evaluations_done = 0
         self.evaluations_total = sum(
-            make_sampler(request.sampler, torch.zeros(1), self._sigmas(stage)).total_evaluations
-            + (stage.latent is not None)  # the decoder step
+            self._new_sampler(stage, torch.zeros(1)).total_evaluations + (stage.latent is not None)  # the decoder step
             for stage in model.config.stages
         )
         self._decoding = False
@@ -298,18 +311,24 @@ class RequestRun:
         self._images: torch.Tensor | None = None
         self.sampler: Sampler = self._start_stage()
 
-    def _sigmas(self, stage) -> torch.Tensor:
-        return stage_sigmas(stage, self.request.steps, self.request.sampler, self.request.use_karras_sigmas)
+    def _new_sampler(self, stage: StageConfig, x: torch.Tensor, restart_below=()) -> Sampler:
+        request = self.request
+        return make_sampler(
+            request.sampler, x, stage_sigmas(stage, request.steps, request.sampler, request.use_karras_sigmas),
+            restart_below, noise=self._noise, steps=stage_scheduled_steps(stage, request.steps, request.sampler),
+        )
 
-    def _timesteps(self, sigma: float, rows: int, device: torch.device) -> torch.Tensor | None:
-        """The UNet timestep at `sigma` for `rows` rows (float32 holds it
+    def _timesteps(self, evaluation: Evaluation, rows: int, device: torch.device) -> torch.Tensor | None:
+        """The UNet timestep of an evaluation for `rows` rows (float32 holds it
         exactly) in the conventions of the request's sampler
         (DenoiserInputs.timestep; None for EDM stages); computed on the CPU here."""
         if self._schedule is None:
             return None
-        t = self._scheduler_timesteps.get(sigma)
+        t = evaluation.timestep
         if t is None:
-            t = timestep_at(self._schedule, sigma, self._log_sigmas)
+            t = self._scheduler_timesteps.get(evaluation.sigma)
+        if t is None:
+            t = timestep_at(self._schedule, evaluation.sigma, self._log_sigmas)
         return torch.full((rows,), t, device=device, dtype=torch.float32)
 
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -322,7 +341,7 @@ class RequestRun:
     def _start_stage(self) -> Sampler:
         stage = self.stage
         device, dtype = self.model.device, self.model.dtype
-        sigmas = self._sigmas(stage)
+        sigmas = stage_sigmas(stage, self.request.steps, self.request.sampler, self.request.use_karras_sigmas)
         # Imported checkpoints: the conventions of the diffusers scheduler the
         # request's sampler reproduces (discrete.request_schedule; one training
         # schedule per stage): its sigmas, init_noise_sigma and UNet timesteps.
@@ -335,12 +354,18 @@ class RequestRun:
         # On the scheduler's own sigmas, each call gets exactly the spaced timestep diffusers
         # feeds its UNet (sigma -> t by log interpolation would be close, not equal, between steps).
         self._scheduler_timesteps: dict[float, float] = {}
-        if self._schedule is not None and not self._schedule.use_karras_sigmas:
+        if self._schedule is not None and not self._schedule.use_karras_sigmas and self.request.sampler not in SCHEDULER_ONLY_SAMPLERS:
             spaced = inference_timesteps(self._schedule, self.request.steps)
             self._scheduler_timesteps = dict(zip(sigmas[:-1].tolist(), spaced.tolist()))
         # The noise diffusers draws for the same seed (CPU generator,
         # [1, C, H/f, W/f]) times its init_noise_sigma.
-        scale = sigmas[0] if self._schedule is None else initial_noise_scale(self._schedule, float(sigmas[0]))
+        # DDIM and PNDM step the variance-preserving sample itself (init_noise_sigma 1).
+        if self.request.sampler in SCHEDULER_ONLY_SAMPLERS:
+            scale = 1.0
+        elif self._schedule is None:
+            scale = sigmas[0]
+        else:
+            scale = initial_noise_scale(self._schedule, float(sigmas[0]))
         x = self._noise(stage_shape(stage, self.cond.height, self.cond.width)) * scale
         if stage.is_super_resolution:
             # Cascaded diffusion: condition on the upsampled previous image,
@@ -357,7 +382,7 @@ class RequestRun:
         # Imported experts are separate diffusers pipelines (SDXL base, refiner), each starting its own
         # scheduler: a multistep solver's history restarts where the next expert takes over.
         restarts = [expert.sigma_lo for expert in stage.experts if expert.sigma_lo > 0] if self._schedule else []
-        return make_sampler(self.request.sampler, x.to(device, dtype), sigmas, restart_below=restarts)
+        return self._new_sampler(stage, x.to(device, dtype), restart_below=restarts)
 
     @property
     def done(self) -> bool:
@@ -386,7 +411,7 @@ class RequestRun:
             pww_strength=cond.pww_strength.to(dtype),
             low_res=None if self._low_res is None else self._low_res.repeat(reps, 1, 1, 1),
             low_res_sigma=None if self._low_res_sigma is None else self._low_res_sigma.repeat(reps),
-            timestep=self._timesteps(evaluation.sigma, rows, x.device),
+            timestep=self._timesteps(evaluation, rows, x.device),
         )
         return PendingEvaluation(stage.name, ensemble.route(evaluation.sigma), inputs)
 
@@ -418,7 +443,8 @@ class RequestRun:
         if self.cond.guided:
             denoised = classifier_free_guidance(denoised[:n], denoised[n:], self.cond.guidance_scale.to(denoised))
         thresholding = self.stage.dynamic_thresholding
-        if thresholding is not None:
+        # (ddim thresholds its own x0 and keeps its eps, as DDIMScheduler; PNDMScheduler never does)
+        if thresholding is not None and self.request.sampler not in SCHEDULER_ONLY_SAMPLERS:
             # After guidance, on the x0 the sampler steps with: where
             # diffusers' scheduler thresholds its (guided) predicted x0.
             denoised = dynamic_threshold(denoised, thresholding.ratio, thresholding.max_value)

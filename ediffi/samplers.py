@@ -67,12 +67,23 @@ def dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev):
     return (s_next / s) * x - torch.expm1(-h) * blended
 
 
+def euler_ancestral_step(x, denoised, sigma, sigma_next, noise):
+    """k-diffusion's `sample_euler_ancestral` step (eta 1), diffusers' EulerAncestralDiscreteScheduler:
+    an Euler step down to sigma_down, then fresh noise of std sigma_up, where sigma_up^2 + sigma_down^2
+    = sigma_next^2 and sigma_up = sigma_next sqrt(1 - sigma_next^2 / sigma^2) (DDPM's posterior noise)."""
+    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    return euler_step(x, denoised, sigma, sigma_down) + noise * sigma_up
+
+
 @dataclass(frozen=True)
 class Evaluation:
-    """A request for one denoiser evaluation D(x; sigma)."""
+    """A request for one denoiser evaluation D(x; sigma); ``timestep``: the UNet timestep a
+    diffusers scheduler reproduced feeds at this call (None: the one sigma maps to)."""
 
     x: torch.Tensor
     sigma: float
+    timestep: float | None = None
 
 
 class Sampler:
@@ -173,14 +184,197 @@ class DPMPP2MSampler(Sampler):
         self.step += 1
 
 
+class EulerAncestralSampler(Sampler):
+    """Euler ancestral: each step's fresh noise comes from ``noise(shape)`` (the request's per-image
+    generators, continued after the initial noise, so a seed fixes the image, as diffusers' one
+    generator does). The noise is drawn on the last step too (where its scale is 0), as diffusers does."""
+
+    def __init__(self, x, sigmas, restart_below=(), noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None):
+        super().__init__(x, sigmas, restart_below)
+        self._noise = noise  # None: a sampler only counted (total_evaluations), never advanced
+
+    def pending(self) -> Evaluation | None:
+        return None if self.done else Evaluation(self.x, self.sigmas[self.step])
+
+    def advance(self, denoised: torch.Tensor) -> None:
+        i = self.step
+        if self._noise is None:
+            raise ValueError("euler_a needs a noise source to step")
+        noise = self._noise(tuple(self.x.shape[1:])).to(self.x)
+        self.x = euler_ancestral_step(self.x, denoised, self.sigmas[i], self.sigmas[i + 1], noise)
+        self.step += 1
+
+
+@dataclass(frozen=True)
+class ScheduledSteps:
+    """The timesteps of a discrete-time diffusers scheduler that steps by timestep (DDIM, PNDM), as its
+    `set_timesteps` makes them (ediffi.discrete.scheduled_steps builds this): the UNet call timesteps in
+    order, the stride `T // steps` its step takes back from each, the training alpha_bar table (float32,
+    the scheduler's) and alpha_bar past t = 0 (1, or alpha_bar_0 where the config says
+    set_alpha_to_one false: the last step then keeps alpha_bar_0's little noise, as diffusers' does)."""
+
+    timesteps: tuple[int, ...]
+    step_ratio: int
+    alphas_cumprod: torch.Tensor
+    final_alpha_cumprod: float
+    v_prediction: bool = False
+    # PNDM without skip_prk_steps: its first evaluations are Runge-Kutta's (12; none with skip_prk_steps)
+    prk_evaluations: int = 0
+    # DDIM's correction of its predicted x0 (dynamic thresholding, else clip_sample's clamp to
+    # [-range, range]); its eps stays as predicted, as DDIMScheduler.step keeps pred_epsilon
+    correct_x0: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def alpha(self, t: int) -> float:
+        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """Each call's sigma = sqrt((1 - abar_t) / abar_t), then the last step's target (0 when abar = 1)."""
+        alphas = [self.alpha(t) for t in self.timesteps] + [self.alpha(self.timesteps[-1] - self.step_ratio)]
+        return torch.tensor([((1 - a) / a) ** 0.5 for a in alphas], dtype=torch.float64)
+
+
+class _VariancePreservingSampler(Sampler):
+    """A diffusers scheduler that steps the variance-preserving sample x_vp = sqrt(abar) (x0 + sigma eps)
+    by timestep, reproduced in its own arithmetic: ``x`` is the VP sample (the initial noise unscaled:
+    init_noise_sigma 1), each evaluation is at x_vp sqrt(sigma^2 + 1), the VE point the denoiser takes,
+    and its D gives back the model output the scheduler combines (eps, or v for v-prediction)."""
+
+    def __init__(self, x: torch.Tensor, steps: ScheduledSteps):
+        super().__init__(x, steps.sigmas)
+        self.plan = steps
+        self._evaluated: torch.Tensor | None = None
+
+    def pending(self) -> Evaluation | None:
+        if self.done:
+            return None
+        sigma = self.sigmas[self.step]
+        self._evaluated = self.x * (sigma**2 + 1) ** 0.5
+        return Evaluation(self._evaluated, sigma, float(self.plan.timesteps[self.step]))
+
+    def _model_output(self, denoised: torch.Tensor, t: int) -> torch.Tensor:
+        """The UNet output diffusers' scheduler saw: eps = (x - D) / sigma (VE), or
+        v = (abar x_ve - D) / sqrt(1 - abar) (Salimans & Ho 2022, x0 = sqrt(abar) x_vp - sqrt(1 - abar) v)."""
+        a = self.plan.alpha(t)
+        if self.plan.v_prediction:
+            return (a * self._evaluated - denoised) / (1 - a) ** 0.5
+        return (self._evaluated - denoised) / self.sigmas[self.step]
+
+    def _transfer(self, sample: torch.Tensor, t: int, t_prev: int, model_output: torch.Tensor) -> torch.Tensor:
+        """PNDM eq. 9 (= DDIM's step with eta 0) from abar_t to abar_prev, as PNDMScheduler._get_prev_sample."""
+        a, a_prev = self.plan.alpha(t), self.plan.alpha(t_prev)
+        if self.plan.v_prediction:
+            model_output = a**0.5 * model_output + (1 - a) ** 0.5 * sample
+        denominator = a * (1 - a_prev) ** 0.5 + (a * (1 - a) * a_prev) ** 0.5
+        return (a_prev / a) ** 0.5 * sample - (a_prev - a) * model_output / denominator
+
+
+class DDIMSampler(_VariancePreservingSampler):
+    """diffusers' DDIMScheduler with eta 0 (Song et al. 2021, eq. 12): x_prev = sqrt(abar_prev) x0 +
+    sqrt(1 - abar_prev) eps, from t to t - T // steps (not to the next timestep where the spacing
+    is not "leading"; diffusers' convention, kept)."""
+
+    def advance(self, denoised: torch.Tensor) -> None:
+        t = self.plan.timesteps[self.step]
+        model_output = self._model_output(denoised, t)
+        a_prev = self.plan.alpha(t - self.plan.step_ratio)
+        if self.plan.v_prediction:
+            a = self.plan.alpha(t)
+            eps = a**0.5 * model_output + (1 - a) ** 0.5 * self.x
+        else:
+            eps = model_output
+        x0 = denoised if self.plan.correct_x0 is None else self.plan.correct_x0(denoised)
+        self.x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+        self.step += 1
+
+
+class PNDMSampler(_VariancePreservingSampler):
+    """diffusers' PNDMScheduler (Liu et al. 2022, Alg. 2), each step's output transferred by eq. 9.
+    With skip_prk_steps (PLMS, as SD 1.x ships it) the first step is taken twice (the mean of the
+    outputs at t and at its prediction, from the same sample: ``plan.timesteps`` repeats the second
+    timestep), then Adams-Bashforth of order up to 4 over the model outputs. Without it (the class
+    default) the first three steps are Runge-Kutta, four evaluations each at t, t - T/2N, t - T/2N,
+    t - T/N (``plan.prk_evaluations`` of them), and the multistep part starts at order 4."""
+
+    def __init__(self, x: torch.Tensor, steps: ScheduledSteps):
+        super().__init__(x, steps)
+        self._outputs: list[torch.Tensor] = []  # diffusers' `ets`
+        self._first_sample: torch.Tensor | None = None  # its `cur_sample`
+        self._runge_kutta_sum: torch.Tensor | float = 0.0  # its `cur_model_output`
+
+    def advance(self, denoised: torch.Tensor) -> None:
+        counter = self.step
+        output = self._model_output(denoised, self.plan.timesteps[counter])
+        if counter < self.plan.prk_evaluations:
+            self._runge_kutta(output)
+        else:
+            self._linear_multistep(output)
+        self.step += 1
+
+    def _runge_kutta(self, output: torch.Tensor) -> None:
+        """PNDMScheduler.step_prk: RK4 from the sample at the start of each group of four."""
+        counter = self.step
+        t = self.plan.timesteps[counter // 4 * 4]
+        t_prev = self.plan.timesteps[counter] - (0 if counter % 2 else self.plan.step_ratio // 2)
+        phase = counter % 4
+        if phase == 0:
+            self._runge_kutta_sum = self._runge_kutta_sum + output / 6
+            self._outputs.append(output)
+            self._first_sample = self.x
+        elif phase in (1, 2):
+            self._runge_kutta_sum = self._runge_kutta_sum + output / 3
+        else:
+            output, self._runge_kutta_sum = self._runge_kutta_sum + output / 6, 0.0
+        self.x = self._transfer(self._first_sample, t, t_prev, output)
+
+    def _linear_multistep(self, output: torch.Tensor) -> None:
+        """PNDMScheduler.step_plms."""
+        counter, ratio = self.step, self.plan.step_ratio
+        t = self.plan.timesteps[counter]
+        t_prev, sample = t - ratio, self.x
+        if counter != 1:
+            self._outputs = self._outputs[-3:] + [output]
+        else:  # the repeated timestep: redo the first step with the mean output
+            t_prev, t = t, t + ratio
+        history = self._outputs
+        if len(history) == 1 and counter == 0:
+            self._first_sample = sample
+        elif len(history) == 1 and counter == 1:
+            output = (output + history[-1]) / 2
+            sample, self._first_sample = self._first_sample, None
+        elif len(history) == 2:
+            output = (3 * history[-1] - history[-2]) / 2
+        elif len(history) == 3:
+            output = (23 * history[-1] - 16 * history[-2] + 5 * history[-3]) / 12
+        else:
+            output = (1 / 24) * (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4])
+        self.x = self._transfer(sample, t, t_prev, output)
+
+
 _SAMPLER_CLASSES: dict[str, type[Sampler]] = {
     "euler": EulerSampler,
     "heun": HeunSampler,
     "dpmpp_2m": DPMPP2MSampler,
 }
+_SCHEDULED_SAMPLER_CLASSES: dict[str, type[_VariancePreservingSampler]] = {"ddim": DDIMSampler, "pndm": PNDMSampler}
 
 
-def make_sampler(name: str, x: torch.Tensor, sigmas: torch.Tensor, restart_below: Sequence[float] = ()) -> Sampler:
+def make_sampler(
+    name: str,
+    x: torch.Tensor,
+    sigmas: torch.Tensor | None,
+    restart_below: Sequence[float] = (),
+    *,
+    noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
+    steps: ScheduledSteps | None = None,
+) -> Sampler:
+    """``sigmas`` for the sigma samplers (euler_a also takes ``noise``); ``steps`` for ddim and pndm."""
+    if name in _SCHEDULED_SAMPLER_CLASSES:
+        if steps is None:
+            raise ValueError(f"sampler {name!r} steps a diffusers scheduler's timesteps: it needs them (steps=)")
+        return _SCHEDULED_SAMPLER_CLASSES[name](x, steps)
+    if name == "euler_a":
+        return EulerAncestralSampler(x, sigmas, restart_below, noise=noise)
     try:
         sampler_class = _SAMPLER_CLASSES[name]
     except KeyError:
@@ -193,9 +387,11 @@ def sample(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     sampler: str = DEFAULT_SAMPLER,
+    noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Solve the ODE from x (already scaled by sigmas[0]) along `sigmas`."""
-    state = make_sampler(sampler, x, sigmas)
+    """Solve the ODE (or, with euler_a and ``noise``, the SDE) from x (already scaled by sigmas[0])
+    along `sigmas`."""
+    state = make_sampler(sampler, x, sigmas, noise=noise)
     while (evaluation := state.pending()) is not None:
         state.advance(denoise(evaluation.x, evaluation.sigma))
     return state.x

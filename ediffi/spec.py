@@ -23,13 +23,26 @@ from ediffi.failure import InputError
 
 # --------------------------------------------------------------------- fields
 
-#: ODE solvers on the Karras sigma schedule (``ediffi.samplers`` implements them).
-SamplerName = Literal["heun", "euler", "dpmpp_2m"]
+#: Samplers (``ediffi.samplers`` implements them). heun, euler, dpmpp_2m and euler_a (Euler
+#: ancestral, A1111's "Euler a": stochastic, its noise drawn from the image's seed) solve on the
+#: Karras sigma schedule, or on an imported checkpoint's own spaced sigmas; ddim and pndm reproduce
+#: diffusers' DDIMScheduler (eta 0) and PNDMScheduler (PLMS, skip_prk_steps) on an imported
+#: checkpoint's own timesteps, and only there.
+SamplerName = Literal["heun", "euler", "dpmpp_2m", "euler_a", "ddim", "pndm"]
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 DEFAULT_SAMPLER: SamplerName = "heun"
 #: The samplers that take ``use_karras_sigmas: false`` on an imported checkpoint: the diffusers
-#: schedulers reproduced on their own spaced sigmas (EulerDiscreteScheduler, DPMSolverMultistepScheduler).
-SCHEDULER_SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "dpmpp_2m")
+#: schedulers reproduced on their own spaced sigmas (EulerDiscreteScheduler, DPMSolverMultistepScheduler,
+#: EulerAncestralDiscreteScheduler).
+SCHEDULER_SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "dpmpp_2m", "euler_a")
+#: The samplers that exist only as a diffusers scheduler's own timesteps: imported checkpoints only,
+#: never with Karras's sigmas (``use_karras_sigmas`` left out means false for them).
+SCHEDULER_ONLY_SAMPLERS: tuple[str, ...] = ("ddim", "pndm")
+#: The samplers every model serves (the shipped family's).
+ANY_MODEL_SAMPLERS: tuple[str, ...] = tuple(s for s in SAMPLERS if s not in SCHEDULER_ONLY_SAMPLERS)
+#: The mix benchmarks and simulations draw by default: one sampler per evaluation pattern (euler_a
+#: evaluates where euler does), so the recorded figures keep their meaning.
+BENCH_SAMPLERS: tuple[str, ...] = ("heun", "euler", "dpmpp_2m")
 
 DEFAULT_STEPS = 32
 DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale (<= GUIDANCE_OFF_AT_OR_BELOW: off)

@@ -43,7 +43,7 @@ import torch
 
 from ediffi.failure import Failure, FailureKind, InputError, QueueFull
 from ediffi.model import EDiffIModel
-from ediffi.pipeline import GenerationRequest, encode_request
+from ediffi.pipeline import GenerationRequest, encode_request, validate_for_model
 from engines.backend import Backend
 from engines.executor import BatchTiming, Executor, StepResult
 from engines.failures import failure_from_exception
@@ -255,10 +255,12 @@ class Engine:
         request_id: str | None = None,
         timeout_s: float | None = None,
     ) -> RequestHandle:
-        """Queue a request. Validates it at once (ValueError); raises
-        `QueueFull` when `max_waiting` requests already wait. `on_progress
-        (done, total)` and `on_done(outcome)` run inside the tick (device thread)."""
+        """Queue a request. Validates it at once, against the served model too (InputError, a
+        ValueError: a sampler or a sigma choice it lacks); raises `QueueFull` when `max_waiting`
+        requests already wait. `on_progress (done, total)` and `on_done(outcome)` run inside the
+        tick (device thread)."""
         request.validate()
+        validate_for_model(self.model.config, request)
         rid = request_id or uuid.uuid4().hex
         now = self._clock()
         handle = RequestHandle(rid, self.cancel)

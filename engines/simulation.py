@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from ediffi.spec import SAMPLERS
+from ediffi.spec import BENCH_SAMPLERS
 from engines.cost_model import CostModel
 from engines.scheduler import GroupKey, PendingView, SchedulerConfig, StepScheduler
 
@@ -84,7 +84,7 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float) ->
 def evaluation_sigmas(sampler: str, steps: int, stage: SimStage) -> list[float]:
     """The sigma of every denoiser evaluation of one stage, in order."""
     sigmas = karras_sigmas(steps, stage.sigma_min, stage.sigma_max, stage.rho)
-    if sampler != "heun":  # euler, dpmpp_2m: one evaluation per step
+    if sampler != "heun":  # euler, dpmpp_2m, euler_a: one evaluation per step
         return sigmas[:-1]
     out = []
     for i in range(steps):
@@ -109,7 +109,7 @@ class SimRequest:
 
 
 def request_mix(count: int, min_steps: int = 8, max_steps: int = 16,
-                samplers: Sequence[str] = SAMPLERS, seed: int = 0) -> list[SimRequest]:
+                samplers: Sequence[str] = BENCH_SAMPLERS, seed: int = 0) -> list[SimRequest]:
     """Uniform step counts and samplers, as `ediffi bench engine` draws them."""
     rng = random.Random(seed)
     return [SimRequest(rng.randint(min_steps, max_steps), rng.choice(list(samplers))) for _ in range(count)]

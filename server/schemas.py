@@ -185,7 +185,12 @@ class GenerationOptions(NullMeansDefault):
     ] = None
     sampler: Annotated[
         SamplerName | None,
-        Field(description="ODE solver on the Karras sigma schedule. Absent: the model's default (GET /v1/models)."),
+        Field(
+            description="heun, euler, dpmpp_2m, euler_a (Euler ancestral, A1111's \"Euler a\": its noise comes from "
+            "the seed): on the Karras sigma schedule, or an imported checkpoint's own sigmas; ddim, pndm (PLMS): "
+            "diffusers' DDIMScheduler and PNDMScheduler on an imported checkpoint's own timesteps. Absent: the "
+            "model's default (GET /v1/models: samplers, request.sampler)."
+        ),
     ] = None
     style_image: Annotated[
         str | None,
@@ -206,10 +211,11 @@ class GenerationOptions(NullMeansDefault):
         bool | None,
         Field(
             strict=True,
-            description="Imported checkpoints with sampler euler or dpmpp_2m: false samples on the scheduler's own "
-            "sigmas, as diffusers' EulerDiscreteScheduler and DPMSolverMultistepScheduler by default (diffusers' "
-            "use_karras_sigmas); true: Karras's. Absent: the model's default with its default sampler, else true "
-            "(GET /v1/models: request.use_karras_sigmas; null there: Karras's only).",
+            description="Imported checkpoints with sampler euler, dpmpp_2m or euler_a: false samples on the "
+            "scheduler's own sigmas, as diffusers' EulerDiscreteScheduler, DPMSolverMultistepScheduler and "
+            "EulerAncestralDiscreteScheduler by default (diffusers' use_karras_sigmas); true: Karras's. ddim and "
+            "pndm always step their own timesteps (false). Absent: the model's default with its default sampler, "
+            "false with ddim or pndm, else true (GET /v1/models: request.use_karras_sigmas; null there: Karras's only).",
         ),
     ] = None
     width: Annotated[
@@ -372,11 +378,11 @@ class JobParams(BaseModel):
           "seed": int,                      # always set (picked by the API if the client sent none);
                                             # image k must use seed + k (GenerationRequest.image_seeds),
                                             # seed + n - 1 <= MAX_SEED
-          "sampler": "heun" | "euler" | "dpmpp_2m",
+          "sampler": "heun" | "euler" | "dpmpp_2m" | "euler_a" | "ddim" | "pndm",
           "inputs": ["color_map"?, "style_image"?],   # names of the job's byte inputs, sorted
           "paint_with_words": null | {"regions": [{"color": "#rrggbb", "phrase": str, "strength": float}]},
           "sr_noise_level": null | int,     # >= 0; the model checks its range (IF stage II)
-          "use_karras_sigmas": bool,        # false: imported model, euler/dpmpp_2m, the scheduler's own sigmas
+          "use_karras_sigmas": bool,        # false: imported model, the scheduler's own sigmas (ddim/pndm: always)
           "width"?: int, "height"?: int,    # only when the client asked for a size (width/height, or
                                             # /v1/images/generations' size), else the default
           "response_format": "b64_json" | "url",      # how the API will answer; not the worker's concern

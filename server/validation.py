@@ -281,8 +281,10 @@ def check_model_fields(
     request: GenerationOptions, settings: Settings, capabilities: ModelCapabilities | None
 ) -> list[dict[str, Any]]:
     """Errors for fields the loaded model cannot honour: a size it does not
-    make (or beyond `max_image_side`), a style image without an image encoder,
-    an `sr_noise_level` outside its range (or for a model without one)."""
+    make (or beyond `max_image_side`), a style image without an image encoder, and
+    ModelCapabilities.request_errors: a sampler it lacks (ddim and pndm on the shipped family) or
+    too few steps for it, `use_karras_sigmas` where it cannot apply, an `sr_noise_level` outside its
+    range (or for a model without one)."""
     if capabilities is None:
         return []
     body: Loc = ("body",)
@@ -297,14 +299,13 @@ def check_model_fields(
                 "unsupported_feature",
             )
         )
-    # The worker would fail the job with the same rule; checked here so an async
+    # The worker would fail the job with the same rules; checked here so an async
     # request gets its 422 at once rather than a failed job later.
-    noise_level_problem = capabilities.sr_noise_level_error(request.sr_noise_level)
-    if noise_level_problem is not None:
-        errors.append(field_error(body + ("sr_noise_level",), noise_level_problem, "unsupported_value"))
-    karras_problem = capabilities.karras_sigmas_error(request.use_karras_sigmas, request.sampler)
-    if karras_problem is not None:
-        errors.append(field_error(body + ("use_karras_sigmas",), karras_problem, "unsupported_value"))
+    problems = capabilities.request_errors(
+        sampler=request.sampler, steps=request.steps, use_karras_sigmas=request.use_karras_sigmas,
+        sr_noise_level=request.sr_noise_level,
+    )
+    errors += [field_error(body + (name,), message, "unsupported_value") for name, message in problems.items()]
     return errors
 
 

@@ -48,7 +48,9 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 # Scheduler-config fields that fix the sigmas; the refiner must agree with the base.
 # The scheduler config keys of the training schedule (a folder's use_karras_sigmas is no part of it:
 # it sets the requests' default, sampler_as_loaded).
-_SCHEDULE_FIELDS = tuple(name for name in TrainingScheduleConfig.model_fields if name != "use_karras_sigmas")
+_SCHEDULE_FIELDS = tuple(
+    name for name in TrainingScheduleConfig.model_fields if name not in ("use_karras_sigmas", "timestep_spacing_given")
+)
 # Config keys that differ between identical weights saved by different runs.
 _VOLATILE_KEYS = {"_name_or_path", "transformers_version", "_diffusers_version", "_commit_hash"}
 
@@ -173,15 +175,21 @@ def schedule_of(folder: PipelineFolder) -> tuple[TrainingScheduleConfig, str]:
     prediction = cfg.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction", "sample"):
         raise DiffusersImportError(f"{folder.root}/scheduler: prediction_type {prediction!r} is not supported")
-    defaults = TrainingScheduleConfig()
+    return TrainingScheduleConfig(**_schedule_fields(cfg)), prediction
+
+
+def _schedule_fields(cfg: dict) -> dict:
+    """The training-schedule keys a scheduler config names (the rest keep their defaults), and whether
+    it names its timestep spacing (absent, each scheduler class takes its own default)."""
     fields = {k: cfg[k] for k in _SCHEDULE_FIELDS if cfg.get(k) is not None}
-    schedule = TrainingScheduleConfig(**{**defaults.model_dump(), **fields})
-    return schedule, prediction
+    return {**fields, "timestep_spacing_given": cfg.get("timestep_spacing") is not None}
 
 
 def sampler_as_loaded(folder: PipelineFolder) -> str | None:
     """The sampler that reproduces the folder's own scheduler on its own spaced sigmas, if it is one
-    reproduced: a plain EulerDiscreteScheduler (SDXL's) -> euler, DPM-Solver++(2M) -> dpmpp_2m. Requests
+    reproduced: a plain EulerDiscreteScheduler (SDXL's) -> euler, EulerAncestralDiscreteScheduler ->
+    euler_a, PNDMScheduler (SD 1.x's, PLMS with skip_prk_steps) -> pndm, DDIMScheduler (eta 0, no dynamic
+    thresholding) -> ddim, DPM-Solver++(2M) -> dpmpp_2m. Requests
     then default to it with use_karras_sigmas false, so one that leaves the sampling fields out gets
     the image of the pipeline as loaded."""
     cfg = folder.config("scheduler", "scheduler_config.json")
@@ -197,6 +205,12 @@ def sampler_as_loaded(folder: PipelineFolder) -> str | None:
         return None
     if loaded == "EulerDiscreteScheduler" and cfg.get("interpolation_type", "linear") == "linear":
         return "euler"
+    if loaded == "EulerAncestralDiscreteScheduler":
+        return "euler_a"
+    if loaded == "PNDMScheduler":
+        return "pndm"
+    if loaded == "DDIMScheduler" and not cfg.get("thresholding"):
+        return "ddim"
     if (
         loaded == "DPMSolverMultistepScheduler"
         and cfg.get("algorithm_type", "dpmsolver++") == "dpmsolver++"
@@ -409,8 +423,7 @@ def _if_schedule(folder: PipelineFolder, component: str = "scheduler") -> Traini
     """An IF scheduler config's training schedule, sampled with DPM-Solver's
     conventions (diffusers' Euler cannot take IF's learned-variance output)."""
     cfg = folder.config(component, "scheduler_config.json")
-    fields = {k: cfg[k] for k in _SCHEDULE_FIELDS if cfg.get(k) is not None}
-    return TrainingScheduleConfig(**{**fields, "karras_scheduler": "DPMSolverMultistepScheduler"})
+    return TrainingScheduleConfig(**{**_schedule_fields(cfg), "karras_scheduler": "DPMSolverMultistepScheduler"})
 
 
 def _if_stage(folder: PipelineFolder, prefix: str, plan: ImportPlan, super_resolution: bool) -> StageConfig:

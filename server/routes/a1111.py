@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ediffi.spec import ANY_MODEL_SAMPLERS
 from server.auth import PrincipalDep, SubmitterDep, WaitSlotsDep, authenticate
 from server.deps import MetricsDep, QueueDep, SettingsDep
 from server.queue import JobStatus
@@ -53,7 +54,11 @@ A1111_SAMPLERS: dict[str, tuple[str, bool | None]] = {
     "Euler": ("euler", False),
     "DPM++ 2M": ("dpmpp_2m", False),
     "DPM++ 2M Karras": ("dpmpp_2m", True),
+    "Euler a": ("euler_a", False),
     "Heun": ("heun", True),
+    # diffusers' DDIMScheduler and PNDMScheduler (PLMS) on an imported checkpoint's own timesteps
+    "DDIM": ("ddim", False),
+    "PLMS": ("pndm", False),
 }
 #: A1111 (>= 1.9) scheduler names served, lower-cased: "Automatic" keeps the sampler's own choice.
 A1111_SCHEDULERS: dict[str, bool | None] = {"automatic": None, "karras": True}
@@ -73,7 +78,7 @@ _HINTS = {
     "refiner_checkpoint": "import the refiner with the base instead (ediffi import diffusers BASE --refiner DIR)",
 }
 #: A1111 fields -> this API's, for error locations.
-_FIELD_NAMES = {"guidance_scale": "cfg_scale", "n": "batch_size", "sampler": "sampler_name"}
+_FIELD_NAMES = {"guidance_scale": "cfg_scale", "n": "batch_size", "sampler": "sampler_name", "use_karras_sigmas": "scheduler"}
 
 
 class Txt2ImgRequest(BaseModel):
@@ -341,9 +346,11 @@ async def interrupt(request: Request, principal: PrincipalDep, queue: QueueDep) 
 
 
 @router.get("/samplers", dependencies=[Depends(authenticate)])
-async def samplers() -> list[dict[str, Any]]:
-    """The A1111 sampler names txt2img takes."""
-    return [{"name": name, "aliases": [], "options": {}} for name in A1111_SAMPLERS]
+async def samplers(request: Request) -> list[dict[str, Any]]:
+    """The A1111 sampler names txt2img takes for the served model (DDIM and PLMS: imported checkpoints)."""
+    capabilities = request.app.state.capabilities
+    served = set(capabilities.samplers) if capabilities is not None else set(ANY_MODEL_SAMPLERS)
+    return [{"name": name, "aliases": [], "options": {}} for name, (sampler, _) in A1111_SAMPLERS.items() if sampler in served]
 
 
 @router.get("/schedulers", dependencies=[Depends(authenticate)])

@@ -684,7 +684,14 @@ async function applyCapabilities() {
       setUntouched($("steps"), request.steps.default);
     }
     if (request.guidance_scale) setUntouched($("guidance"), request.guidance_scale.default);
-    if (request.sampler) setUntouched($("sampler"), request.sampler.default);
+    // Samplers only some models serve (ddim, pndm: imported checkpoints' diffusers schedulers).
+    const samplerControl = $("sampler");
+    for (const name of caps.samplers || []) {
+      if (![...samplerControl.options].some((option) => option.value === name)) {
+        samplerControl.add(new Option(name, name));
+      }
+    }
+    if (request.sampler) setUntouched(samplerControl, request.sampler.default);
     const sizes = caps.sizes;
     if (sizes && !sizes.fixed) {
       for (const [side, initial] of [["width", sizes.default_width], ["height", sizes.default_height]]) {

@@ -132,10 +132,10 @@ def test_python_dash_m_ediffi(tiny_model_dir, tiny_model, tmp_path):
 
     # Argument errors from argparse are exit code 2 as well.
     result = subprocess.run(
-        [sys.executable, "-m", "ediffi", "generate", "x", "--sampler", "ddim"],
+        [sys.executable, "-m", "ediffi", "generate", "x", "--sampler", "lms"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode == 2 and "ddim" in result.stderr
+    assert result.returncode == 2 and "lms" in result.stderr
 
 
 def test_an_out_file_pillow_cannot_write_is_refused_before_sampling(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -174,7 +174,8 @@ def no_model_loading(monkeypatch):
         (("--width", "4096"), ["width", "within [8, 2048]"]),  # EDIFFI_MAX_IMAGE_SIDE, as the server
         (("--height", "60"), ["height", "multiple of 8"]),
         (("--steps", "0"), ["steps", ">= 1"]),
-        (("--no-karras-sigmas", "--sampler", "heun"), ["use_karras_sigmas", "sampler euler or dpmpp_2m"]),
+        (("--no-karras-sigmas", "--sampler", "heun"), ["use_karras_sigmas", "goes with sampler euler, dpmpp_2m"]),
+        (("--karras-sigmas", "--sampler", "ddim"), ["use_karras_sigmas", "own timesteps"]),
     ],
 )
 def test_request_errors_come_before_the_model_loads(imported_sd_dir, tmp_path, capsys, no_model_loading, extra, words):
@@ -194,10 +195,11 @@ def test_a_style_image_of_extreme_shape_is_refused_before_the_model_loads(tiny_m
 
 def test_an_imported_model_samples_with_its_pipelines_defaults(imported_sd_dir, tmp_path, capsys):
     """No --steps/--guidance/--sampler: StableDiffusionPipeline's own 50 steps and guidance 7.5, with
-    the Euler sampler, exactly as when they are given (so not the shipped family's 32 Heun steps at 3)."""
+    the PNDM scheduler its folder ships (SD 1.x's), exactly as when they are given (so not the shipped
+    family's 32 Heun steps at 3)."""
     base = ["generate", "a red circle", "--model-dir", str(imported_sd_dir), "--seed", "3"]
     assert main([*base, "--out", str(tmp_path / "defaults.png")]) == 0
-    assert main([*base, "--steps", "50", "--guidance", "7.5", "--sampler", "euler", "--out", str(tmp_path / "named.png")]) == 0
+    assert main([*base, "--steps", "50", "--guidance", "7.5", "--sampler", "pndm", "--out", str(tmp_path / "named.png")]) == 0
     assert main([*base, "--out", str(tmp_path / "shipped.png"), "--steps", "32", "--guidance", "3", "--sampler", "heun"]) == 0
     defaults, named, shipped = (np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("defaults", "named", "shipped"))
     assert np.array_equal(defaults, named)

@@ -340,3 +340,24 @@ def test_an_imported_models_defaults_fill_the_form_and_a_changed_field_keeps_its
         assert finished_state(driver) == "succeeded"
         params = server.worker.jobs[-1]["params"]
         assert (params["steps"], params["guidance_scale"], params["sampler"]) == (50, 2.5, "euler")
+
+
+def test_a_sampler_only_the_served_model_has_is_offered_and_sent(browser, imported_sd_dir) -> None:  # noqa: F811
+    """The imported SD (its folder's PNDMScheduler: GET /v1/models lists ddim and pndm, default pndm):
+    the page adds the samplers its static list lacks, starts at pndm and sends it."""
+    from server.main import capabilities as read_capabilities
+
+    driver = browser
+    with LiveServer(capabilities=read_capabilities(imported_sd_dir), image_size=32, max_steps=60) as server:
+        open_page(driver, server.url)
+        wait_for(driver, lambda d: d.find_element("id", "sampler").get_attribute("value") == "pndm", 10,
+                 "the model's default sampler did not reach the form")
+        offered = driver.execute_script("return [...document.getElementById('sampler').options].map(o => o.value)")
+        assert offered == ["heun", "euler", "dpmpp_2m", "euler_a", "ddim", "pndm"]
+        set_value(driver, "steps", "2")
+        type_prompt(driver, "a red circle")
+        driver.find_element("id", "generate").click()
+        assert finished_state(driver) == "succeeded"
+        params = server.worker.jobs[-1]["params"]
+        assert (params["sampler"], params["use_karras_sigmas"]) == ("pndm", False)
+

@@ -297,7 +297,9 @@ def test_bad_request_fails_alone(backend):
     assert bad.result(0).status == "failed" and "elephant" in bad.result(0).error
     assert good.result(0).ok
     with pytest.raises(ValueError):
-        engine.submit(GenerationRequest(PROMPTS[1], sampler="ddim"))
+        engine.submit(GenerationRequest(PROMPTS[1], sampler="lms"))  # unknown
+    with pytest.raises(ValueError):  # known, but not for this model (imported checkpoints' timesteps)
+        engine.submit(GenerationRequest(PROMPTS[1], sampler="ddim", use_karras_sigmas=False))
 
 
 def test_queue_limit(backend):

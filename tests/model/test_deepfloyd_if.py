@@ -12,6 +12,7 @@ use_karras_sigmas=True)`, one CPU generator seeded with S passed to both.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import shutil
@@ -28,6 +29,7 @@ from PIL import Image
 from cli.main import main
 from ediffi.config import ModelConfig
 from ediffi.discrete import dynamic_threshold
+from ediffi.failure import InputError
 from ediffi.importers.diffusers import DiffusersImportError, import_diffusers
 from ediffi.model import load_model
 from ediffi.paint import PaintWithWordsAddedKVAttnProcessor, Region
@@ -229,6 +231,30 @@ def test_dpmpp_2m_on_the_schedulers_own_sigmas_equals_diffusers_at_both_stages(t
     assert psnr(low, low_ref) >= MIN_PSNR and psnr(high, high_ref) >= MIN_PSNR
     _, karras_high = diffusers_if_images(tiny_if, PROMPT, seed=SEED, steps=STEPS, guidance=GUIDANCE)
     assert psnr(high, karras_high) < psnr(high, high_ref) - 5  # the bar tells the two schedules apart
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm"])
+def test_ddim_and_pndm_equal_diffusers_at_both_stages(tiny_if, if_model, if_stage_1_dir, sampler):
+    """ddim / pndm = DDIMScheduler / PNDMScheduler.from_config(each stage's scheduler config): DDIM
+    applies IF's dynamic thresholding to its x0 and keeps the predicted eps (as DDIMScheduler.step;
+    thresholding the denoised x0 first, as the sigma samplers do, would change its eps), PNDM none."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    scheduler_class = {"ddim": DDIMScheduler, "pndm": PNDMScheduler}[sampler]
+    low_ref, high_ref = diffusers_if_images(tiny_if, PROMPT, seed=SEED, steps=STEPS, guidance=GUIDANCE,
+                                            scheduler_class=scheduler_class)
+    request = GenerationRequest(prompt=PROMPT, steps=STEPS, guidance_scale=GUIDANCE, seed=SEED, sampler=sampler,
+                                use_karras_sigmas=False)
+    (low,) = generate(load_model(if_stage_1_dir), request)
+    (high,) = generate(if_model, request)
+    print(f"IF {sampler}: PSNR stage I {psnr(low, low_ref):.2f} dB, stage II {psnr(high, high_ref):.2f} dB")
+    assert psnr(low, low_ref) >= MIN_PSNR and psnr(high, high_ref) >= MIN_PSNR
+    if sampler == "pndm":  # IF's config leaves skip_prk_steps unset: a Runge-Kutta start, 4 steps at least
+        from ediffi.pipeline import validate_for_model
+
+        with pytest.raises(InputError) as caught:
+            validate_for_model(if_model.config, dataclasses.replace(request, steps=3))
+        assert caught.value.field == "steps" and "Runge-Kutta" in caught.value.message
 
 
 def test_sr_noise_level_per_request_equals_diffusers_noise_level(tiny_if, if_model):

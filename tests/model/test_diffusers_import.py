@@ -386,21 +386,23 @@ def test_imported_models_default_to_their_pipelines_steps_and_guidance(imported_
     from ediffi.config import GenerationDefaults
     from ediffi.spec import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 
-    # SD's folder names PNDMScheduler (not reproduced: Euler on Karras's sigmas); SDXL's its plain
-    # EulerDiscreteScheduler, whose own sigmas requests then sample on.
-    cases = ((imported_sd_dir, StableDiffusionPipeline, True), (imported_sdxl_dir, StableDiffusionXLPipeline, False))
-    for model_dir, pipeline, karras in cases:
+    # SD's folder names PNDMScheduler with skip_prk_steps (SD 1.x's), SDXL's its plain
+    # EulerDiscreteScheduler: requests then sample on the scheduler's own timesteps / sigmas.
+    cases = ((imported_sd_dir, StableDiffusionPipeline, "pndm"), (imported_sdxl_dir, StableDiffusionXLPipeline, "euler"))
+    for model_dir, pipeline, sampler in cases:
         signature = inspect.signature(pipeline.__call__).parameters
         recorded = json.loads((model_dir / "model.json").read_text())["defaults"]
         assert recorded == {
             "steps": signature["num_inference_steps"].default,
             "guidance_scale": signature["guidance_scale"].default,
-            "sampler": "euler",
-            "use_karras_sigmas": karras,
+            "sampler": sampler,
+            "use_karras_sigmas": False,
         }
         older = json.loads((model_dir / "model.json").read_text())
-        del older["defaults"]  # imported before the importer wrote them: Karras's, as then
-        assert ModelConfig.model_validate(older).request_defaults == GenerationDefaults(**{**recorded, "use_karras_sigmas": True})
+        del older["defaults"]  # imported before the importer wrote them: Euler on Karras's sigmas, as then
+        assert ModelConfig.model_validate(older).request_defaults == GenerationDefaults(
+            **{**recorded, "sampler": "euler", "use_karras_sigmas": True}
+        )
         older["training"] = {}
         assert ModelConfig.model_validate(older).request_defaults.model_dump() == {
             "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE, "sampler": DEFAULT_SAMPLER,

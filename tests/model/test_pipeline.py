@@ -22,7 +22,8 @@ from ediffi.pipeline import (
     evaluate,
     generate,
 )
-from ediffi.samplers import SAMPLERS, classifier_free_guidance, karras_sigmas, make_sampler
+from ediffi.samplers import classifier_free_guidance, karras_sigmas, make_sampler
+from ediffi.spec import ANY_MODEL_SAMPLERS
 
 PROMPT = "a red circle on the left and a blue square"
 
@@ -209,7 +210,7 @@ def test_unknown_encoder_is_rejected(tiny_model):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", ANY_MODEL_SAMPLERS)
 def test_every_sampler_runs_the_whole_cascade(tiny_model, sampler):
     steps = 3
     request = GenerationRequest(PROMPT, steps=steps, sampler=sampler, n=2)
@@ -239,7 +240,7 @@ def test_every_sampler_runs_the_whole_cascade(tiny_model, sampler):
     assert all(im.size == (stages[-1].image_size,) * 2 and im.mode == "RGB" for im in images)
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", ANY_MODEL_SAMPLERS)
 def test_progress_reports_the_evaluations_performed(tiny_model, sampler):
     calls = []
     request = GenerationRequest(PROMPT, steps=2, sampler=sampler, guidance_scale=1.0)

@@ -100,6 +100,8 @@ def test_cfg_per_row_scale_and_scale_at_most_one_is_conditional():
 
 def test_unknown_sampler_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown sampler"):
+        make_sampler("lms", torch.zeros(1), karras_sigmas(2, SIGMA_MIN, SIGMA_MAX))
+    with pytest.raises(ValueError, match="needs them"):  # ddim steps a diffusers scheduler's timesteps
         make_sampler("ddim", torch.zeros(1), karras_sigmas(2, SIGMA_MIN, SIGMA_MAX))
 
 

@@ -56,7 +56,7 @@ def test_every_layer_offers_the_spec_samplers():
     from ediffi.samplers import SAMPLERS as implemented
     from server.schemas import GenerateRequest
 
-    assert implemented == spec.SAMPLERS == ("heun", "euler", "dpmpp_2m")
+    assert implemented == spec.SAMPLERS == ("heun", "euler", "dpmpp_2m", "euler_a", "ddim", "pndm")
     api_schema = GenerateRequest.model_json_schema()["properties"]["sampler"]
     (named,) = [choice for choice in api_schema["anyOf"] if "enum" in choice]  # null: the default
     assert tuple(named["enum"]) == spec.SAMPLERS
@@ -65,4 +65,4 @@ def test_every_layer_offers_the_spec_samplers():
     args = build_parser().parse_args(["generate", "x", "--sampler", "dpmpp_2m"])
     assert args.sampler == "dpmpp_2m"
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["generate", "x", "--sampler", "ddim"])
+        build_parser().parse_args(["generate", "x", "--sampler", "lms"])

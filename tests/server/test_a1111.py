@@ -98,7 +98,8 @@ def test_a1111_sampler_and_scheduler_names_pick_the_sampler_and_its_sigmas(sdxl_
 @pytest.mark.parametrize(
     ("fields", "field", "words"),
     [
-        ({"sampler_name": "Euler a"}, "sampler_name", "not served"),
+        ({"sampler_name": "DPM++ SDE"}, "sampler_name", "not served"),
+        ({"sampler_name": "DDIM"}, "sampler_name", "imported checkpoint"),  # the shipped model has no timesteps
         ({"sampler_name": "DPM++ 2M", "scheduler": "Exponential"}, "scheduler", "Automatic or Karras"),
         ({"scheduler": "Exponential"}, "scheduler", "Automatic or Karras"),  # with no sampler named too
         ({"enable_hr": True}, "enable_hr", "hires fix"),
@@ -145,7 +146,8 @@ async def test_override_settings_naming_the_served_checkpoint_are_accepted(backe
 async def test_samplers_schedulers_and_models_are_listed(backend: Backend) -> None:
     async with service(backend) as svc:
         samplers = (await svc.client.get("/sdapi/v1/samplers")).json()
-        assert [s["name"] for s in samplers] == ["Euler", "DPM++ 2M", "DPM++ 2M Karras", "Heun"]
+        # the shipped model's: DDIM and PLMS are for imported checkpoints
+        assert [s["name"] for s in samplers] == ["Euler", "DPM++ 2M", "DPM++ 2M Karras", "Euler a", "Heun"]
         assert [s["label"] for s in (await svc.client.get("/sdapi/v1/schedulers")).json()] == ["Automatic", "Karras"]
         (model,) = (await svc.client.get("/sdapi/v1/sd-models")).json()
         assert model["model_name"] == model["title"] and model["filename"] == ""  # no server paths

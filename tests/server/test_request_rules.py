@@ -225,7 +225,7 @@ def test_models_lists_what_a_client_may_send(sdxl_capabilities):
     assert [e["name"] for e in caps["stages"][0]["experts"]] == ["base", "refiner"]
     # What a client may send, with the server's limits.
     assert caps["max_side"] == MAX_SIDE
-    assert caps["samplers"] == ["heun", "euler", "dpmpp_2m"]
+    assert caps["samplers"] == ["heun", "euler", "dpmpp_2m", "euler_a", "ddim", "pndm"]
     assert caps["request"] == {
         "n": {"default": 1, "min": 1, "max": 3},
         # StableDiffusionXLPipeline's own defaults: 50 steps (here within max_steps 40) and guidance 5,
@@ -284,7 +284,8 @@ def test_fields_left_out_take_the_models_defaults(sdxl_capabilities, path, sent,
     ("imported", "fields", "words"),
     [
         (False, {"use_karras_sigmas": False}, "Karras schedule only"),
-        (True, {"use_karras_sigmas": False, "sampler": "heun"}, "sampler euler or dpmpp_2m"),
+        (True, {"use_karras_sigmas": False, "sampler": "heun"}, "goes with sampler euler, dpmpp_2m, euler_a"),
+        (True, {"use_karras_sigmas": True, "sampler": "pndm"}, "its diffusers scheduler's own timesteps"),
         (True, {"use_karras_sigmas": "no"}, "valid boolean"),
     ],
 )

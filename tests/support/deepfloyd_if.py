@@ -148,26 +148,34 @@ def dpmpp_2m_karras(pipe, karras: bool = True):
     return pipe
 
 
-def load_if_pipelines(checkpoints: TinyIF, karras: bool = True):
+def load_if_pipelines(checkpoints: TinyIF, karras: bool = True, scheduler_class=None):
+    """Both stages with DPM++ 2M (Karras's sigmas or, ``karras`` false, its own), or with
+    ``scheduler_class.from_config`` of each stage's scheduler config."""
     from diffusers import IFPipeline, IFSuperResolutionPipeline
 
     stage_1 = IFPipeline.from_pretrained(checkpoints.stage_1, local_files_only=True)
     stage_2 = IFSuperResolutionPipeline.from_pretrained(
         checkpoints.stage_2, text_encoder=None, tokenizer=None, local_files_only=True
     )
+    if scheduler_class is not None:
+        for stage in (stage_1, stage_2):
+            # IF's pipelines pass a learned-variance output on whole to a scheduler whose config says
+            # variance_type "learned_range" (from_config carries the key over); DDIM and PNDM take eps only.
+            stage.scheduler = scheduler_class.from_config({**stage.scheduler.config, "variance_type": "fixed_small"})
+        return stage_1, stage_2
     return dpmpp_2m_karras(stage_1, karras), dpmpp_2m_karras(stage_2, karras)
 
 
 @torch.no_grad()
 def diffusers_if_images(
     checkpoints: TinyIF, prompt: str, seed: int, steps: int, guidance: float, negative_prompt: str | None = None,
-    noise_level: int | None = None, karras: bool = True,
+    noise_level: int | None = None, karras: bool = True, scheduler_class=None,
 ):
     """(stage I image, stage II image) as 8-bit arrays from diffusers' IF
     example: one CPU generator seeded with `seed` passed to both stages, the
     prompt encoded once by stage I, stage I's raw output ("pt") upscaled by
     stage II at its default noise level (unless `noise_level` is given)."""
-    stage_1, stage_2 = load_if_pipelines(checkpoints, karras)
+    stage_1, stage_2 = load_if_pipelines(checkpoints, karras, scheduler_class)
     prompt_embeds, negative_embeds = stage_1.encode_prompt(prompt, negative_prompt=negative_prompt, clean_caption=False)
     generator = torch.Generator().manual_seed(seed)
     common = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, generator=generator,
