@@ -24,11 +24,17 @@ def check_before_loading(request, model_dir: Path, max_image_side: int) -> None:
 
     request.validate()
     capabilities = model_capabilities(ModelConfig.load(model_dir))
-    for name, message in capabilities.sizes.errors(request.width, request.height, max_image_side).items():
-        raise spec.InputError(name, message)
+    width, height = request.width, request.height
+    if request.init_image is not None and (width is None or height is None):  # the init image's size, as the API
+        made = capabilities.sizes.of_image(*request.init_image.size)
+        width, height = width or made[0], height or made[1]
+    for name, message in capabilities.sizes.errors(width, height, max_image_side).items():
+        raise spec.InputError(name if width == request.width and height == request.height else "init_image",
+                              f"{name} {message}")
     errors = capabilities.request_errors(
         sampler=request.sampler, steps=request.steps, use_karras_sigmas=request.use_karras_sigmas,
-        sr_noise_level=request.sr_noise_level,
+        sr_noise_level=request.sr_noise_level, init_image=request.init_image is not None,
+        strength=request.strength if request.init_image is not None else None,
     )
     for name, message in errors.items():
         raise spec.InputError(name, message)
@@ -75,7 +81,11 @@ def cmd_generate(args, settings) -> int:
             style_image=Image.open(args.style_image) if args.style_image else None,
             color_map=Image.open(args.paint) if args.paint else None, regions=regions,
             width=args.width, height=args.height,
+            init_image=Image.open(args.init_image) if args.init_image else None,
+            **({} if args.strength is None else {"strength": args.strength}),
         )
+        if args.strength is not None and args.init_image is None:
+            raise spec.InputError("strength", "goes with --init-image (img2img)")
         check_before_loading(request, model_dir, settings.max_image_side)
         # The same backends the server uses: torch, onnxruntime (exported graphs), tensorrt.
         model = make_backend(
@@ -239,10 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", choices=spec.SAMPLERS, help=model_default % spec.DEFAULT_SAMPLER)
     gen.add_argument(
         "--karras-sigmas", dest="use_karras_sigmas", action=argparse.BooleanOptionalAction,
-        help="imported models with --sampler euler or dpmpp_2m: --no-karras-sigmas samples on the scheduler's own "
-        "sigmas (diffusers' EulerDiscreteScheduler / DPMSolverMultistepScheduler by default); default: the model's",
+        help="imported models with --sampler euler, dpmpp_2m or euler_a: --no-karras-sigmas samples on the scheduler's "
+        "own sigmas (diffusers' schedulers by default; ddim and pndm always do); default: the model's",
     )
     gen.add_argument("--style-image", help="reference image whose CLIP image embedding sets the style")
+    gen.add_argument(
+        "--init-image",
+        help="img2img (imported SD/SDXL): start from this image, resized to --width/--height (default: its size)",
+    )
+    gen.add_argument(
+        "--strength", type=float,
+        help=f"with --init-image: int(steps x strength) steps run from it noised to that level (default {spec.DEFAULT_INIT_STRENGTH})",
+    )
     gen.add_argument("--paint", help="paint-with-words colour map (PNG)")
     gen.add_argument("--region", action="append", default=[], help="'#rrggbb=phrase[:strength]' (repeatable)")
     gen.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch")

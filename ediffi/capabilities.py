@@ -36,6 +36,13 @@ class SizeRule:
                 problems[name] = f"must be a multiple of {self.multiple_of} within [{self.multiple_of}, {max_side}], got {value}"
         return problems
 
+    def of_image(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the images made from an init image of that size when the request names
+        none: its size rounded down to the model's multiple, as diffusers' image processor does."""
+        if self.fixed:
+            return self.default_width, self.default_height
+        return width - width % self.multiple_of, height - height % self.multiple_of
+
 
 @dataclass(frozen=True)
 class NoiseLevelRule:
@@ -63,6 +70,9 @@ class ModelCapabilities:
     scheduler_sigmas: bool = False
     # The fewest steps pndm takes: 4 where a stage's PNDMScheduler starts with Runge-Kutta steps.
     pndm_min_steps: int = 1
+    # img2img: an init image (and its strength) is taken: an imported latent model of one stage
+    # (SD, SDXL), whose VAE encodes it, as diffusers' img2img pipelines.
+    init_image: bool = False
 
     def max_side(self, max_image_side: int) -> int:
         """The largest width/height a request may ask for: the server's limit, or
@@ -84,6 +94,7 @@ class ModelCapabilities:
 
     def request_errors(
         self, *, sampler: str | None, steps: int | None, use_karras_sigmas: bool | None, sr_noise_level: int | None,
+        init_image: bool = False, strength: float | None = None,
     ) -> dict[str, str]:
         """field -> why this model cannot honour it, for the sampling fields of a request (its left-out
         fields filled from the defaults first); empty when it can. The API, the command line and the
@@ -91,6 +102,21 @@ class ModelCapabilities:
         errors: dict[str, str] = {}
         if (message := self.sr_noise_level_error(sr_noise_level)) is not None:
             errors["sr_noise_level"] = message
+        if init_image and not self.init_image:
+            errors["init_image"] = (
+                "this model takes no init image: img2img is for imported latent models (Stable Diffusion, SDXL)"
+            )
+        elif init_image and steps is not None:
+            try:
+                spec.init_image_steps(steps, spec.DEFAULT_INIT_STRENGTH if strength is None else strength)
+            except spec.InputError as exc:
+                errors[exc.field] = exc.message
+            if sampler == "pndm":
+                errors["sampler"] = "pndm from an init image is not served (its start is not reproduced); choose another"
+        elif strength is not None and not init_image:
+            errors["strength"] = "goes with an init_image (img2img)"
+        if "sampler" in errors:
+            return errors
         if (message := self.sampler_error(sampler)) is not None:
             errors["sampler"] = message
             return errors  # its steps and sigmas are no second problem
@@ -142,6 +168,7 @@ class ModelCapabilities:
         described = asdict(self)
         # under "request", with the other request fields
         del described["sr_noise_level"], described["defaults"], described["scheduler_sigmas"], described["pndm_min_steps"]
+        # (init_image stays: a feature flag like style_image; its strength is under "request")
         described["max_side"] = self.max_side(max_image_side)
         described["samplers"] = self.samplers
         described["request"] = {
@@ -157,6 +184,9 @@ class ModelCapabilities:
             "sr_noise_level": None if self.sr_noise_level is None else asdict(self.sr_noise_level),
             # false: the scheduler's own sigmas (euler, dpmpp_2m, euler_a; ddim and pndm always); null where only Karras's apply
             "use_karras_sigmas": {"default": self.defaults.use_karras_sigmas} if self.scheduler_sigmas else None,
+            # with an init_image (img2img): int(steps x strength) steps run; null where none is taken
+            "strength": {"default": spec.DEFAULT_INIT_STRENGTH, "min": 0.0, "max": 1.0, "exclusive_min": True}
+            if self.init_image else None,
         }
         return described
 
@@ -187,6 +217,7 @@ def model_capabilities(config: ModelConfig) -> ModelCapabilities:
         sr_noise_level=noise_level_rule(config), defaults=config.request_defaults,
         scheduler_sigmas=all(stage.schedule is not None for stage in config.stages),
         pndm_min_steps=4 if any(s.schedule is not None and not s.schedule.skip_prk_steps for s in config.stages) else 1,
+        init_image=config.is_imported and len(config.stages) == 1 and config.stages[0].latent is not None,
     )
 
 

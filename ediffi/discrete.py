@@ -367,6 +367,24 @@ class LatentDecoder(nn.Module):
         self.vae = vae
         self.cfg = cfg
 
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """img2img's start: pixels [1,3,H,W] in [-1, 1] -> one normalised latent sample [1,C,h,w],
+        drawn from the VAE's posterior with ``generator`` (on the CPU, as diffusers' randn_tensor
+        draws for a CPU generator), then the inverse of :meth:`forward`'s normalisation."""
+        cfg = self.cfg
+        parameter = next(self.vae.parameters())
+        posterior = self.vae.encode(pixels.to(parameter.device, parameter.dtype)).latent_dist
+        draw = torch.randn(posterior.mean.shape, generator=generator, dtype=posterior.mean.dtype)
+        latents = posterior.mean + posterior.std * draw.to(posterior.mean.device)
+        if cfg.latents_mean is not None and cfg.latents_std is not None:
+            mean = torch.tensor(cfg.latents_mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(cfg.latents_std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+            return (latents - mean) * cfg.scaling_factor / std
+        if cfg.shift_factor is not None:
+            latents = latents - cfg.shift_factor
+        return cfg.scaling_factor * latents
+
     def forward(self, x: torch.Tensor, **_unused) -> torch.Tensor:
         cfg = self.cfg
         latents = x.to(next(self.vae.parameters()).dtype)

@@ -11,6 +11,7 @@ engine's image equals the reference pipeline's.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,8 +32,8 @@ from ediffi.model import DECODER, EDiffIModel
 from ediffi.paint import build_pww_inputs
 from ediffi.samplers import Evaluation, Sampler, ScheduledSteps, classifier_free_guidance, karras_sigmas, make_sampler
 from ediffi.spec import (
-    DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SEED, DEFAULT_STEPS, SAMPLERS, SCHEDULER_ONLY_SAMPLERS, Region, check_seed,
-    check_style_image_shape, guidance_enabled,
+    DEFAULT_GUIDANCE, DEFAULT_INIT_STRENGTH, DEFAULT_SAMPLER, DEFAULT_SEED, DEFAULT_STEPS, SAMPLERS,
+    SCHEDULER_ONLY_SAMPLERS, Region, check_seed, check_style_image_shape, guidance_enabled, init_image_steps,
 )
 
 
@@ -61,6 +62,10 @@ class GenerationRequest:
     # Imported checkpoints with euler or dpmpp_2m: False samples on the scheduler's own
     # sigmas (diffusers' schedulers' default) instead of Karras's.
     use_karras_sigmas: bool = True
+    # img2img (imported latent models): the image to start from, encoded by the VAE and noised to the
+    # level where int(steps x strength) steps remain (diffusers' img2img pipelines' `image`, `strength`).
+    init_image: Image.Image | None = None
+    strength: float = DEFAULT_INIT_STRENGTH
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -83,6 +88,8 @@ class GenerationRequest:
             raise InputError("sr_noise_level", "must be >= 0")
         if self.style_image is not None:
             check_style_image_shape(*self.style_image.size)
+        if self.init_image is not None:
+            init_image_steps(self.steps, self.strength)
 
     @property
     def image_seeds(self) -> list[int]:
@@ -97,7 +104,12 @@ def output_size(config: ModelConfig, request: GenerationRequest) -> tuple[int, i
     rule = model_capabilities(config).sizes
     for name, message in rule.errors(request.width, request.height, max_side=None).items():
         raise InputError(name, message)
-    return request.height or rule.default_height, request.width or rule.default_width
+    default_width, default_height = rule.default_width, rule.default_height
+    if request.init_image is not None:  # img2img: the init image's size (rounded to the multiple), as diffusers
+        default_width, default_height = rule.of_image(*request.init_image.size)
+        if min(default_width, default_height) < 1:
+            raise InputError("init_image", f"is smaller than {rule.multiple_of} pixels on a side: send width and height")
+    return request.height or default_height, request.width or default_width
 
 
 def stage_shape(stage: StageConfig, height: int, width: int) -> tuple[int, int, int]:
@@ -123,7 +135,8 @@ def validate_for_model(config: ModelConfig, request: GenerationRequest) -> None:
     `use_karras_sigmas` false only where it applies."""
     errors = model_capabilities(config).request_errors(
         sampler=request.sampler, steps=request.steps, use_karras_sigmas=request.use_karras_sigmas,
-        sr_noise_level=request.sr_noise_level,
+        sr_noise_level=request.sr_noise_level, init_image=request.init_image is not None,
+        strength=request.strength if request.init_image is not None else None,
     )
     for name, message in errors.items():
         raise InputError(name, message)
@@ -311,12 +324,22 @@ class RequestRun:
         self._images: torch.Tensor | None = None
         self.sampler: Sampler = self._start_stage()
 
-    def _new_sampler(self, stage: StageConfig, x: torch.Tensor, restart_below=()) -> Sampler:
+    def _stage_schedule(self, stage: StageConfig) -> tuple[torch.Tensor, ScheduledSteps | None]:
+        """The stage's sigmas (and ddim's timesteps); from an init image (the first stage), the last
+        int(steps x strength) of them only, as diffusers' img2img `get_timesteps`."""
         request = self.request
-        return make_sampler(
-            request.sampler, x, stage_sigmas(stage, request.steps, request.sampler, request.use_karras_sigmas),
-            restart_below, noise=self._noise, steps=stage_scheduled_steps(stage, request.steps, request.sampler),
-        )
+        sigmas = stage_sigmas(stage, request.steps, request.sampler, request.use_karras_sigmas)
+        scheduled = stage_scheduled_steps(stage, request.steps, request.sampler)
+        if request.init_image is not None and stage is self.model.config.stages[0]:
+            start = request.steps - init_image_steps(request.steps, request.strength)
+            sigmas = sigmas[start:]
+            if scheduled is not None:
+                scheduled = dataclasses.replace(scheduled, timesteps=scheduled.timesteps[start:])
+        return sigmas, scheduled
+
+    def _new_sampler(self, stage: StageConfig, x: torch.Tensor, restart_below=()) -> Sampler:
+        sigmas, scheduled = self._stage_schedule(stage)
+        return make_sampler(self.request.sampler, x, sigmas, restart_below, noise=self._noise, steps=scheduled)
 
     def _timesteps(self, evaluation: Evaluation, rows: int, device: torch.device) -> torch.Tensor | None:
         """The UNet timestep of an evaluation for `rows` rows (float32 holds it
@@ -341,7 +364,7 @@ class RequestRun:
     def _start_stage(self) -> Sampler:
         stage = self.stage
         device, dtype = self.model.device, self.model.dtype
-        sigmas = stage_sigmas(stage, self.request.steps, self.request.sampler, self.request.use_karras_sigmas)
+        sigmas, scheduled = self._stage_schedule(stage)
         # Imported checkpoints: the conventions of the diffusers scheduler the
         # request's sampler reproduces (discrete.request_schedule; one training
         # schedule per stage): its sigmas, init_noise_sigma and UNet timesteps.
@@ -354,8 +377,8 @@ class RequestRun:
         # On the scheduler's own sigmas, each call gets exactly the spaced timestep diffusers
         # feeds its UNet (sigma -> t by log interpolation would be close, not equal, between steps).
         self._scheduler_timesteps: dict[float, float] = {}
-        if self._schedule is not None and not self._schedule.use_karras_sigmas and self.request.sampler not in SCHEDULER_ONLY_SAMPLERS:
-            spaced = inference_timesteps(self._schedule, self.request.steps)
+        if self._schedule is not None and not self._schedule.use_karras_sigmas and scheduled is None:
+            spaced = inference_timesteps(self._schedule, self.request.steps)[-(len(sigmas) - 1):]
             self._scheduler_timesteps = dict(zip(sigmas[:-1].tolist(), spaced.tolist()))
         # The noise diffusers draws for the same seed (CPU generator,
         # [1, C, H/f, W/f]) times its init_noise_sigma.
@@ -366,7 +389,19 @@ class RequestRun:
             scale = sigmas[0]
         else:
             scale = initial_noise_scale(self._schedule, float(sigmas[0]))
-        x = self._noise(stage_shape(stage, self.cond.height, self.cond.width)) * scale
+        shape = stage_shape(stage, self.cond.height, self.cond.width)
+        if self.request.init_image is not None and self.stage_index == 0:
+            # img2img: the VAE's sample of the init image (each image's generator first draws its
+            # latent), then that generator's noise added at the first sigma run: scheduler.add_noise.
+            init = self._init_latents(stage)
+            noise = self._noise(shape).to(init)
+            if scheduled is not None:  # ddim: the variance-preserving sample at its first timestep
+                a = scheduled.alpha(scheduled.timesteps[0])
+                x = a**0.5 * init + (1 - a) ** 0.5 * noise
+            else:
+                x = init + float(sigmas[0]) * noise
+        else:
+            x = self._noise(shape) * scale
         if stage.is_super_resolution:
             # Cascaded diffusion: condition on the upsampled previous image,
             # noise-augmented at a level the network is told about.
@@ -383,6 +418,13 @@ class RequestRun:
         # scheduler: a multistep solver's history restarts where the next expert takes over.
         restarts = [expert.sigma_lo for expert in stage.experts if expert.sigma_lo > 0] if self._schedule else []
         return self._new_sampler(stage, x.to(device, dtype), restart_below=restarts)
+
+    def _init_latents(self, stage: StageConfig) -> torch.Tensor:
+        """[n, C, h, w]: the init image at the output size, encoded by the stage's VAE, one latent
+        sample per image from its own generator (diffusers' img2img with a list of generators)."""
+        decoder = self.model.stages[stage.name].experts[DECODER]
+        pixels = image_to_model_input(self.request.init_image, self.cond.width, self.cond.height)
+        return torch.cat([decoder.encode(pixels, generator) for generator in self.generators])
 
     @property
     def done(self) -> bool:
@@ -466,6 +508,16 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     """[-1, 1] float [B,3,H,W] -> 8-bit RGB images."""
     array = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+
+def image_to_model_input(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """An init image as diffusers' VaeImageProcessor.preprocess makes it: RGB, resized (Lanczos)
+    to width x height where it differs, x / 255 then 2x - 1, float32 [1, 3, H, W]."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    array = np.asarray(image).astype(np.float32) / 255.0
+    return (torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0).contiguous()
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -69,6 +69,23 @@ def pick_seed(requested: int | None) -> int:
     return requested
 
 
+#: img2img (an ``init_image``): how much of the schedule runs, diffusers' ``strength`` (its default;
+#: A1111's ``denoising_strength`` defaults to 0.75): int(steps x strength) of ``steps`` run, from the
+#: noise level of the first of them, on the init image noised to it.
+DEFAULT_INIT_STRENGTH = 0.8
+
+
+def init_image_steps(steps: int, strength: float) -> int:
+    """How many of ``steps`` an init image runs: ``min(int(steps x strength), steps)``, as diffusers'
+    img2img ``get_timesteps``; at least one, else an :class:`InputError` on ``strength``."""
+    if not 0.0 < strength <= 1.0:
+        raise InputError("strength", f"must be within (0, 1], got {strength}")
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise InputError("strength", f"strength x steps must give at least one step: {strength} x {steps} gives none")
+    return run
+
+
 # Defaults of the operator's limits (server.settings.Settings: max_prompt_chars, max_n, max_steps, max_regions).
 DEFAULT_MAX_PROMPT_CHARS = 500
 DEFAULT_MAX_N = 8

@@ -36,6 +36,7 @@ from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
 
 from ediffi.failure import FailureKind
 from ediffi.spec import (
+    DEFAULT_INIT_STRENGTH,
     DEFAULT_STRENGTH,
     HEX_COLOR_PATTERN,
     MAX_GUIDANCE,
@@ -197,6 +198,24 @@ class GenerationOptions(NullMeansDefault):
         Field(strict=True, min_length=1, description="Base64 PNG or JPEG (optionally a data: URL) used as style."),
     ] = None
     paint_with_words: PaintWithWords | None = None
+    init_image: Annotated[
+        str | None,
+        Field(
+            strict=True, min_length=1,
+            description="img2img (imported latent models: GET /v1/models init_image): base64 PNG or JPEG (optionally "
+            "a data: URL) to start from, as diffusers' img2img pipelines' image. It is resized to width x height "
+            "where they are given; absent, they are its size rounded down to the model's multiple.",
+        ),
+    ] = None
+    strength: Annotated[
+        float | None,
+        Field(
+            strict=True, gt=0.0, le=1.0, allow_inf_nan=False,
+            description="With init_image: how much of the schedule runs, diffusers' strength (A1111's denoising_"
+            "strength): int(steps x strength) steps from the init image noised to that level; 1 ignores the image's "
+            f"content but its size. Absent: {DEFAULT_INIT_STRENGTH}.",
+        ),
+    ] = None
     sr_noise_level: Annotated[
         int | None,
         Field(
@@ -379,12 +398,13 @@ class JobParams(BaseModel):
                                             # image k must use seed + k (GenerationRequest.image_seeds),
                                             # seed + n - 1 <= MAX_SEED
           "sampler": "heun" | "euler" | "dpmpp_2m" | "euler_a" | "ddim" | "pndm",
-          "inputs": ["color_map"?, "style_image"?],   # names of the job's byte inputs, sorted
+          "inputs": ["color_map"?, "init_image"?, "style_image"?],   # names of the job's byte inputs, sorted
           "paint_with_words": null | {"regions": [{"color": "#rrggbb", "phrase": str, "strength": float}]},
           "sr_noise_level": null | int,     # >= 0; the model checks its range (IF stage II)
           "use_karras_sigmas": bool,        # false: imported model, the scheduler's own sigmas (ddim/pndm: always)
           "width"?: int, "height"?: int,    # only when the client asked for a size (width/height, or
-                                            # /v1/images/generations' size), else the default
+                                            # /v1/images/generations' size) or sent an init_image, else the default
+          "strength"?: float,               # (0, 1]; only with the "init_image" input (img2img)
           "response_format": "b64_json" | "url",      # how the API will answer; not the worker's concern
           "client": {"owner": str | null, "submission_id": str, "request_hash": str,
                      "api": "generate" | "openai" | "a1111"}  # API bookkeeping; the worker ignores it
@@ -395,7 +415,9 @@ class JobParams(BaseModel):
     * ``"style_image"``: the client's PNG or JPEG bytes, already checked to decode
       and to be within ``max_image_bytes`` / ``max_image_pixels``;
     * ``"color_map"``: PNG bytes, square, every region colour present in it
-      (exact RGB match after ``convert("RGB")``), colours distinct.
+      (exact RGB match after ``convert("RGB")``), colours distinct;
+    * ``"init_image"``: PNG or JPEG bytes as ``style_image``'s (img2img; the params then carry
+      ``width``, ``height`` and ``strength``).
 
     The worker builds ``ediffi.pipeline.GenerationRequest(prompt=..., negative_prompt=...,
     steps=..., guidance_scale=..., seed=..., sampler=..., n=..., style_image=PIL image or None,
@@ -422,6 +444,7 @@ class JobParams(BaseModel):
     use_karras_sigmas: bool = True
     width: int | None = None
     height: int | None = None
+    strength: float | None = None
     response_format: ResponseFormat = "b64_json"
     client: JobClient | None = None
 

@@ -38,7 +38,8 @@ from ediffi.capabilities import ModelCapabilities
 from ediffi.config import GenerationDefaults
 from ediffi.failure import InputError, field_loc
 from ediffi.spec import (
-    MAX_SEED, RANDOM_SEED, check_color_map_aspect, check_seed, check_style_image_shape, find_phrase, pick_seed,
+    DEFAULT_INIT_STRENGTH, MAX_SEED, RANDOM_SEED, check_color_map_aspect, check_seed, check_style_image_shape, find_phrase,
+    pick_seed,
 )
 from server.schemas import GenerationOptions, JobPaintWithWords, JobParams, JobRegion, OpenAIImagesRequest
 from server.settings import Settings
@@ -303,7 +304,7 @@ def check_model_fields(
     # request gets its 422 at once rather than a failed job later.
     problems = capabilities.request_errors(
         sampler=request.sampler, steps=request.steps, use_karras_sigmas=request.use_karras_sigmas,
-        sr_noise_level=request.sr_noise_level,
+        sr_noise_level=request.sr_noise_level, init_image=request.init_image is not None, strength=request.strength,
     )
     errors += [field_error(body + (name,), message, "unsupported_value") for name, message in problems.items()]
     return errors
@@ -348,6 +349,25 @@ def validate_generation(
                 raise_invalid([field_error(loc, exc.message, "aspect_ratio")])
         inputs["style_image"] = data
 
+    width, height = request.width, request.height
+    if request.init_image is not None:
+        loc = body + ("init_image",)
+        data = decode_base64_image(request.init_image, loc, settings.max_image_bytes)
+        with open_image(data, loc, settings.max_image_pixels, ("PNG", "JPEG")) as init_image:
+            image_width, image_height = init_image.size
+        if width is None or height is None:  # the image's size (rounded to the model's multiple) where not sent
+            rule = capabilities.sizes if capabilities is not None else None
+            made = rule.of_image(image_width, image_height) if rule is not None else (image_width, image_height)
+            width, height = width or made[0], height or made[1]
+            problems = rule.errors(width, height, settings.max_image_side) if rule is not None else {}
+            if problems:
+                detail = "; ".join(f"{name} {text}" for name, text in problems.items())
+                raise_invalid([field_error(
+                    loc, f"its size {image_width}x{image_height} would make {width}x{height} images ({detail}): "
+                    "send width and height to resize it", "unsupported_size",
+                )])
+        inputs["init_image"] = data
+
     pww_params: JobPaintWithWords | None = None
     pww = request.paint_with_words
     if pww is not None:
@@ -356,8 +376,8 @@ def validate_generation(
         color_map = open_image(data, loc, settings.max_image_pixels, ("PNG",))
         canvas_width = canvas_height = 1  # the shipped family's square canvas
         if capabilities is not None:
-            canvas_width = request.width or capabilities.sizes.default_width
-            canvas_height = request.height or capabilities.sizes.default_height
+            canvas_width = width or capabilities.sizes.default_width
+            canvas_height = height or capabilities.sizes.default_height
         try:
             check_color_map_aspect(*color_map.size, canvas_width=canvas_width, canvas_height=canvas_height)
         except InputError as exc:
@@ -395,10 +415,14 @@ def validate_generation(
         paint_with_words=pww_params,
         sr_noise_level=request.sr_noise_level,
         use_karras_sigmas=request.use_karras_sigmas,
-        width=request.width,
-        height=request.height,
+        width=width,
+        height=height,
+        strength=None if request.init_image is None else (request.strength or DEFAULT_INIT_STRENGTH),
         response_format=request.response_format,
-    ).model_dump(mode="json", exclude={"client"} | {k for k in ("width", "height") if getattr(request, k) is None})
+    ).model_dump(
+        mode="json",
+        exclude={"client"} | {k for k, v in (("width", width), ("height", height), ("strength", request.init_image)) if v is None},
+    )
     return ValidatedJob(
         params=params, inputs=inputs, n=request.n, request_hash=request_fingerprint(params, request, inputs)
     )

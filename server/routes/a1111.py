@@ -26,17 +26,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ediffi.spec import ANY_MODEL_SAMPLERS
-from server.auth import PrincipalDep, SubmitterDep, WaitSlotsDep, authenticate
-from server.deps import MetricsDep, QueueDep, SettingsDep
+from server.auth import PrincipalDep, authenticate
+from server.deps import QueueDep
 from server.queue import JobStatus
 from server.routes.generate import (
     COMMON_ERRORS,
-    IdempotencyHeader,
     OffloadedJSONRoute,
+    Submission,
+    SubmissionDep,
     load_images,
-    submit_job,
     unsuccessful_answer,
-    wait_or_cancel,
 )
 from server.routes.jobs import AUTH_ERRORS, image_seeds
 from server.schemas import GenerateRequest
@@ -78,7 +77,10 @@ _HINTS = {
     "refiner_checkpoint": "import the refiner with the base instead (ediffi import diffusers BASE --refiner DIR)",
 }
 #: A1111 fields -> this API's, for error locations.
-_FIELD_NAMES = {"guidance_scale": "cfg_scale", "n": "batch_size", "sampler": "sampler_name", "use_karras_sigmas": "scheduler"}
+_FIELD_NAMES = {
+    "guidance_scale": "cfg_scale", "n": "batch_size", "sampler": "sampler_name", "use_karras_sigmas": "scheduler",
+    "init_image": "init_images", "strength": "denoising_strength",
+}
 
 
 class Txt2ImgRequest(BaseModel):
@@ -146,6 +148,28 @@ class Txt2ImgRequest(BaseModel):
     firstpass_image: str | None = None
 
 
+class Img2ImgRequest(Txt2ImgRequest):
+    """A1111's ``StableDiffusionImg2ImgProcessingAPI``: txt2img's fields and the init image (no mask)."""
+
+    init_images: list[str] = Field(min_length=1)
+    denoising_strength: float = Field(0.75, gt=0.0, le=1.0)  # A1111's default
+    resize_mode: int = 0
+    mask: str | None = None
+    # Accepted and ignored: settings of inpainting (which a mask would turn on) and bookkeeping.
+    mask_blur: int | None = None
+    mask_blur_x: int | None = None
+    mask_blur_y: int | None = None
+    mask_round: bool | None = None
+    inpainting_fill: int | None = None
+    inpaint_full_res: bool | None = None
+    inpaint_full_res_padding: int | None = None
+    inpainting_mask_invert: int | None = None
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    image_cfg_scale: float | None = None
+    include_init_images: bool | None = False
+
+
 #: override_settings a tool may send that change nothing here: the served checkpoint (by its id),
 #: and CLIP's last layer (the only one the imported encoders use where A1111's default applies).
 _NEUTRAL_SETTINGS = {"CLIP_stop_at_last_layers": (1,)}
@@ -202,8 +226,9 @@ def _sampling(body: Txt2ImgRequest, scheduler_sigmas: bool) -> dict[str, Any]:
     return fields
 
 
-def _as_generate_request(body: Txt2ImgRequest, scheduler_sigmas: bool) -> GenerateRequest:
+def _as_generate_request(body: Txt2ImgRequest, scheduler_sigmas: bool, extra: dict[str, Any]) -> GenerateRequest:
     fields: dict[str, Any] = {
+        **extra,
         "prompt": body.prompt, "negative_prompt": body.negative_prompt, "n": body.batch_size * body.n_iter,
         "seed": body.seed, "steps": body.steps, "width": body.width, "height": body.height,
         "guidance_scale": None if body.cfg_scale is None else float(body.cfg_scale),
@@ -228,48 +253,60 @@ def _a1111_locations(errors: list[Any]) -> list[Any]:
     return renamed
 
 
-def _infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int, model: str) -> str:
+def _infotext(
+    prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int, model: str,
+    denoising_strength: float | None = None,
+) -> str:
     """A1111's "parameters" text, which its UI and PNG-info readers parse."""
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
-    lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg:g}, Seed: {seed}, Size: {w}x{h}, Model: {model}")
+    line = f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg:g}, Seed: {seed}, Size: {w}x{h}, Model: {model}"
+    if denoising_strength is not None:
+        line += f", Denoising strength: {denoising_strength:g}"
+    lines.append(line)
     return "\n".join(lines)
 
 
-@router.post(
-    "/txt2img",
-    responses={**AUTH_ERRORS, 504: {"description": "The job did not finish within sync_timeout_s"}, **COMMON_ERRORS},
-)
-async def txt2img(
-    body: Txt2ImgRequest,
-    request: Request,
-    principal: SubmitterDep,
-    queue: QueueDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    wait_slots: WaitSlotsDep,
-    idempotency_key: IdempotencyHeader = None,
-) -> JSONResponse:
+_A1111_RESPONSES = {**AUTH_ERRORS, 504: {"description": "The job did not finish within sync_timeout_s"}, **COMMON_ERRORS}
+
+
+@router.post("/txt2img", responses=_A1111_RESPONSES)
+async def txt2img(body: Txt2ImgRequest, call: SubmissionDep) -> JSONResponse:
     """A1111's txt2img: waits for the images and answers ``{images, parameters, info}``."""
-    capabilities = request.app.state.capabilities
+    return await _generate_and_answer(body, {}, call)
+
+
+@router.post("/img2img", responses=_A1111_RESPONSES)
+async def img2img(body: Img2ImgRequest, call: SubmissionDep) -> JSONResponse:
+    """A1111's img2img without a mask: its one init image resized to width x height ("Just resize"),
+    ``denoising_strength`` as diffusers' strength; imported latent models (SD, SDXL) only."""
+    errors = []
+    if len(body.init_images) != 1:
+        errors.append(field_error(("body", "init_images"), "send exactly one init image (one batch of one image)", "unsupported"))
+    if body.mask is not None:
+        errors.append(field_error(("body", "mask"), "inpainting is not supported (send no mask)", "unsupported"))
+    if body.resize_mode != 0:
+        errors.append(field_error(("body", "resize_mode"), "only 0 (Just resize) is supported", "unsupported"))
+    raise_invalid(errors)
+    return await _generate_and_answer(body, {"init_image": body.init_images[0], "strength": body.denoising_strength}, call)
+
+
+async def _generate_and_answer(body: Txt2ImgRequest, extra: dict[str, Any], call: Submission) -> JSONResponse:
+    """Submit the A1111 request (``extra``: img2img's fields), wait for its images, answer A1111's shape."""
+    principal, queue, settings, capabilities = call.principal, call.queue, call.settings, call.capabilities
     served = capabilities.id if capabilities is not None else "ediffi"
     raise_invalid(_unsupported(body) + _override_errors(body.override_settings, served))
-    generate = _as_generate_request(body, scheduler_sigmas=bool(capabilities and capabilities.scheduler_sigmas))
-    waiting: dict[str, str] = request.app.state.a1111_waits
-    with wait_slots.hold(principal):
+    generate = _as_generate_request(body, scheduler_sigmas=bool(capabilities and capabilities.scheduler_sigmas), extra=extra)
+    waiting: dict[str, str] = call.request.app.state.a1111_waits
+    with call.wait_slots.hold(principal):
         try:
-            record, _replayed = await submit_job(
-                generate, api="a1111", principal=principal, queue=queue, settings=settings, metrics=metrics,
-                idempotency_key=idempotency_key, capabilities=capabilities,
-            )
+            record, _replayed = await call.submit(generate, "a1111")
         except RequestValidationError as exc:
             raise RequestValidationError(_a1111_locations(list(exc.errors()))) from None
         waiting[principal.limit_key] = record.id  # for /progress and /interrupt: the caller's latest wait
         try:
-            final = await wait_or_cancel(
-                queue, record, settings.sync_timeout_s, request, cancel_on_disconnect=idempotency_key is None
-            )
+            final = await call.wait(record, settings.sync_timeout_s)
         finally:
             if waiting.get(principal.limit_key) == record.id:
                 del waiting[principal.limit_key]
@@ -284,9 +321,10 @@ async def txt2img(
     width = params.get("width") or (capabilities.sizes.default_width if capabilities else 0)
     height = params.get("height") or (capabilities.sizes.default_height if capabilities else 0)
     sampler_label = body.sampler_name or body.sampler_index or params["sampler"]
+    strength = params.get("strength")
     infotexts = [
         _infotext(params["prompt"], params["negative_prompt"], params["steps"], sampler_label,
-                  params["guidance_scale"], seed, width, height, model)
+                  params["guidance_scale"], seed, width, height, model, strength)
         for seed in seeds
     ]
     info = {
@@ -296,13 +334,14 @@ async def txt2img(
         "subseed_strength": 0, "width": width, "height": height, "sampler_name": sampler_label,
         "cfg_scale": params["guidance_scale"], "steps": params["steps"], "batch_size": body.batch_size,
         "restore_faces": False, "sd_model_name": model, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0,
+        "denoising_strength": strength, "extra_generation_params": {}, "index_of_first_image": 0,
         "infotexts": infotexts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(final.finished_at or time.time())),
         "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": "ediffi", "job_id": final.id,
     }
     return JSONResponse({
         "images": [base64.b64encode(blob).decode("ascii") for blob in blobs],
-        "parameters": body.model_dump(mode="json"),
+        # A1111 echoes its request; the init images (megabytes) are left out of the echo, as A1111 does
+        "parameters": body.model_dump(mode="json", exclude={"init_images", "mask"}),
         "info": json.dumps(info),
     })
 

@@ -54,7 +54,7 @@ import time
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Request, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -198,7 +198,7 @@ async def submit_job(
     """Validate and enqueue; returns (record, replayed). `capabilities`: the
     loaded model's, for the fields only some models take (size, style)."""
     queue_key = scoped_idempotency_key(idempotency_key, principal)
-    heavy = body.style_image is not None or body.paint_with_words is not None
+    heavy = body.style_image is not None or body.init_image is not None or body.paint_with_words is not None
     if heavy:  # image decoding: off the event loop
         validated: ValidatedJob = await run_in_threadpool(validate_generation, body, settings, capabilities)
     else:
@@ -241,6 +241,45 @@ _STATUS_BY_FAILURE: dict[FailureKind, int] = {
 }
 # Transient failures: the same request may well succeed when sent again a little later.
 _RETRY_AFTER_S = {FailureKind.OUT_OF_MEMORY: 10, FailureKind.LOST: 1}
+
+
+class Submission:
+    """What every generating route (/generate, /v1/images/generations, A1111's) takes, injected by
+    FastAPI: the request, its caller, the queue, the settings, the metrics, the caller's wait slots
+    and its Idempotency-Key."""
+
+    def __init__(
+        self,
+        request: Request,
+        principal: SubmitterDep,
+        queue: QueueDep,
+        settings: SettingsDep,
+        metrics: MetricsDep,
+        wait_slots: WaitSlotsDep,
+        idempotency_key: IdempotencyHeader = None,
+    ) -> None:
+        self.request, self.principal, self.queue, self.settings = request, principal, queue, settings
+        self.metrics, self.wait_slots, self.idempotency_key = metrics, wait_slots, idempotency_key
+
+    @property
+    def capabilities(self):
+        return self.request.app.state.capabilities
+
+    async def submit(self, body: GenerationOptions, api: str) -> tuple[JobRecord, bool]:
+        """:func:`submit_job` with this call's caller, queue, settings, metrics and key."""
+        return await submit_job(
+            body, api=api, principal=self.principal, queue=self.queue, settings=self.settings, metrics=self.metrics,
+            idempotency_key=self.idempotency_key, capabilities=self.capabilities,
+        )
+
+    async def wait(self, record: JobRecord, timeout_s: float) -> JobRecord | None:
+        """:func:`wait_or_cancel`: a caller that disconnects cancels its job unless it sent a key."""
+        return await wait_or_cancel(
+            self.queue, record, timeout_s, self.request, cancel_on_disconnect=self.idempotency_key is None
+        )
+
+
+SubmissionDep = Annotated[Submission, Depends()]
 
 
 def failed_job_response(record: JobRecord) -> JSONResponse:
@@ -346,41 +385,17 @@ def not_to_retry(exc: HTTPException) -> HTTPException:
         **COMMON_ERRORS,
     },
 )
-async def generate(
-    body: GenerateRequest,
-    request: Request,
-    principal: SubmitterDep,
-    queue: QueueDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    wait_slots: WaitSlotsDep,
-    prefer: PreferHeader = None,
-    idempotency_key: IdempotencyHeader = None,
-) -> JSONResponse:
+async def generate(body: GenerateRequest, call: SubmissionDep, prefer: PreferHeader = None) -> JSONResponse:
     """Generate images. Waits for them by default; ``Prefer: respond-async`` answers 202 at once."""
     respond_async, wait_s = parse_prefer(prefer)
-
-    async def submit() -> tuple[JobRecord, bool]:
-        return await submit_job(
-            body,
-            api="generate",
-            principal=principal,
-            queue=queue,
-            settings=settings,
-            metrics=metrics,
-            idempotency_key=idempotency_key,
-            capabilities=request.app.state.capabilities,
-        )
-
+    queue, settings = call.queue, call.settings
     if respond_async:
-        record, replayed = await submit()
+        record, replayed = await call.submit(body, "generate")
         return accepted(record, replayed=replayed, preference_applied=True)
     timeout_s = settings.sync_timeout_s if wait_s is None else min(wait_s, settings.sync_timeout_s)
-    with wait_slots.hold(principal):
-        record, replayed = await submit()
-        final = await wait_or_cancel(
-            queue, record, timeout_s, request, cancel_on_disconnect=idempotency_key is None
-        )
+    with call.wait_slots.hold(call.principal):
+        record, replayed = await call.submit(body, "generate")
+        final = await call.wait(record, timeout_s)
     if final is None or final.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED):
         return accepted(final or record, replayed=replayed, preference_applied=False)
     if final.status == JobStatus.FAILED:
@@ -432,18 +447,10 @@ def serves_model(requested: str | None, served: str) -> bool:
     ),
     tags=["openai"],
 )
-async def openai_images(
-    body: OpenAIImagesRequest,
-    request: Request,
-    principal: SubmitterDep,
-    queue: QueueDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    wait_slots: WaitSlotsDep,
-    idempotency_key: IdempotencyHeader = None,
-) -> JSONResponse:
+async def openai_images(body: OpenAIImagesRequest, call: SubmissionDep) -> JSONResponse:
     """OpenAI-compatible image generation (prompt, n, size, response_format; /generate fields as extensions)."""
-    served = request.app.state.capabilities.id
+    queue, settings = call.queue, call.settings
+    served = call.capabilities.id
     if not serves_model(body.model, served):  # as OpenAI answers a model it does not have
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
@@ -455,25 +462,14 @@ async def openai_images(
             },
         )
     # size -> width/height, so every later check (and the job) sees one size.
-    body = apply_size(body, settings, request.app.state.capabilities)
-    with wait_slots.hold(principal):
-        record, replayed = await submit_job(
-            body,
-            api="openai",
-            principal=principal,
-            queue=queue,
-            settings=settings,
-            metrics=metrics,
-            idempotency_key=idempotency_key,
-            capabilities=request.app.state.capabilities,
-        )
+    body = apply_size(body, settings, call.capabilities)
+    with call.wait_slots.hold(call.principal):
+        record, replayed = await call.submit(body, "openai")
         # Still running, or out of sight through an outage: a resend under the same Idempotency-Key is
         # this job again and waits on, so a client that sent one may retry; without one it would be another job.
-        unfinished = {} if idempotency_key is not None else NO_RETRY
+        unfinished = {} if call.idempotency_key is not None else NO_RETRY
         try:
-            final = await wait_or_cancel(
-                queue, record, settings.sync_timeout_s, request, cancel_on_disconnect=idempotency_key is None
-            )
+            final = await call.wait(record, settings.sync_timeout_s)
         except HTTPException as exc:
             exc.headers = {**(exc.headers or {}), **unfinished}
             raise exc from None

@@ -10,6 +10,7 @@ import io
 import json
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -91,6 +92,30 @@ def _png_b64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_img2img_over_http_starts_from_the_init_image(served_sdxl):
+    """A real worker decodes the init image, encodes it with the VAE and runs int(steps x strength)
+    steps: the image's size comes back; the same request gives the same pixels, another init image
+    other ones; A1111's img2img answers the same way (parity with diffusers: tests/model/test_img2img.py)."""
+    gradient = Image.fromarray(np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (24, 1))[..., None].repeat(3, axis=2))
+
+    def generate(init: Image.Image) -> np.ndarray:
+        body = {"prompt": "a red cat on the house", "steps": 6, "seed": 3, "init_image": _png_b64(init), "strength": 0.5}
+        response = httpx.post(served_sdxl + "/generate", json=body, timeout=240)
+        assert response.status_code == 200, response.text
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]["b64_json"])))
+        assert image.size == init.size == (40, 24)
+        return np.asarray(image)
+
+    first, again = generate(gradient), generate(gradient)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, generate(gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    body = {"prompt": "a red cat", "steps": 6, "init_images": [_png_b64(gradient)], "denoising_strength": 0.5,
+            "width": 32, "height": 32}
+    response = httpx.post(served_sdxl + "/sdapi/v1/img2img", json=body, timeout=240)
+    assert response.status_code == 200, response.text
+    assert Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).size == (32, 32)
 
 
 @pytest.mark.parametrize(

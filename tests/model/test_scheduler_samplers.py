@@ -47,6 +47,7 @@ def imported(tiny_diffusers_dir, tmp_path_factory):
         import_diffusers(tiny_diffusers_dir / folder, out)
         pipe = StableDiffusionPipeline.from_pretrained(tiny_diffusers_dir / folder, use_safetensors=True)
         pipe.set_progress_bar_config(disable=True)
+        pipe.original_scheduler_config = dict(pipe.scheduler.config)  # tests swap schedulers: each starts from this
         models[folder] = (load_model(out), pipe)
     return models
 
@@ -62,7 +63,7 @@ def _ours(model, sampler: str | None, steps: int, guidance: float, seed: int = 7
 
 def _reference(pipe, scheduler_class, steps: int, guidance: float, seed: int = 7, **config):
     if scheduler_class is not None:
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **config)
+        pipe.scheduler = scheduler_class.from_config(pipe.original_scheduler_config, **config)
     return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance,
                 generator=torch.Generator().manual_seed(seed)).images[0]
 

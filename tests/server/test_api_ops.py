@@ -396,11 +396,11 @@ def test_the_api_imports_no_torch_and_mounts_static_files_only_if_present(tmp_pa
                 await client.get("/no-such-file.js"),
                 await client.head("/healthz"),
                 await client.head("/readyz"),
-                await client.post("/sdapi/v1/img2img", json={}),
+                await client.post("/sdapi/v1/extra-single-image", json={}),
             )
 
     index, health, get_generate, delete_openai, missing, head_health, head_ready, post_unknown = asyncio.run(fetch())
-    # A path no route has is 404 whatever the method (A1111's img2img, not served, was "405, Allow: GET, HEAD").
+    # A path no route has is 404 whatever the method (A1111's extras, not served; was "405, Allow: GET, HEAD").
     assert post_unknown.status_code == 404, post_unknown.text
     # Load balancers probe with HEAD: the probes answer it as GET (no worker here: not ready).
     assert head_health.status_code == 200 and head_ready.status_code == 503
