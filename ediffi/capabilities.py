@@ -111,8 +111,11 @@ class ModelCapabilities:
                 spec.init_image_steps(steps, spec.DEFAULT_INIT_STRENGTH if strength is None else strength)
             except spec.InputError as exc:
                 errors[exc.field] = exc.message
-            if sampler == "pndm":
-                errors["sampler"] = "pndm from an init image is not served (its start is not reproduced); choose another"
+            if sampler == "pndm" and self.pndm_min_steps > 1:
+                errors["sampler"] = (
+                    "pndm with a Runge-Kutta start (this checkpoint's skip_prk_steps false) from an init image is not "
+                    "served; choose another sampler"
+                )
         elif strength is not None and not init_image:
             errors["strength"] = "goes with an init_image (img2img)"
         if "sampler" in errors:

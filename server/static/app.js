@@ -23,6 +23,7 @@ const state = {
   labels: new Uint8Array(N * N), // per pixel: 0 = unpainted, else a region's label
   nextLabel: 1,
   style: null,        // {b64, dataUrl} of the style image
+  init: null,         // {b64, dataUrl} of the init image (img2img)
   job: null,          // the running job: {id, body, sent, colorMap, started}
   history: [],
   retry: null,        // action to rerun once an API key is entered
@@ -358,26 +359,31 @@ function loadColorMap(dataUrl) {
   });
 }
 
-// ----------------------------------------------------------------- style image
+// ------------------------------------------------------- style and init images
 
-function setupStyleImage() {
-  const input = $("style-image");
+// A file input with a preview and a Remove button; `key` is where state keeps {dataUrl, b64};
+// `onLoaded(image)` runs once the preview has decoded a new file.
+function setupImageInput(inputId, previewId, clearId, key, onLoaded = null) {
+  const input = $(inputId);
+  const set = (dataUrl) => {
+    state[key] = dataUrl ? { dataUrl, b64: dataUrl.slice(dataUrl.indexOf(",") + 1) } : null;
+    $(previewId).hidden = !dataUrl;
+    $(clearId).hidden = !dataUrl;
+    if (dataUrl) $(previewId).src = dataUrl; else $(previewId).removeAttribute("src");
+  };
+  if (onLoaded) $(previewId).addEventListener("load", () => onLoaded($(previewId)));
   input.addEventListener("change", () => {
     const file = input.files[0];
     if (!file) return;
     const reader = new FileReader();
-    reader.onload = () => setStyle(reader.result);
+    reader.onload = () => set(reader.result);
     reader.readAsDataURL(file);
   });
-  $("clear-style").addEventListener("click", () => { input.value = ""; setStyle(null); });
+  $(clearId).addEventListener("click", () => { input.value = ""; set(null); });
+  return set;
 }
 
-function setStyle(dataUrl) {
-  state.style = dataUrl ? { dataUrl, b64: dataUrl.slice(dataUrl.indexOf(",") + 1) } : null;
-  $("style-preview").hidden = !dataUrl;
-  $("clear-style").hidden = !dataUrl;
-  if (dataUrl) $("style-preview").src = dataUrl; else $("style-preview").removeAttribute("src");
-}
+let setStyle = () => {};  // set by init()
 
 // ---------------------------------------------------------------------- errors
 
@@ -406,7 +412,7 @@ function showFieldError(loc, msg, sent) {
     const slot = document.querySelector(`[data-error-for="${path.slice(0, n).join(".")}"]`);
     if (slot) {
       slot.textContent = msg;
-      if (path[0] === "negative_prompt" || path[0] === "style_image") $("more").open = true;
+      if (["negative_prompt", "style_image", "init_image", "strength"].includes(path[0])) $("more").open = true;
       return;
     }
   }
@@ -448,6 +454,10 @@ function buildRequest() {
   if (negative) body.negative_prompt = negative;
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   if (state.style) body.style_image = state.style.b64;
+  if (state.init && !$("init-controls").hidden) {
+    body.init_image = state.init.b64;
+    body.strength = Number($("strength").value);
+  }
   for (const side of ["width", "height"]) {
     if (!$(`${side}-field`).hidden && $(side).value !== "") body[side] = Number($(side).value);
   }
@@ -566,6 +576,7 @@ async function showResult(job, view) {
       width: job.body.width, height: job.body.height,
       regions: job.sent.map((r) => ({ color: r.color, phrase: r.phrase, strength: r.strength })),
       color_map: job.colorMap, style: Boolean(job.body.style_image),
+      strength: job.body.init_image ? job.body.strength : null,
     };
     const result = $("result");
     result.src = dataUrl;
@@ -604,6 +615,7 @@ function describe(e) {
   return `${e.prompt} · steps ${e.steps} · guidance ${e.guidance_scale} · seed ${e.seed} · ${e.sampler}` +
     (e.width && e.height ? ` · ${e.width}x${e.height}` : "") +
     (regions ? ` · painted: ${regions}` : "") + (e.style ? " · style image" : "") +
+    (e.strength ? ` · from an init image at strength ${e.strength}` : "") +
     (e.negative_prompt ? ` · not: ${e.negative_prompt}` : "");
 }
 
@@ -692,6 +704,10 @@ async function applyCapabilities() {
       }
     }
     if (request.sampler) setUntouched(samplerControl, request.sampler.default);
+    if (caps.init_image) {
+      $("init-controls").hidden = false;
+      if (request.strength) setUntouched($("strength"), request.strength.default);
+    }
     const sizes = caps.sizes;
     if (sizes && !sizes.fixed) {
       for (const [side, initial] of [["width", sizes.default_width], ["height", sizes.default_height]]) {
@@ -717,7 +733,15 @@ function init() {
     $("api-key").value = localStorage.getItem(KEY_STORE) || "";
   });
   setupCanvas();
-  setupStyleImage();
+  setStyle = setupImageInput("style-image", "style-preview", "clear-style", "style");
+  // img2img makes the init image's size (rounded down to the model's multiple), as the API does
+  // without a size: the width and height fields take it, and the user may still change them.
+  setupImageInput("init-image", "init-preview", "clear-init", "init", (image) => {
+    for (const [side, pixels] of [["width", image.naturalWidth], ["height", image.naturalHeight]]) {
+      const step = Number($(side).step) || 1;
+      if (!$(`${side}-field`).hidden && pixels >= step) $(side).value = pixels - (pixels % step);
+    }
+  });
   applyCapabilities();
   renderChips();
   renderHistory();

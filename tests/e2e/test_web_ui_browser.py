@@ -361,3 +361,37 @@ def test_a_sampler_only_the_served_model_has_is_offered_and_sent(browser, import
         params = server.worker.jobs[-1]["params"]
         assert (params["sampler"], params["use_karras_sigmas"]) == ("pndm", False)
 
+
+
+def test_an_init_image_is_offered_where_the_model_takes_one_and_sent_with_its_strength(  # noqa: F811
+    browser, live, imported_sd_dir, tmp_path
+) -> None:
+    """The shipped family (GET /v1/models init_image false) shows no init-image control; the imported
+    SD does: the file and the strength go with the request (img2img) and the caption says so."""
+    from server.main import capabilities as read_capabilities
+
+    driver = browser
+    open_page(driver, live.url)
+    wait_for(driver, lambda d: d.execute_script("return typeof buildRequest === 'function'"), 5, "page not ready")
+    assert not driver.find_element("id", "init-controls").is_displayed()
+    init = tmp_path / "init.png"
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 24), (200, 30, 10)).save(buffer, format="PNG")
+    init.write_bytes(buffer.getvalue())
+    with LiveServer(capabilities=read_capabilities(imported_sd_dir), image_size=32, max_steps=60) as server:
+        open_page(driver, server.url)
+        wait_for(driver, lambda d: not d.execute_script("return document.getElementById('init-controls').hidden"), 10,
+                 "no init-image control for a model that takes one")
+        driver.find_element("id", "more").click()
+        driver.find_element("id", "init-image").send_keys(str(init))
+        preview = driver.find_element("id", "init-preview")
+        wait_for(driver, lambda d: preview.is_displayed() and preview.get_attribute("naturalWidth") == "40", 5, "no preview")
+        set_value(driver, "strength", "0.5")
+        set_value(driver, "steps", "4")
+        type_prompt(driver, "a red circle")
+        driver.find_element("id", "generate").click()
+        assert finished_state(driver) == "succeeded"
+        job = server.worker.jobs[-1]
+        assert job["inputs"]["init_image"] == init.read_bytes()
+        assert (job["params"]["strength"], job["params"]["width"], job["params"]["height"]) == (0.5, 40, 24)
+        assert "init image at strength 0.5" in driver.find_element("id", "result-caption").text
