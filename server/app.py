@@ -372,7 +372,6 @@ def create_app(
     app.state.metrics = metrics if metrics is not None else Metrics(roles=("api",))
     app.state.capabilities = capabilities
     app.state.wait_slots = WaitSlots(settings.max_streams_per_key)
-    app.state.a1111_waits = {}  # caller -> the job its A1111 txt2img waits for (its /progress and /interrupt)
 
     _register_error_handlers(app)
     app.include_router(generate.router)

@@ -95,6 +95,10 @@ class RedisKeys:
         """Request counter of one API key during one minute (epoch seconds // 60)."""
         return f"{self.rate_prefix(key)}{minute}"
 
+    def waiting(self, caller: str) -> str:
+        """The job a caller's synchronous A1111 request waits for (JobQueue.note_waiting)."""
+        return f"{self.prefix}waiting:{caller}"
+
     def rate_prefix(self, key: str) -> str:
         """The rate counters of one API key without the minute (the rate script appends Redis's own)."""
         return f"{self.prefix}rate:{key}:"

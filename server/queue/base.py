@@ -265,6 +265,19 @@ class JobQueue(abc.ABC):
         minute boundary is accepted.
         """
 
+    @abc.abstractmethod
+    async def note_waiting(self, caller: str, job_id: str, ttl_s: float) -> None:
+        """Record ``job_id`` as the job ``caller`` now waits for (its latest; forgotten after ``ttl_s``
+        at the latest), shared by every API replica: A1111's /progress and /interrupt act on it."""
+
+    @abc.abstractmethod
+    async def waiting_job(self, caller: str) -> str | None:
+        """The job :meth:`note_waiting` recorded for ``caller``, if it is still recorded."""
+
+    @abc.abstractmethod
+    async def forget_waiting(self, caller: str, job_id: str) -> None:
+        """Forget ``caller``'s wait if it is still for ``job_id`` (a later wait of the caller stays)."""
+
     # ----------------------------------------------------------- worker side
 
     @abc.abstractmethod

@@ -138,6 +138,7 @@ class InProcessQueue(JobQueue):
         self._idempotency: dict[str, tuple[str, float]] = {}  # key -> (job id, expires_at)
         self._heartbeats: dict[str, tuple[float, dict[str, Any]]] = {}
         self._rate_windows: dict[tuple[str, int], int] = {}
+        self._waiting: dict[str, tuple[str, float]] = {}  # caller -> (job id, monotonic expiry)
         # Wake-ups: a new or released entry for blocked claims, a new event for blocked readers.
         self._entry_added = _Wakeup()
         self._event_added = _Wakeup()
@@ -263,6 +264,23 @@ class InProcessQueue(JobQueue):
         count = self._rate_windows.get((key, minute), 0) + 1
         self._rate_windows[(key, minute)] = count
         return count <= per_minute
+
+    async def note_waiting(self, caller: str, job_id: str, ttl_s: float) -> None:
+        now = time.monotonic()
+        for gone in [c for c, (_, expires) in self._waiting.items() if expires <= now]:  # callers who left
+            del self._waiting[gone]
+        self._waiting[caller] = (job_id, now + ttl_s)
+
+    async def waiting_job(self, caller: str) -> str | None:
+        job_id, expires = self._waiting.get(caller, (None, 0.0))
+        if job_id is not None and time.monotonic() >= expires:
+            del self._waiting[caller]
+            return None
+        return job_id
+
+    async def forget_waiting(self, caller: str, job_id: str) -> None:
+        if self._waiting.get(caller, (None,))[0] == job_id:
+            del self._waiting[caller]
 
     # ------------------------------------------------------------ worker side
 

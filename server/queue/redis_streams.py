@@ -767,6 +767,20 @@ class RedisStreamsQueue(JobQueue):
         count = await self._rate_script(keys=[self._keys.rate_prefix(key)], args=[])
         return int(count) <= per_minute
 
+    @_translate_redis_errors
+    async def note_waiting(self, caller: str, job_id: str, ttl_s: float) -> None:
+        await self._redis.set(self._keys.waiting(caller), job_id, px=max(1, int(ttl_s * 1000)))
+
+    @_translate_redis_errors
+    async def waiting_job(self, caller: str) -> str | None:
+        value = await self._redis.get(self._keys.waiting(caller))
+        return None if value is None else value.decode()
+
+    @_translate_redis_errors
+    async def forget_waiting(self, caller: str, job_id: str) -> None:
+        # (a later wait of the same caller stays)
+        await self._delete_if_equal_script(keys=[self._keys.waiting(caller)], args=[job_id])
+
     # ------------------------------------------------------------ worker side
 
     @_translate_redis_errors

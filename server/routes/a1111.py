@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ediffi.spec import ANY_MODEL_SAMPLERS
 from server.auth import PrincipalDep, authenticate
 from server.deps import QueueDep
-from server.queue import JobStatus
+from server.queue import JobStatus, QueueUnavailable
 from server.routes.generate import (
     COMMON_ERRORS,
     OffloadedJSONRoute,
@@ -298,18 +298,17 @@ async def _generate_and_answer(body: Txt2ImgRequest, extra: dict[str, Any], call
     served = capabilities.id if capabilities is not None else "ediffi"
     raise_invalid(_unsupported(body) + _override_errors(body.override_settings, served))
     generate = _as_generate_request(body, scheduler_sigmas=bool(capabilities and capabilities.scheduler_sigmas), extra=extra)
-    waiting: dict[str, str] = call.request.app.state.a1111_waits
     with call.wait_slots.hold(principal):
         try:
             record, _replayed = await call.submit(generate, "a1111")
         except RequestValidationError as exc:
             raise RequestValidationError(_a1111_locations(list(exc.errors()))) from None
-        waiting[principal.limit_key] = record.id  # for /progress and /interrupt: the caller's latest wait
+        # For /progress and /interrupt on any API replica: the caller's latest wait.
+        await queue.note_waiting(principal.limit_key, record.id, settings.sync_timeout_s + _WAIT_NOTE_MARGIN_S)
         try:
             final = await call.wait(record, settings.sync_timeout_s)
         finally:
-            if waiting.get(principal.limit_key) == record.id:
-                del waiting[principal.limit_key]
+            await _forget_wait(queue, principal.limit_key, record.id)
     unsuccessful = unsuccessful_answer(final, record, settings, unfinished_headers={}, finished_headers={})
     if unsuccessful is not None:
         return unsuccessful
@@ -346,6 +345,18 @@ async def _generate_and_answer(body: Txt2ImgRequest, extra: dict[str, Any], call
     })
 
 
+#: A caller's wait note outlives its synchronous wait by this much at most (then Redis drops it).
+_WAIT_NOTE_MARGIN_S = 30.0
+
+
+async def _forget_wait(queue, caller: str, job_id: str) -> None:
+    """Best effort: with the queue unreachable the note expires on its own (its TTL)."""
+    try:
+        await queue.forget_waiting(caller, job_id)
+    except QueueUnavailable:
+        pass
+
+
 _IDLE_STATE = {
     "skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
     "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
@@ -353,12 +364,11 @@ _IDLE_STATE = {
 
 
 @router.get("/progress")
-async def progress(request: Request, principal: PrincipalDep, queue: QueueDep) -> dict[str, Any]:
-    """A1111's progress poll: the caller's txt2img now waiting in this API process (its latest), as
-    A1111 reports it (``progress`` 0-1, ``eta_relative`` seconds, ``state``); idle without one. With
-    several API replicas a poll may reach another one, which knows no wait: use ``/jobs/{id}/events``
-    for progress that any replica answers."""
-    job_id = request.app.state.a1111_waits.get(principal.limit_key)
+async def progress(principal: PrincipalDep, queue: QueueDep) -> dict[str, Any]:
+    """A1111's progress poll: the caller's txt2img or img2img now waiting (its latest, on whichever
+    API replica: the queue records it), as A1111 reports it (``progress`` 0-1, ``eta_relative``
+    seconds, ``state``); idle without one."""
+    job_id = await queue.waiting_job(principal.limit_key)
     record = await queue.get(job_id) if job_id else None
     if record is None or record.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
         return {"progress": 0.0, "eta_relative": 0.0, "state": _IDLE_STATE, "current_image": None, "textinfo": None}
@@ -375,10 +385,10 @@ async def progress(request: Request, principal: PrincipalDep, queue: QueueDep) -
 
 
 @router.post("/interrupt")
-async def interrupt(request: Request, principal: PrincipalDep, queue: QueueDep) -> JSONResponse:
-    """A1111's interrupt: cancels the caller's txt2img now waiting in this API process (its answer is
-    then a 409); nothing else is touched, so one caller cannot stop another's work."""
-    job_id = request.app.state.a1111_waits.get(principal.limit_key)
+async def interrupt(principal: PrincipalDep, queue: QueueDep) -> JSONResponse:
+    """A1111's interrupt: cancels the caller's txt2img or img2img now waiting (on any API replica; its
+    answer is then a 409); nothing else is touched, so one caller cannot stop another's work."""
+    job_id = await queue.waiting_job(principal.limit_key)
     if job_id is not None:
         await queue.cancel(job_id)
     return JSONResponse({})

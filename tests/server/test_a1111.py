@@ -182,3 +182,27 @@ async def test_progress_and_interrupt_follow_the_callers_own_wait(backend: Backe
         assert (await svc.client.post("/sdapi/v1/interrupt", headers=keys["a"])).status_code == 200
         assert (await asyncio.wait_for(waiting, 10)).status_code == 409  # a's own interrupt cancels its job
         assert (await progress("a"))["state"]["job_count"] == 0
+
+
+@run_async
+async def test_progress_and_interrupt_answer_on_every_api_replica(redis_url, redis_key_prefix) -> None:
+    """Two API replicas on one Redis (as deploy/k8s/api.yaml runs 2): a txt2img waiting on the first is
+    the progress a poll on the second reports, and the second's interrupt cancels it. (Before, each
+    replica knew only its own waits: the second answered idle and interrupted nothing.)"""
+    backend = Backend("redis", redis_url=redis_url, key_prefix=redis_key_prefix)
+    keys = {"Authorization": "Bearer key-a"}
+    settings = dict(api_keys=["key-a"], allow_anonymous=False, sync_timeout_s=20)
+    async with service(backend, **settings) as first, service(backend, **settings) as second, \
+            QueueWorker(first.queue, step_delay_s=0.05):
+        waiting = asyncio.create_task(
+            first.client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 40}, headers=keys)
+        )
+        for _ in range(200):
+            polled = (await second.client.get("/sdapi/v1/progress", headers=keys)).json()
+            if polled["state"]["sampling_step"] >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert polled["state"]["job_count"] == 1 and 0 < polled["progress"] < 1, polled
+        assert (await second.client.post("/sdapi/v1/interrupt", headers=keys)).status_code == 200
+        assert (await asyncio.wait_for(waiting, 10)).status_code == 409
+        assert (await second.client.get("/sdapi/v1/progress", headers=keys)).json()["state"]["job_count"] == 0

@@ -753,3 +753,22 @@ async def test_make_queue_picks_the_backend_from_settings(redis_url: str, redis_
         await redis_queue.ping()
     finally:
         await redis_queue.close()
+
+
+@run_async
+async def test_a_callers_wait_note_is_its_latest_until_forgotten_or_expired(backend: Backend) -> None:
+    """note_waiting / waiting_job / forget_waiting (A1111's /progress and /interrupt on any replica):
+    the latest wait wins, forgetting an earlier one leaves it, another caller sees nothing, the note
+    expires after its TTL."""
+    async with backend.open() as queue:
+        assert await queue.waiting_job("a") is None
+        await queue.note_waiting("a", "job-1", ttl_s=30)
+        await queue.note_waiting("a", "job-2", ttl_s=30)
+        assert await queue.waiting_job("a") == "job-2" and await queue.waiting_job("b") is None
+        await queue.forget_waiting("a", "job-1")  # the earlier wait ending keeps the later one
+        assert await queue.waiting_job("a") == "job-2"
+        await queue.forget_waiting("a", "job-2")
+        assert await queue.waiting_job("a") is None
+        await queue.note_waiting("a", "job-3", ttl_s=0.2)
+        await asyncio.sleep(0.4)
+        assert await queue.waiting_job("a") is None
