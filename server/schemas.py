@@ -385,10 +385,11 @@ class JobClient(BaseModel):
 class JobParams(BaseModel):
     """What the API puts on the queue for each job (``JobRecord.params``): the validated request.
 
-    Schema version 1, exact keys::
+    Schema version 1, exact keys (version 2: the same keys, for a job with an ``init_image``:
+    a worker that knows only version 1 refuses it rather than drawing it as txt2img)::
 
         {
-          "version": 1,
+          "version": 1 | 2,
           "prompt": str,                    # non-blank, <= max_prompt_chars
           "negative_prompt": str,           # "" when absent
           "n": int,                         # 1..max_n images
@@ -430,7 +431,7 @@ class JobParams(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    version: Literal[1] = 1
+    version: Literal[1, 2] = 1
     prompt: str
     negative_prompt: str = ""
     n: int

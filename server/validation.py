@@ -404,6 +404,7 @@ def validate_generation(
 
     seed = pick_seed(request.seed)
     params = JobParams(
+        version=1 if request.init_image is None else 2,
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         n=request.n,

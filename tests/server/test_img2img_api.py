@@ -39,6 +39,8 @@ def test_an_init_image_reaches_the_worker_with_its_size_and_strength(sdxl_capabi
             (job,) = worker.claimed
             assert {name: job.params[name] for name in expected} == expected
             assert "init_image" in job.params["inputs"]
+            # version 2: a worker of before img2img (JobParams version 1 only) refuses it, never draws txt2img
+            assert job.params["version"] == 2
             assert "init_image" in job.input_names  # (its bytes: tests/e2e/test_diffusers_http.py, a real worker)
 
     check()
@@ -50,6 +52,7 @@ def test_a_plain_request_carries_no_strength(sdxl_capabilities):  # noqa: F811
         async with api(sdxl_capabilities) as (client, queue), QueueWorker(queue) as worker:
             assert (await client.post("/generate", json={"prompt": "a cat", "steps": 1})).status_code == 200
             assert "strength" not in worker.claimed[0].params and worker.claimed[0].params["inputs"] == []
+            assert worker.claimed[0].params["version"] == 1  # what every worker reads
 
     check()
 
