@@ -24,13 +24,11 @@ def check_before_loading(request, model_dir: Path, max_image_side: int) -> None:
 
     request.validate()
     capabilities = model_capabilities(ModelConfig.load(model_dir))
-    width, height = request.width, request.height
-    if request.init_image is not None and (width is None or height is None):  # the init image's size, as the API
-        made = capabilities.sizes.of_image(*request.init_image.size)
-        width, height = width or made[0], height or made[1]
+    image_size = request.init_image.size if request.init_image is not None else None
+    width, height = capabilities.sizes.from_init_image(request.width, request.height, image_size)  # as the API
     for name, message in capabilities.sizes.errors(width, height, max_image_side).items():
-        raise spec.InputError(name if width == request.width and height == request.height else "init_image",
-                              f"{name} {message}")
+        sent = getattr(request, name) is not None  # else the init image's size made it
+        raise spec.InputError(name if sent else "init_image", message if sent else f"{name} {message}")
     errors = capabilities.request_errors(
         sampler=request.sampler, steps=request.steps, use_karras_sigmas=request.use_karras_sigmas,
         sr_noise_level=request.sr_noise_level, init_image=request.init_image is not None,

@@ -36,12 +36,19 @@ class SizeRule:
                 problems[name] = f"must be a multiple of {self.multiple_of} within [{self.multiple_of}, {max_side}], got {value}"
         return problems
 
-    def of_image(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) of the images made from an init image of that size when the request names
-        none: its size rounded down to the model's multiple, as diffusers' image processor does."""
+    def from_init_image(
+        self, width: int | None, height: int | None, image_size: tuple[int, int] | None
+    ) -> tuple[int | None, int | None]:
+        """A request's width/height where an init image gives those it left out: the image's size
+        rounded down to the model's multiple, as diffusers' image processor does (a fixed-size
+        model: its size); without an init image, as sent."""
+        if image_size is None:
+            return width, height
         if self.fixed:
-            return self.default_width, self.default_height
-        return width - width % self.multiple_of, height - height % self.multiple_of
+            made = (self.default_width, self.default_height)
+        else:
+            made = tuple(side - side % self.multiple_of for side in image_size)
+        return width or made[0], height or made[1]
 
 
 @dataclass(frozen=True)

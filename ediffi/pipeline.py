@@ -104,12 +104,12 @@ def output_size(config: ModelConfig, request: GenerationRequest) -> tuple[int, i
     rule = model_capabilities(config).sizes
     for name, message in rule.errors(request.width, request.height, max_side=None).items():
         raise InputError(name, message)
-    default_width, default_height = rule.default_width, rule.default_height
-    if request.init_image is not None:  # img2img: the init image's size (rounded to the multiple), as diffusers
-        default_width, default_height = rule.of_image(*request.init_image.size)
-        if min(default_width, default_height) < 1:
-            raise InputError("init_image", f"is smaller than {rule.multiple_of} pixels on a side: send width and height")
-    return request.height or default_height, request.width or default_width
+    # img2img: the init image's size where none was sent (rounded to the multiple), as diffusers
+    image_size = request.init_image.size if request.init_image is not None else None
+    width, height = rule.from_init_image(request.width, request.height, image_size)
+    if width == 0 or height == 0:
+        raise InputError("init_image", f"is smaller than {rule.multiple_of} pixels on a side: send width and height")
+    return height or rule.default_height, width or rule.default_width
 
 
 def stage_shape(stage: StageConfig, height: int, width: int) -> tuple[int, int, int]:
@@ -150,9 +150,8 @@ def stage_sigmas(
     with Karras sigmas uses (within its trained range): Euler's, or
     DPM-Solver's for `dpmpp_2m` (ediffi.discrete.request_schedule); without
     Karras sigmas, that scheduler's own spaced ones; for ddim and pndm, those of their timesteps."""
-    scheduled = stage_scheduled_steps(stage, steps, sampler)
-    if scheduled is not None:  # ddim, pndm: the sigmas of their timesteps
-        return scheduled.sigmas
+    if sampler in SCHEDULER_ONLY_SAMPLERS:  # ddim, pndm: the sigmas of their timesteps
+        return stage_scheduled_steps(stage, steps, sampler).sigmas
     if stage.schedule is not None:
         return inference_sigmas(request_schedule(stage.schedule, sampler, use_karras_sigmas), steps)
     return karras_sigmas(steps, stage.sigma_min, stage.sigma_max, stage.rho)
@@ -314,9 +313,11 @@ class RequestRun:
         self.generators = [torch.Generator().manual_seed(s) for s in request.image_seeds]
         self.stage_index = 0
         self.evaluations_done = 0
+        # Each stage's sigmas (and ddim's / pndm's timesteps), computed once: counted here, run later.
+        self._schedules = [self._stage_schedule(stage) for stage in model.config.stages]
         self.evaluations_total = sum(
-            self._new_sampler(stage, torch.zeros(1)).total_evaluations + (stage.latent is not None)  # the decoder step
-            for stage in model.config.stages
+            self._new_sampler(k, torch.zeros(1)).total_evaluations + (stage.latent is not None)  # the decoder step
+            for k, stage in enumerate(model.config.stages)
         )
         self._decoding = False
         self._low_res: torch.Tensor | None = None
@@ -328,8 +329,11 @@ class RequestRun:
         """The stage's sigmas (and ddim's timesteps); from an init image (the first stage), the last
         int(steps x strength) of them only, as diffusers' img2img `get_timesteps`."""
         request = self.request
-        sigmas = stage_sigmas(stage, request.steps, request.sampler, request.use_karras_sigmas)
         scheduled = stage_scheduled_steps(stage, request.steps, request.sampler)
+        if scheduled is not None:
+            sigmas = scheduled.sigmas
+        else:
+            sigmas = stage_sigmas(stage, request.steps, request.sampler, request.use_karras_sigmas)
         if request.init_image is not None and stage is self.model.config.stages[0]:
             start = request.steps - init_image_steps(request.steps, request.strength)
             sigmas = sigmas[start:]
@@ -337,8 +341,8 @@ class RequestRun:
                 scheduled = dataclasses.replace(scheduled, timesteps=scheduled.timesteps[start:])
         return sigmas, scheduled
 
-    def _new_sampler(self, stage: StageConfig, x: torch.Tensor, restart_below=()) -> Sampler:
-        sigmas, scheduled = self._stage_schedule(stage)
+    def _new_sampler(self, stage_index: int, x: torch.Tensor, restart_below=()) -> Sampler:
+        sigmas, scheduled = self._schedules[stage_index]
         return make_sampler(self.request.sampler, x, sigmas, restart_below, noise=self._noise, steps=scheduled)
 
     def _timesteps(self, evaluation: Evaluation, rows: int, device: torch.device) -> torch.Tensor | None:
@@ -364,7 +368,7 @@ class RequestRun:
     def _start_stage(self) -> Sampler:
         stage = self.stage
         device, dtype = self.model.device, self.model.dtype
-        sigmas, scheduled = self._stage_schedule(stage)
+        sigmas, scheduled = self._schedules[self.stage_index]
         # Imported checkpoints: the conventions of the diffusers scheduler the
         # request's sampler reproduces (discrete.request_schedule; one training
         # schedule per stage): its sigmas, init_noise_sigma and UNet timesteps.
@@ -380,27 +384,26 @@ class RequestRun:
         if self._schedule is not None and not self._schedule.use_karras_sigmas and scheduled is None:
             spaced = inference_timesteps(self._schedule, self.request.steps)[-(len(sigmas) - 1):]
             self._scheduler_timesteps = dict(zip(sigmas[:-1].tolist(), spaced.tolist()))
-        # The noise diffusers draws for the same seed (CPU generator,
-        # [1, C, H/f, W/f]) times its init_noise_sigma.
-        # DDIM and PNDM step the variance-preserving sample itself (init_noise_sigma 1).
-        if self.request.sampler in SCHEDULER_ONLY_SAMPLERS:
-            scale = 1.0
-        elif self._schedule is None:
-            scale = sigmas[0]
-        else:
-            scale = initial_noise_scale(self._schedule, float(sigmas[0]))
         shape = stage_shape(stage, self.cond.height, self.cond.width)
         if self.request.init_image is not None and self.stage_index == 0:
             # img2img: the VAE's sample of the init image (each image's generator first draws its
             # latent), then that generator's noise added at the first sigma run: scheduler.add_noise.
             init = self._init_latents(stage)
             noise = self._noise(shape).to(init)
-            if scheduled is not None:  # ddim: the variance-preserving sample at its first timestep
+            if scheduled is not None:  # ddim, pndm: the variance-preserving sample at its first timestep
                 a = scheduled.alpha(scheduled.timesteps[0])
                 x = a**0.5 * init + (1 - a) ** 0.5 * noise
             else:
                 x = init + float(sigmas[0]) * noise
         else:
+            # The noise diffusers draws for the same seed (CPU generator, [1, C, H/f, W/f]) times its
+            # init_noise_sigma; DDIM and PNDM step the variance-preserving sample itself (1).
+            if scheduled is not None:
+                scale = 1.0
+            elif self._schedule is None:
+                scale = sigmas[0]
+            else:
+                scale = initial_noise_scale(self._schedule, float(sigmas[0]))
             x = self._noise(shape) * scale
         if stage.is_super_resolution:
             # Cascaded diffusion: condition on the upsampled previous image,
@@ -417,7 +420,7 @@ class RequestRun:
         # Imported experts are separate diffusers pipelines (SDXL base, refiner), each starting its own
         # scheduler: a multistep solver's history restarts where the next expert takes over.
         restarts = [expert.sigma_lo for expert in stage.experts if expert.sigma_lo > 0] if self._schedule else []
-        return self._new_sampler(stage, x.to(device, dtype), restart_below=restarts)
+        return self._new_sampler(self.stage_index, x.to(device, dtype), restart_below=restarts)
 
     def _init_latents(self, stage: StageConfig) -> torch.Tensor:
         """[n, C, h, w]: the init image at the output size, encoded by the stage's VAE, one latent

@@ -355,11 +355,11 @@ def validate_generation(
         data = decode_base64_image(request.init_image, loc, settings.max_image_bytes)
         with open_image(data, loc, settings.max_image_pixels, ("PNG", "JPEG")) as init_image:
             image_width, image_height = init_image.size
-        if width is None or height is None:  # the image's size (rounded to the model's multiple) where not sent
-            rule = capabilities.sizes if capabilities is not None else None
-            made = rule.of_image(image_width, image_height) if rule is not None else (image_width, image_height)
-            width, height = width or made[0], height or made[1]
-            problems = rule.errors(width, height, settings.max_image_side) if rule is not None else {}
+        if (width is None or height is None) and capabilities is not None:
+            # the image's size (rounded to the model's multiple) where not sent
+            rule = capabilities.sizes
+            width, height = rule.from_init_image(width, height, (image_width, image_height))
+            problems = rule.errors(width, height, settings.max_image_side)
             if problems:
                 detail = "; ".join(f"{name} {text}" for name, text in problems.items())
                 raise_invalid([field_error(
