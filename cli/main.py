@@ -32,7 +32,7 @@ def check_before_loading(request, model_dir: Path, max_image_side: int) -> None:
     errors = capabilities.request_errors(
         sampler=request.sampler, steps=request.steps, use_karras_sigmas=request.use_karras_sigmas,
         sr_noise_level=request.sr_noise_level, init_image=request.init_image is not None,
-        strength=request.strength if request.init_image is not None else None,
+        strength=request.init_strength if request.init_image is not None else None, mask=request.mask is not None,
     )
     for name, message in errors.items():
         raise spec.InputError(name, message)
@@ -79,8 +79,8 @@ def cmd_generate(args, settings) -> int:
             style_image=Image.open(args.style_image) if args.style_image else None,
             color_map=Image.open(args.paint) if args.paint else None, regions=regions,
             width=args.width, height=args.height,
-            init_image=Image.open(args.init_image) if args.init_image else None,
-            **({} if args.strength is None else {"strength": args.strength}),
+            init_image=Image.open(args.init_image) if args.init_image else None, strength=args.strength,
+            mask=Image.open(args.mask) if args.mask else None,
         )
         if args.strength is not None and args.init_image is None:
             raise spec.InputError("strength", "goes with --init-image (img2img)")
@@ -257,7 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--strength", type=float,
-        help=f"with --init-image: int(steps x strength) steps run from it noised to that level (default {spec.DEFAULT_INIT_STRENGTH})",
+        help=f"with --init-image: int(steps x strength) steps run from it noised to that level (default "
+        f"{spec.DEFAULT_INIT_STRENGTH}; {spec.DEFAULT_INPAINT_STRENGTH} with --mask)",
+    )
+    gen.add_argument(
+        "--mask",
+        help="inpainting, with --init-image: an image of its size, white where to repaint and black where to keep it",
     )
     gen.add_argument("--paint", help="paint-with-words colour map (PNG)")
     gen.add_argument("--region", action="append", default=[], help="'#rrggbb=phrase[:strength]' (repeatable)")

@@ -78,7 +78,7 @@ class ModelCapabilities:
     # The fewest steps pndm takes: 4 where a stage's PNDMScheduler starts with Runge-Kutta steps.
     pndm_min_steps: int = 1
     # img2img: an init image (and its strength) is taken: an imported latent model of one stage
-    # (SD, SDXL), whose VAE encodes it, as diffusers' img2img pipelines.
+    # (SD, SDXL), whose VAE encodes it, as diffusers' img2img pipelines; and with it a mask (inpainting).
     init_image: bool = False
 
     def max_side(self, max_image_side: int) -> int:
@@ -101,7 +101,7 @@ class ModelCapabilities:
 
     def request_errors(
         self, *, sampler: str | None, steps: int | None, use_karras_sigmas: bool | None, sr_noise_level: int | None,
-        init_image: bool = False, strength: float | None = None,
+        init_image: bool = False, strength: float | None = None, mask: bool = False,
     ) -> dict[str, str]:
         """field -> why this model cannot honour it, for the sampling fields of a request (its left-out
         fields filled from the defaults first); empty when it can. The API, the command line and the
@@ -115,7 +115,7 @@ class ModelCapabilities:
             )
         elif init_image and steps is not None:
             try:
-                spec.init_image_steps(steps, spec.DEFAULT_INIT_STRENGTH if strength is None else strength)
+                spec.init_image_steps(steps, spec.default_strength(mask) if strength is None else strength)
             except spec.InputError as exc:
                 errors[exc.field] = exc.message
             if sampler == "pndm" and self.pndm_min_steps > 1:
@@ -125,6 +125,8 @@ class ModelCapabilities:
                 )
         elif strength is not None and not init_image:
             errors["strength"] = "goes with an init_image (img2img)"
+        if mask and not init_image:
+            errors["mask"] = "goes with an init_image: the mask says which of its pixels to repaint (white) and keep (black)"
         if "sampler" in errors:
             return errors
         if (message := self.sampler_error(sampler)) is not None:
@@ -179,6 +181,7 @@ class ModelCapabilities:
         # under "request", with the other request fields
         del described["sr_noise_level"], described["defaults"], described["scheduler_sigmas"], described["pndm_min_steps"]
         # (init_image stays: a feature flag like style_image; its strength is under "request")
+        described["mask"] = self.init_image  # inpainting: wherever an init image is taken
         described["max_side"] = self.max_side(max_image_side)
         described["samplers"] = self.samplers
         described["request"] = {
@@ -195,8 +198,11 @@ class ModelCapabilities:
             # false: the scheduler's own sigmas (euler, dpmpp_2m, euler_a; ddim and pndm always); null where only Karras's apply
             "use_karras_sigmas": {"default": self.defaults.use_karras_sigmas} if self.scheduler_sigmas else None,
             # with an init_image (img2img): int(steps x strength) steps run; null where none is taken
-            "strength": {"default": spec.DEFAULT_INIT_STRENGTH, "min": 0.0, "max": 1.0, "exclusive_min": True}
-            if self.init_image else None,
+            # (default_with_mask: inpainting's, diffusers' inpaint pipelines')
+            "strength": {
+                "default": spec.DEFAULT_INIT_STRENGTH, "default_with_mask": spec.DEFAULT_INPAINT_STRENGTH,
+                "min": 0.0, "max": 1.0, "exclusive_min": True,
+            } if self.init_image else None,
         }
         return described
 

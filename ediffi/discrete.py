@@ -368,15 +368,16 @@ class LatentDecoder(nn.Module):
         self.cfg = cfg
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """img2img's start: pixels [1,3,H,W] in [-1, 1] -> one normalised latent sample [1,C,h,w],
-        drawn from the VAE's posterior with ``generator`` (on the CPU, as diffusers' randn_tensor
-        draws for a CPU generator), then the inverse of :meth:`forward`'s normalisation."""
+    def encode(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """img2img's start: pixels [1,3,H,W] in [-1, 1], encoded once -> one normalised latent sample per
+        generator [n,C,h,w], each drawn from the VAE's posterior with its generator (on the CPU, as
+        diffusers' randn_tensor draws for a CPU generator), then the inverse of :meth:`forward`'s
+        normalisation."""
         cfg = self.cfg
         parameter = next(self.vae.parameters())
         posterior = self.vae.encode(pixels.to(parameter.device, parameter.dtype)).latent_dist
-        draw = torch.randn(posterior.mean.shape, generator=generator, dtype=posterior.mean.dtype)
-        latents = posterior.mean + posterior.std * draw.to(posterior.mean.device)
+        draws = torch.cat([torch.randn(posterior.mean.shape, generator=g, dtype=posterior.mean.dtype) for g in generators])
+        latents = posterior.mean + posterior.std * draws.to(posterior.mean.device)
         if cfg.latents_mean is not None and cfg.latents_std is not None:
             mean = torch.tensor(cfg.latents_mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
             std = torch.tensor(cfg.latents_std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)

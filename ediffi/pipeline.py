@@ -32,8 +32,8 @@ from ediffi.model import DECODER, EDiffIModel
 from ediffi.paint import build_pww_inputs
 from ediffi.samplers import Evaluation, Sampler, ScheduledSteps, classifier_free_guidance, karras_sigmas, make_sampler
 from ediffi.spec import (
-    DEFAULT_GUIDANCE, DEFAULT_INIT_STRENGTH, DEFAULT_SAMPLER, DEFAULT_SEED, DEFAULT_STEPS, SAMPLERS,
-    SCHEDULER_ONLY_SAMPLERS, Region, check_seed, check_style_image_shape, guidance_enabled, init_image_steps,
+    DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SEED, DEFAULT_STEPS, SAMPLERS, SCHEDULER_ONLY_SAMPLERS, Region,
+    check_mask_size, check_seed, check_style_image_shape, default_strength, guidance_enabled, init_image_steps,
 )
 
 
@@ -65,7 +65,11 @@ class GenerationRequest:
     # img2img (imported latent models): the image to start from, encoded by the VAE and noised to the
     # level where int(steps x strength) steps remain (diffusers' img2img pipelines' `image`, `strength`).
     init_image: Image.Image | None = None
-    strength: float = DEFAULT_INIT_STRENGTH
+    # None: the default of the pipeline diffusers would use (spec.default_strength: 0.8, 1.0 with a mask).
+    strength: float | None = None
+    # Inpainting (with an init image of the same size): white (>= 50% grey) repaints, black keeps the
+    # init image, as diffusers' inpaint pipelines' `mask_image` (and A1111's mask).
+    mask: Image.Image | None = None
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -88,8 +92,17 @@ class GenerationRequest:
             raise InputError("sr_noise_level", "must be >= 0")
         if self.style_image is not None:
             check_style_image_shape(*self.style_image.size)
+        if self.mask is not None:
+            if self.init_image is None:
+                raise InputError("mask", "goes with an init_image: the mask says which of its pixels to repaint")
+            check_mask_size(self.mask.size, self.init_image.size)
         if self.init_image is not None:
-            init_image_steps(self.steps, self.strength)
+            init_image_steps(self.steps, self.init_strength)
+
+    @property
+    def init_strength(self) -> float:
+        """The strength an init image runs with: the request's, else its pipeline's default."""
+        return default_strength(self.mask is not None) if self.strength is None else self.strength
 
     @property
     def image_seeds(self) -> list[int]:
@@ -136,7 +149,7 @@ def validate_for_model(config: ModelConfig, request: GenerationRequest) -> None:
     errors = model_capabilities(config).request_errors(
         sampler=request.sampler, steps=request.steps, use_karras_sigmas=request.use_karras_sigmas,
         sr_noise_level=request.sr_noise_level, init_image=request.init_image is not None,
-        strength=request.strength if request.init_image is not None else None,
+        strength=request.init_strength if request.init_image is not None else None, mask=request.mask is not None,
     )
     for name, message in errors.items():
         raise InputError(name, message)
@@ -323,6 +336,8 @@ class RequestRun:
         self._low_res: torch.Tensor | None = None
         self._low_res_sigma: torch.Tensor | None = None
         self._images: torch.Tensor | None = None
+        # Inpainting: (latent mask, the init image's latents, the initial noise) of the first stage
+        self._known: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.sampler: Sampler = self._start_stage()
 
     def _stage_schedule(self, stage: StageConfig) -> tuple[torch.Tensor, ScheduledSteps | None]:
@@ -335,7 +350,7 @@ class RequestRun:
         else:
             sigmas = stage_sigmas(stage, request.steps, request.sampler, request.use_karras_sigmas)
         if request.init_image is not None and stage is self.model.config.stages[0]:
-            start = request.steps - init_image_steps(request.steps, request.strength)
+            start = request.steps - init_image_steps(request.steps, request.init_strength)
             sigmas = sigmas[start:]
             if scheduled is not None:
                 scheduled = dataclasses.replace(scheduled, timesteps=scheduled.timesteps[start:])
@@ -385,25 +400,33 @@ class RequestRun:
             spaced = inference_timesteps(self._schedule, self.request.steps)[-(len(sigmas) - 1):]
             self._scheduler_timesteps = dict(zip(sigmas[:-1].tolist(), spaced.tolist()))
         shape = stage_shape(stage, self.cond.height, self.cond.width)
-        if self.request.init_image is not None and self.stage_index == 0:
+        # The noise diffusers draws for the same seed (CPU generator, [1, C, H/f, W/f]) times its
+        # init_noise_sigma; DDIM and PNDM step the variance-preserving sample itself (1).
+        if scheduled is not None:
+            scale = 1.0
+        elif self._schedule is None:
+            scale = sigmas[0]
+        else:
+            scale = initial_noise_scale(self._schedule, float(sigmas[0]))
+        request = self.request
+        if request.init_image is not None and self.stage_index == 0:
             # img2img: the VAE's sample of the init image (each image's generator first draws its
             # latent), then that generator's noise added at the first sigma run: scheduler.add_noise.
             init = self._init_latents(stage)
             noise = self._noise(shape).to(init)
-            if scheduled is not None:  # ddim, pndm: the variance-preserving sample at its first timestep
+            if request.mask is not None:
+                self._known = (self._latent_mask(shape).to(init), init, noise)
+                # The inpaint pipeline then encodes the masked image with the same generators (its
+                # latents feed 9-channel UNets only): the same draws keep euler_a's later noise diffusers'.
+                self._noise(shape)
+            if request.mask is not None and request.init_strength == 1.0:
+                x = noise * scale  # the inpaint pipeline's strength 1: pure noise, the image kept outside the mask
+            elif scheduled is not None:  # ddim, pndm: the variance-preserving sample at its first timestep
                 a = scheduled.alpha(scheduled.timesteps[0])
                 x = a**0.5 * init + (1 - a) ** 0.5 * noise
             else:
                 x = init + float(sigmas[0]) * noise
         else:
-            # The noise diffusers draws for the same seed (CPU generator, [1, C, H/f, W/f]) times its
-            # init_noise_sigma; DDIM and PNDM step the variance-preserving sample itself (1).
-            if scheduled is not None:
-                scale = 1.0
-            elif self._schedule is None:
-                scale = sigmas[0]
-            else:
-                scale = initial_noise_scale(self._schedule, float(sigmas[0]))
             x = self._noise(shape) * scale
         if stage.is_super_resolution:
             # Cascaded diffusion: condition on the upsampled previous image,
@@ -427,7 +450,13 @@ class RequestRun:
         sample per image from its own generator (diffusers' img2img with a list of generators)."""
         decoder = self.model.stages[stage.name].experts[DECODER]
         pixels = image_to_model_input(self.request.init_image, self.cond.width, self.cond.height)
-        return torch.cat([decoder.encode(pixels, generator) for generator in self.generators])
+        return decoder.encode(pixels, self.generators)
+
+    def _latent_mask(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        """[1, 1, h, w] of 0 (keep) and 1 (repaint): the mask as diffusers' mask processor makes it
+        (resized like the init image, grey, binarised at 0.5), then nearest-resized to the latents."""
+        pixels = mask_to_model_input(self.request.mask, self.cond.width, self.cond.height)
+        return F.interpolate(pixels, size=shape[1:])
 
     @property
     def done(self) -> bool:
@@ -494,6 +523,8 @@ class RequestRun:
             # diffusers' scheduler thresholds its (guided) predicted x0.
             denoised = dynamic_threshold(denoised, thresholding.ratio, thresholding.max_value)
         self.sampler.advance(denoised)
+        if self._known is not None and self.stage_index == 0:
+            self.sampler.keep_unmasked(*self._known)
         self.evaluations_done += 1
         if self.sampler.done:
             if self.stage.latent is not None:
@@ -521,6 +552,16 @@ def image_to_model_input(image: Image.Image, width: int, height: int) -> torch.T
         image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     array = np.asarray(image).astype(np.float32) / 255.0
     return (torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0).contiguous()
+
+
+def mask_to_model_input(mask: Image.Image, width: int, height: int) -> torch.Tensor:
+    """An inpainting mask as diffusers' mask processor makes it (VaeImageProcessor with do_binarize and
+    do_convert_grayscale): resized (Lanczos) to width x height in its own mode, then grey ("L"), x / 255,
+    1 where >= 0.5 (repaint) and 0 below (keep); float32 [1, 1, H, W]."""
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), resample=Image.Resampling.LANCZOS)
+    array = np.asarray(mask.convert("L")).astype(np.float32) / 255.0
+    return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -119,6 +119,23 @@ class Sampler:
     def total_evaluations(self) -> int:
         return self.steps
 
+    def keep_unmasked(self, mask: torch.Tensor, known: torch.Tensor, noise: torch.Tensor) -> None:
+        """Inpainting with a UNet that takes no mask (diffusers' inpaint pipelines with a 4-channel UNet),
+        after each step: where ``mask`` is 0 the state becomes ``known`` (the init image's latents)
+        noised with ``noise`` (the initial noise) to the level of the next evaluation, clean after the
+        last step; where it is 1 the sampled state stays. diffusers: (1 - m) add_noise(known, noise,
+        t_next) + m latents, with the scheduler's add_noise (VE here: known + sigma noise)."""
+        state, sigma = self._state()
+        noised = known if sigma == 0.0 else known + sigma * noise
+        self._set_state((1 - mask) * noised + mask * state)
+
+    def _state(self) -> tuple[torch.Tensor, float]:
+        """The sample the next evaluation starts from, and its sigma (0 when done)."""
+        return self.x, self.sigmas[self.step]
+
+    def _set_state(self, x: torch.Tensor) -> None:
+        self.x = x
+
 
 class EulerSampler(Sampler):
     def pending(self) -> Evaluation | None:
@@ -163,6 +180,19 @@ class HeunSampler(Sampler):
     @property
     def total_evaluations(self) -> int:
         return 2 * self.steps - 1
+
+    def _state(self) -> tuple[torch.Tensor, float]:
+        # Between its two evaluations the state is the Euler prediction at sigma_{i+1}: diffusers'
+        # HeunDiscreteScheduler returns it from its first-order step, and the inpaint pipeline blends it.
+        if self._predicted is not None:
+            return self._predicted, self.sigmas[self.step + 1]
+        return super()._state()
+
+    def _set_state(self, x: torch.Tensor) -> None:
+        if self._predicted is not None:
+            self._predicted = x
+        else:
+            self.x = x
 
 
 class DPMPP2MSampler(Sampler):
@@ -251,6 +281,17 @@ class _VariancePreservingSampler(Sampler):
         sigma = self.sigmas[self.step]
         self._evaluated = self.x * (sigma**2 + 1) ** 0.5
         return Evaluation(self._evaluated, sigma, float(self.plan.timesteps[self.step]))
+
+    def keep_unmasked(self, mask: torch.Tensor, known: torch.Tensor, noise: torch.Tensor) -> None:
+        """As :meth:`Sampler.keep_unmasked` on the variance-preserving sample: the scheduler's add_noise,
+        sqrt(abar) known + sqrt(1 - abar) noise at the next call's timestep (diffusers' timesteps[i + 1],
+        in float32 as its alphas_cumprod)."""
+        if self.done:
+            noised = known
+        else:
+            a = self.plan.alphas_cumprod[self.plan.timesteps[self.step]].to(known.device, known.dtype)
+            noised = a**0.5 * known + (1 - a) ** 0.5 * noise
+        self.x = (1 - mask) * noised + mask * self.x
 
     def _model_output(self, denoised: torch.Tensor, t: int) -> torch.Tensor:
         """The UNet output diffusers' scheduler saw: eps = (x - D) / sigma (VE), or

@@ -73,6 +73,15 @@ def pick_seed(requested: int | None) -> int:
 #: A1111's ``denoising_strength`` defaults to 0.75): int(steps x strength) of ``steps`` run, from the
 #: noise level of the first of them, on the init image noised to it.
 DEFAULT_INIT_STRENGTH = 0.8
+#: Inpainting (an ``init_image`` and a ``mask``): diffusers' inpaint pipelines' default strength, the
+#: masked region drawn from pure noise (OpenAI's edits repaint it whole too).
+DEFAULT_INPAINT_STRENGTH = 1.0
+
+
+def default_strength(masked: bool) -> float:
+    """The strength of a request that sends none: :data:`DEFAULT_INPAINT_STRENGTH` with a mask,
+    else :data:`DEFAULT_INIT_STRENGTH` (each diffusers pipeline's own default)."""
+    return DEFAULT_INPAINT_STRENGTH if masked else DEFAULT_INIT_STRENGTH
 
 
 def init_image_steps(steps: int, strength: float) -> int:
@@ -127,6 +136,16 @@ def check_style_image_shape(width: int, height: int) -> None:
             "style_image",
             f"style image is {width}x{height}; its longer side may be at most {MAX_STYLE_IMAGE_ASPECT:g} times "
             "its shorter (crop it: only its centre square is seen)",
+        )
+
+
+def check_mask_size(mask_size: tuple[int, int], init_image_size: tuple[int, int]) -> None:
+    """Raise :class:`InputError` on ``mask`` unless it is the init image's size (both are then resized
+    to the output size together: a mask of another shape would be stretched over other pixels)."""
+    if tuple(mask_size) != tuple(init_image_size):
+        raise InputError(
+            "mask", f"is {mask_size[0]}x{mask_size[1]}; it must be the init image's size, "
+            f"{init_image_size[0]}x{init_image_size[1]}",
         )
 
 

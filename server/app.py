@@ -10,7 +10,8 @@ Endpoints (docs/architecture.md §4; OpenAPI at ``/docs`` and ``/openapi.json``)
   ``{id, status, links}``; ``Idempotency-Key`` honoured.
 * ``GET /jobs/{id}``, ``GET /jobs/{id}/images/{k}.png``, ``GET /jobs/{id}/events`` (SSE),
   ``POST /jobs/{id}/cancel``.
-* ``POST /v1/images/generations``: the OpenAI-compatible subset.
+* ``POST /v1/images/generations``, ``POST /v1/images/edits`` (multipart; inpainting): the
+  OpenAI-compatible subset. ``/sdapi/v1/*``: A1111's txt2img and img2img (with a mask: inpainting).
 * ``GET /healthz``, ``GET /readyz``, ``GET /metrics``; ``GET /`` serves ``server/static/``
   when that folder exists (the web UI).
 
@@ -68,7 +69,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 _MAX_ECHOED_INPUT_CHARS = 200
 #: Endpoints every probe and scraper must reach however busy the API is.
 OPERATIONS_PATHS = ("/healthz", "/readyz", "/metrics")
-JSON_PATHS = ("/generate", "/v1/images/generations", "/sdapi/v1/txt2img")
+JSON_PATHS = ("/generate", "/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img")
+#: Endpoints whose body is multipart/form-data (OpenAI's image edits, files as parts).
+FORM_PATHS = ("/v1/images/edits",)
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +115,10 @@ def sanitize_errors(errors: Any) -> list[dict[str, Any]]:
 
 
 def max_body_bytes(settings: Settings) -> int:
-    """Largest accepted request body: two base64 images at the limit plus room for the JSON around them."""
+    """Largest accepted request body: as many base64 images at the limit as one request carries (style
+    image, colour map, init image and its mask) plus room for the JSON around them."""
     per_image = 4 * (settings.max_image_bytes // 3 + 1) + 1024
-    return 2 * per_image + 64 * 1024 + 16 * settings.max_prompt_chars
+    return 4 * per_image + 64 * 1024 + 16 * settings.max_prompt_chars
 
 
 def _register_error_handlers(app: FastAPI) -> None:
@@ -387,6 +391,7 @@ def create_app(
         RequestGuard,
         max_body_bytes=max_body_bytes(settings),
         json_paths=JSON_PATHS,
+        form_paths=FORM_PATHS,
         check_caller=lambda request: caller(request, settings),
         body_timeout_s=settings.body_timeout_s,
     )

@@ -15,7 +15,8 @@
 * :class:`RequestGuard`, on the first read of a request body (before any byte of it is
   read): the caller's key (401/403), ``Content-Type: application/json`` on the JSON
   endpoints (415 for anything else: ``text/plain`` and form bodies are what a foreign
-  web page can send without a CORS preflight), and a hard cap on the body (413 when
+  web page can send without a CORS preflight; ``multipart/form-data`` on OpenAI's edits, whose
+  callers authenticate by header, which such a page cannot set), and a hard cap on the body (413 when
   ``Content-Length`` says so, or as soon as a streamed body passes it), and a deadline for
   the whole body (408: a slow or stalled body cannot hold an in-flight slot). Raised where
   the endpoint reads its body, so each is counted under the endpoint's route.
@@ -172,6 +173,27 @@ def is_json_content_type(value: str | None) -> bool:
     return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
+def is_form_data_content_type(value: str | None) -> bool:
+    """``multipart/form-data`` (with its boundary parameter)."""
+    if not value:
+        return False
+    message = email.message.Message()
+    message["content-type"] = value
+    return message.get_content_type() == "multipart/form-data"
+
+
+def form_data_refusal(content_type: str | None) -> HTTPException | None:
+    """The 415 for a body that must be ``multipart/form-data`` and is not, else None. Raised by the
+    endpoint itself: a form reader does not read a body of another type, so this guard never sees it."""
+    if is_form_data_content_type(content_type):
+        return None
+    return _RefusedBody(
+        status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+        detail=f"the body must be sent as 'Content-Type: multipart/form-data' (got {(content_type or 'none')[:100]!r})",
+        headers={"Accept-Post": "multipart/form-data"},
+    )
+
+
 def _body_refusal(
     status_code: int, message: str, kind: str, ctx: dict, headers: dict[str, str] | None = None
 ) -> _RefusedBody:
@@ -181,13 +203,15 @@ def _body_refusal(
 
 
 class RequestGuard:
-    """Checks a request before its body is read: caller (``check_caller``), JSON content type, size."""
+    """Checks a request before its body is read: caller (``check_caller``; on ``json_paths`` and
+    ``form_paths``), JSON content type (on ``json_paths``), size."""
 
     def __init__(
         self,
         app: ASGIApp,
         max_body_bytes: int,
         json_paths: Iterable[str] = (),
+        form_paths: Iterable[str] = (),
         check_caller: Callable[[Request], object] | None = None,
         body_timeout_s: float | None = None,
     ) -> None:
@@ -198,6 +222,7 @@ class RequestGuard:
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.json_paths = frozenset(json_paths)
+        self.form_paths = frozenset(form_paths)
         self.check_caller = check_caller
 
     def _too_large(self) -> _RefusedBody:
@@ -215,7 +240,7 @@ class RequestGuard:
     def _refusal(self, scope: Scope) -> HTTPException | None:
         """Why this request's body must not be read (checked on the first read), or None."""
         request = Request(scope)
-        if self.check_caller is not None and scope.get("path") in self.json_paths:
+        if self.check_caller is not None and scope.get("path") in self.json_paths | self.form_paths:
             try:
                 self.check_caller(request)
             except HTTPException as exc:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -37,6 +37,7 @@ from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
 from ediffi.failure import FailureKind
 from ediffi.spec import (
     DEFAULT_INIT_STRENGTH,
+    DEFAULT_INPAINT_STRENGTH,
     DEFAULT_STRENGTH,
     HEX_COLOR_PATTERN,
     MAX_GUIDANCE,
@@ -213,7 +214,17 @@ class GenerationOptions(NullMeansDefault):
             strict=True, gt=0.0, le=1.0, allow_inf_nan=False,
             description="With init_image: how much of the schedule runs, diffusers' strength (A1111's denoising_"
             "strength): int(steps x strength) steps from the init image noised to that level; 1 ignores the image's "
-            f"content but its size. Absent: {DEFAULT_INIT_STRENGTH}.",
+            f"content but its size. Absent: {DEFAULT_INIT_STRENGTH}, or {DEFAULT_INPAINT_STRENGTH} with a mask (each "
+            "diffusers pipeline's default).",
+        ),
+    ] = None
+    mask: Annotated[
+        str | None,
+        Field(
+            strict=True, min_length=1,
+            description="Inpainting, with init_image (GET /v1/models mask): base64 PNG or JPEG (optionally a data: "
+            "URL) of the init image's size; white (>= 50% grey) is repainted, black kept, as diffusers' inpaint "
+            "pipelines' mask_image and A1111's mask.",
         ),
     ] = None
     sr_noise_level: Annotated[
@@ -360,6 +371,37 @@ class OpenAIImagesRequest(GenerationOptions):
     ] = None
 
 
+class OpenAIImageEditForm(BaseModel):
+    """The text fields of ``POST /v1/images/edits`` (multipart/form-data, as OpenAI's; its files are
+    ``image`` and ``mask``), read from text as a form sends them ("2" is 2) and then checked as
+    ``/v1/images/generations``' body. OpenAI's fields, and /generate's as extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What to draw in the edited region.")
+    n: int | None = None
+    size: str | None = Field(None, description='"WIDTHxHEIGHT"; absent: the image\'s size (rounded down to the model\'s multiple).')
+    response_format: str | None = Field(None, description="url (default) or b64_json.")
+    model: str | None = None
+    user: str | None = None
+    quality: str | None = None
+    background: str | None = None
+    output_format: str | None = None
+    stream: bool | None = None
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="OpenAI's; accepted and ignored.")
+    output_compression: int | None = Field(None, ge=0, le=100, description="OpenAI's (jpeg/webp); accepted and ignored.")
+    negative_prompt: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    sampler: str | None = None
+    strength: float | None = Field(None, description=f"Absent: {DEFAULT_INPAINT_STRENGTH} (the masked region from noise).")
+    use_karras_sigmas: bool | None = None
+
+    #: OpenAI's fields that change nothing here (not passed on).
+    IGNORED: ClassVar[frozenset[str]] = frozenset({"input_fidelity", "output_compression"})
+
+
 # -------------------------------------------------------------------- job params
 
 
@@ -399,13 +441,13 @@ class JobParams(BaseModel):
                                             # image k must use seed + k (GenerationRequest.image_seeds),
                                             # seed + n - 1 <= MAX_SEED
           "sampler": "heun" | "euler" | "dpmpp_2m" | "euler_a" | "ddim" | "pndm",
-          "inputs": ["color_map"?, "init_image"?, "style_image"?],   # names of the job's byte inputs, sorted
+          "inputs": ["color_map"?, "init_image"?, "mask"?, "style_image"?],   # the job's byte inputs, sorted
           "paint_with_words": null | {"regions": [{"color": "#rrggbb", "phrase": str, "strength": float}]},
           "sr_noise_level": null | int,     # >= 0; the model checks its range (IF stage II)
           "use_karras_sigmas": bool,        # false: imported model, the scheduler's own sigmas (ddim/pndm: always)
           "width"?: int, "height"?: int,    # only when the client asked for a size (width/height, or
                                             # /v1/images/generations' size) or sent an init_image, else the default
-          "strength"?: float,               # (0, 1]; only with the "init_image" input (img2img)
+          "strength"?: float,               # (0, 1]; only with the "init_image" input (img2img, inpainting)
           "response_format": "b64_json" | "url",      # how the API will answer; not the worker's concern
           "client": {"owner": str | null, "submission_id": str, "request_hash": str,
                      "api": "generate" | "openai" | "a1111"}  # API bookkeeping; the worker ignores it
@@ -418,7 +460,11 @@ class JobParams(BaseModel):
     * ``"color_map"``: PNG bytes, square, every region colour present in it
       (exact RGB match after ``convert("RGB")``), colours distinct;
     * ``"init_image"``: PNG or JPEG bytes as ``style_image``'s (img2img; the params then carry
-      ``width``, ``height`` and ``strength``).
+      ``width``, ``height`` and ``strength``);
+    * ``"mask"``: PNG or JPEG bytes of the init image's size (inpainting: white repaints, black keeps).
+
+    ``version``: 1, or 2 for a job with an init image, 3 with a mask: a worker from before either
+    fails the job (its JobParams refuses the version) instead of drawing it as another kind of job.
 
     The worker builds ``ediffi.pipeline.GenerationRequest(prompt=..., negative_prompt=...,
     steps=..., guidance_scale=..., seed=..., sampler=..., n=..., style_image=PIL image or None,
@@ -431,7 +477,7 @@ class JobParams(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    version: Literal[1, 2] = 1
+    version: Literal[1, 2, 3] = 1
     prompt: str
     negative_prompt: str = ""
     n: int

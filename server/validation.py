@@ -38,8 +38,8 @@ from ediffi.capabilities import ModelCapabilities
 from ediffi.config import GenerationDefaults
 from ediffi.failure import InputError, field_loc
 from ediffi.spec import (
-    DEFAULT_INIT_STRENGTH, MAX_SEED, RANDOM_SEED, check_color_map_aspect, check_seed, check_style_image_shape, find_phrase,
-    pick_seed,
+    MAX_SEED, RANDOM_SEED, check_color_map_aspect, check_mask_size, check_seed, check_style_image_shape,
+    default_strength, find_phrase, pick_seed,
 )
 from server.schemas import GenerationOptions, JobPaintWithWords, JobParams, JobRegion, OpenAIImagesRequest
 from server.settings import Settings
@@ -305,6 +305,7 @@ def check_model_fields(
     problems = capabilities.request_errors(
         sampler=request.sampler, steps=request.steps, use_karras_sigmas=request.use_karras_sigmas,
         sr_noise_level=request.sr_noise_level, init_image=request.init_image is not None, strength=request.strength,
+        mask=request.mask is not None,
     )
     errors += [field_error(body + (name,), message, "unsupported_value") for name, message in problems.items()]
     return errors
@@ -355,6 +356,15 @@ def validate_generation(
         data = decode_base64_image(request.init_image, loc, settings.max_image_bytes)
         with open_image(data, loc, settings.max_image_pixels, ("PNG", "JPEG")) as init_image:
             image_width, image_height = init_image.size
+        if request.mask is not None:
+            mask_loc = body + ("mask",)
+            mask_data = decode_base64_image(request.mask, mask_loc, settings.max_image_bytes)
+            with open_image(mask_data, mask_loc, settings.max_image_pixels, ("PNG", "JPEG")) as mask:
+                try:
+                    check_mask_size(mask.size, (image_width, image_height))
+                except InputError as exc:
+                    raise_invalid([field_error(mask_loc, exc.message, "mask_size")])
+            inputs["mask"] = mask_data
         if (width is None or height is None) and capabilities is not None:
             # the image's size (rounded to the model's multiple) where not sent
             rule = capabilities.sizes
@@ -367,6 +377,10 @@ def validate_generation(
                     "send width and height to resize it", "unsupported_size",
                 )])
         inputs["init_image"] = data
+
+    elif request.mask is not None:
+        raise_invalid([field_error(body + ("mask",), "goes with an init_image: the mask says which of its pixels to "
+                                   "repaint (white) and keep (black)", "missing_init_image")])
 
     pww_params: JobPaintWithWords | None = None
     pww = request.paint_with_words
@@ -404,7 +418,7 @@ def validate_generation(
 
     seed = pick_seed(request.seed)
     params = JobParams(
-        version=1 if request.init_image is None else 2,
+        version=3 if request.mask is not None else 1 if request.init_image is None else 2,
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         n=request.n,
@@ -418,7 +432,7 @@ def validate_generation(
         use_karras_sigmas=request.use_karras_sigmas,
         width=width,
         height=height,
-        strength=None if request.init_image is None else (request.strength or DEFAULT_INIT_STRENGTH),
+        strength=None if request.init_image is None else (request.strength or default_strength(request.mask is not None)),
         response_format=request.response_format,
     ).model_dump(
         mode="json",

@@ -82,8 +82,8 @@ def build_request(params: JobParams, inputs: dict[str, bytes]) -> GenerationRequ
         style_image=open_image("style_image"), color_map=open_image("color_map") if pww else None,
         regions=[Region(r.color, r.phrase, r.strength) for r in pww.regions] if pww else [],
         sr_noise_level=params.sr_noise_level, use_karras_sigmas=params.use_karras_sigmas,
-        width=params.width, height=params.height, init_image=open_image("init_image"),
-        **({} if params.strength is None else {"strength": params.strength}),
+        width=params.width, height=params.height, init_image=open_image("init_image"), mask=open_image("mask"),
+        strength=params.strength,
     )
 
 

@@ -16,6 +16,7 @@ scripts, settings overrides) is a 422 naming it unless it has its default; A1111
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 from typing import Any
@@ -23,7 +24,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from ediffi.spec import ANY_MODEL_SAMPLERS
 from server.auth import PrincipalDep, authenticate
@@ -39,7 +42,8 @@ from server.routes.generate import (
 )
 from server.routes.jobs import AUTH_ERRORS, image_seeds
 from server.schemas import GenerateRequest
-from server.validation import field_error, raise_invalid
+from server.settings import Settings
+from server.validation import decode_base64_image, field_error, open_image, raise_invalid
 
 # Large bodies are JSON-decoded in a worker thread, as /generate's (one client's 10 MB body must not
 # stall the event loop every other request and the health probes share).
@@ -149,25 +153,67 @@ class Txt2ImgRequest(BaseModel):
 
 
 class Img2ImgRequest(Txt2ImgRequest):
-    """A1111's ``StableDiffusionImg2ImgProcessingAPI``: txt2img's fields and the init image (no mask)."""
+    """A1111's ``StableDiffusionImg2ImgProcessingAPI``: txt2img's fields, the init image and its mask."""
 
     init_images: list[str] = Field(min_length=1)
     denoising_strength: float = Field(0.75, gt=0.0, le=1.0)  # A1111's default
     resize_mode: int = 0
+    # Inpainting: white (or, with transparency, opaque) repaints; A1111's blur (4 px by default),
+    # inversion, and the fields that must keep the one behaviour served (_unsupported_inpainting).
     mask: str | None = None
-    # Accepted and ignored: settings of inpainting (which a mask would turn on) and bookkeeping.
-    mask_blur: int | None = None
-    mask_blur_x: int | None = None
-    mask_blur_y: int | None = None
-    mask_round: bool | None = None
+    mask_blur: int | None = Field(None, ge=0, le=64)
+    mask_blur_x: int = Field(4, ge=0, le=64)
+    mask_blur_y: int = Field(4, ge=0, le=64)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
     inpainting_fill: int | None = None
     inpaint_full_res: bool | None = None
-    inpaint_full_res_padding: int | None = None
-    inpainting_mask_invert: int | None = None
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None
+    # Accepted and ignored: the binarised latent mask is always rounded; bookkeeping.
+    mask_round: bool | None = None
+    inpaint_full_res_padding: int | None = None
     image_cfg_scale: float | None = None
     include_init_images: bool | None = False
+
+    @property
+    def mask_blur_xy(self) -> tuple[int, int]:
+        """A1111: ``mask_blur``, where sent, sets both directions."""
+        return (self.mask_blur, self.mask_blur) if self.mask_blur is not None else (self.mask_blur_x, self.mask_blur_y)
+
+
+def _unsupported_inpainting(body: Img2ImgRequest) -> list[dict[str, Any]]:
+    """A1111's inpainting settings this server does not honour, each a 422 naming it."""
+    problems = {
+        "inpainting_fill": (body.inpainting_fill not in (None, 1),
+                            "only 1 (original: the masked area starts from the init image, as diffusers') is supported"),
+        "inpaint_full_res": (bool(body.inpaint_full_res),
+                             "only the whole picture is inpainted (A1111's 'Whole picture'): send false"),
+        "initial_noise_multiplier": (body.initial_noise_multiplier not in (None, 1.0), "only 1 is supported"),
+        "latent_mask": (body.latent_mask is not None, "not supported: send the mask only"),
+    }
+    return [field_error(("body", name), why, "unsupported") for name, (refused, why) in problems.items() if refused]
+
+
+def a1111_mask(value: str, invert: bool, blur: tuple[int, int], settings: Settings) -> str:
+    """A1111's mask as this API's (white repaints, black keeps; base64 PNG): its alpha channel where it has
+    transparency, else its grey level (A1111's create_binary_mask), inverted for
+    ``inpainting_mask_invert``, then blurred by a Gaussian of ``blur`` pixels (x, y; A1111's mask_blur).
+    The pipeline binarises it at 50%, as A1111 rounds its latent mask; A1111's pasting of the original
+    pixels back outside the blurred mask is not done (diffusers' pipelines do not either)."""
+    loc = ("body", "mask")
+    data = decode_base64_image(value, loc, settings.max_image_bytes)
+    with open_image(data, loc, settings.max_image_pixels, ("PNG", "JPEG")) as opened:
+        if opened.mode == "RGBA" and opened.getextrema()[-1] != (255, 255):
+            mask = opened.getchannel("A").point(lambda a: 255 if a > 128 else 0)
+        else:
+            mask = opened.convert("L")
+    if invert:
+        mask = ImageOps.invert(mask)
+    if any(blur):
+        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 #: override_settings a tool may send that change nothing here: the served checkpoint (by its id),
@@ -255,7 +301,7 @@ def _a1111_locations(errors: list[Any]) -> list[Any]:
 
 def _infotext(
     prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, w: int, h: int, model: str,
-    denoising_strength: float | None = None,
+    denoising_strength: float | None = None, mask_blur: tuple[int, int] | None = None,
 ) -> str:
     """A1111's "parameters" text, which its UI and PNG-info readers parse."""
     lines = [prompt]
@@ -264,6 +310,8 @@ def _infotext(
     line = f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg:g}, Seed: {seed}, Size: {w}x{h}, Model: {model}"
     if denoising_strength is not None:
         line += f", Denoising strength: {denoising_strength:g}"
+    if mask_blur is not None:
+        line += f", Mask blur: {mask_blur[0]}" if mask_blur[0] == mask_blur[1] else f", Mask blur: {mask_blur[0]}x{mask_blur[1]}"
     lines.append(line)
     return "\n".join(lines)
 
@@ -279,17 +327,23 @@ async def txt2img(body: Txt2ImgRequest, call: SubmissionDep) -> JSONResponse:
 
 @router.post("/img2img", responses=_A1111_RESPONSES)
 async def img2img(body: Img2ImgRequest, call: SubmissionDep) -> JSONResponse:
-    """A1111's img2img without a mask: its one init image resized to width x height ("Just resize"),
-    ``denoising_strength`` as diffusers' strength; imported latent models (SD, SDXL) only."""
+    """A1111's img2img: its one init image resized to width x height ("Just resize"),
+    ``denoising_strength`` as diffusers' strength; with a ``mask``, inpainting ("original" fill, "Whole
+    picture"); imported latent models (SD, SDXL) only."""
     errors = []
     if len(body.init_images) != 1:
         errors.append(field_error(("body", "init_images"), "send exactly one init image (one batch of one image)", "unsupported"))
-    if body.mask is not None:
-        errors.append(field_error(("body", "mask"), "inpainting is not supported (send no mask)", "unsupported"))
     if body.resize_mode != 0:
         errors.append(field_error(("body", "resize_mode"), "only 0 (Just resize) is supported", "unsupported"))
+    if body.mask is not None:
+        errors += _unsupported_inpainting(body)
     raise_invalid(errors)
-    return await _generate_and_answer(body, {"init_image": body.init_images[0], "strength": body.denoising_strength}, call)
+    extra: dict[str, Any] = {"init_image": body.init_images[0], "strength": body.denoising_strength}
+    if body.mask is not None:
+        extra["mask"] = await run_in_threadpool(
+            a1111_mask, body.mask, body.inpainting_mask_invert == 1, body.mask_blur_xy, call.settings
+        )
+    return await _generate_and_answer(body, extra, call)
 
 
 async def _generate_and_answer(body: Txt2ImgRequest, extra: dict[str, Any], call: Submission) -> JSONResponse:
@@ -321,9 +375,10 @@ async def _generate_and_answer(body: Txt2ImgRequest, extra: dict[str, Any], call
     height = params.get("height") or (capabilities.sizes.default_height if capabilities else 0)
     sampler_label = body.sampler_name or body.sampler_index or params["sampler"]
     strength = params.get("strength")
+    mask_blur = body.mask_blur_xy if isinstance(body, Img2ImgRequest) and body.mask is not None else None
     infotexts = [
         _infotext(params["prompt"], params["negative_prompt"], params["steps"], sampler_label,
-                  params["guidance_scale"], seed, width, height, model, strength)
+                  params["guidance_scale"], seed, width, height, model, strength, mask_blur)
         for seed in seeds
     ]
     info = {

@@ -48,23 +48,31 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import re
 import time
 import uuid
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from PIL import Image
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from server.auth import Principal, SubmitterDep, WaitSlotsDep
 from ediffi.capabilities import ModelCapabilities
 from server.deps import MetricsDep, QueueDep, SettingsDep
 from ediffi.failure import Failure, FailureKind, field_loc
 from server.metrics import Metrics
+from server.middleware import form_data_refusal
 from server.queue import JobQueue, JobRecord, JobStatus, QueueUnavailable
 from server.routes.jobs import (
     AUTH_ERRORS,
@@ -88,11 +96,14 @@ from server.schemas import (
     JobClient,
     OpenAIError,
     OpenAIImage,
+    OpenAIImageEditForm,
     OpenAIImagesRequest,
     OpenAIImagesResponse,
 )
 from server.settings import Settings
-from server.validation import ValidatedJob, apply_size, field_error, raise_invalid, validate_generation
+from server.validation import (
+    PayloadTooLarge, ValidatedJob, apply_size, field_error, open_image, raise_invalid, validate_generation,
+)
 
 #: Bodies up to this size are JSON-decoded on the event loop (cheaper than a thread hop).
 INLINE_JSON_BYTES = 64 * 1024
@@ -428,39 +439,52 @@ def serves_model(requested: str | None, served: str) -> bool:
     return requested is None or requested == served or requested.startswith(OPENAI_IMAGE_MODEL_PREFIXES)
 
 
+_OPENAI_IMAGES_RESPONSES = in_openai_shape(
+    {
+        **AUTH_ERRORS,
+        404: {"description": "model is not the served model's id (code model_not_found)"},
+        409: {"description": "The job was canceled", "headers": NO_RETRY_HEADER},
+        504: {
+            "description": "The job did not finish within sync_timeout_s (it keeps running: poll its Location)",
+            "headers": NO_RETRY_HEADER,
+        },
+        **COMMON_ERRORS,
+        422: {"description": "Invalid input; param names the field"},
+    }
+)
+
+
 @router.post(
     "/v1/images/generations",
     response_model=OpenAIImagesResponse,
     response_model_exclude_none=True,
-    responses=in_openai_shape(
-        {
-            **AUTH_ERRORS,
-            404: {"description": "model is not the served model's id (code model_not_found)"},
-            409: {"description": "The job was canceled", "headers": NO_RETRY_HEADER},
-            504: {
-                "description": "The job did not finish within sync_timeout_s (it keeps running: poll its Location)",
-                "headers": NO_RETRY_HEADER,
-            },
-            **COMMON_ERRORS,
-            422: {"description": "Invalid input; param names the field"},
-        }
-    ),
+    responses=_OPENAI_IMAGES_RESPONSES,
     tags=["openai"],
 )
 async def openai_images(body: OpenAIImagesRequest, call: SubmissionDep) -> JSONResponse:
     """OpenAI-compatible image generation (prompt, n, size, response_format; /generate fields as extensions)."""
-    queue, settings = call.queue, call.settings
-    served = call.capabilities.id
-    if not serves_model(body.model, served):  # as OpenAI answers a model it does not have
+    check_served_model(body.model, call.capabilities.id)
+    return await _openai_images_answer(body, call)
+
+
+def check_served_model(requested: str | None, served: str) -> None:
+    """A 404 ``model_not_found``, as OpenAI answers a model it does not have, unless ``requested``
+    is served (:func:`serves_model`)."""
+    if not serves_model(requested, served):
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
             detail={
-                "message": f"The model {body.model!r} does not exist here: this server serves {served!r} "
+                "message": f"The model {requested!r} does not exist here: this server serves {served!r} "
                 "(GET /v1/models); send that id or omit model",
                 "param": "model",
                 "code": "model_not_found",
             },
         )
+
+
+async def _openai_images_answer(body: OpenAIImagesRequest, call: Submission) -> JSONResponse:
+    """Submit an OpenAI images request (generations, edits), wait for it, answer ``{created, data}``."""
+    queue, settings = call.queue, call.settings
     # size -> width/height, so every later check (and the job) sees one size.
     body = apply_size(body, settings, call.capabilities)
     with call.wait_slots.hold(call.principal):
@@ -492,3 +516,155 @@ async def openai_images(body: OpenAIImagesRequest, call: SubmissionDep) -> JSONR
     return JSONResponse(
         OpenAIImagesResponse(created=created, data=data).model_dump(mode="json", exclude_none=True), headers=headers
     )
+
+
+# ------------------------------------------------------------ OpenAI image edits
+
+#: The file fields of ``/v1/images/edits`` (OpenAI's; ``image[]``, its array form, is taken for one image).
+EDIT_FILES = ("image", "mask")
+#: The multipart reader's limits: two files, a few dozen short text fields (each text part at most 64 KiB).
+_EDIT_FORM_LIMITS = {"max_files": len(EDIT_FILES), "max_fields": 32, "max_part_size": 64 * 1024}
+#: This API's names of the edit's images -> OpenAI's, for error locations.
+_EDIT_FIELD_NAMES = {"init_image": "image"}
+
+
+def _edit_form_schema() -> dict[str, Any]:
+    schema = OpenAIImageEditForm.model_json_schema()
+    schema["properties"] = {
+        "image": {"type": "string", "format": "binary", "description": "PNG or JPEG to edit (its size: the output's)."},
+        "mask": {
+            "type": "string", "format": "binary",
+            "description": "PNG of the image's size: its fully transparent pixels (alpha 0) are repainted, as "
+            "OpenAI's; a mask without alpha: its white pixels. Absent: the image's own transparent pixels.",
+        },
+        **schema["properties"],
+    }
+    schema["required"] = ["image", *schema.get("required", [])]
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+async def read_edit_form(request: Request, settings: Settings) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The text fields and the files of a multipart edit request, each file read up to the image limit."""
+    refusal = form_data_refusal(request.headers.get("content-type"))
+    if refusal is not None:
+        raise refusal
+    try:
+        form = await request.form(**_EDIT_FORM_LIMITS)
+    except (StarletteHTTPException, MultiPartException) as exc:  # a malformed body, or one past the limits
+        reason = getattr(exc, "detail", None) or getattr(exc, "message", "")
+        raise_invalid([field_error(("body",), f"not a readable multipart/form-data body: {reason}", "form_invalid")])
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    errors = []
+    try:
+        for name, value in form.multi_items():
+            key = name.removesuffix("[]")
+            if isinstance(value, UploadFile):
+                if key not in EDIT_FILES:
+                    errors.append(field_error(("body", key), "not a file field of this endpoint (image, mask)", "extra_forbidden"))
+                elif key in files:
+                    errors.append(field_error(("body", key), f"send one {key} (one image is edited)", "unsupported"))
+                else:
+                    data = await value.read(settings.max_image_bytes + 1)
+                    if len(data) > settings.max_image_bytes:
+                        raise PayloadTooLarge([field_error(
+                            ("body", key), f"image is larger than the limit of {settings.max_image_bytes} bytes",
+                            "too_large", ctx={"max_bytes": settings.max_image_bytes},
+                        )])
+                    files[key] = data
+            elif key in EDIT_FILES:
+                errors.append(field_error(("body", key), "must be a file (a multipart part with a filename)", "file_expected"))
+            elif key in fields:
+                errors.append(field_error(("body", key), "sent twice", "duplicate_field"))
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    if "image" not in files and not any(error["loc"] == ["body", "image"] for error in errors):
+        errors.append(field_error(("body", "image"), "the image to edit is required (a PNG or JPEG file)", "missing"))
+    raise_invalid(errors)
+    return fields, files
+
+
+def _alpha(image: Image.Image) -> np.ndarray | None:
+    """The image's alpha channel, or None where it has none."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        return np.asarray(image.convert("RGBA"))[..., 3]
+    return None
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def edit_mask(image: bytes, mask: bytes | None, settings: Settings) -> bytes:
+    """OpenAI's edit mask as this API's ``mask`` (white repaints): the mask's fully transparent pixels
+    where it has an alpha channel, else its own white; without a mask, the image's transparent pixels
+    (OpenAI: "If mask is not provided, image must have transparency")."""
+    if mask is not None:
+        with open_image(mask, ("body", "mask"), settings.max_image_pixels, ("PNG", "JPEG")) as opened:
+            alpha = _alpha(opened)
+        return mask if alpha is None else _png(np.where(alpha == 0, 255, 0).astype(np.uint8))
+    with open_image(image, ("body", "image"), settings.max_image_pixels, ("PNG", "JPEG")) as opened:
+        alpha = _alpha(opened)
+    if alpha is None or not (alpha == 0).any():
+        raise_invalid([field_error(
+            ("body", "mask"), "send a mask, or an image with fully transparent pixels (alpha 0) where to edit",
+            "mask_missing",
+        )])
+    return _png(np.where(alpha == 0, 255, 0).astype(np.uint8))
+
+
+def edit_request(fields: dict[str, str], files: dict[str, bytes], settings: Settings) -> OpenAIImagesRequest:
+    """The edit as an OpenAI images request with this API's ``init_image`` and ``mask`` (image decoding:
+    call it from a thread pool)."""
+    try:
+        form = OpenAIImageEditForm.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError([{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]) from None
+    mask = edit_mask(files["image"], files.get("mask"), settings)
+    data = {
+        **form.model_dump(exclude_none=True, exclude=set(OpenAIImageEditForm.IGNORED)),
+        "init_image": base64.b64encode(files["image"]).decode("ascii"),
+        "mask": base64.b64encode(mask).decode("ascii"),
+    }
+    try:
+        return OpenAIImagesRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(_with_edit_names([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])) from None
+
+
+def _with_edit_names(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Errors whose locations name the edit's fields as OpenAI's (``image``, not ``init_image``)."""
+    renamed = []
+    for error in errors:
+        loc = list(error.get("loc", ()))
+        if len(loc) >= 2 and loc[0] == "body" and loc[1] in _EDIT_FIELD_NAMES:
+            loc[1] = _EDIT_FIELD_NAMES[loc[1]]
+        renamed.append({**error, "loc": loc})
+    return renamed
+
+
+@router.post(
+    "/v1/images/edits",
+    response_model=OpenAIImagesResponse,
+    response_model_exclude_none=True,
+    responses={**_OPENAI_IMAGES_RESPONSES, 415: {"model": OpenAIError, "description": "The body is not multipart/form-data"}},
+    openapi_extra=_edit_form_schema(),
+    tags=["openai"],
+)
+async def openai_image_edits(call: SubmissionDep) -> JSONResponse:
+    """OpenAI-compatible image edit (inpainting): ``image`` and ``mask`` files, ``prompt``, ``n``, ``size``,
+    ``response_format``; /generate's fields as extensions. Imported latent models (SD, SDXL) only, as img2img."""
+    settings = call.settings
+    fields, files = await read_edit_form(call.request, settings)
+    check_served_model(fields.get("model"), call.capabilities.id)
+    try:
+        body = await run_in_threadpool(edit_request, fields, files, settings)
+        return await _openai_images_answer(body, call)
+    except RequestValidationError as exc:
+        raise RequestValidationError(_with_edit_names(list(exc.errors()))) from None
+    except PayloadTooLarge as exc:
+        raise PayloadTooLarge(_with_edit_names(exc.errors())) from None

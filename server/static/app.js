@@ -24,6 +24,8 @@ const state = {
   nextLabel: 1,
   style: null,        // {b64, dataUrl} of the style image
   init: null,         // {b64, dataUrl} of the init image (img2img)
+  mask: null,         // {b64, dataUrl} of its mask (inpainting)
+  strengths: null,    // GET /v1/models request.strength: {default, default_with_mask}
   job: null,          // the running job: {id, body, sent, colorMap, started}
   history: [],
   retry: null,        // action to rerun once an API key is entered
@@ -412,7 +414,7 @@ function showFieldError(loc, msg, sent) {
     const slot = document.querySelector(`[data-error-for="${path.slice(0, n).join(".")}"]`);
     if (slot) {
       slot.textContent = msg;
-      if (["negative_prompt", "style_image", "init_image", "strength"].includes(path[0])) $("more").open = true;
+      if (["negative_prompt", "style_image", "init_image", "mask", "strength"].includes(path[0])) $("more").open = true;
       return;
     }
   }
@@ -456,6 +458,7 @@ function buildRequest() {
   if (state.style) body.style_image = state.style.b64;
   if (state.init && !$("init-controls").hidden) {
     body.init_image = state.init.b64;
+    if (state.mask) body.mask = state.mask.b64;
     body.strength = Number($("strength").value);
   }
   for (const side of ["width", "height"]) {
@@ -576,7 +579,7 @@ async function showResult(job, view) {
       width: job.body.width, height: job.body.height,
       regions: job.sent.map((r) => ({ color: r.color, phrase: r.phrase, strength: r.strength })),
       color_map: job.colorMap, style: Boolean(job.body.style_image),
-      strength: job.body.init_image ? job.body.strength : null,
+      strength: job.body.init_image ? job.body.strength : null, masked: Boolean(job.body.mask),
     };
     const result = $("result");
     result.src = dataUrl;
@@ -615,7 +618,7 @@ function describe(e) {
   return `${e.prompt} · steps ${e.steps} · guidance ${e.guidance_scale} · seed ${e.seed} · ${e.sampler}` +
     (e.width && e.height ? ` · ${e.width}x${e.height}` : "") +
     (regions ? ` · painted: ${regions}` : "") + (e.style ? " · style image" : "") +
-    (e.strength ? ` · from an init image at strength ${e.strength}` : "") +
+    (e.strength ? ` · from an init image at strength ${e.strength}` : "") + (e.masked ? " · inpainted" : "") +
     (e.negative_prompt ? ` · not: ${e.negative_prompt}` : "");
 }
 
@@ -674,6 +677,12 @@ async function reuseEntry(e) {
 // that makes more than one size (a latent one) gets width and height, starting
 // at its default, in steps of the multiple it needs.
 // A control the user changed before the listing arrived keeps their value.
+function followMaskStrength() {
+  const strengths = state.strengths;
+  if (!strengths || $("strength").dataset.touched) return;
+  $("strength").value = state.mask ? strengths.default_with_mask : strengths.default;
+}
+
 function setUntouched(control, value) {
   const untouched = control.tagName === "SELECT"
     ? control.selectedOptions[0]?.defaultSelected
@@ -706,7 +715,10 @@ async function applyCapabilities() {
     if (request.sampler) setUntouched(samplerControl, request.sampler.default);
     if (caps.init_image) {
       $("init-controls").hidden = false;
-      if (request.strength) setUntouched($("strength"), request.strength.default);
+      if (request.strength) {
+        state.strengths = request.strength;
+        setUntouched($("strength"), request.strength.default);
+      }
     }
     const sizes = caps.sizes;
     if (sizes && !sizes.fixed) {
@@ -742,6 +754,10 @@ function init() {
       if (!$(`${side}-field`).hidden && pixels >= step) $(side).value = pixels - (pixels % step);
     }
   });
+  // inpainting's own default strength (diffusers' inpaint pipelines': 1) while the user has not set one
+  setupImageInput("mask-image", "mask-preview", "clear-mask", "mask", () => followMaskStrength());
+  $("clear-mask").addEventListener("click", () => followMaskStrength());
+  $("strength").addEventListener("input", () => { $("strength").dataset.touched = "1"; });
   applyCapabilities();
   renderChips();
   renderHistory();

@@ -118,6 +118,50 @@ def test_img2img_over_http_starts_from_the_init_image(served_sdxl):
     assert Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).size == (32, 32)
 
 
+def test_inpainting_over_http_is_the_reference_pipelines(served_sdxl, imported_sdxl):
+    """A real worker (the engine, its batches) inpaints as the reference pipeline does (whose parity with
+    diffusers' StableDiffusionInpaintPipeline is tests/model/test_inpainting.py); OpenAI's edits, sent by
+    the openai client with the same mask and fields, make the same pixels; another mask other ones."""
+    import openai
+
+    from ediffi.pipeline import GenerationRequest, generate
+
+    gradient = Image.fromarray(np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (24, 1))[..., None].repeat(3, axis=2))
+    box = np.zeros((24, 40), dtype=np.uint8)
+    box[4:20, 10:30] = 255
+    mask = Image.fromarray(box, "L")
+    sampling = {"steps": 6, "seed": 3, "sampler": "dpmpp_2m", "use_karras_sigmas": False, "guidance_scale": 5.0}
+    body = {"prompt": "a red cat on the house", "init_image": _png_b64(gradient), "mask": _png_b64(mask), **sampling}
+    response = httpx.post(served_sdxl + "/generate", json=body, timeout=240)
+    assert response.status_code == 200, response.text
+    served = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]["b64_json"])))
+    (reference,) = generate(imported_sdxl, GenerationRequest("a red cat on the house", init_image=gradient, mask=mask,
+                                                              **sampling))
+    assert served.size == reference.size == (40, 24)
+    figure = psnr(served, reference)
+    print(f"inpainting, served vs reference pipeline: PSNR {figure:.2f} dB")
+    assert figure >= 60
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    with openai.OpenAI(base_url=served_sdxl + "/v1", api_key="sk-unused", max_retries=0, timeout=240) as client:
+        edited = client.images.edit(
+            image=("in.png", png(gradient), "image/png"), mask=("mask.png", png(mask), "image/png"),
+            prompt="a red cat on the house", response_format="b64_json", extra_body=sampling,
+        )
+        other = client.images.edit(
+            image=("in.png", png(gradient), "image/png"),
+            mask=("mask.png", png(mask.transpose(Image.Transpose.FLIP_TOP_BOTTOM).rotate(90, expand=False)), "image/png"),
+            prompt="a red cat on the house", response_format="b64_json", extra_body=sampling,
+        )
+    edited_pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json))))
+    assert np.array_equal(edited_pixels, np.asarray(served))
+    assert not np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(other.data[0].b64_json)))), edited_pixels)
+
+
 @pytest.mark.parametrize(
     ("extra", "field"),
     [

@@ -395,3 +395,25 @@ def test_an_init_image_is_offered_where_the_model_takes_one_and_sent_with_its_st
         assert job["inputs"]["init_image"] == init.read_bytes()
         assert (job["params"]["strength"], job["params"]["width"], job["params"]["height"]) == (0.5, 40, 24)
         assert "init image at strength 0.5" in driver.find_element("id", "result-caption").text
+        assert "mask" not in job["inputs"]
+        # a mask (inpainting): sent with the image; the strength follows inpainting's default while untouched
+        mask = tmp_path / "mask.png"
+        buffer = io.BytesIO()
+        Image.new("L", (40, 24), 255).save(buffer, format="PNG")
+        mask.write_bytes(buffer.getvalue())
+        driver.refresh()
+        wait_for(driver, lambda d: not d.execute_script("return document.getElementById('init-controls').hidden"), 10,
+                 "no init-image control")
+        driver.find_element("id", "more").click()
+        driver.find_element("id", "init-image").send_keys(str(init))
+        driver.find_element("id", "mask-image").send_keys(str(mask))
+        mask_preview = driver.find_element("id", "mask-preview")
+        wait_for(driver, lambda d: mask_preview.is_displayed(), 5, "no mask preview")
+        assert driver.find_element("id", "strength").get_attribute("value") == "1"
+        set_value(driver, "steps", "4")
+        type_prompt(driver, "a red circle")
+        driver.find_element("id", "generate").click()
+        assert finished_state(driver) == "succeeded"
+        job = server.worker.jobs[-1]
+        assert job["inputs"]["mask"] == mask.read_bytes() and job["params"]["strength"] == 1.0
+        assert "inpainted" in driver.find_element("id", "result-caption").text

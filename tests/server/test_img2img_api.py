@@ -73,9 +73,16 @@ def test_a_plain_request_carries_no_strength(sdxl_capabilities):  # noqa: F811
     ],
 )
 def test_what_img2img_cannot_take_is_422_naming_the_field(sdxl_capabilities, path, imported, fields, field, words):  # noqa: F811
+    assert_refused(sdxl_capabilities if imported else None, path, fields, field, words)
+
+
+def assert_refused(capabilities, path: str, fields: dict, field: str, words: str) -> None:
+    """``fields`` (with a prompt) sent to ``path`` is a 422 naming ``field`` (its message has ``words``),
+    and nothing is queued."""
+
     @run_async
     async def check() -> None:
-        async with api(sdxl_capabilities if imported else None) as (client, queue):
+        async with api(capabilities) as (client, queue):
             response = await client.post(path, json={"prompt": "a cat", **fields})
             assert error_locs(response) == [["body", field]], response.text
             assert words in error_message(response)
@@ -91,7 +98,9 @@ def test_models_lists_init_image_and_strength(sdxl_capabilities):  # noqa: F811
             async with api(capabilities) as (client, _):
                 caps = (await client.get("/v1/models")).json()["data"][0]["capabilities"]
                 assert caps["init_image"] is takes
-                expected = {"default": 0.8, "min": 0.0, "max": 1.0, "exclusive_min": True} if takes else None
+                assert caps["mask"] is takes  # inpainting, wherever img2img is
+                expected = {"default": 0.8, "default_with_mask": 1.0, "min": 0.0, "max": 1.0, "exclusive_min": True}
+                expected = expected if takes else None
                 assert caps["request"]["strength"] == expected
 
     check()
@@ -119,7 +128,6 @@ def test_a1111_img2img_takes_its_init_image_and_denoising_strength(sdxl_capabili
     ("imported", "fields", "field"),
     [
         (True, {"init_images": [_png(), _png()]}, "init_images"),
-        (True, {"mask": _png()}, "mask"),
         (True, {"resize_mode": 1}, "resize_mode"),
         (True, {"denoising_strength": 0}, "denoising_strength"),
         (True, {"denoising_strength": 0.1, "steps": 5}, "denoising_strength"),  # no step would run
