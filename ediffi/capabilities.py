@@ -80,6 +80,8 @@ class ModelCapabilities:
     # img2img: an init image (and its strength) is taken: an imported latent model of one stage
     # (SD, SDXL), whose VAE encodes it, as diffusers' img2img pipelines; and with it a mask (inpainting).
     init_image: bool = False
+    # An inpainting checkpoint (its UNet takes the mask): every request sends an init image and a mask.
+    mask_required: bool = False
 
     def max_side(self, max_image_side: int) -> int:
         """The largest width/height a request may ask for: the server's limit, or
@@ -127,6 +129,8 @@ class ModelCapabilities:
             errors["strength"] = "goes with an init_image (img2img)"
         if mask and not init_image:
             errors["mask"] = "goes with an init_image: the mask says which of its pixels to repaint (white) and keep (black)"
+        elif self.mask_required and not (init_image and mask):
+            errors["mask"] = "this is an inpainting checkpoint (its UNet takes the mask): send an init_image and a mask"
         if "sampler" in errors:
             return errors
         if (message := self.sampler_error(sampler)) is not None:
@@ -234,6 +238,7 @@ def model_capabilities(config: ModelConfig) -> ModelCapabilities:
         scheduler_sigmas=all(stage.schedule is not None for stage in config.stages),
         pndm_min_steps=4 if any(s.schedule is not None and not s.schedule.skip_prk_steps for s in config.stages) else 1,
         init_image=config.is_imported and len(config.stages) == 1 and config.stages[0].latent is not None,
+        mask_required=any(stage.mask_channels for stage in config.stages),
     )
 
 

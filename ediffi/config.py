@@ -138,6 +138,9 @@ class DiffusersUNetConfig(_Strict):
     # (the noise level) is the UNet's class label.
     low_res_channels: int = Field(0, ge=0)
     noise_level_schedule: TrainingScheduleConfig | None = None
+    # Inpainting UNets (stable-diffusion-inpainting: 9 = 4 + 1 + 4 input channels): channels of the
+    # mask (1) and the masked image's latents concatenated to the latents, as diffusers' inpaint pipelines.
+    mask_channels: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _super_resolution_has_noise_levels(self) -> DiffusersUNetConfig:
@@ -235,6 +238,11 @@ class StageConfig(_Strict):
     @property
     def is_super_resolution(self) -> bool:
         return self.experts[0].network.low_res_channels > 0
+
+    @property
+    def mask_channels(self) -> int:
+        """Channels of the mask and masked-image latents its UNets take (an inpainting checkpoint), else 0."""
+        return getattr(self.experts[0].network, "mask_channels", 0)
 
     @property
     def is_discrete(self) -> bool:
@@ -424,6 +432,7 @@ class GenerationDefaults(_Strict):
 #: for its DDPM scheduler; DPM++ 2M needs fewer), and stage I's guidance.
 PIPELINE_DEFAULTS: dict[str, GenerationDefaults] = {
     "StableDiffusionPipeline": GenerationDefaults(steps=50, guidance_scale=7.5, sampler="euler"),
+    "StableDiffusionInpaintPipeline": GenerationDefaults(steps=50, guidance_scale=7.5, sampler="euler"),
     "StableDiffusionXLPipeline": GenerationDefaults(steps=50, guidance_scale=5.0, sampler="euler"),
     "IFPipeline": GenerationDefaults(steps=50, guidance_scale=7.0, sampler="dpmpp_2m"),
 }

@@ -38,6 +38,7 @@ def load_imported_model(model_dir: Path, config: ModelConfig) -> EDiffIModel:
                 unet, net.prediction_type, net.schedule, config.encoders.conditioning(net.conditioning),
                 encoders.context_columns[net.conditioning], encoders.pooled_columns[net.conditioning],
                 learned_variance=net.learned_variance, noise_level_schedule=net.noise_level_schedule,
+                mask_channels=net.mask_channels,
             )
         decoder = None
         if stage.latent is not None:

@@ -269,6 +269,7 @@ class DiscreteUNetDenoiser(nn.Module):
         pooled_columns: tuple[int, int],
         learned_variance: bool = False,
         noise_level_schedule: TrainingScheduleConfig | None = None,
+        mask_channels: int = 0,
     ):
         super().__init__()
         self.unet = unet
@@ -279,6 +280,8 @@ class DiscreteUNetDenoiser(nn.Module):
         self.pooled_columns = pooled_columns
         # IF predicts [epsilon | variance]; the ODE needs epsilon only.
         self.learned_variance = learned_variance
+        # An inpainting UNet: `low_res` carries the mask and the masked image's latents, concatenated as is.
+        self.mask_channels = mask_channels
         # Not buffers, so .to(dtype) keeps them.
         self.log_sigmas = log_sigma_table(schedule)
         self.noise_level_log_sigmas = None if noise_level_schedule is None else _log_sigmas(noise_level_schedule)
@@ -338,6 +341,9 @@ class DiscreteUNetDenoiser(nn.Module):
             aug = low_res_sigma.to(dtype)[:, None, None, None]
             model_input = torch.cat([model_input, low_res.to(dtype) / (aug**2 + 1) ** 0.5], dim=1)
             class_labels = self.noise_levels(low_res_sigma)
+        elif self.mask_channels:
+            # diffusers' inpaint pipeline: cat([scale_model_input(latents), mask, masked_image_latents])
+            model_input = torch.cat([model_input, low_res.to(dtype)], dim=1)
         out = self.unet(
             model_input,
             (self.timesteps(sigma) if timestep is None else timestep).to(x.device, torch.float32),

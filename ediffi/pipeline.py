@@ -183,7 +183,9 @@ def stage_scheduled_steps(stage: StageConfig, steps: int, sampler: str) -> Sched
 
 @dataclass
 class DenoiserInputs:
-    """Rows of one denoiser call (docs/architecture.md §3). SR stages fill low_res*."""
+    """Rows of one denoiser call (docs/architecture.md §3). SR stages fill low_res* (the upsampled image
+    and its noise level); an inpainting checkpoint's stage fills low_res with its mask and masked-image
+    latents (no noise level)."""
 
     x: torch.Tensor
     sigma: torch.Tensor
@@ -409,7 +411,9 @@ class RequestRun:
         else:
             scale = initial_noise_scale(self._schedule, float(sigmas[0]))
         request = self.request
-        if request.init_image is not None and self.stage_index == 0:
+        if request.init_image is not None and self.stage_index == 0 and stage.mask_channels:
+            x = self._start_inpainting_unet(stage, shape, scale)
+        elif request.init_image is not None and self.stage_index == 0:
             # img2img: the VAE's sample of the init image (each image's generator first draws its
             # latent), then that generator's noise added at the first sigma run: scheduler.add_noise.
             init = self._init_latents(stage)
@@ -421,11 +425,8 @@ class RequestRun:
                 self._noise(shape)
             if request.mask is not None and request.init_strength == 1.0:
                 x = noise * scale  # the inpaint pipeline's strength 1: pure noise, the image kept outside the mask
-            elif scheduled is not None:  # ddim, pndm: the variance-preserving sample at its first timestep
-                a = scheduled.alpha(scheduled.timesteps[0])
-                x = a**0.5 * init + (1 - a) ** 0.5 * noise
             else:
-                x = init + float(sigmas[0]) * noise
+                x = self._noised_init(init, noise)
         else:
             x = self._noise(shape) * scale
         if stage.is_super_resolution:
@@ -444,6 +445,34 @@ class RequestRun:
         # scheduler: a multistep solver's history restarts where the next expert takes over.
         restarts = [expert.sigma_lo for expert in stage.experts if expert.sigma_lo > 0] if self._schedule else []
         return self._new_sampler(self.stage_index, x.to(device, dtype), restart_below=restarts)
+
+    def _noised_init(self, init: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The init image's latents at the first step run: the scheduler's add_noise (ddim and pndm: the
+        variance-preserving sample at its first timestep; else x0 + sigma noise)."""
+        sigmas, scheduled = self._schedules[self.stage_index]
+        if scheduled is not None:
+            a = scheduled.alpha(scheduled.timesteps[0])
+            return a**0.5 * init + (1 - a) ** 0.5 * noise
+        return init + float(sigmas[0]) * noise
+
+    def _start_inpainting_unet(self, stage: StageConfig, shape: tuple[int, int, int], scale: float) -> torch.Tensor:
+        """An inpainting checkpoint, as StableDiffusionInpaintPipeline with its 9-channel UNet: at strength
+        1 pure noise (the image is not encoded for it), below it the image's latent sample noised to the
+        first step run; then the masked image (its pixels under the mask zeroed) encoded with the same
+        generators. The mask and those latents go to every call (``low_res``); no latents are replaced."""
+        request = self.request
+        if request.init_strength == 1.0:
+            x = self._noise(shape) * scale
+        else:
+            init = self._init_latents(stage)
+            x = self._noised_init(init, self._noise(shape).to(init))
+        pixel_mask = mask_to_model_input(request.mask, self.cond.width, self.cond.height)
+        masked = image_to_model_input(request.init_image, self.cond.width, self.cond.height) * (pixel_mask < 0.5)
+        decoder = self.model.stages[stage.name].experts[DECODER]
+        masked_latents = decoder.encode(masked, self.generators)
+        latent_mask = F.interpolate(pixel_mask, size=shape[1:]).to(masked_latents).expand(len(self.generators), -1, -1, -1)
+        self._low_res = torch.cat([latent_mask, masked_latents], dim=1).to(self.model.device, self.model.dtype)
+        return x
 
     def _init_latents(self, stage: StageConfig) -> torch.Tensor:
         """[n, C, h, w]: the init image at the output size, encoded by the stage's VAE, one latent

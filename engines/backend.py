@@ -189,6 +189,8 @@ class Backend(ABC):
         g = torch.Generator().manual_seed(rows)
         length = enc.context_length
         sr = cfg.is_super_resolution
+        # an inpainting UNet's mask and masked-image latents travel as low_res (no noise level)
+        extra = ch if sr else cfg.mask_channels
         return DenoiserInputs(
             x=(torch.randn(rows, ch, size, size, generator=g) * sigma).to(device, dtype),
             sigma=torch.full((rows,), sigma, device=device, dtype=torch.float32),  # noise levels stay float32
@@ -197,7 +199,7 @@ class Backend(ABC):
             pooled=torch.randn(rows, enc.pooled_dim, generator=g).to(device, dtype),
             pww_mask=torch.zeros(rows, length, size, size, device=device, dtype=dtype),
             pww_strength=torch.zeros(rows, device=device, dtype=dtype),
-            low_res=torch.randn(rows, ch, size, size, generator=g).to(device, dtype) if sr else None,
+            low_res=torch.randn(rows, extra, size, size, generator=g).to(device, dtype) if extra else None,
             low_res_sigma=torch.full((rows,), cfg.low_res_aug_sigma, device=device, dtype=torch.float32) if sr else None,
             timestep=None if cfg.schedule is None else torch.full(
                 (rows,), timestep_at(cfg.schedule, sigma), device=device, dtype=torch.float32

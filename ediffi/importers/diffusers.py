@@ -306,13 +306,21 @@ def _text_encoder(folder: PipelineFolder, prefix: str, encoder: str, tokenizer: 
     )
 
 
-def _unet(folder: PipelineFolder, prefix: str, plan: ImportPlan) -> dict:
+def _unet(folder: PipelineFolder, prefix: str, plan: ImportPlan, inpainting: bool = False) -> dict:
+    """The UNet's config; its input channels are the VAE's latents (an inpainting UNet's: the latents,
+    the mask and the masked image's latents, 2 x latent + 1)."""
     plan.components[f"{prefix}/unet"] = folder.component("unet")
     plan.components[f"{prefix}/vae"] = folder.component("vae")
     plan.components[f"{prefix}/scheduler"] = folder.component("scheduler", weights=False)
     unet_cfg = folder.config("unet")
-    if folder.config("vae").get("latent_channels", 4) != unet_cfg.get("in_channels", 4):
-        raise DiffusersImportError(f"{folder.root}: the UNet's in_channels do not match the VAE's latent_channels")
+    latent = int(folder.config("vae").get("latent_channels", 4))
+    expected = 2 * latent + 1 if inpainting else latent
+    if int(unet_cfg.get("in_channels", 4)) != expected:
+        raise DiffusersImportError(
+            f"{folder.root}: the UNet's in_channels ({unet_cfg.get('in_channels', 4)}) are not "
+            + (f"2 x the VAE's latent_channels + 1 = {expected} (an inpainting UNet)" if inpainting
+               else f"the VAE's latent_channels ({latent}); an inpainting UNet comes in a StableDiffusionInpaintPipeline folder")
+        )
     return unet_cfg
 
 
@@ -320,7 +328,7 @@ def _stage(folder: PipelineFolder, experts: list[ExpertConfig], schedule: Traini
     latent = _latent(folder.config("vae"), unet_cfg, f"{vae_prefix}/vae")
     sigmas = training_sigmas(schedule)
     return StageConfig(
-        name="base", image_size=_default_size(unet_cfg, latent), channels=int(unet_cfg.get("in_channels", 4)),
+        name="base", image_size=_default_size(unet_cfg, latent), channels=int(folder.config("vae").get("latent_channels", 4)),
         sigma_min=float(sigmas[0]), sigma_max=float(sigmas[-1]), latent=latent, experts=experts,
     )
 
@@ -333,11 +341,14 @@ def import_stable_diffusion(base: PipelineFolder, refiner: PipelineFolder | None
     text = _text_encoder(base, "base", "text_encoder", "tokenizer", plan, projection=False)
     cond = ConditioningConfig(name="base", encoders=[text.name], hidden_state="last", empty_negative="encode")
     plan.encoders = DiffusersEncodersConfig(kind="diffusers_clip", text_encoders=[text], conditionings=[cond])
-    unet_cfg = _unet(base, "base", plan)
+    inpainting = base.pipeline_class == "StableDiffusionInpaintPipeline"
+    unet_cfg = _unet(base, "base", plan, inpainting=inpainting)
     schedule, prediction = schedule_of(base)
+    mask_channels = int(unet_cfg["in_channels"]) // 2 + 1 if inpainting else 0  # the mask, the masked latents
     expert = ExpertConfig(
         name="unet", sigma_lo=0.0, sigma_hi=None,
-        network=DiffusersUNetConfig(kind="diffusers_unet", path="base/unet", prediction_type=prediction, schedule=schedule, conditioning="base"),
+        network=DiffusersUNetConfig(kind="diffusers_unet", path="base/unet", prediction_type=prediction, schedule=schedule,
+                                    conditioning="base", mask_channels=mask_channels),
     )
     plan.stages = [_stage(base, [expert], schedule, unet_cfg, "base")]
     return plan
@@ -529,6 +540,8 @@ def import_deepfloyd_if(stage_1: PipelineFolder, stage_2: PipelineFolder | None,
 # or IF's stage II (--sr), as COMPANION_FLAGS says.
 PIPELINES: dict[str, Callable[[PipelineFolder, PipelineFolder | None, float], ImportPlan]] = {
     "StableDiffusionPipeline": import_stable_diffusion,
+    # stable-diffusion-inpainting: its UNet takes the mask (every request inpaints)
+    "StableDiffusionInpaintPipeline": import_stable_diffusion,
     "StableDiffusionXLPipeline": import_stable_diffusion_xl,
     "IFPipeline": import_deepfloyd_if,
 }

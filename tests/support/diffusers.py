@@ -77,7 +77,8 @@ def tiny_vae(seed: int):
     ).eval()
 
 
-def tiny_unet(seed: int, cross_attention_dim: int, sdxl_time_ids: int = 0, text_embeds_dim: int = 0, sample_size: int = 16):
+def tiny_unet(seed: int, cross_attention_dim: int, sdxl_time_ids: int = 0, text_embeds_dim: int = 0, sample_size: int = 16,
+              in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -89,7 +90,7 @@ def tiny_unet(seed: int, cross_attention_dim: int, sdxl_time_ids: int = 0, text_
             transformer_layers_per_block=(1, 1),
         )
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=sample_size, in_channels=in_channels, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross_attention_dim, attention_head_dim=(2, 4), norm_num_groups=8, **extra,
     )
@@ -101,6 +102,25 @@ def tiny_unet(seed: int, cross_attention_dim: int, sdxl_time_ids: int = 0, text_
             if name.endswith(("attn2.to_out.0", "attn2.to_q", "attn2.to_k")):
                 module.weight.normal_(0, 1.0)
     return unet.eval()
+
+
+def build_tiny_sd_inpainting(folder: Path, seed: int = 30) -> Path:
+    """A tiny SD inpainting checkpoint (as stable-diffusion-inpainting): a StableDiffusionInpaintPipeline
+    folder whose UNet takes 9 channels, the latents, the mask and the masked image's latents."""
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline
+
+    tokenizer = clip_tokenizer()
+    unet = tiny_unet(seed + 2, cross_attention_dim=32, in_channels=9)
+    with torch.no_grad():  # the mask and masked-image channels strongly felt, so a mistake in them shows
+        unet.conv_in.weight[:, 4:].normal_(0, 1.0)
+    pipe = StableDiffusionInpaintPipeline(
+        vae=tiny_vae(seed), text_encoder=clip_text_encoder(tokenizer, 32, None, seed + 1), tokenizer=tokenizer,
+        unet=unet, scheduler=PNDMScheduler(**SD_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    out = folder / "sd-inpainting"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
 
 
 def build_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
