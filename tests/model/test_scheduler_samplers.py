@@ -200,7 +200,11 @@ def test_the_shipped_family_samples_euler_a_but_not_ddim_or_pndm(tiny_model):
     request = GenerationRequest("a red circle", steps=6, seed=3, sampler="euler_a", n=2)
     alone = [np.asarray(image) for image in generate(tiny_model, request)]
     batched = generate_batch(tiny_model, [GenerationRequest("a blue square", steps=4, seed=9, sampler="heun"), request])[1]
-    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(alone, batched))
+    # Batch independent: the same pixels up to the last-bit differences a convolution over another batch
+    # size may make with several threads (its noise drawn from the batch would be another picture).
+    figures = [psnr(a, b) for a, b in zip(alone, batched)]
+    print(f"euler_a alone vs in a batch: PSNR {', '.join(f'{f:.2f}' for f in figures)} dB")
+    assert min(figures) >= 60, figures
     euler = generate(tiny_model, GenerationRequest("a red circle", steps=6, seed=3, sampler="euler"))[0]
     assert not np.array_equal(alone[0], np.asarray(euler))
     for sampler in ("ddim", "pndm"):
