@@ -32,7 +32,7 @@ def check_before_loading(request, model_dir: Path, max_image_side: int) -> None:
     errors = capabilities.request_errors(
         sampler=request.sampler, steps=request.steps, use_karras_sigmas=request.use_karras_sigmas,
         sr_noise_level=request.sr_noise_level, init_image=request.init_image is not None,
-        strength=request.init_strength if request.init_image is not None else None, mask=request.mask is not None,
+        strength=request.strength if request.init_image is not None else None, mask=request.mask is not None,
     )
     for name, message in errors.items():
         raise spec.InputError(name, message)
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--strength", type=float,
         help=f"with --init-image: int(steps x strength) steps run from it noised to that level (default "
-        f"{spec.DEFAULT_INIT_STRENGTH}; {spec.DEFAULT_INPAINT_STRENGTH} with --mask)",
+        f"{spec.DEFAULT_INIT_STRENGTH}; with --mask the model's inpainting default, 1 or SDXL's 0.9999)",
     )
     gen.add_argument(
         "--mask",

@@ -117,7 +117,7 @@ class ModelCapabilities:
             )
         elif init_image and steps is not None:
             try:
-                spec.init_image_steps(steps, spec.default_strength(mask) if strength is None else strength)
+                spec.init_image_steps(steps, self.defaults.strength_for(mask) if strength is None else strength)
             except spec.InputError as exc:
                 errors[exc.field] = exc.message
             if sampler == "pndm" and self.pndm_min_steps > 1:
@@ -204,7 +204,7 @@ class ModelCapabilities:
             # with an init_image (img2img): int(steps x strength) steps run; null where none is taken
             # (default_with_mask: inpainting's, diffusers' inpaint pipelines')
             "strength": {
-                "default": spec.DEFAULT_INIT_STRENGTH, "default_with_mask": spec.DEFAULT_INPAINT_STRENGTH,
+                "default": spec.DEFAULT_INIT_STRENGTH, "default_with_mask": self.defaults.inpaint_strength,
                 "min": 0.0, "max": 1.0, "exclusive_min": True,
             } if self.init_image else None,
         }

@@ -398,6 +398,13 @@ class GenerationDefaults(_Strict):
     # Imported models: False samples on the scheduler's own sigmas (the importer's default
     # where the folder loads a plain EulerDiscreteScheduler or DPM-Solver++ 2M).
     use_karras_sigmas: bool = True
+    # The strength of an inpainting request that sends none (its diffusers inpaint pipeline's default).
+    inpaint_strength: float = Field(spec.DEFAULT_INPAINT_STRENGTH, gt=0.0, le=1.0)
+
+    def strength_for(self, masked: bool) -> float:
+        """The strength of a request with an init image that sends none: img2img's (diffusers' 0.8),
+        or with a mask this model's inpainting default."""
+        return self.inpaint_strength if masked else spec.DEFAULT_INIT_STRENGTH
 
     def steps_within(self, max_steps: int | None) -> int:
         """The default steps within a server's limit (None: none)."""
@@ -433,7 +440,9 @@ class GenerationDefaults(_Strict):
 PIPELINE_DEFAULTS: dict[str, GenerationDefaults] = {
     "StableDiffusionPipeline": GenerationDefaults(steps=50, guidance_scale=7.5, sampler="euler"),
     "StableDiffusionInpaintPipeline": GenerationDefaults(steps=50, guidance_scale=7.5, sampler="euler"),
-    "StableDiffusionXLPipeline": GenerationDefaults(steps=50, guidance_scale=5.0, sampler="euler"),
+    # StableDiffusionXLInpaintPipeline's strength 0.9999: the first of its steps is skipped, the rest
+    # start from the image noised, not from pure noise
+    "StableDiffusionXLPipeline": GenerationDefaults(steps=50, guidance_scale=5.0, sampler="euler", inpaint_strength=0.9999),
     "IFPipeline": GenerationDefaults(steps=50, guidance_scale=7.0, sampler="dpmpp_2m"),
 }
 

@@ -33,7 +33,7 @@ from ediffi.paint import build_pww_inputs
 from ediffi.samplers import Evaluation, Sampler, ScheduledSteps, classifier_free_guidance, karras_sigmas, make_sampler
 from ediffi.spec import (
     DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SEED, DEFAULT_STEPS, SAMPLERS, SCHEDULER_ONLY_SAMPLERS, Region,
-    check_mask_size, check_seed, check_style_image_shape, default_strength, guidance_enabled, init_image_steps,
+    check_mask_size, check_seed, check_style_image_shape, guidance_enabled, init_image_steps,
 )
 
 
@@ -65,7 +65,7 @@ class GenerationRequest:
     # img2img (imported latent models): the image to start from, encoded by the VAE and noised to the
     # level where int(steps x strength) steps remain (diffusers' img2img pipelines' `image`, `strength`).
     init_image: Image.Image | None = None
-    # None: the default of the pipeline diffusers would use (spec.default_strength: 0.8, 1.0 with a mask).
+    # None: the model's default, its diffusers pipeline's (init_strength: 0.8; with a mask 1, SDXL's 0.9999).
     strength: float | None = None
     # Inpainting (with an init image of the same size): white (>= 50% grey) repaints, black keeps the
     # init image, as diffusers' inpaint pipelines' `mask_image` (and A1111's mask).
@@ -96,17 +96,18 @@ class GenerationRequest:
             if self.init_image is None:
                 raise InputError("mask", "goes with an init_image: the mask says which of its pixels to repaint")
             check_mask_size(self.mask.size, self.init_image.size)
-        if self.init_image is not None:
-            init_image_steps(self.steps, self.init_strength)
-
-    @property
-    def init_strength(self) -> float:
-        """The strength an init image runs with: the request's, else its pipeline's default."""
-        return default_strength(self.mask is not None) if self.strength is None else self.strength
+        if self.init_image is not None and self.strength is not None:  # the model's default: validate_for_model
+            init_image_steps(self.steps, self.strength)
 
     @property
     def image_seeds(self) -> list[int]:
         return [self.seed + k for k in range(self.n)]
+
+
+def init_strength(config: ModelConfig, request: GenerationRequest) -> float:
+    """The strength a request's init image runs with: its own, else the model's default for it
+    (GenerationDefaults.strength_for: its diffusers pipelines')."""
+    return config.request_defaults.strength_for(request.mask is not None) if request.strength is None else request.strength
 
 
 def output_size(config: ModelConfig, request: GenerationRequest) -> tuple[int, int]:
@@ -149,7 +150,7 @@ def validate_for_model(config: ModelConfig, request: GenerationRequest) -> None:
     errors = model_capabilities(config).request_errors(
         sampler=request.sampler, steps=request.steps, use_karras_sigmas=request.use_karras_sigmas,
         sr_noise_level=request.sr_noise_level, init_image=request.init_image is not None,
-        strength=request.init_strength if request.init_image is not None else None, mask=request.mask is not None,
+        strength=request.strength if request.init_image is not None else None, mask=request.mask is not None,
     )
     for name, message in errors.items():
         raise InputError(name, message)
@@ -326,6 +327,7 @@ class RequestRun:
         self.request = request
         self.cond = conditioning
         self.generators = [torch.Generator().manual_seed(s) for s in request.image_seeds]
+        self.strength = init_strength(model.config, request)
         self.stage_index = 0
         self.evaluations_done = 0
         # Each stage's sigmas (and ddim's / pndm's timesteps), computed once: counted here, run later.
@@ -352,7 +354,7 @@ class RequestRun:
         else:
             sigmas = stage_sigmas(stage, request.steps, request.sampler, request.use_karras_sigmas)
         if request.init_image is not None and stage is self.model.config.stages[0]:
-            start = request.steps - init_image_steps(request.steps, request.init_strength)
+            start = request.steps - init_image_steps(request.steps, self.strength)
             sigmas = sigmas[start:]
             if scheduled is not None:
                 scheduled = dataclasses.replace(scheduled, timesteps=scheduled.timesteps[start:])
@@ -423,7 +425,7 @@ class RequestRun:
                 # The inpaint pipeline then encodes the masked image with the same generators (its
                 # latents feed 9-channel UNets only): the same draws keep euler_a's later noise diffusers'.
                 self._noise(shape)
-            if request.mask is not None and request.init_strength == 1.0:
+            if request.mask is not None and self.strength == 1.0:
                 x = noise * scale  # the inpaint pipeline's strength 1: pure noise, the image kept outside the mask
             else:
                 x = self._noised_init(init, noise)
@@ -461,7 +463,7 @@ class RequestRun:
         first step run; then the masked image (its pixels under the mask zeroed) encoded with the same
         generators. The mask and those latents go to every call (``low_res``); no latents are replaced."""
         request = self.request
-        if request.init_strength == 1.0:
+        if self.strength == 1.0:
             x = self._noise(shape) * scale
         else:
             init = self._init_latents(stage)

@@ -73,15 +73,10 @@ def pick_seed(requested: int | None) -> int:
 #: A1111's ``denoising_strength`` defaults to 0.75): int(steps x strength) of ``steps`` run, from the
 #: noise level of the first of them, on the init image noised to it.
 DEFAULT_INIT_STRENGTH = 0.8
-#: Inpainting (an ``init_image`` and a ``mask``): diffusers' inpaint pipelines' default strength, the
-#: masked region drawn from pure noise (OpenAI's edits repaint it whole too).
+#: Inpainting (an ``init_image`` and a ``mask``): diffusers' StableDiffusionInpaintPipeline's default
+#: strength, the masked region drawn from pure noise (OpenAI's edits repaint it whole too); a model's
+#: own may differ (GenerationDefaults.inpaint_strength: SDXL's inpaint pipeline takes 0.9999).
 DEFAULT_INPAINT_STRENGTH = 1.0
-
-
-def default_strength(masked: bool) -> float:
-    """The strength of a request that sends none: :data:`DEFAULT_INPAINT_STRENGTH` with a mask,
-    else :data:`DEFAULT_INIT_STRENGTH` (each diffusers pipeline's own default)."""
-    return DEFAULT_INPAINT_STRENGTH if masked else DEFAULT_INIT_STRENGTH
 
 
 def init_image_steps(steps: int, strength: float) -> int:

@@ -37,7 +37,6 @@ from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
 from ediffi.failure import FailureKind
 from ediffi.spec import (
     DEFAULT_INIT_STRENGTH,
-    DEFAULT_INPAINT_STRENGTH,
     DEFAULT_STRENGTH,
     HEX_COLOR_PATTERN,
     MAX_GUIDANCE,
@@ -214,8 +213,8 @@ class GenerationOptions(NullMeansDefault):
             strict=True, gt=0.0, le=1.0, allow_inf_nan=False,
             description="With init_image: how much of the schedule runs, diffusers' strength (A1111's denoising_"
             "strength): int(steps x strength) steps from the init image noised to that level; 1 ignores the image's "
-            f"content but its size. Absent: {DEFAULT_INIT_STRENGTH}, or {DEFAULT_INPAINT_STRENGTH} with a mask (each "
-            "diffusers pipeline's default).",
+            f"content but its size. Absent: {DEFAULT_INIT_STRENGTH}, or with a mask the model's inpainting default "
+            "(GET /v1/models request.strength.default_with_mask: its diffusers inpaint pipeline's, 1; SDXL's 0.9999).",
         ),
     ] = None
     mask: Annotated[
@@ -395,7 +394,8 @@ class OpenAIImageEditForm(BaseModel):
     guidance_scale: float | None = None
     seed: int | None = None
     sampler: str | None = None
-    strength: float | None = Field(None, description=f"Absent: {DEFAULT_INPAINT_STRENGTH} (the masked region from noise).")
+    strength: float | None = Field(None, description="Absent: the model's inpainting default (GET /v1/models "
+                                   "request.strength.default_with_mask; 1: the masked region from pure noise).")
     use_karras_sigmas: bool | None = None
 
     #: OpenAI's fields that change nothing here (not passed on).

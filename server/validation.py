@@ -39,7 +39,7 @@ from ediffi.config import GenerationDefaults
 from ediffi.failure import InputError, field_loc
 from ediffi.spec import (
     MAX_SEED, RANDOM_SEED, check_color_map_aspect, check_mask_size, check_seed, check_style_image_shape,
-    default_strength, find_phrase, pick_seed,
+    find_phrase, pick_seed,
 )
 from server.schemas import GenerationOptions, JobPaintWithWords, JobParams, JobRegion, OpenAIImagesRequest
 from server.settings import Settings
@@ -417,6 +417,7 @@ def validate_generation(
         )
 
     seed = pick_seed(request.seed)
+    model_defaults = capabilities.defaults if capabilities is not None else GenerationDefaults()
     params = JobParams(
         version=3 if request.mask is not None else 1 if request.init_image is None else 2,
         prompt=request.prompt,
@@ -432,7 +433,7 @@ def validate_generation(
         use_karras_sigmas=request.use_karras_sigmas,
         width=width,
         height=height,
-        strength=None if request.init_image is None else (request.strength or default_strength(request.mask is not None)),
+        strength=None if request.init_image is None else (request.strength or model_defaults.strength_for(request.mask is not None)),
         response_format=request.response_format,
     ).model_dump(
         mode="json",

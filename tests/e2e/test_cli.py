@@ -219,3 +219,29 @@ def test_seed_minus_one_is_a_random_seed_printed(tiny_model_dir, tmp_path, capsy
     assert seeds[0] != seeds[1] and all(0 <= seed < 2**31 for seed in seeds)
     generate(str(seeds[0]), tmp_path / "again.png")  # the printed seed reproduces the image
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "again.png")))
+
+
+def test_generate_inpaints_with_a_mask(imported_sdxl_dir, imported_sdxl, tmp_path, capsys):
+    """--init-image with --mask: the reference pipeline's inpainting at the model's default strength
+    (SDXL's 0.9999); a mask without its image, or of another size, exits 2 naming mask."""
+    from ediffi.pipeline import GenerationRequest, generate
+
+    init, mask, out = tmp_path / "init.png", tmp_path / "mask.png", tmp_path / "out.png"
+    Image.fromarray(np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (24, 1))).convert("RGB").save(init)
+    box = np.zeros((24, 40), dtype=np.uint8)
+    box[4:20, 8:32] = 255
+    Image.fromarray(box).save(mask)
+    args = ["generate", "a red cat", "--model-dir", str(imported_sdxl_dir), "--steps", "4", "--seed", "5",
+            "--sampler", "euler", "--no-karras-sigmas", "--init-image", str(init)]
+    assert main([*args, "--mask", str(mask), "--out", str(out)]) == 0
+    (expected,) = generate(imported_sdxl, GenerationRequest(
+        "a red cat", steps=4, seed=5, sampler="euler", use_karras_sigmas=False, guidance_scale=5.0,
+        init_image=Image.open(init), mask=Image.open(mask),
+    ))
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    capsys.readouterr()
+    Image.fromarray(box[:12, :20]).save(mask)
+    assert main([*args, "--mask", str(mask), "--out", str(out)]) == 2
+    assert "mask" in capsys.readouterr().err
+    assert main([*args[:-2], "--mask", str(mask), "--out", str(out)]) == 2
+    assert "mask: goes with an init_image" in capsys.readouterr().err

@@ -154,9 +154,53 @@ def test_what_inpainting_cannot_take_is_an_input_error_naming_the_field(sd, tiny
         assert caught.value.field == field, (fields, caught.value)
 
 
-def test_default_strength_is_the_inpaint_pipelines_with_a_mask_and_img2imgs_without():
-    from ediffi.pipeline import GenerationRequest
+def test_default_strength_is_the_models_inpaint_pipelines_with_a_mask_and_img2imgs_without(sd, imported_sdxl):
+    """SD's inpaint pipeline defaults to 1, SDXL's to 0.9999 (its first step skipped, the rest from the
+    noised image), img2img to 0.8; a request's own strength wins."""
+    from ediffi.pipeline import GenerationRequest, init_strength
 
-    assert GenerationRequest(PROMPT, init_image=_init_image(), mask=_mask()).init_strength == 1.0
-    assert GenerationRequest(PROMPT, init_image=_init_image()).init_strength == 0.8
-    assert GenerationRequest(PROMPT, init_image=_init_image(), mask=_mask(), strength=0.5).init_strength == 0.5
+    model, _ = sd
+    assert init_strength(model.config, GenerationRequest(PROMPT, init_image=_init_image(), mask=_mask())) == 1.0
+    assert init_strength(imported_sdxl.config, GenerationRequest(PROMPT, init_image=_init_image(), mask=_mask())) == 0.9999
+    assert init_strength(imported_sdxl.config, GenerationRequest(PROMPT, init_image=_init_image())) == 0.8
+    assert init_strength(model.config, GenerationRequest(PROMPT, init_image=_init_image(), mask=_mask(), strength=0.5)) == 0.5
+
+
+@pytest.fixture(scope="module")
+def sdxl_base(tiny_diffusers_dir, tmp_path_factory):
+    """The tiny SDXL base imported alone, and StableDiffusionXLInpaintPipeline on the same folder."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from ediffi.importers.diffusers import import_diffusers
+    from ediffi.model import load_model
+
+    out = tmp_path_factory.mktemp("sdxl-base-alone") / "model"
+    import_diffusers(tiny_diffusers_dir / "sdxl-base", out)
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_diffusers_dir / "sdxl-base", use_safetensors=True,
+                                                            add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.original_scheduler_config = dict(pipe.scheduler.config)
+    return load_model(out), pipe
+
+
+@pytest.mark.parametrize(
+    ("sampler", "karras", "scheduler", "config"),
+    [
+        ("euler", False, "EulerDiscreteScheduler", {}),  # SDXL's as loaded (the model's default)
+        ("dpmpp_2m", True, "DPMSolverMultistepScheduler",
+         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    ],
+)
+def test_sdxl_inpainting_matches_stable_diffusion_xl_inpaint_pipeline(sdxl_base, sampler, karras, scheduler, config):
+    """SDXL base: the pipeline's default strength (0.9999: 7 of 8 steps from the noised image) is the
+    model's default here too; then 1 and 0.5."""
+    model, pipe = sdxl_base
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.original_scheduler_config, **config)
+    for steps, strength in ((8, None), (6, 1.0), (8, 0.5)):
+        ours = _ours(model, sampler, karras, steps, strength)
+        reference = _reference(pipe, steps, strength)
+        figure = psnr(ours[0], reference[0])
+        print(f"SDXL inpaint {sampler} (karras {karras}) {steps} steps, strength {strength}: PSNR {figure:.2f} dB")
+        assert figure >= PARITY_DB, (steps, strength)
+        if strength is None:  # the default is not SD's 1: from pure noise the picture is another
+            assert psnr(_ours(model, sampler, karras, steps, 1.0)[0], reference[0]) < PARITY_DB - 20

@@ -67,7 +67,7 @@ def test_a_mask_reaches_the_worker_with_its_init_image(sdxl_capabilities, path):
     @run_async
     async def check() -> None:
         async with api(sdxl_capabilities) as (client, queue), InputReadingWorker(queue) as worker:
-            for extra, strength in (({}, 1.0), ({"strength": 0.5}, 0.5)):  # diffusers' inpaint default: 1
+            for extra, strength in (({}, 0.9999), ({"strength": 0.5}, 0.5)):  # StableDiffusionXLInpaintPipeline's default
                 body = {"prompt": "a cat", "steps": 4, "init_image": _b64(_image()), "mask": _b64(_mask()),
                         "response_format": "b64_json", **extra}
                 response = await client.post(path, json=body)
@@ -128,7 +128,7 @@ def test_edits_take_openais_transparent_pixels_as_the_mask(sdxl_capabilities):  
                 assert response.status_code == 200, response.text
                 assert len(response.json()["data"]) == 2 and "b64_json" in response.json()["data"][0]
                 job = worker.claimed[-1]
-                assert (job.params["n"], job.params["steps"], job.params["strength"]) == (2, 4, 1.0)
+                assert (job.params["n"], job.params["steps"], job.params["strength"]) == (2, 4, 0.9999)  # SDXL's default
                 assert (job.params["width"], job.params["height"], job.params["version"]) == (W, H, 3)
                 assert job.params["client"]["api"] == "openai"
                 assert np.array_equal(_job_mask(worker, job), mask)

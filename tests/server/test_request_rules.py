@@ -236,7 +236,7 @@ def test_models_lists_what_a_client_may_send(sdxl_capabilities):
         "sampler": {"default": "euler"},
         "sr_noise_level": None,  # no noise-level SR stage: the field does not apply
         "use_karras_sigmas": {"default": False},  # its folder's EulerDiscreteScheduler samples on its own sigmas
-        "strength": {"default": 0.8, "default_with_mask": 1.0, "min": 0.0, "max": 1.0, "exclusive_min": True},  # with an init_image
+        "strength": {"default": 0.8, "default_with_mask": 0.9999, "min": 0.0, "max": 1.0, "exclusive_min": True},  # with an init_image
     }
 
 
