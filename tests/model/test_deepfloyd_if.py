@@ -101,6 +101,7 @@ def test_import_writes_a_two_stage_pixel_cascade(if_model_dir):
     # A request's defaults: IFPipeline's guidance 7, 50 steps (stage II's) of the sampler diffusers' IF example uses.
     assert config.defaults.model_dump() == {
         "steps": 50, "guidance_scale": 7.0, "sampler": "dpmpp_2m", "use_karras_sigmas": True,
+        "inpaint_strength": 1.0,  # (IF takes no init image: the field's default)
     }
 
 

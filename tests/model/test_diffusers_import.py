@@ -381,15 +381,21 @@ def test_imported_models_default_to_their_pipelines_steps_and_guidance(imported_
     a model directory imported before it did gets them from its pipeline class; the shipped family its own."""
     import inspect
 
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline,
+    )
 
     from ediffi.config import GenerationDefaults
-    from ediffi.spec import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+    from ediffi.spec import DEFAULT_GUIDANCE, DEFAULT_INPAINT_STRENGTH, DEFAULT_SAMPLER, DEFAULT_STEPS
 
     # SD's folder names PNDMScheduler with skip_prk_steps (SD 1.x's), SDXL's its plain
     # EulerDiscreteScheduler: requests then sample on the scheduler's own timesteps / sigmas.
-    cases = ((imported_sd_dir, StableDiffusionPipeline, "pndm"), (imported_sdxl_dir, StableDiffusionXLPipeline, "euler"))
-    for model_dir, pipeline, sampler in cases:
+    # With a mask, the strength of the family's inpaint pipeline (SDXL's is 0.9999).
+    cases = (
+        (imported_sd_dir, StableDiffusionPipeline, StableDiffusionInpaintPipeline, "pndm"),
+        (imported_sdxl_dir, StableDiffusionXLPipeline, StableDiffusionXLInpaintPipeline, "euler"),
+    )
+    for model_dir, pipeline, inpaint_pipeline, sampler in cases:
         signature = inspect.signature(pipeline.__call__).parameters
         recorded = json.loads((model_dir / "model.json").read_text())["defaults"]
         assert recorded == {
@@ -397,6 +403,7 @@ def test_imported_models_default_to_their_pipelines_steps_and_guidance(imported_
             "guidance_scale": signature["guidance_scale"].default,
             "sampler": sampler,
             "use_karras_sigmas": False,
+            "inpaint_strength": inspect.signature(inpaint_pipeline.__call__).parameters["strength"].default,
         }
         older = json.loads((model_dir / "model.json").read_text())
         del older["defaults"]  # imported before the importer wrote them: Euler on Karras's sigmas, as then
@@ -406,7 +413,7 @@ def test_imported_models_default_to_their_pipelines_steps_and_guidance(imported_
         older["training"] = {}
         assert ModelConfig.model_validate(older).request_defaults.model_dump() == {
             "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE, "sampler": DEFAULT_SAMPLER,
-            "use_karras_sigmas": True,
+            "use_karras_sigmas": True, "inpaint_strength": DEFAULT_INPAINT_STRENGTH,
         }
 
 
@@ -557,7 +564,8 @@ def test_a_folder_shipping_dpm_solver_defaults_to_it_as_loaded(tiny_diffusers_di
     (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}))
     import_diffusers(folder, tmp_path / "m")
     recorded = json.loads((tmp_path / "m" / "model.json").read_text())["defaults"]
-    assert recorded == {"steps": 50, "guidance_scale": 7.5, "sampler": "dpmpp_2m", "use_karras_sigmas": False}
+    assert recorded == {"steps": 50, "guidance_scale": 7.5, "sampler": "dpmpp_2m", "use_karras_sigmas": False,
+                        "inpaint_strength": 1.0}
     out = tmp_path / "ours.png"
     assert main(["generate", "a red cat on the house", "--model-dir", str(tmp_path / "m"), "--steps", "10",
                  "--guidance", "5", "--seed", "7", "--out", str(out)]) == 0

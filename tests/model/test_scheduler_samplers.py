@@ -153,7 +153,8 @@ def test_a_folder_shipping_ddim_or_euler_ancestral_defaults_to_it(tiny_diffusers
         folder = _folder_with(tiny_diffusers_dir, "sd", tmp_path / sampler, scheduler_class)
         import_diffusers(folder, tmp_path / sampler / "m")
         recorded = json.loads((tmp_path / sampler / "m" / "model.json").read_text())["defaults"]
-        assert recorded == {"steps": 50, "guidance_scale": 7.5, "sampler": sampler, "use_karras_sigmas": False}
+        assert recorded == {"steps": 50, "guidance_scale": 7.5, "sampler": sampler, "use_karras_sigmas": False,
+                            "inpaint_strength": 1.0}
 
 
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing", None])
