@@ -443,6 +443,9 @@ PIPELINE_DEFAULTS: dict[str, GenerationDefaults] = {
     # StableDiffusionXLInpaintPipeline's strength 0.9999: the first of its steps is skipped, the rest
     # start from the image noised, not from pure noise
     "StableDiffusionXLPipeline": GenerationDefaults(steps=50, guidance_scale=5.0, sampler="euler", inpaint_strength=0.9999),
+    "StableDiffusionXLInpaintPipeline": GenerationDefaults(
+        steps=50, guidance_scale=7.5, sampler="euler", inpaint_strength=0.9999
+    ),
     "IFPipeline": GenerationDefaults(steps=50, guidance_scale=7.0, sampler="dpmpp_2m"),
 }
 

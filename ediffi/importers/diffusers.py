@@ -367,10 +367,18 @@ def import_stable_diffusion_xl(base: PipelineFolder, refiner: PipelineFolder | N
         micro_conditioning="aesthetic" if base.setting("requires_aesthetics_score", False) else "size",
     )
     conditionings = [base_cond]
-    unet_cfg = _unet(base, "base", plan)
+    inpainting = base.pipeline_class == "StableDiffusionXLInpaintPipeline"
+    unet_cfg = _unet(base, "base", plan, inpainting=inpainting)
     schedule, prediction = schedule_of(base)
-    base_net = DiffusersUNetConfig(kind="diffusers_unet", path="base/unet", prediction_type=prediction, schedule=schedule, conditioning="base")
+    base_net = DiffusersUNetConfig(
+        kind="diffusers_unet", path="base/unet", prediction_type=prediction, schedule=schedule, conditioning="base",
+        mask_channels=int(unet_cfg["in_channels"]) // 2 + 1 if inpainting else 0,
+    )
     vae_prefix = "base"
+    if inpainting and refiner is not None:
+        raise DiffusersImportError(
+            f"{base.root}: an SDXL inpainting checkpoint is imported alone (--refiner is for a StableDiffusionXLPipeline base)"
+        )
     if refiner is None:
         experts = [ExpertConfig(name="base", sigma_lo=0.0, sigma_hi=None, network=base_net)]
     else:
@@ -540,8 +548,9 @@ def import_deepfloyd_if(stage_1: PipelineFolder, stage_2: PipelineFolder | None,
 # or IF's stage II (--sr), as COMPANION_FLAGS says.
 PIPELINES: dict[str, Callable[[PipelineFolder, PipelineFolder | None, float], ImportPlan]] = {
     "StableDiffusionPipeline": import_stable_diffusion,
-    # stable-diffusion-inpainting: its UNet takes the mask (every request inpaints)
+    # stable-diffusion-inpainting, stable-diffusion-xl-1.0-inpainting: their UNet takes the mask (every request inpaints)
     "StableDiffusionInpaintPipeline": import_stable_diffusion,
+    "StableDiffusionXLInpaintPipeline": import_stable_diffusion_xl,
     "StableDiffusionXLPipeline": import_stable_diffusion_xl,
     "IFPipeline": import_deepfloyd_if,
 }

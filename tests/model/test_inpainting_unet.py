@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ediffi.failure import InputError
-from tests.support.diffusers import build_tiny_sd_inpainting, psnr
+from tests.support.diffusers import build_tiny_sd_inpainting, build_tiny_sdxl_inpainting, psnr
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -175,3 +175,48 @@ def test_an_inpainting_unet_in_a_plain_pipeline_folder_is_refused_with_why(tmp_p
     with pytest.raises(DiffusersImportError, match=r"in_channels \(4\).*2 x the VAE's latent_channels \+ 1 = 9"):
         import_diffusers(folder, tmp_path / "out2")
     shutil.rmtree(folder)
+
+
+@pytest.fixture(scope="module")
+def sdxl_inpainting(tmp_path_factory):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from ediffi.importers.diffusers import import_diffusers
+    from ediffi.model import load_model
+
+    root = tmp_path_factory.mktemp("sdxl-inpainting")
+    folder = build_tiny_sdxl_inpainting(root)
+    import_diffusers(folder, root / "imported")
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(folder, use_safetensors=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.original_scheduler_config = dict(pipe.scheduler.config)
+    return load_model(root / "imported"), pipe
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "config"),
+    [
+        ("euler", "EulerDiscreteScheduler", {}),  # the folder's own
+        ("dpmpp_2m", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    ],
+)
+def test_an_sdxl_inpainting_unet_matches_stable_diffusion_xl_inpaint_pipeline(sdxl_inpainting, sampler, scheduler, config):
+    """Its defaults (StableDiffusionXLInpaintPipeline's: guidance 7.5, strength 0.9999) and the same
+    request at strength 1 and 0.6."""
+    model, pipe = sdxl_inpainting
+    assert (model.config.request_defaults.guidance_scale, model.config.request_defaults.inpaint_strength) == (7.5, 0.9999)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.original_scheduler_config, **config)
+    for steps, strength in ((8, None), (6, 1.0), (10, 0.6)):
+        (ours,) = _ours(model, sampler, steps, strength)
+        (reference,) = _reference(pipe, steps, strength)
+        figure = psnr(ours, reference)
+        print(f"SDXL inpainting UNet {sampler} {steps} steps, strength {strength}: PSNR {figure:.2f} dB")
+        assert figure >= PARITY_DB, (steps, strength)
+
+
+def test_an_sdxl_inpainting_checkpoint_takes_no_refiner(tmp_path, tiny_diffusers_dir):
+    from ediffi.importers.diffusers import DiffusersImportError, import_diffusers
+
+    folder = build_tiny_sdxl_inpainting(tmp_path)
+    with pytest.raises(DiffusersImportError, match="imported alone"):
+        import_diffusers(folder, tmp_path / "out", refiner_dir=tiny_diffusers_dir / "sdxl-refiner")

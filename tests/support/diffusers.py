@@ -123,6 +123,27 @@ def build_tiny_sd_inpainting(folder: Path, seed: int = 30) -> Path:
     return out
 
 
+def build_tiny_sdxl_inpainting(folder: Path, seed: int = 40) -> Path:
+    """A tiny SDXL inpainting checkpoint (as stable-diffusion-xl-1.0-inpainting-0.1): a
+    StableDiffusionXLInpaintPipeline folder whose UNet takes 9 channels."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline
+
+    tokenizer = clip_tokenizer()
+    tokenizer_2 = clip_tokenizer(pad_token="!")
+    unet = tiny_unet(seed + 3, cross_attention_dim=32 + 48, sdxl_time_ids=6, text_embeds_dim=32, in_channels=9)
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:].normal_(0, 1.0)
+    pipe = StableDiffusionXLInpaintPipeline(
+        vae=tiny_vae(seed), text_encoder=clip_text_encoder(tokenizer, 32, None, seed + 1),
+        text_encoder_2=clip_text_encoder(tokenizer_2, 48, 32, seed + 2), tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    out = folder / "sdxl-inpainting"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def build_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
