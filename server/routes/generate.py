@@ -61,7 +61,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from PIL import Image
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -620,20 +620,22 @@ def edit_mask(image: bytes, mask: bytes | None, settings: Settings) -> bytes:
 def edit_request(fields: dict[str, str], files: dict[str, bytes], settings: Settings) -> OpenAIImagesRequest:
     """The edit as an OpenAI images request with this API's ``init_image`` and ``mask`` (image decoding:
     call it from a thread pool)."""
-    try:
-        form = OpenAIImageEditForm.model_validate(fields)
-    except ValidationError as exc:
-        raise RequestValidationError([{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]) from None
+    form = _in_body(OpenAIImageEditForm, fields)
     mask = edit_mask(files["image"], files.get("mask"), settings)
     data = {
         **form.model_dump(exclude_none=True, exclude=set(OpenAIImageEditForm.IGNORED)),
         "init_image": base64.b64encode(files["image"]).decode("ascii"),
         "mask": base64.b64encode(mask).decode("ascii"),
     }
+    return _in_body(OpenAIImagesRequest, data)  # (the route names the fields as OpenAI's)
+
+
+def _in_body(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    """``model`` validated from ``data``; its errors as FastAPI's for a body (``loc`` under "body")."""
     try:
-        return OpenAIImagesRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise RequestValidationError(_with_edit_names([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])) from None
+        raise RequestValidationError([{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]) from None
 
 
 def _with_edit_names(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
