@@ -182,16 +182,29 @@ def is_form_data_content_type(value: str | None) -> bool:
     return message.get_content_type() == "multipart/form-data"
 
 
-def form_data_refusal(content_type: str | None) -> HTTPException | None:
-    """The 415 for a body that must be ``multipart/form-data`` and is not, else None. Raised by the
-    endpoint itself: a form reader does not read a body of another type, so this guard never sees it."""
-    if is_form_data_content_type(content_type):
+def content_encoding_refusal(encoding: str | None, kind: str) -> HTTPException | None:
+    """The 415 for a body in a Content-Encoding this server does not decode (RFC 9110 15.5.16), else None."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding in ("", "identity"):
         return None
     return _RefusedBody(
         status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-        detail=f"the body must be sent as 'Content-Type: multipart/form-data' (got {(content_type or 'none')[:100]!r})",
-        headers={"Accept-Post": "multipart/form-data"},
+        detail=f"Content-Encoding {encoding[:40]!r} is not accepted: send the {kind} body uncompressed",
+        headers={"Accept-Encoding": "identity"},
     )
+
+
+def form_data_refusal(content_type: str | None, content_encoding: str | None) -> HTTPException | None:
+    """The 415 for a body that must be ``multipart/form-data`` and is not (or is compressed), else None.
+    Raised by the endpoint itself: a form reader does not read a body of another type, so this guard
+    never sees it."""
+    if not is_form_data_content_type(content_type):
+        return _RefusedBody(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            detail=f"the body must be sent as 'Content-Type: multipart/form-data' (got {(content_type or 'none')[:100]!r})",
+            headers={"Accept-Post": "multipart/form-data"},
+        )
+    return content_encoding_refusal(content_encoding, "multipart/form-data")
 
 
 def _body_refusal(
@@ -254,13 +267,9 @@ class RequestGuard:
                     f"(got {(content_type or 'none')[:100]!r})",
                     headers={"Accept-Post": "application/json"},
                 )
-            encoding = request.headers.get("content-encoding", "identity").strip().lower()
-            if encoding not in ("", "identity"):  # RFC 9110 15.5.16: a coding the server does not decode is a 415
-                return _RefusedBody(
-                    status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-                    detail=f"Content-Encoding {encoding[:40]!r} is not accepted: send the JSON body uncompressed",
-                    headers={"Accept-Encoding": "identity"},
-                )
+            refusal = content_encoding_refusal(request.headers.get("content-encoding"), "JSON")
+            if refusal is not None:
+                return refusal
         try:
             content_length = int(request.headers.get("content-length", ""))
         except ValueError:

@@ -545,7 +545,7 @@ def _edit_form_schema() -> dict[str, Any]:
 
 async def read_edit_form(request: Request, settings: Settings) -> tuple[dict[str, str], dict[str, bytes]]:
     """The text fields and the files of a multipart edit request, each file read up to the image limit."""
-    refusal = form_data_refusal(request.headers.get("content-type"))
+    refusal = form_data_refusal(request.headers.get("content-type"), request.headers.get("content-encoding"))
     if refusal is not None:
         raise refusal
     try:

@@ -193,13 +193,18 @@ def test_what_an_edit_cannot_take_is_422_naming_the_field(sdxl_capabilities, imp
     check()
 
 
-def test_an_edit_sent_as_json_is_415(sdxl_capabilities):  # noqa: F811
+def test_an_edit_sent_as_json_or_compressed_is_415(sdxl_capabilities):  # noqa: F811
     @run_async
     async def check() -> None:
         async with api(sdxl_capabilities) as (client, queue):
             response = await client.post("/v1/images/edits", json={"prompt": "a cat", "image": _b64(_image())})
             assert response.status_code == 415, response.text
             assert response.headers["accept-post"] == "multipart/form-data"
+            # a coding this server does not decode (it would read the compressed bytes as the form)
+            response = await client.post("/v1/images/edits", files=_edit_files(), data={"prompt": "a cat"},
+                                         headers={"Content-Encoding": "gzip"})
+            assert response.status_code == 415, response.text
+            assert response.headers["accept-encoding"] == "identity"
             assert await queue.depth() == 0
 
     check()
