@@ -80,7 +80,7 @@ def cmd_generate(args, settings) -> int:
             color_map=Image.open(args.paint) if args.paint else None, regions=regions,
             width=args.width, height=args.height,
             init_image=Image.open(args.init_image) if args.init_image else None, strength=args.strength,
-            mask=Image.open(args.mask) if args.mask else None,
+            mask=Image.open(args.mask) if args.mask else None, padding_mask_crop=args.padding_mask_crop,
         )
         if args.strength is not None and args.init_image is None:
             raise spec.InputError("strength", "goes with --init-image (img2img)")
@@ -263,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--mask",
         help="inpainting, with --init-image: an image of its size, white where to repaint and black where to keep it",
+    )
+    gen.add_argument(
+        "--padding-mask-crop", type=int, metavar="PIXELS",
+        help="with --mask: inpaint only the region around it, padded by PIXELS, at --width x --height, pasted back "
+        "into the init image (diffusers' padding_mask_crop)",
     )
     gen.add_argument("--paint", help="paint-with-words colour map (PNG)")
     gen.add_argument("--region", action="append", default=[], help="'#rrggbb=phrase[:strength]' (repeatable)")

@@ -70,6 +70,10 @@ class GenerationRequest:
     # Inpainting (with an init image of the same size): white (>= 50% grey) repaints, black keeps the
     # init image, as diffusers' inpaint pipelines' `mask_image` (and A1111's mask).
     mask: Image.Image | None = None
+    # Inpainting around the mask only (diffusers' `padding_mask_crop`, A1111's "only masked"): the region
+    # holding the mask's pixels, padded by this many and grown to width:height, is cropped, resized to
+    # width x height and inpainted, then pasted back into the init image (whose size the images take).
+    padding_mask_crop: int | None = None
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -96,6 +100,13 @@ class GenerationRequest:
             if self.init_image is None:
                 raise InputError("mask", "goes with an init_image: the mask says which of its pixels to repaint")
             check_mask_size(self.mask.size, self.init_image.size)
+        if self.padding_mask_crop is not None:
+            if self.mask is None:
+                raise InputError("padding_mask_crop", "goes with a mask (it crops the region around it)")
+            if self.padding_mask_crop < 0:
+                raise InputError("padding_mask_crop", "must be >= 0")
+            if not np.asarray(self.mask.convert("L")).any():
+                raise InputError("mask", "has no pixel to repaint: nothing to crop around (padding_mask_crop)")
         if self.init_image is not None and self.strength is not None:  # the model's default: validate_for_model
             init_image_steps(self.steps, self.strength)
 
@@ -328,6 +339,7 @@ class RequestRun:
         self.cond = conditioning
         self.generators = [torch.Generator().manual_seed(s) for s in request.image_seeds]
         self.strength = init_strength(model.config, request)
+        self._pixels = InpaintingPixels.of(model.config, request, conditioning.width, conditioning.height)
         self.stage_index = 0
         self.evaluations_done = 0
         # Each stage's sigmas (and ddim's / pndm's timesteps), computed once: counted here, run later.
@@ -468,8 +480,8 @@ class RequestRun:
         else:
             init = self._init_latents(stage)
             x = self._noised_init(init, self._noise(shape).to(init))
-        pixel_mask = mask_to_model_input(request.mask, self.cond.width, self.cond.height)
-        masked = image_to_model_input(request.init_image, self.cond.width, self.cond.height) * (pixel_mask < 0.5)
+        pixel_mask = self._pixels.mask()
+        masked = self._pixels.image() * (pixel_mask < 0.5)
         decoder = self.model.stages[stage.name].experts[DECODER]
         masked_latents = decoder.encode(masked, self.generators)
         latent_mask = F.interpolate(pixel_mask, size=shape[1:]).to(masked_latents).expand(len(self.generators), -1, -1, -1)
@@ -480,14 +492,12 @@ class RequestRun:
         """[n, C, h, w]: the init image at the output size, encoded by the stage's VAE, one latent
         sample per image from its own generator (diffusers' img2img with a list of generators)."""
         decoder = self.model.stages[stage.name].experts[DECODER]
-        pixels = image_to_model_input(self.request.init_image, self.cond.width, self.cond.height)
-        return decoder.encode(pixels, self.generators)
+        return decoder.encode(self._pixels.image(), self.generators)
 
     def _latent_mask(self, shape: tuple[int, int, int]) -> torch.Tensor:
         """[1, 1, h, w] of 0 (keep) and 1 (repaint): the mask as diffusers' mask processor makes it
         (resized like the init image, grey, binarised at 0.5), then nearest-resized to the latents."""
-        pixels = mask_to_model_input(self.request.mask, self.cond.width, self.cond.height)
-        return F.interpolate(pixels, size=shape[1:])
+        return F.interpolate(self._pixels.mask(), size=shape[1:])
 
     @property
     def done(self) -> bool:
@@ -566,7 +576,7 @@ class RequestRun:
     def images(self) -> list[Image.Image]:
         if not self.done:
             raise RuntimeError("the request has not finished sampling")
-        return tensor_to_images(self._images)
+        return [self._pixels.overlay(image) for image in tensor_to_images(self._images)]
 
 
 def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
@@ -583,6 +593,59 @@ def image_to_model_input(image: Image.Image, width: int, height: int) -> torch.T
         image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     array = np.asarray(image).astype(np.float32) / 255.0
     return (torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0).contiguous()
+
+
+@dataclass
+class InpaintingPixels:
+    """The init image and mask of a request as the model takes them, at width x height; with
+    ``padding_mask_crop`` the region around the mask, as diffusers' inpaint pipelines make it with
+    their own image processors (VaeImageProcessor: get_crop_region, resize_mode "fill",
+    apply_overlay), whose arithmetic this reuses rather than restates."""
+
+    request: GenerationRequest
+    width: int
+    height: int
+    crop: tuple[int, int, int, int] | None = None
+    scale_factor: int = 8
+
+    @classmethod
+    def of(cls, config: ModelConfig, request: GenerationRequest, width: int, height: int) -> InpaintingPixels:
+        latent = config.stages[0].latent
+        pixels = cls(request, width, height, scale_factor=latent.scale_factor if latent is not None else 1)
+        if request.padding_mask_crop is not None and request.mask is not None:
+            from diffusers.image_processor import VaeImageProcessor
+
+            pixels.crop = VaeImageProcessor.get_crop_region(request.mask, width, height, pad=request.padding_mask_crop)
+        return pixels
+
+    def _processor(self, **options):
+        from diffusers.image_processor import VaeImageProcessor
+
+        return VaeImageProcessor(vae_scale_factor=self.scale_factor, **options)
+
+    def image(self) -> torch.Tensor:
+        """[1, 3, H, W] in [-1, 1] (image_to_model_input; cropped and filled to the size with a crop)."""
+        if self.crop is None:
+            return image_to_model_input(self.request.init_image, self.width, self.height)
+        return self._processor().preprocess(
+            self.request.init_image.convert("RGB"), height=self.height, width=self.width, crops_coords=self.crop,
+            resize_mode="fill",
+        ).float()
+
+    def mask(self) -> torch.Tensor:
+        """[1, 1, H, W] of 0 (keep) and 1 (repaint) (mask_to_model_input; cropped and filled with a crop)."""
+        if self.crop is None:
+            return mask_to_model_input(self.request.mask, self.width, self.height)
+        processor = self._processor(do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+        return processor.preprocess(
+            self.request.mask, height=self.height, width=self.width, crops_coords=self.crop, resize_mode="fill"
+        ).float()
+
+    def overlay(self, image: Image.Image) -> Image.Image:
+        """An output image; with a crop, pasted back into the init image through the mask (its size)."""
+        if self.crop is None:
+            return image
+        return self._processor().apply_overlay(self.request.mask, self.request.init_image, image, self.crop)
 
 
 def mask_to_model_input(mask: Image.Image, width: int, height: int) -> torch.Tensor:

@@ -226,6 +226,16 @@ class GenerationOptions(NullMeansDefault):
             "pipelines' mask_image and A1111's mask.",
         ),
     ] = None
+    padding_mask_crop: Annotated[
+        int | None,
+        Field(
+            strict=True, ge=0, le=100_000,
+            description="With a mask: inpaint only the region around it (diffusers' padding_mask_crop, A1111's "
+            "'only masked'): the box holding the mask's pixels, padded by this many pixels and grown to "
+            "width:height, is cropped, resized to width x height, inpainted and pasted back into the init image, "
+            "whose size the images then take.",
+        ),
+    ] = None
     sr_noise_level: Annotated[
         int | None,
         Field(
@@ -396,6 +406,7 @@ class OpenAIImageEditForm(BaseModel):
     sampler: str | None = None
     strength: float | None = Field(None, description="Absent: the model's inpainting default (GET /v1/models "
                                    "request.strength.default_with_mask; 1: the masked region from pure noise).")
+    padding_mask_crop: int | None = Field(None, description="Inpaint the region around the mask only (as /generate's).")
     use_karras_sigmas: bool | None = None
 
     #: OpenAI's fields that change nothing here (not passed on).
@@ -448,6 +459,7 @@ class JobParams(BaseModel):
           "width"?: int, "height"?: int,    # only when the client asked for a size (width/height, or
                                             # /v1/images/generations' size) or sent an init_image, else the default
           "strength"?: float,               # (0, 1]; only with the "init_image" input (img2img, inpainting)
+          "padding_mask_crop"?: int,        # >= 0; only with the "mask" input: inpaint the region around it
           "response_format": "b64_json" | "url",      # how the API will answer; not the worker's concern
           "client": {"owner": str | null, "submission_id": str, "request_hash": str,
                      "api": "generate" | "openai" | "a1111"}  # API bookkeeping; the worker ignores it
@@ -492,6 +504,7 @@ class JobParams(BaseModel):
     width: int | None = None
     height: int | None = None
     strength: float | None = None
+    padding_mask_crop: int | None = None
     response_format: ResponseFormat = "b64_json"
     client: JobClient | None = None
 

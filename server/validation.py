@@ -364,6 +364,10 @@ def validate_generation(
                     check_mask_size(mask.size, (image_width, image_height))
                 except InputError as exc:
                     raise_invalid([field_error(mask_loc, exc.message, "mask_size")])
+                if request.padding_mask_crop is not None and not np.asarray(mask.convert("L")).any():
+                    raise_invalid([field_error(
+                        mask_loc, "has no pixel to repaint: nothing to crop around (padding_mask_crop)", "mask_empty",
+                    )])
             inputs["mask"] = mask_data
         if (width is None or height is None) and capabilities is not None:
             # the image's size (rounded to the model's multiple) where not sent
@@ -381,6 +385,9 @@ def validate_generation(
     elif request.mask is not None:
         raise_invalid([field_error(body + ("mask",), "goes with an init_image: the mask says which of its pixels to "
                                    "repaint (white) and keep (black)", "missing_init_image")])
+    if request.padding_mask_crop is not None and request.mask is None:
+        raise_invalid([field_error(body + ("padding_mask_crop",), "goes with a mask (it crops the region around it)",
+                                   "missing_mask")])
 
     pww_params: JobPaintWithWords | None = None
     pww = request.paint_with_words
@@ -434,10 +441,12 @@ def validate_generation(
         width=width,
         height=height,
         strength=None if request.init_image is None else (request.strength or model_defaults.strength_for(request.mask is not None)),
+        padding_mask_crop=request.padding_mask_crop,
         response_format=request.response_format,
     ).model_dump(
         mode="json",
-        exclude={"client"} | {k for k, v in (("width", width), ("height", height), ("strength", request.init_image)) if v is None},
+        exclude={"client"} | {k for k, v in (("width", width), ("height", height), ("strength", request.init_image),
+                                             ("padding_mask_crop", request.padding_mask_crop)) if v is None},
     )
     return ValidatedJob(
         params=params, inputs=inputs, n=request.n, request_hash=request_fingerprint(params, request, inputs)

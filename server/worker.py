@@ -83,6 +83,7 @@ def build_request(params: JobParams, inputs: dict[str, bytes]) -> GenerationRequ
         regions=[Region(r.color, r.phrase, r.strength) for r in pww.regions] if pww else [],
         sr_noise_level=params.sr_noise_level, use_karras_sigmas=params.use_karras_sigmas,
         width=params.width, height=params.height, init_image=open_image("init_image"), mask=open_image("mask"),
+        padding_mask_crop=params.padding_mask_crop,
         strength=params.strength,
     )
 

@@ -166,12 +166,13 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask_blur_y: int = Field(4, ge=0, le=64)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
     inpainting_fill: int | None = None
+    # "Only masked": diffusers' padding_mask_crop with A1111's padding
     inpaint_full_res: bool | None = None
+    inpaint_full_res_padding: int = Field(0, ge=0, le=100_000)
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None
     # Accepted and ignored: the binarised latent mask is always rounded; bookkeeping.
     mask_round: bool | None = None
-    inpaint_full_res_padding: int | None = None
     image_cfg_scale: float | None = None
     include_init_images: bool | None = False
 
@@ -186,8 +187,6 @@ def _unsupported_inpainting(body: Img2ImgRequest) -> list[dict[str, Any]]:
     problems = {
         "inpainting_fill": (body.inpainting_fill not in (None, 1),
                             "only 1 (original: the masked area starts from the init image, as diffusers') is supported"),
-        "inpaint_full_res": (bool(body.inpaint_full_res),
-                             "only the whole picture is inpainted (A1111's 'Whole picture'): send false"),
         "initial_noise_multiplier": (body.initial_noise_multiplier not in (None, 1.0), "only 1 is supported"),
         "latent_mask": (body.latent_mask is not None, "not supported: send the mask only"),
     }
@@ -328,8 +327,8 @@ async def txt2img(body: Txt2ImgRequest, call: SubmissionDep) -> JSONResponse:
 @router.post("/img2img", responses=_A1111_RESPONSES)
 async def img2img(body: Img2ImgRequest, call: SubmissionDep) -> JSONResponse:
     """A1111's img2img: its one init image resized to width x height ("Just resize"),
-    ``denoising_strength`` as diffusers' strength; with a ``mask``, inpainting ("original" fill, "Whole
-    picture"); imported latent models (SD, SDXL) only."""
+    ``denoising_strength`` as diffusers' strength; with a ``mask``, inpainting ("original" fill; "Only
+    masked" as diffusers' padding_mask_crop); imported latent models (SD, SDXL) only."""
     errors = []
     if len(body.init_images) != 1:
         errors.append(field_error(("body", "init_images"), "send exactly one init image (one batch of one image)", "unsupported"))
@@ -343,6 +342,8 @@ async def img2img(body: Img2ImgRequest, call: SubmissionDep) -> JSONResponse:
         extra["mask"] = await run_in_threadpool(
             a1111_mask, body.mask, body.inpainting_mask_invert == 1, body.mask_blur_xy, call.settings
         )
+        if body.inpaint_full_res:
+            extra["padding_mask_crop"] = body.inpaint_full_res_padding
     return await _generate_and_answer(body, extra, call)
 
 

@@ -157,6 +157,17 @@ def test_inpainting_over_http_is_the_reference_pipelines(served_sdxl, imported_s
             mask=("mask.png", png(mask.transpose(Image.Transpose.FLIP_TOP_BOTTOM).rotate(90, expand=False)), "image/png"),
             prompt="a red cat on the house", response_format="b64_json", extra_body=sampling,
         )
+    # only the region around the mask, inpainted at 32 x 32 and pasted back: the init image's size
+    cropped = httpx.post(served_sdxl + "/generate", json={**body, "width": 32, "height": 32, "padding_mask_crop": 2},
+                         timeout=240)
+    assert cropped.status_code == 200, cropped.text
+    cropped_image = Image.open(io.BytesIO(base64.b64decode(cropped.json()["images"][0]["b64_json"])))
+    (cropped_reference,) = generate(imported_sdxl, GenerationRequest(
+        "a red cat on the house", init_image=gradient, mask=mask, width=32, height=32, padding_mask_crop=2, **sampling,
+    ))
+    assert cropped_image.size == cropped_reference.size == (40, 24)
+    assert psnr(cropped_image, cropped_reference) >= 60
+
     edited_pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json))))
     assert np.array_equal(edited_pixels, np.asarray(served))
     assert not np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(other.data[0].b64_json)))), edited_pixels)

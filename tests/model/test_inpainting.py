@@ -6,6 +6,8 @@ noise) and below, and the rules around it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -204,3 +206,44 @@ def test_sdxl_inpainting_matches_stable_diffusion_xl_inpaint_pipeline(sdxl_base,
         assert figure >= PARITY_DB, (steps, strength)
         if strength is None:  # the default is not SD's 1: from pure noise the picture is another
             assert psnr(_ours(model, sampler, karras, steps, 1.0)[0], reference[0]) < PARITY_DB - 20
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_padding_mask_crop_matches_the_pipelines(sd, sampler):
+    """diffusers' padding_mask_crop (A1111's "only masked"): the region around the mask, grown to the
+    requested 32 x 32, is inpainted and pasted back into the 40 x 24 init image, whose size the image
+    takes; the pixels away from the mask are the init image's own."""
+    from ediffi.pipeline import GenerationRequest, generate
+
+    model, pipe = sd
+    scheduler, config = {"euler": ("EulerDiscreteScheduler", {}),
+                         "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"})}[sampler]
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.original_scheduler_config, **config)
+    mask = Image.new("L", (WIDTH, HEIGHT), 0)
+    mask.paste(255, (4, 6, 14, 14))
+    request = GenerationRequest(PROMPT, steps=6, guidance_scale=5.0, seed=7, sampler=sampler, use_karras_sigmas=False,
+                                init_image=_init_image(), mask=mask, width=32, height=32, padding_mask_crop=2)
+    (ours,) = generate(model, request)
+    (reference,) = pipe(PROMPT, image=_init_image(), mask_image=mask, height=32, width=32, padding_mask_crop=2,
+                        num_inference_steps=6, guidance_scale=5.0, generator=torch.Generator().manual_seed(7)).images
+    assert ours.size == reference.size == (WIDTH, HEIGHT)
+    figure = psnr(ours, reference)
+    print(f"padding_mask_crop 2, {sampler}: PSNR {figure:.2f} dB")
+    assert figure >= PARITY_DB
+    kept = np.asarray(ours)[:, 20:]  # right of the crop region: the init image, exactly
+    assert np.array_equal(kept, np.asarray(_init_image())[:, 20:])
+    (whole,) = generate(model, dataclasses.replace(request, padding_mask_crop=None, width=40, height=24))
+    assert psnr(whole, reference) < PARITY_DB - 20
+
+
+def test_padding_mask_crop_needs_a_mask_with_something_to_repaint(sd):
+    from ediffi.pipeline import GenerationRequest, encode_request
+
+    model, _ = sd
+    for fields, field in (({"mask": None}, "padding_mask_crop"), ({"mask": Image.new("L", (WIDTH, HEIGHT), 0)}, "mask"),
+                          ({"padding_mask_crop": -1}, "padding_mask_crop")):
+        request = GenerationRequest(PROMPT, steps=4, **{"init_image": _init_image(), "mask": _mask(),
+                                                        "padding_mask_crop": 2, **fields})
+        with pytest.raises(InputError) as caught:
+            encode_request(model, request)
+        assert caught.value.field == field

@@ -67,7 +67,7 @@ def test_a_mask_reaches_the_worker_with_its_init_image(sdxl_capabilities, path):
     @run_async
     async def check() -> None:
         async with api(sdxl_capabilities) as (client, queue), InputReadingWorker(queue) as worker:
-            for extra, strength in (({}, 0.9999), ({"strength": 0.5}, 0.5)):  # StableDiffusionXLInpaintPipeline's default
+            for extra, strength in (({}, 0.9999), ({"strength": 0.5, "padding_mask_crop": 4}, 0.5)):  # SDXL inpaint's default
                 body = {"prompt": "a cat", "steps": 4, "init_image": _b64(_image()), "mask": _b64(_mask()),
                         "response_format": "b64_json", **extra}
                 response = await client.post(path, json=body)
@@ -77,6 +77,7 @@ def test_a_mask_reaches_the_worker_with_its_init_image(sdxl_capabilities, path):
                 assert (job.params["width"], job.params["height"], job.params["strength"]) == (W, H, strength)
                 # version 3: a worker from before inpainting refuses the job rather than draw it as img2img
                 assert job.params["version"] == 3
+                assert job.params.get("padding_mask_crop") == extra.get("padding_mask_crop")
                 assert np.array_equal(_job_mask(worker, job), np.asarray(_mask()))
 
     check()
@@ -91,6 +92,10 @@ def test_a_mask_reaches_the_worker_with_its_init_image(sdxl_capabilities, path):
         (True, {"init_image": _b64(_image()), "mask": "bm90IGFuIGltYWdl"}, "mask", ""),  # "not an image"
         (True, {"init_image": _b64(_image()), "mask": _b64(_mask()), "strength": 0.1, "steps": 5}, "strength",
          "at least one step"),
+        (True, {"init_image": _b64(_image()), "padding_mask_crop": 4}, "padding_mask_crop", "goes with a mask"),
+        (True, {"init_image": _b64(_image()), "mask": _b64(_mask().point(lambda v: 0)), "padding_mask_crop": 4},
+         "mask", "nothing to crop around"),
+        (True, {"init_image": _b64(_image()), "mask": _b64(_mask()), "padding_mask_crop": -1}, "padding_mask_crop", ""),
         (False, {"init_image": _b64(_image(64, 64)), "mask": _b64(_mask(64, 64))}, "init_image", "takes no init image"),
     ],
 )
@@ -130,6 +135,7 @@ def test_edits_take_openais_transparent_pixels_as_the_mask(sdxl_capabilities):  
                 job = worker.claimed[-1]
                 assert (job.params["n"], job.params["steps"], job.params["strength"]) == (2, 4, 0.9999)  # SDXL's default
                 assert (job.params["width"], job.params["height"], job.params["version"]) == (W, H, 3)
+                assert "padding_mask_crop" not in job.params
                 assert job.params["client"]["api"] == "openai"
                 assert np.array_equal(_job_mask(worker, job), mask)
 
@@ -229,6 +235,13 @@ def test_a1111_img2img_with_a_mask_inpaints(sdxl_capabilities):  # noqa: F811
             assert np.array_equal(_job_mask(worker, job), np.asarray(_mask()))
             assert "Mask blur: 0" in json.loads(response.json()["info"])["infotexts"][0]
 
+            assert "padding_mask_crop" not in job.params  # "Whole picture"
+
+            response = await client.post("/sdapi/v1/img2img", json={**body, "inpaint_full_res": True,
+                                                                     "inpaint_full_res_padding": 8})
+            assert response.status_code == 200, response.text
+            assert worker.claimed[-1].params["padding_mask_crop"] == 8  # "Only masked": diffusers' crop
+
             response = await client.post("/sdapi/v1/img2img", json={**body, "mask_blur": None, "inpainting_mask_invert": 1})
             assert response.status_code == 200, response.text
             blurred_inverted = _job_mask(worker, worker.claimed[-1])
@@ -243,7 +256,7 @@ def test_a1111_img2img_with_a_mask_inpaints(sdxl_capabilities):  # noqa: F811
     ("fields", "field"),
     [
         ({"inpainting_fill": 0}, "inpainting_fill"),
-        ({"inpaint_full_res": True}, "inpaint_full_res"),
+        ({"inpaint_full_res": True, "inpaint_full_res_padding": -1}, "inpaint_full_res_padding"),
         ({"latent_mask": "abc"}, "latent_mask"),
         ({"initial_noise_multiplier": 1.2}, "initial_noise_multiplier"),
         ({"mask": _b64(_mask(20, 12))}, "mask"),
