@@ -239,6 +239,10 @@ def test_generate_inpaints_with_a_mask(imported_sdxl_dir, imported_sdxl, tmp_pat
         init_image=Image.open(init), mask=Image.open(mask),
     ))
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    # --padding-mask-crop: the region around the mask at 32 x 32, pasted back: the init image's size
+    assert main([*args, "--mask", str(mask), "--padding-mask-crop", "2", "--width", "32", "--height", "32",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == (40, 24)
     capsys.readouterr()
     Image.fromarray(box[:12, :20]).save(mask)
     assert main([*args, "--mask", str(mask), "--out", str(out)]) == 2
