@@ -52,6 +52,8 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_INTERVAL_S = 0.5
+# How long a stopping worker waits for its background loops (heartbeat, cancel polls) once canceled.
+BACKGROUND_STOP_TIMEOUT_S = 5.0
 # Pauses after a failing loop iteration: doubling from the first to the last.
 BACKOFF_FIRST_S = 0.25
 BACKOFF_MAX_S = 5.0
@@ -150,6 +152,9 @@ class Worker:
         # engine cancellation must not mark them canceled in the queue.
         self._released: set[str] = set()
         self._stop = asyncio.Event()
+        # Set once the shutdown is done: the background loops end at their next turn even where a
+        # cancellation was swallowed under them (a queue client that turns it into an ordinary error).
+        self._finished = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.consecutive_engine_failures = 0
         #: Set when the worker gave up on its engine; the process must exit non-zero.
@@ -192,9 +197,13 @@ class Worker:
             await self._claim_loop()
         finally:
             await self._shutdown()
+            self._finished = True
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, pending = await asyncio.wait(tasks, timeout=BACKGROUND_STOP_TIMEOUT_S)
+            if pending:
+                log.warning("worker %s: %d background loop(s) did not stop within %g s; exiting without them",
+                            self.worker_id, len(pending), BACKGROUND_STOP_TIMEOUT_S)
 
     # -- claiming ------------------------------------------------------------
     async def _claim_loop(self) -> None:
@@ -389,7 +398,7 @@ class Worker:
     # -- background loops ----------------------------------------------------
     async def _heartbeat_loop(self) -> None:
         backoff = Backoff(max_s=self.settings.heartbeat_interval_s)
-        while True:
+        while not self._finished:
             # Two steps, each on its own: a full Redis refuses the heartbeat (a write that
             # grows memory) but may still take the renewals that keep our jobs ours.
             failed = False
@@ -428,7 +437,7 @@ class Worker:
         """Client cancellations reach the engine within one poll interval;
         the engine drops the request before its next tick's compute."""
         backoff = Backoff()
-        while True:
+        while not self._finished:
             delay = CANCEL_POLL_INTERVAL_S
             try:
                 for job_id, active in list(self.active.items()):

@@ -95,3 +95,39 @@ def test_worker_claims_no_more_jobs_than_the_engine_can_take(tiny_model, redis_u
     assert max(taken_after_claims) == admission_limit, taken_after_claims
     # ... and no job ever waited inside the engine behind its admission limit, out of other workers' reach.
     assert ticks and max(ticks) == 0, ticks
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_stops_even_when_a_queue_call_turns_its_cancellation_into_an_error(tiny_model):
+    """At shutdown the worker cancels its background loops; a client library that turns the
+    cancellation of a call in flight into an ordinary error (which the heartbeat loop survives, as it
+    must survive Redis errors) left that loop running for good, and the worker never returned."""
+    from server.queue import queue_limits
+    from server.queue.memory import InProcessQueue
+
+    class CancellationSwallowingQueue(InProcessQueue):
+        async def heartbeat(self, worker_id, info):
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                raise ConnectionError("connection closed by the cancellation") from None
+            return await super().heartbeat(worker_id, info)
+
+    engine = tiny_engine(tiny_model).start()
+    settings = Settings(redis_url=None, heartbeat_interval_s=0.01)
+
+    async def scenario() -> float:
+        queue = CancellationSwallowingQueue(**queue_limits(settings))
+        worker = Worker(settings, queue, engine, Metrics(), shutdown_grace_s=0.0)
+        run = asyncio.create_task(worker.run())
+        await asyncio.sleep(0.3)
+        worker.stop()
+        started = time.monotonic()
+        await asyncio.wait_for(run, 20)
+        await queue.close()
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(scenario()) < 10
+    finally:
+        engine.stop()

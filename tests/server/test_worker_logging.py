@@ -125,8 +125,11 @@ def test_each_job_transition_is_one_line_with_job_and_worker_ids(
         worker.stop()
         await wait_for(lambda: status_is(queue, jobs["released"], JobStatus.QUEUED), "released")
         engine.gate.set()
+        # Bounded, so a worker that does not stop fails here, saying so, not at the test's timeout.
+        await asyncio.wait({run}, timeout=30)
+        assert run.done(), "the worker did not return within 30 s of stop()"
         await run
-        await queue.close()
+        await asyncio.wait_for(queue.close(), 30)
         return jobs
 
     jobs = asyncio.run(scenario())
