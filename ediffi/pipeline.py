@@ -33,7 +33,7 @@ from ediffi.paint import build_pww_inputs
 from ediffi.samplers import Evaluation, Sampler, ScheduledSteps, classifier_free_guidance, karras_sigmas, make_sampler
 from ediffi.spec import (
     DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SEED, DEFAULT_STEPS, SAMPLERS, SCHEDULER_ONLY_SAMPLERS, Region,
-    check_mask_size, check_seed, check_style_image_shape, guidance_enabled, init_image_steps,
+    check_mask_size, check_mask_to_crop, check_seed, check_style_image_shape, guidance_enabled, init_image_steps,
 )
 
 
@@ -105,8 +105,7 @@ class GenerationRequest:
                 raise InputError("padding_mask_crop", "goes with a mask (it crops the region around it)")
             if self.padding_mask_crop < 0:
                 raise InputError("padding_mask_crop", "must be >= 0")
-            if not np.asarray(self.mask.convert("L")).any():
-                raise InputError("mask", "has no pixel to repaint: nothing to crop around (padding_mask_crop)")
+            check_mask_to_crop(self.mask)
         if self.init_image is not None and self.strength is not None:  # the model's default: validate_for_model
             init_image_steps(self.steps, self.strength)
 
@@ -633,12 +632,13 @@ class InpaintingPixels:
         ).float()
 
     def mask(self) -> torch.Tensor:
-        """[1, 1, H, W] of 0 (keep) and 1 (repaint) (mask_to_model_input; cropped and filled with a crop)."""
-        if self.crop is None:
-            return mask_to_model_input(self.request.mask, self.width, self.height)
+        """[1, 1, H, W] of 0 (keep) and 1 (repaint), as diffusers' inpaint pipelines' mask processor makes
+        it: resized (Lanczos) to width x height in its own mode, grey, binarised at 0.5 (with a crop, of
+        the region only, filled to the size)."""
         processor = self._processor(do_normalize=False, do_binarize=True, do_convert_grayscale=True)
         return processor.preprocess(
-            self.request.mask, height=self.height, width=self.width, crops_coords=self.crop, resize_mode="fill"
+            self.request.mask, height=self.height, width=self.width, crops_coords=self.crop,
+            resize_mode="default" if self.crop is None else "fill",
         ).float()
 
     def overlay(self, image: Image.Image) -> Image.Image:
@@ -646,16 +646,6 @@ class InpaintingPixels:
         if self.crop is None:
             return image
         return self._processor().apply_overlay(self.request.mask, self.request.init_image, image, self.crop)
-
-
-def mask_to_model_input(mask: Image.Image, width: int, height: int) -> torch.Tensor:
-    """An inpainting mask as diffusers' mask processor makes it (VaeImageProcessor with do_binarize and
-    do_convert_grayscale): resized (Lanczos) to width x height in its own mode, then grey ("L"), x / 255,
-    1 where >= 0.5 (repaint) and 0 below (keep); float32 [1, 1, H, W]."""
-    if mask.size != (width, height):
-        mask = mask.resize((width, height), resample=Image.Resampling.LANCZOS)
-    array = np.asarray(mask.convert("L")).astype(np.float32) / 255.0
-    return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

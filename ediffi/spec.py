@@ -144,6 +144,13 @@ def check_mask_size(mask_size: tuple[int, int], init_image_size: tuple[int, int]
         )
 
 
+def check_mask_to_crop(mask) -> None:
+    """Raise :class:`InputError` on ``mask`` (a PIL image) where ``padding_mask_crop`` has nothing to crop
+    around: no pixel of it is above black (diffusers' get_crop_region finds no region there)."""
+    if mask.convert("L").getbbox() is None:
+        raise InputError("mask", "has no pixel to repaint: nothing to crop around (padding_mask_crop)")
+
+
 # ------------------------------------------------------------ paint-with-words
 
 #: Paint-with-words strength w' of a region (eDiff-I §4.3) when none is given, and its largest value.

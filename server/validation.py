@@ -38,7 +38,7 @@ from ediffi.capabilities import ModelCapabilities
 from ediffi.config import GenerationDefaults
 from ediffi.failure import InputError, field_loc
 from ediffi.spec import (
-    MAX_SEED, RANDOM_SEED, check_color_map_aspect, check_mask_size, check_seed, check_style_image_shape,
+    MAX_SEED, RANDOM_SEED, check_color_map_aspect, check_mask_size, check_mask_to_crop, check_seed, check_style_image_shape,
     find_phrase, pick_seed,
 )
 from server.schemas import GenerationOptions, JobPaintWithWords, JobParams, JobRegion, OpenAIImagesRequest
@@ -316,13 +316,16 @@ def with_model_defaults(
 ) -> GenerationOptions:
     """The request with the sampling fields it left out set to the served model's defaults
     (an imported model's are its diffusers pipeline's; steps within ``max_steps``), as
-    ``GET /v1/models`` reports them (:meth:`GenerationDefaults.fill`)."""
+    ``GET /v1/models`` reports them (:meth:`GenerationDefaults.fill`); with an init image, its strength
+    (:meth:`GenerationDefaults.strength_for`)."""
     defaults = capabilities.defaults if capabilities is not None else GenerationDefaults()
     filled = defaults.fill(
         steps=request.steps, guidance_scale=request.guidance_scale, sampler=request.sampler,
         use_karras_sigmas=request.use_karras_sigmas, max_steps=settings.max_steps,
     )
     update = {name: value for name, value in filled.items() if getattr(request, name) is None}
+    if request.init_image is not None and request.strength is None:  # img2img's, or the model's inpainting one
+        update["strength"] = defaults.strength_for(request.mask is not None)
     return request.model_copy(update=update) if update else request
 
 
@@ -364,10 +367,11 @@ def validate_generation(
                     check_mask_size(mask.size, (image_width, image_height))
                 except InputError as exc:
                     raise_invalid([field_error(mask_loc, exc.message, "mask_size")])
-                if request.padding_mask_crop is not None and not np.asarray(mask.convert("L")).any():
-                    raise_invalid([field_error(
-                        mask_loc, "has no pixel to repaint: nothing to crop around (padding_mask_crop)", "mask_empty",
-                    )])
+                if request.padding_mask_crop is not None:
+                    try:
+                        check_mask_to_crop(mask)
+                    except InputError as exc:
+                        raise_invalid([field_error(mask_loc, exc.message, "mask_empty")])
             inputs["mask"] = mask_data
         if (width is None or height is None) and capabilities is not None:
             # the image's size (rounded to the model's multiple) where not sent
@@ -424,7 +428,6 @@ def validate_generation(
         )
 
     seed = pick_seed(request.seed)
-    model_defaults = capabilities.defaults if capabilities is not None else GenerationDefaults()
     params = JobParams(
         version=3 if request.mask is not None else 1 if request.init_image is None else 2,
         prompt=request.prompt,
@@ -440,7 +443,7 @@ def validate_generation(
         use_karras_sigmas=request.use_karras_sigmas,
         width=width,
         height=height,
-        strength=None if request.init_image is None else (request.strength or model_defaults.strength_for(request.mask is not None)),
+        strength=None if request.init_image is None else request.strength,
         padding_mask_crop=request.padding_mask_crop,
         response_format=request.response_format,
     ).model_dump(
