@@ -82,6 +82,8 @@ class ModelCapabilities:
     init_image: bool = False
     # An inpainting checkpoint (its UNet takes the mask): every request sends an init image and a mask.
     mask_required: bool = False
+    # Why ddpm cannot reproduce this checkpoint's DDPMScheduler (its variance_type), else None.
+    ddpm_error: str | None = None
 
     def max_side(self, max_image_side: int) -> int:
         """The largest width/height a request may ask for: the server's limit, or
@@ -146,19 +148,22 @@ class ModelCapabilities:
         return errors
 
     def sampler_error(self, sampler: str | None) -> str | None:
-        """Why this model cannot sample with ``sampler``, else None: ddim and pndm are diffusers
+        """Why this model cannot sample with ``sampler``, else None: ddim, pndm and ddpm are diffusers
         schedulers' timesteps, which only an imported checkpoint has."""
         if sampler in spec.SCHEDULER_ONLY_SAMPLERS and not self.scheduler_sigmas:
             return (
                 f"{sampler!r} reproduces a diffusers scheduler on an imported checkpoint's own timesteps; "
                 f"this model samples on the Karras schedule: choose one of {', '.join(self.samplers)}"
             )
+        if sampler == "ddpm" and self.ddpm_error is not None:
+            return f"{self.ddpm_error}; choose one of {', '.join(self.samplers)}"
         return None
 
     @property
     def samplers(self) -> list[str]:
         """The samplers this model serves."""
-        return list(spec.SAMPLERS if self.scheduler_sigmas else spec.ANY_MODEL_SAMPLERS)
+        served = spec.SAMPLERS if self.scheduler_sigmas else spec.ANY_MODEL_SAMPLERS
+        return [s for s in served if not (s == "ddpm" and self.ddpm_error is not None)]
 
     def karras_sigmas_error(self, use_karras_sigmas: bool | None, sampler: str | None) -> str | None:
         """Why a request's ``use_karras_sigmas`` cannot be honoured (with its ``sampler``), else None."""
@@ -184,6 +189,7 @@ class ModelCapabilities:
         described = asdict(self)
         # under "request", with the other request fields
         del described["sr_noise_level"], described["defaults"], described["scheduler_sigmas"], described["pndm_min_steps"]
+        del described["ddpm_error"]
         # (init_image stays: a feature flag like style_image; its strength is under "request")
         described["mask"] = self.init_image  # inpainting: wherever an init image is taken
         described["max_side"] = self.max_side(max_image_side)
@@ -199,7 +205,7 @@ class ModelCapabilities:
             "seed": {"min": 0, "max": spec.MAX_SEED, "random": spec.RANDOM_SEED},
             "sampler": {"default": self.defaults.sampler},
             "sr_noise_level": None if self.sr_noise_level is None else asdict(self.sr_noise_level),
-            # false: the scheduler's own sigmas (euler, dpmpp_2m, euler_a; ddim and pndm always); null where only Karras's apply
+            # false: the scheduler's own sigmas (euler, dpmpp_2m, euler_a; ddim, pndm and ddpm always); null where only Karras's apply
             "use_karras_sigmas": {"default": self.defaults.use_karras_sigmas} if self.scheduler_sigmas else None,
             # with an init_image (img2img): int(steps x strength) steps run; null where none is taken
             # (default_with_mask: inpainting's, diffusers' inpaint pipelines')
@@ -239,7 +245,21 @@ def model_capabilities(config: ModelConfig) -> ModelCapabilities:
         pndm_min_steps=4 if any(s.schedule is not None and not s.schedule.skip_prk_steps for s in config.stages) else 1,
         init_image=config.is_imported and len(config.stages) == 1 and config.stages[0].latent is not None,
         mask_required=any(stage.mask_channels for stage in config.stages),
+        ddpm_error=ddpm_error(config),
     )
+
+
+def ddpm_error(config: ModelConfig) -> str | None:
+    """Why ddpm cannot reproduce a stage's DDPMScheduler (TrainingScheduleConfig.ddpm_variance_type), else None."""
+    for stage in config.stages:
+        if stage.schedule is None:
+            continue
+        learned = any(e.is_discrete and e.network.learned_variance for e in stage.experts)
+        try:
+            stage.schedule.ddpm_variance_type(learned)
+        except spec.InputError as exc:
+            return exc.message
+    return None
 
 
 def noise_level_rule(config: ModelConfig) -> NoiseLevelRule | None:

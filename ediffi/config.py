@@ -98,6 +98,27 @@ class TrainingScheduleConfig(_Strict):
     # PNDM: skip its Runge-Kutta start (PLMS, SD's config); None: the config names none, PNDM's default (false)
     skip_prk_steps: bool | None = None
     clip_sample_range: float = Field(1.0, gt=0.0)
+    # DDPM: the variance of its ancestral step (DDPMScheduler's variance_type); None: the config names
+    # none, the class default fixed_small (learned_range for a UNet that predicts its variance: a model
+    # directory imported before the field was written).
+    variance_type: Literal[
+        "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"
+    ] | None = None
+
+    def ddpm_variance_type(self, learned_variance: bool) -> str:
+        """The variance_type DDPMScheduler.from_config(the checkpoint's config) steps with: the config's,
+        else the class default fixed_small; for a UNet that predicts its variance in a model directory
+        written before the field was (the importer refuses a learned UNet with a fixed variance_type),
+        learned_range, IF's. Raises InputError (``sampler``) where diffusers' step cannot run:
+        fixed_large_log (the square root of a log), a learned one without the UNet's prediction."""
+        kind = self.variance_type or ("learned_range" if learned_variance else "fixed_small")
+        if kind == "fixed_large_log":
+            raise spec.InputError("sampler", "ddpm with this checkpoint's variance_type fixed_large_log is not served "
+                                             "(diffusers' DDPMScheduler takes the square root of a log there)")
+        if kind in ("learned", "learned_range") and not learned_variance:
+            raise spec.InputError("sampler", f"ddpm: this checkpoint's variance_type {kind!r} needs a UNet that "
+                                             "predicts its variance, and this one does not")
+        return kind
     # The diffusers scheduler (with use_karras_sigmas) whose conventions the
     # sampler reproduces: its Karras end points, the timesteps its UNet calls
     # see and its initial noise scale (discrete.py). IF uses DPM-Solver++:
@@ -413,7 +434,7 @@ class GenerationDefaults(_Strict):
     def _karras_for(self, sampler: str | None) -> bool:
         if sampler is None:
             return self.use_karras_sigmas
-        # ddim and pndm have no Karras variant; a sigma sampler named means Karras's, as it always did
+        # ddim, pndm and ddpm have no Karras variant; a sigma sampler named means Karras's, as it always did
         return sampler not in spec.SCHEDULER_ONLY_SAMPLERS
 
     def fill(
@@ -423,7 +444,7 @@ class GenerationDefaults(_Strict):
         """The four sampling fields of a request, those it left out (None) from these defaults.
         ``use_karras_sigmas`` left out is the model's only when ``sampler`` is left out too (the
         model's one default configuration, e.g. SDXL's Euler as loaded); with a sampler named it
-        is Karras's, as ``sampler`` always meant (ddim and pndm: their own timesteps, never Karras's)."""
+        is Karras's, as ``sampler`` always meant (ddim, pndm, ddpm: their own timesteps, never Karras's)."""
         return {
             "steps": self.steps_within(max_steps) if steps is None else steps,
             "guidance_scale": self.guidance_scale if guidance_scale is None else guidance_scale,

@@ -144,14 +144,15 @@ def inference_timesteps(schedule: TrainingScheduleConfig, steps: int) -> np.ndar
 
 def scheduled_steps(
     schedule: TrainingScheduleConfig, sampler: str, steps: int, v_prediction: bool,
-    thresholding: DynamicThresholdingConfig | None = None,
+    thresholding: DynamicThresholdingConfig | None = None, learned_variance: bool = False,
 ) -> ScheduledSteps:
-    """The timesteps of diffusers' DDIMScheduler or PNDMScheduler (skip_prk_steps) built from the
+    """The timesteps of diffusers' DDIMScheduler, PNDMScheduler or DDPMScheduler built from the
     checkpoint's scheduler config, as its `set_timesteps(steps)` makes them: integer timesteps spaced
     by the config's `timestep_spacing` (the class default "leading" where the config names none),
-    PNDM's with its second timestep repeated (plms_timesteps), its alpha_bar past t = 0 and DDIM's
-    correction of x0: the stage's dynamic `thresholding` if any, else clip_sample (each None in the
-    schedule: the class default, as `from_config` gives it). PNDMScheduler corrects nothing."""
+    PNDM's with its second timestep repeated (plms_timesteps), its alpha_bar past t = 0 and DDIM's and
+    DDPM's correction of x0: the stage's dynamic `thresholding` if any, else clip_sample (each None in
+    the schedule: the class default, as `from_config` gives it). PNDMScheduler corrects nothing. DDPM
+    steps to the next listed timestep (the last to alpha_bar 1) with its variance_type's noise."""
     if steps < 1:
         raise ValueError("steps must be >= 1")
     n = schedule.num_train_timesteps
@@ -173,23 +174,27 @@ def scheduled_steps(
         prk = prk[:-1].repeat(2)[1:-1]
         prk_evaluations = len(prk)
         timesteps = np.concatenate([timesteps[:-3], prk])  # ascending here; reversed below
-    elif sampler != "ddim":
-        raise ValueError(f"sampler {sampler!r} does not step by timestep (ddim, pndm do)")
+    elif sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler {sampler!r} does not step by timestep (ddim, pndm, ddpm do)")
+    # DDPMScheduler's alpha_bar past t = 0 is always 1 (its `one`)
     set_alpha_to_one = schedule.set_alpha_to_one if schedule.set_alpha_to_one is not None else sampler == "ddim"
     alphas_cumprod = training_alphas_cumprod(schedule)
     correct_x0 = None
-    if sampler == "ddim" and thresholding is not None:
+    corrects = sampler in ("ddim", "ddpm")
+    if corrects and thresholding is not None:
         correct_x0 = functools.partial(dynamic_threshold, ratio=thresholding.ratio, max_value=thresholding.max_value)
-    elif sampler == "ddim" and (schedule.clip_sample if schedule.clip_sample is not None else True):
+    elif corrects and (schedule.clip_sample if schedule.clip_sample is not None else True):
         correct_x0 = functools.partial(torch.clamp, min=-schedule.clip_sample_range, max=schedule.clip_sample_range)
     return ScheduledSteps(
         timesteps=tuple(int(t) for t in timesteps[::-1]),
         step_ratio=n // steps,
         alphas_cumprod=alphas_cumprod,
-        final_alpha_cumprod=1.0 if set_alpha_to_one else float(alphas_cumprod[0]),
+        final_alpha_cumprod=1.0 if set_alpha_to_one or sampler == "ddpm" else float(alphas_cumprod[0]),
         v_prediction=v_prediction,
         correct_x0=correct_x0,
         prk_evaluations=prk_evaluations,
+        to_next_timestep=sampler == "ddpm",
+        variance_type=schedule.ddpm_variance_type(learned_variance) if sampler == "ddpm" else None,
     )
 
 
@@ -278,7 +283,7 @@ class DiscreteUNetDenoiser(nn.Module):
         self.conditioning = conditioning
         self.context_columns = context_columns
         self.pooled_columns = pooled_columns
-        # IF predicts [epsilon | variance]; the ODE needs epsilon only.
+        # IF predicts [epsilon | variance]: the output is then [D | variance] (ddpm steps with it).
         self.learned_variance = learned_variance
         # An inpainting UNet: `low_res` carries the mask and the masked image's latents, concatenated as is.
         self.mask_channels = mask_channels
@@ -353,14 +358,17 @@ class DiscreteUNetDenoiser(nn.Module):
             cross_attention_kwargs=attention_kwargs,
             return_dict=False,
         )[0]
-        if self.learned_variance:
-            out = out[:, : x.shape[1]]
-        out = out.to(dtype)
+        channels = x.shape[1]
+        predicted_variance = out[:, channels:].to(dtype) if self.learned_variance else None
+        out = out[:, :channels].to(dtype)
         if self.prediction_type == "epsilon":
-            return x - s * out
-        if self.prediction_type == "v_prediction":
-            return out * (-s / variance**0.5) + x / variance
-        return out
+            denoised = x - s * out
+        elif self.prediction_type == "v_prediction":
+            denoised = out * (-s / variance**0.5) + x / variance
+        else:
+            denoised = out
+        # A learned variance (IF) travels behind D, [D | variance], for ddpm's step (the ODE samplers drop it).
+        return denoised if predicted_variance is None else torch.cat([denoised, predicted_variance], dim=1)
 
 
 class LatentDecoder(nn.Module):

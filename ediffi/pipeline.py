@@ -173,8 +173,8 @@ def stage_sigmas(
     range, or for a discrete-time checkpoint the one diffusers' scheduler
     with Karras sigmas uses (within its trained range): Euler's, or
     DPM-Solver's for `dpmpp_2m` (ediffi.discrete.request_schedule); without
-    Karras sigmas, that scheduler's own spaced ones; for ddim and pndm, those of their timesteps."""
-    if sampler in SCHEDULER_ONLY_SAMPLERS:  # ddim, pndm: the sigmas of their timesteps
+    Karras sigmas, that scheduler's own spaced ones; for ddim, pndm and ddpm, those of their timesteps."""
+    if sampler in SCHEDULER_ONLY_SAMPLERS:  # ddim, pndm, ddpm: the sigmas of their timesteps
         return stage_scheduled_steps(stage, steps, sampler).sigmas
     if stage.schedule is not None:
         return inference_sigmas(request_schedule(stage.schedule, sampler, use_karras_sigmas), steps)
@@ -182,14 +182,15 @@ def stage_sigmas(
 
 
 def stage_scheduled_steps(stage: StageConfig, steps: int, sampler: str) -> ScheduledSteps | None:
-    """For ddim and pndm (imported stages only: validate_for_model), the timesteps of the diffusers
+    """For ddim, pndm and ddpm (imported stages only: validate_for_model), the timesteps of the diffusers
     scheduler they reproduce on the stage's training schedule; None for the sigma samplers."""
     if sampler not in SCHEDULER_ONLY_SAMPLERS:
         return None
     if stage.schedule is None:
         raise InputError("sampler", f"{sampler!r} is for imported diffusers checkpoints; stage {stage.name!r} is not one")
     v_prediction = any(e.is_discrete and e.network.prediction_type == "v_prediction" for e in stage.experts)
-    return scheduled_steps(stage.schedule, sampler, steps, v_prediction, stage.dynamic_thresholding)
+    learned_variance = any(e.is_discrete and e.network.learned_variance for e in stage.experts)
+    return scheduled_steps(stage.schedule, sampler, steps, v_prediction, stage.dynamic_thresholding, learned_variance)
 
 
 @dataclass
@@ -460,7 +461,7 @@ class RequestRun:
         return self._new_sampler(self.stage_index, x.to(device, dtype), restart_below=restarts)
 
     def _noised_init(self, init: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The init image's latents at the first step run: the scheduler's add_noise (ddim and pndm: the
+        """The init image's latents at the first step run: the scheduler's add_noise (ddim, pndm, ddpm: the
         variance-preserving sample at its first timestep; else x0 + sigma noise)."""
         sigmas, scheduled = self._schedules[self.stage_index]
         if scheduled is not None:
@@ -554,6 +555,12 @@ class RequestRun:
             self._finish_stage(denoised)
             return
         n = self.request.n
+        variance = None
+        channels = self.sampler.x.shape[1]
+        if denoised.shape[1] > channels:
+            # A UNet that learns its variance (IF): [D | predicted variance]; the variance of the
+            # conditional rows, as IF's pipelines keep the text branch's.
+            denoised, variance = denoised[:, :channels], denoised[:n, channels:]
         if self.cond.guided:
             denoised = classifier_free_guidance(denoised[:n], denoised[n:], self.cond.guidance_scale.to(denoised))
         thresholding = self.stage.dynamic_thresholding
@@ -562,7 +569,7 @@ class RequestRun:
             # After guidance, on the x0 the sampler steps with: where
             # diffusers' scheduler thresholds its (guided) predicted x0.
             denoised = dynamic_threshold(denoised, thresholding.ratio, thresholding.max_value)
-        self.sampler.advance(denoised)
+        self.sampler.advance(denoised, variance)
         if self._known is not None and self.stage_index == 0:
             self.sampler.keep_unmasked(*self._known)
         self.evaluations_done += 1

@@ -112,7 +112,9 @@ class Sampler:
     def pending(self) -> Evaluation | None:
         raise NotImplementedError
 
-    def advance(self, denoised: torch.Tensor) -> None:
+    def advance(self, denoised: torch.Tensor, variance: torch.Tensor | None = None) -> None:
+        """Take the evaluation asked for: D(x; sigma), and ``variance``, the UNet's predicted variance
+        channels where it learns them (IF; the conditional rows'), which only ddpm steps with."""
         raise NotImplementedError
 
     @property
@@ -141,7 +143,7 @@ class EulerSampler(Sampler):
     def pending(self) -> Evaluation | None:
         return None if self.done else Evaluation(self.x, self.sigmas[self.step])
 
-    def advance(self, denoised: torch.Tensor) -> None:
+    def advance(self, denoised: torch.Tensor, variance: torch.Tensor | None = None) -> None:
         i = self.step
         self.x = euler_step(self.x, denoised, self.sigmas[i], self.sigmas[i + 1])
         self.step += 1
@@ -163,7 +165,7 @@ class HeunSampler(Sampler):
             return Evaluation(self.x, self.sigmas[self.step])
         return Evaluation(self._predicted, self.sigmas[self.step + 1])
 
-    def advance(self, denoised: torch.Tensor) -> None:
+    def advance(self, denoised: torch.Tensor, variance: torch.Tensor | None = None) -> None:
         i = self.step
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         if self._predicted is None:
@@ -203,7 +205,7 @@ class DPMPP2MSampler(Sampler):
     def pending(self) -> Evaluation | None:
         return None if self.done else Evaluation(self.x, self.sigmas[self.step])
 
-    def advance(self, denoised: torch.Tensor) -> None:
+    def advance(self, denoised: torch.Tensor, variance: torch.Tensor | None = None) -> None:
         i = self.step
         sigma_prev = self.sigmas[i - 1] if i > 0 else None
         old_denoised = self._old_denoised
@@ -226,7 +228,7 @@ class EulerAncestralSampler(Sampler):
     def pending(self) -> Evaluation | None:
         return None if self.done else Evaluation(self.x, self.sigmas[self.step])
 
-    def advance(self, denoised: torch.Tensor) -> None:
+    def advance(self, denoised: torch.Tensor, variance: torch.Tensor | None = None) -> None:
         i = self.step
         if self._noise is None:
             raise ValueError("euler_a needs a noise source to step")
@@ -250,17 +252,28 @@ class ScheduledSteps:
     v_prediction: bool = False
     # PNDM without skip_prk_steps: its first evaluations are Runge-Kutta's (12; none with skip_prk_steps)
     prk_evaluations: int = 0
-    # DDIM's correction of its predicted x0 (dynamic thresholding, else clip_sample's clamp to
-    # [-range, range]); its eps stays as predicted, as DDIMScheduler.step keeps pred_epsilon
+    # DDIM's and DDPM's correction of its predicted x0 (dynamic thresholding, else clip_sample's clamp
+    # to [-range, range]); DDIM's eps stays as predicted, as DDIMScheduler.step keeps pred_epsilon
     correct_x0: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # DDPM: each step goes to the next timestep of the list (the last to t = -1, alpha_bar 1), not
+    # back by the stride; its ancestral noise has DDPMScheduler's variance_type (resolved: see
+    # ediffi.discrete.ddpm_variance_type)
+    to_next_timestep: bool = False
+    variance_type: str | None = None
 
     def alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
 
+    def previous(self, index: int) -> int:
+        """The timestep the step at ``timesteps[index]`` goes to (diffusers' prev_timestep)."""
+        if self.to_next_timestep:
+            return self.timesteps[index + 1] if index + 1 < len(self.timesteps) else -1
+        return self.timesteps[index] - self.step_ratio
+
     @property
     def sigmas(self) -> torch.Tensor:
         """Each call's sigma = sqrt((1 - abar_t) / abar_t), then the last step's target (0 when abar = 1)."""
-        alphas = [self.alpha(t) for t in self.timesteps] + [self.alpha(self.timesteps[-1] - self.step_ratio)]
+        alphas = [self.alpha(t) for t in self.timesteps] + [self.alpha(self.previous(len(self.timesteps) - 1))]
         return torch.tensor([((1 - a) / a) ** 0.5 for a in alphas], dtype=torch.float64)
 
 
@@ -315,7 +328,7 @@ class DDIMSampler(_VariancePreservingSampler):
     sqrt(1 - abar_prev) eps, from t to t - T // steps (not to the next timestep where the spacing
     is not "leading"; diffusers' convention, kept)."""
 
-    def advance(self, denoised: torch.Tensor) -> None:
+    def advance(self, denoised: torch.Tensor, variance: torch.Tensor | None = None) -> None:
         t = self.plan.timesteps[self.step]
         model_output = self._model_output(denoised, t)
         a_prev = self.plan.alpha(t - self.plan.step_ratio)
@@ -343,7 +356,7 @@ class PNDMSampler(_VariancePreservingSampler):
         self._first_sample: torch.Tensor | None = None  # its `cur_sample`
         self._runge_kutta_sum: torch.Tensor | float = 0.0  # its `cur_model_output`
 
-    def advance(self, denoised: torch.Tensor) -> None:
+    def advance(self, denoised: torch.Tensor, variance: torch.Tensor | None = None) -> None:
         counter = self.step
         output = self._model_output(denoised, self.plan.timesteps[counter])
         if counter < self.plan.prk_evaluations:
@@ -392,6 +405,57 @@ class PNDMSampler(_VariancePreservingSampler):
         self.x = self._transfer(sample, t, t_prev, output)
 
 
+class DDPMSampler(_VariancePreservingSampler):
+    """diffusers' DDPMScheduler (Ho et al. 2020): the posterior mean of eq. 7 from the corrected x0
+    (IF's dynamic thresholding, else clip_sample), then, where t > 0, fresh noise from the image's
+    generator (diffusers' one generator, continued) scaled by the variance_type's standard deviation:
+    beta~_t (eq. 7's, "fixed_small"), beta_t ("fixed_large"), or the UNet's own prediction,
+    "learned_range" interpolating log beta~_t and log beta_t (Nichol & Dhariwal 2021, eq. 15), as IF.
+    In float32, as the scheduler's alphas_cumprod."""
+
+    def __init__(self, x: torch.Tensor, steps: ScheduledSteps, noise: Callable[[tuple[int, ...]], torch.Tensor] | None):
+        super().__init__(x, steps)
+        self._noise = noise  # None: a sampler only counted (total_evaluations), never advanced
+
+    def advance(self, denoised: torch.Tensor, variance: torch.Tensor | None = None) -> None:
+        if self._noise is None:
+            raise ValueError("ddpm needs a noise source to step")
+        plan, sample = self.plan, self.x
+        t, t_prev = plan.timesteps[self.step], plan.previous(self.step)
+        output = self._model_output(denoised, t)
+        a = plan.alphas_cumprod[t]
+        a_prev = plan.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0)
+        alpha_t, beta_t = a / a_prev, 1 - a / a_prev
+        if plan.v_prediction:
+            x0 = a**0.5 * sample - (1 - a) ** 0.5 * output
+        else:
+            x0 = (sample - (1 - a) ** 0.5 * output) / a**0.5
+        if plan.correct_x0 is not None:
+            x0 = plan.correct_x0(x0)
+        mean = (a_prev**0.5 * beta_t / (1 - a)) * x0 + (alpha_t**0.5 * (1 - a_prev) / (1 - a)) * sample
+        if t > 0:
+            noise = self._noise(tuple(sample.shape[1:])).to(sample)
+            mean = mean + self._standard_deviation(beta_t, (1 - a_prev) / (1 - a) * beta_t, variance) * noise
+        self.x = mean
+        self.step += 1
+
+    def _standard_deviation(self, beta: torch.Tensor, posterior: torch.Tensor, predicted: torch.Tensor | None):
+        kind = self.plan.variance_type
+        posterior = posterior.clamp(min=1e-20)  # diffusers' clamp: it takes the log
+        if kind in ("learned", "learned_range") and predicted is None:
+            raise ValueError(f"ddpm with variance_type {kind!r} needs the UNet's predicted variance")
+        if kind == "learned_range":
+            frac = (predicted + 1) / 2
+            return torch.exp(0.5 * (frac * beta.log() + (1 - frac) * posterior.log()))
+        if kind == "learned":
+            return predicted**0.5
+        if kind == "fixed_large":
+            return beta**0.5
+        if kind == "fixed_small_log":
+            return torch.exp(0.5 * posterior.log())
+        return posterior**0.5  # fixed_small
+
+
 _SAMPLER_CLASSES: dict[str, type[Sampler]] = {
     "euler": EulerSampler,
     "heun": HeunSampler,
@@ -409,11 +473,16 @@ def make_sampler(
     noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
     steps: ScheduledSteps | None = None,
 ) -> Sampler:
-    """``sigmas`` for the sigma samplers (euler_a also takes ``noise``); ``steps`` for ddim and pndm."""
+    """``sigmas`` for the sigma samplers (euler_a also takes ``noise``); ``steps`` for ddim, pndm and
+    ddpm (which also takes ``noise``)."""
     if name in _SCHEDULED_SAMPLER_CLASSES:
         if steps is None:
             raise ValueError(f"sampler {name!r} steps a diffusers scheduler's timesteps: it needs them (steps=)")
         return _SCHEDULED_SAMPLER_CLASSES[name](x, steps)
+    if name == "ddpm":
+        if steps is None:
+            raise ValueError("sampler 'ddpm' steps a diffusers scheduler's timesteps: it needs them (steps=)")
+        return DDPMSampler(x, steps, noise)
     if name == "euler_a":
         return EulerAncestralSampler(x, sigmas, restart_below, noise=noise)
     try:

@@ -25,10 +25,10 @@ from ediffi.failure import InputError
 
 #: Samplers (``ediffi.samplers`` implements them). heun, euler, dpmpp_2m and euler_a (Euler
 #: ancestral, A1111's "Euler a": stochastic, its noise drawn from the image's seed) solve on the
-#: Karras sigma schedule, or on an imported checkpoint's own spaced sigmas; ddim and pndm reproduce
-#: diffusers' DDIMScheduler (eta 0) and PNDMScheduler (PLMS, skip_prk_steps) on an imported
-#: checkpoint's own timesteps, and only there.
-SamplerName = Literal["heun", "euler", "dpmpp_2m", "euler_a", "ddim", "pndm"]
+#: Karras sigma schedule, or on an imported checkpoint's own spaced sigmas; ddim, pndm and ddpm
+#: reproduce diffusers' DDIMScheduler (eta 0), PNDMScheduler (PLMS, skip_prk_steps) and DDPMScheduler
+#: (ancestral, with IF's learned variance) on an imported checkpoint's own timesteps, and only there.
+SamplerName = Literal["heun", "euler", "dpmpp_2m", "euler_a", "ddim", "pndm", "ddpm"]
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 DEFAULT_SAMPLER: SamplerName = "heun"
 #: The samplers that take ``use_karras_sigmas: false`` on an imported checkpoint: the diffusers
@@ -37,7 +37,7 @@ DEFAULT_SAMPLER: SamplerName = "heun"
 SCHEDULER_SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "dpmpp_2m", "euler_a")
 #: The samplers that exist only as a diffusers scheduler's own timesteps: imported checkpoints only,
 #: never with Karras's sigmas (``use_karras_sigmas`` left out means false for them).
-SCHEDULER_ONLY_SAMPLERS: tuple[str, ...] = ("ddim", "pndm")
+SCHEDULER_ONLY_SAMPLERS: tuple[str, ...] = ("ddim", "pndm", "ddpm")
 #: The samplers every model serves (the shipped family's).
 ANY_MODEL_SAMPLERS: tuple[str, ...] = tuple(s for s in SAMPLERS if s not in SCHEDULER_ONLY_SAMPLERS)
 #: The mix benchmarks and simulations draw by default: one sampler per evaluation pattern (euler_a

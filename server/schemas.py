@@ -188,8 +188,8 @@ class GenerationOptions(NullMeansDefault):
         SamplerName | None,
         Field(
             description="heun, euler, dpmpp_2m, euler_a (Euler ancestral, A1111's \"Euler a\": its noise comes from "
-            "the seed): on the Karras sigma schedule, or an imported checkpoint's own sigmas; ddim, pndm (PLMS): "
-            "diffusers' DDIMScheduler and PNDMScheduler on an imported checkpoint's own timesteps. Absent: the "
+            "the seed): on the Karras sigma schedule, or an imported checkpoint's own sigmas; ddim, pndm (PLMS), ddpm: "
+            "diffusers' DDIMScheduler, PNDMScheduler and DDPMScheduler on an imported checkpoint's own timesteps. Absent: the "
             "model's default (GET /v1/models: samplers, request.sampler)."
         ),
     ] = None
@@ -252,9 +252,9 @@ class GenerationOptions(NullMeansDefault):
             strict=True,
             description="Imported checkpoints with sampler euler, dpmpp_2m or euler_a: false samples on the "
             "scheduler's own sigmas, as diffusers' EulerDiscreteScheduler, DPMSolverMultistepScheduler and "
-            "EulerAncestralDiscreteScheduler by default (diffusers' use_karras_sigmas); true: Karras's. ddim and "
-            "pndm always step their own timesteps (false). Absent: the model's default with its default sampler, "
-            "false with ddim or pndm, else true (GET /v1/models: request.use_karras_sigmas; null there: Karras's only).",
+            "EulerAncestralDiscreteScheduler by default (diffusers' use_karras_sigmas); true: Karras's. ddim, "
+            "pndm and ddpm always step their own timesteps (false). Absent: the model's default with its default sampler, "
+            "false with ddim, pndm or ddpm, else true (GET /v1/models: request.use_karras_sigmas; null there: Karras's only).",
         ),
     ] = None
     width: Annotated[
@@ -451,11 +451,11 @@ class JobParams(BaseModel):
           "seed": int,                      # always set (picked by the API if the client sent none);
                                             # image k must use seed + k (GenerationRequest.image_seeds),
                                             # seed + n - 1 <= MAX_SEED
-          "sampler": "heun" | "euler" | "dpmpp_2m" | "euler_a" | "ddim" | "pndm",
+          "sampler": "heun" | "euler" | "dpmpp_2m" | "euler_a" | "ddim" | "pndm" | "ddpm",
           "inputs": ["color_map"?, "init_image"?, "mask"?, "style_image"?],   # the job's byte inputs, sorted
           "paint_with_words": null | {"regions": [{"color": "#rrggbb", "phrase": str, "strength": float}]},
           "sr_noise_level": null | int,     # >= 0; the model checks its range (IF stage II)
-          "use_karras_sigmas": bool,        # false: imported model, the scheduler's own sigmas (ddim/pndm: always)
+          "use_karras_sigmas": bool,        # false: imported model, the scheduler's own sigmas (ddim/pndm/ddpm: always)
           "width"?: int, "height"?: int,    # only when the client asked for a size (width/height, or
                                             # /v1/images/generations' size) or sent an init_image, else the default
           "strength"?: float,               # (0, 1]; only with the "init_image" input (img2img, inpainting)

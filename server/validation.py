@@ -283,7 +283,7 @@ def check_model_fields(
 ) -> list[dict[str, Any]]:
     """Errors for fields the loaded model cannot honour: a size it does not
     make (or beyond `max_image_side`), a style image without an image encoder, and
-    ModelCapabilities.request_errors: a sampler it lacks (ddim and pndm on the shipped family) or
+    ModelCapabilities.request_errors: a sampler it lacks (ddim, pndm and ddpm on the shipped family) or
     too few steps for it, `use_karras_sigmas` where it cannot apply, an `sr_noise_level` outside its
     range (or for a model without one)."""
     if capabilities is None:

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, get_args
 
 from ediffi.config import (
     MODEL_JSON,
@@ -175,6 +175,9 @@ def schedule_of(folder: PipelineFolder) -> tuple[TrainingScheduleConfig, str]:
     prediction = cfg.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction", "sample"):
         raise DiffusersImportError(f"{folder.root}/scheduler: prediction_type {prediction!r} is not supported")
+    variance_types = get_args(TrainingScheduleConfig.model_fields["variance_type"].annotation)[0]
+    if cfg.get("variance_type") is not None and cfg["variance_type"] not in get_args(variance_types):
+        raise DiffusersImportError(f"{folder.root}/scheduler: variance_type {cfg['variance_type']!r} is not supported")
     return TrainingScheduleConfig(**_schedule_fields(cfg)), prediction
 
 
@@ -189,7 +192,8 @@ def sampler_as_loaded(folder: PipelineFolder) -> str | None:
     """The sampler that reproduces the folder's own scheduler on its own spaced sigmas, if it is one
     reproduced: a plain EulerDiscreteScheduler (SDXL's) -> euler, EulerAncestralDiscreteScheduler ->
     euler_a, PNDMScheduler (SD 1.x's, PLMS with skip_prk_steps) -> pndm, DDIMScheduler (eta 0, no dynamic
-    thresholding) -> ddim, DPM-Solver++(2M) -> dpmpp_2m. Requests
+    thresholding) -> ddim, DDPMScheduler (IF's, with its learned variance and thresholding) -> ddpm,
+    DPM-Solver++(2M) -> dpmpp_2m. Requests
     then default to it with use_karras_sigmas false, so one that leaves the sampling fields out gets
     the image of the pipeline as loaded."""
     cfg = folder.config("scheduler", "scheduler_config.json")
@@ -211,6 +215,8 @@ def sampler_as_loaded(folder: PipelineFolder) -> str | None:
         return "pndm"
     if loaded == "DDIMScheduler" and not cfg.get("thresholding"):
         return "ddim"
+    if loaded == "DDPMScheduler" and cfg.get("variance_type", "fixed_small") != "fixed_large_log":
+        return "ddpm"
     if (
         loaded == "DPMSolverMultistepScheduler"
         and cfg.get("algorithm_type", "dpmsolver++") == "dpmsolver++"

@@ -59,9 +59,10 @@ A1111_SAMPLERS: dict[str, tuple[str, bool | None]] = {
     "DPM++ 2M Karras": ("dpmpp_2m", True),
     "Euler a": ("euler_a", False),
     "Heun": ("heun", True),
-    # diffusers' DDIMScheduler and PNDMScheduler (PLMS) on an imported checkpoint's own timesteps
+    # diffusers' DDIMScheduler, PNDMScheduler (PLMS) and DDPMScheduler on an imported checkpoint's own timesteps
     "DDIM": ("ddim", False),
     "PLMS": ("pndm", False),
+    "DDPM": ("ddpm", False),
 }
 #: A1111 (>= 1.9) scheduler names served, lower-cased: "Automatic" keeps the sampler's own choice.
 A1111_SCHEDULERS: dict[str, bool | None] = {"automatic": None, "karras": True}
@@ -452,7 +453,7 @@ async def interrupt(principal: PrincipalDep, queue: QueueDep) -> JSONResponse:
 
 @router.get("/samplers", dependencies=[Depends(authenticate)])
 async def samplers(request: Request) -> list[dict[str, Any]]:
-    """The A1111 sampler names txt2img takes for the served model (DDIM and PLMS: imported checkpoints)."""
+    """The A1111 sampler names txt2img takes for the served model (DDIM, PLMS and DDPM: imported checkpoints)."""
     capabilities = request.app.state.capabilities
     served = set(capabilities.samplers) if capabilities is not None else set(ANY_MODEL_SAMPLERS)
     return [{"name": name, "aliases": [], "options": {}} for name, (sampler, _) in A1111_SAMPLERS.items() if sampler in served]

@@ -12,6 +12,7 @@ use_karras_sigmas=True)`, one CPU generator seeded with S passed to both.
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import io
 import json
@@ -41,6 +42,7 @@ from tests.support.deepfloyd_if import (
     STAGE_II_SIZE,
     TinyIF,
     diffusers_if_images,
+    diffusers_if_images_as_loaded,
     load_if_pipelines,
     write_sentencepiece_t5_tokenizer,
 )
@@ -51,6 +53,7 @@ STEPS = 6  # < 15: diffusers' DPM-Solver takes its last step first order
 GUIDANCE = 4.0
 SEED = 3
 MIN_PSNR = 35.0
+DDPM_PSNR = 60.0  # ddpm as loaded: measured 73-80 dB (stage II) and inf (stage I)
 TOLERANCE = 2  # 8-bit levels: batch invariance within 2/255
 
 
@@ -98,11 +101,13 @@ def test_import_writes_a_two_stage_pixel_cascade(if_model_dir):
         network = stage.experts[0].network
         assert network.learned_variance and network.schedule.karras_scheduler == "DPMSolverMultistepScheduler"
     assert [e.kind for e in config.encoders.text_encoders] == ["t5"]
-    # A request's defaults: IFPipeline's guidance 7, 50 steps (stage II's) of the sampler diffusers' IF example uses.
+    # A request's defaults: IFPipeline's guidance 7, 50 steps (stage II's), the folders' own DDPMScheduler.
     assert config.defaults.model_dump() == {
-        "steps": 50, "guidance_scale": 7.0, "sampler": "dpmpp_2m", "use_karras_sigmas": True,
+        "steps": 50, "guidance_scale": 7.0, "sampler": "ddpm", "use_karras_sigmas": False,
         "inpaint_strength": 1.0,  # (IF takes no init image: the field's default)
     }
+    for stage in (base, sr):
+        assert stage.schedule.variance_type == "learned_range"
 
 
 @pytest.mark.parametrize("stage_name", ["base", "sr"])
@@ -155,6 +160,10 @@ def test_one_denoiser_call_equals_diffusers_unet_with_dpm_scaling(tiny_if, if_mo
                 pww_mask=torch.zeros(2, context.shape[1], size, size), pww_strength=torch.zeros(2),
                 low_res=low_res, low_res_sigma=low_res_sigma,
             )
+        # [D | the UNet's variance channels as predicted] (ddpm steps with them)
+        assert denoised.shape[1] == 6
+        torch.testing.assert_close(denoised[:, 3:], eps[:, 3:], rtol=1e-4, atol=1e-5)
+        denoised = denoised[:, :3]
         error = float((denoised.double() - expected).norm() / expected.norm())
         assert error <= 1e-4, f"sigma {sigma:.4g} (t {int(t[0])}): relative error {error:.2e}"
 
@@ -256,6 +265,51 @@ def test_ddim_and_pndm_equal_diffusers_at_both_stages(tiny_if, if_model, if_stag
         with pytest.raises(InputError) as caught:
             validate_for_model(if_model.config, dataclasses.replace(request, steps=3))
         assert caught.value.field == "steps" and "Runge-Kutta" in caught.value.message
+
+
+def test_ddpm_as_loaded_equals_both_pipelines_at_both_stages(tiny_if, if_model, if_stage_1_dir):
+    """A request naming no sampler gets the folders' own DDPMScheduler (ddpm): the posterior mean of the
+    thresholded x0, then each image's generator's noise scaled by the UNet's learned variance (the
+    conditional rows'), as IFPipeline and IFSuperResolutionPipeline do as loaded, for two images with
+    a generator each; without guidance, with it, and at 5 steps."""
+    for steps, guidance, n in ((STEPS, GUIDANCE, 2), (10, 1.0, 1), (5, 7.0, 1)):
+        low_ref, high_ref = diffusers_if_images_as_loaded(tiny_if, PROMPT, seed=SEED, steps=steps, guidance=guidance, n=n)
+        defaults = if_model.config.request_defaults.fill(steps=steps, guidance_scale=guidance, sampler=None,
+                                                         use_karras_sigmas=None)
+        assert defaults["sampler"] == "ddpm"
+        request = GenerationRequest(prompt=PROMPT, seed=SEED, n=n, **defaults)
+        low, high = generate(load_model(if_stage_1_dir), request), generate(if_model, request)
+        figures = [psnr(a, b) for a, b in zip(low + high, low_ref + high_ref)]
+        print(f"IF ddpm as loaded, {steps} steps, guidance {guidance}, n {n}: PSNR stage I "
+              f"{', '.join(f'{f:.2f}' for f in figures[:n])}, stage II {', '.join(f'{f:.2f}' for f in figures[n:])} dB")
+        assert min(figures) >= DDPM_PSNR, (steps, guidance)
+    # The bar can fail: the learned variance matters (fixed_small's noise scale is another picture).
+    fixed = copy.copy(if_model)
+    fixed.config = if_model.config.model_copy(deep=True)
+    for stage in fixed.config.stages:
+        stage.schedule.variance_type = "fixed_small"
+    figure = psnr(generate(fixed, request)[0], high_ref[0])
+    assert figure < DDPM_PSNR - 20, figure
+
+
+def test_ddpm_where_the_checkpoint_s_variance_cannot_be_reproduced_is_refused(if_model):
+    """A learned variance_type whose UNet predicts none, or fixed_large_log (diffusers' step takes the
+    square root of its log): ddpm is not in GET /v1/models' samplers, and a request for it an InputError
+    naming sampler."""
+    from ediffi.capabilities import model_capabilities
+    from ediffi.pipeline import validate_for_model
+
+    assert "ddpm" in model_capabilities(if_model.config).samplers
+    for variance_type, learned in (("learned_range", False), ("fixed_large_log", True)):
+        config = if_model.config.model_copy(deep=True)
+        for stage in config.stages:
+            stage.schedule.variance_type = variance_type
+            stage.experts[0].network.learned_variance = learned
+        capabilities = model_capabilities(config)
+        assert "ddpm" not in capabilities.samplers and "dpmpp_2m" in capabilities.samplers
+        with pytest.raises(InputError) as caught:
+            validate_for_model(config, GenerationRequest(prompt=PROMPT, sampler="ddpm", use_karras_sigmas=False))
+        assert caught.value.field == "sampler" and variance_type in caught.value.message
 
 
 def test_sr_noise_level_per_request_equals_diffusers_noise_level(tiny_if, if_model):

@@ -66,6 +66,7 @@ def _reference(pipe, steps: int, strength: float, n: int = 1, image=None):
         ("dpmpp_2m", False, "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
         ("ddim", False, "DDIMScheduler", {}),
         ("pndm", False, "PNDMScheduler", {}),  # the folder's own (SD 1.x's PLMS): its model default
+        ("ddpm", False, "DDPMScheduler", {}),  # its noise each step from the image's generator; clip_sample: 77.95 dB at worst
     ],
 )
 def test_img2img_matches_stable_diffusion_img2img_pipeline(sd, sampler, karras, scheduler, config):

@@ -79,6 +79,7 @@ def _reference(pipe, steps: int, strength: float | None, n: int = 1, mask=None):
         ("dpmpp_2m", False, "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
         ("ddim", False, "DDIMScheduler", {}),
         ("pndm", False, "PNDMScheduler", {}),  # the folder's own (SD 1.x's PLMS)
+        ("ddpm", False, "DDPMScheduler", {}),  # its noise each step from the image's generator; clip_sample: 77.95 dB at worst
     ],
 )
 def test_inpainting_matches_stable_diffusion_inpaint_pipeline(sd, sampler, karras, scheduler, config):

@@ -1,5 +1,5 @@
 """The samplers that reproduce more of diffusers' schedulers on imported checkpoints: PNDM (PLMS,
-SD 1.x's as loaded), DDIM (eta 0) and Euler ancestral ("Euler a", stochastic), each against
+SD 1.x's as loaded), DDIM (eta 0), DDPM and Euler ancestral ("Euler a", stochastic), each against
 diffusers' own pipeline with that scheduler on the tiny random checkpoints
 (tests/support/diffusers.py), epsilon and v-prediction; their timesteps against the schedulers'
 `set_timesteps` for every spacing; and what the shipped family does with them."""
@@ -144,12 +144,39 @@ def test_euler_ancestral_matches_euler_ancestral_discrete_scheduler(imported, fo
     assert psnr(ours, _ours(model, "euler_a", steps, guidance, seed=8, use_karras_sigmas=False)) < PARITY_DB - 30
 
 
+@pytest.mark.parametrize("folder", ["sd", "sd-v"])
+def test_ddpm_matches_ddpm_scheduler(imported, tiny_diffusers_dir, tmp_path, folder):
+    """ddpm = DDPMScheduler.from_config(the folder's config): the posterior mean from the clipped x0
+    (its default clip_sample), then the image generator's noise at its variance_type's scale: the class
+    default fixed_small, and fixed_large imported from a folder whose config says so."""
+    from diffusers import DDPMScheduler
+
+    from ediffi.importers.diffusers import import_diffusers
+    from ediffi.model import load_model
+
+    model, pipe = imported[folder]
+    import_diffusers(_folder_with(tiny_diffusers_dir, folder, tmp_path, variance_type="fixed_large"), tmp_path / "m")
+    large = load_model(tmp_path / "m")
+    bar = PARITY_DB if folder == "sd" else V_PREDICTION_DB
+    for label, ours_model, config in (("fixed_small", model, {}), ("fixed_large", large, {"variance_type": "fixed_large"})):
+        for steps, guidance in SETTINGS[folder]:
+            ours = _ours(ours_model, "ddpm", steps, guidance)
+            figure = psnr(ours, _reference(pipe, DDPMScheduler, steps, guidance, **config))
+            print(f"{folder} DDPM {label}, {steps} steps, guidance {guidance}: PSNR {figure:.2f} dB")
+            assert figure >= bar, (label, steps, guidance)
+    # The bar can fail: the other variance is another picture, and its noise is the seed's.
+    steps, guidance = SETTINGS[folder][0]
+    small = _ours(model, "ddpm", steps, guidance)
+    assert psnr(small, _ours(large, "ddpm", steps, guidance)) < V_PREDICTION_DB - 10  # far below either bar
+    assert psnr(small, _ours(model, "ddpm", steps, guidance, seed=8)) < V_PREDICTION_DB - 10
+
+
 def test_a_folder_shipping_ddim_or_euler_ancestral_defaults_to_it(tiny_diffusers_dir, tmp_path):
-    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler
 
     from ediffi.importers.diffusers import import_diffusers
 
-    for scheduler_class, sampler in ((DDIMScheduler, "ddim"), (EulerAncestralDiscreteScheduler, "euler_a")):
+    for scheduler_class, sampler in ((DDIMScheduler, "ddim"), (EulerAncestralDiscreteScheduler, "euler_a"), (DDPMScheduler, "ddpm")):
         folder = _folder_with(tiny_diffusers_dir, "sd", tmp_path / sampler, scheduler_class)
         import_diffusers(folder, tmp_path / sampler / "m")
         recorded = json.loads((tmp_path / sampler / "m" / "model.json").read_text())["defaults"]
@@ -160,10 +187,10 @@ def test_a_folder_shipping_ddim_or_euler_ancestral_defaults_to_it(tiny_diffusers
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing", None])
 @pytest.mark.parametrize("steps", [1, 3, 4, 7, 50])
 def test_timesteps_are_the_schedulers_for_every_spacing(spacing, steps):
-    """scheduled_steps = DDIMScheduler / PNDMScheduler.set_timesteps, PNDM with and without
+    """scheduled_steps = DDIMScheduler / PNDMScheduler / DDPMScheduler.set_timesteps, PNDM with and without
     skip_prk_steps (its Runge-Kutta start, 12 evaluations), for each spacing and for a config naming
     none (each class's default: leading); the sigmas end at alpha_bar past 0 (set_alpha_to_one false)."""
-    from diffusers import DDIMScheduler, PNDMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
     from ediffi.config import TrainingScheduleConfig
     from ediffi.discrete import scheduled_steps
@@ -173,9 +200,10 @@ def test_timesteps_are_the_schedulers_for_every_spacing(spacing, steps):
         config["timestep_spacing"] = spacing
     for name, scheduler_class, skip_prk_steps in (
         ("ddim", DDIMScheduler, None), ("pndm", PNDMScheduler, True), ("pndm", PNDMScheduler, False),
+        ("ddpm", DDPMScheduler, None),
     ):
         extra = {} if skip_prk_steps is None else {"skip_prk_steps": skip_prk_steps}
-        scheduler = scheduler_class(**config, **extra)
+        scheduler = scheduler_class(**{k: v for k, v in config.items() if k in scheduler_class().config}, **extra)
         schedule = TrainingScheduleConfig(
             **{k: v for k, v in config.items() if k != "timestep_spacing"}, **extra,
             timestep_spacing=spacing or "linspace", timestep_spacing_given=spacing is not None,
@@ -189,13 +217,18 @@ def test_timesteps_are_the_schedulers_for_every_spacing(spacing, steps):
         plan = scheduled_steps(schedule, name, steps, v_prediction=False)
         assert list(plan.timesteps) == scheduler.timesteps.tolist(), (name, skip_prk_steps)
         assert plan.prk_evaluations == (12 if skip_prk_steps is False else 0)
+        assert len(plan.sigmas) == len(plan.timesteps) + 1
+        if name == "ddpm":  # each step to the next timestep listed (previous_timestep), the last to alpha_bar 1
+            assert [plan.previous(i) for i in range(steps)] == [int(scheduler.previous_timestep(t)) for t in scheduler.timesteps]
+            assert plan.sigmas[-1] == 0
+            continue
         assert plan.final_alpha_cumprod == pytest.approx(float(scheduler.final_alpha_cumprod))
-        assert len(plan.sigmas) == len(plan.timesteps) + 1 and plan.sigmas[-1] > 0
+        assert plan.sigmas[-1] > 0
 
 
-def test_the_shipped_family_samples_euler_a_but_not_ddim_or_pndm(tiny_model):
+def test_the_shipped_family_samples_euler_a_but_not_ddim_pndm_or_ddpm(tiny_model):
     """euler_a is a sampler of every model (k-diffusion's, on the Karras schedule): seeded, batch
-    independent; ddim and pndm need an imported checkpoint's timesteps: an InputError naming sampler."""
+    independent; ddim, pndm and ddpm need an imported checkpoint's timesteps: an InputError naming sampler."""
     from ediffi.pipeline import GenerationRequest, generate, generate_batch, validate_for_model
 
     request = GenerationRequest("a red circle", steps=6, seed=3, sampler="euler_a", n=2)
@@ -208,7 +241,7 @@ def test_the_shipped_family_samples_euler_a_but_not_ddim_or_pndm(tiny_model):
     assert min(figures) >= 60, figures
     euler = generate(tiny_model, GenerationRequest("a red circle", steps=6, seed=3, sampler="euler"))[0]
     assert not np.array_equal(alone[0], np.asarray(euler))
-    for sampler in ("ddim", "pndm"):
+    for sampler in ("ddim", "pndm", "ddpm"):
         with pytest.raises(InputError) as caught:
             validate_for_model(tiny_model.config, GenerationRequest("a red circle", sampler=sampler, use_karras_sigmas=False))
         assert caught.value.field == "sampler" and "imported" in str(caught.value)

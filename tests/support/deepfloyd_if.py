@@ -186,6 +186,28 @@ def diffusers_if_images(
     return to_uint8(low)[0], to_uint8(high)[0]
 
 
+@torch.no_grad()
+def diffusers_if_images_as_loaded(checkpoints: TinyIF, prompt: str, seed: int, steps: int, guidance: float, n: int):
+    """(stage I images, stage II images), n of each as 8-bit arrays, from both pipelines as loaded (their
+    DDPMScheduler: learned variance, dynamic thresholding), one CPU generator per image seeded seed + k,
+    each passed on from stage I to stage II (this server's image k: seed + k)."""
+    from diffusers import IFPipeline, IFSuperResolutionPipeline
+
+    stage_1 = IFPipeline.from_pretrained(checkpoints.stage_1, local_files_only=True)
+    stage_2 = IFSuperResolutionPipeline.from_pretrained(checkpoints.stage_2, text_encoder=None, tokenizer=None,
+                                                        local_files_only=True)
+    for stage in (stage_1, stage_2):
+        stage.set_progress_bar_config(disable=True)
+    prompt_embeds, negative_embeds = stage_1.encode_prompt(prompt, clean_caption=False)
+    generators = [torch.Generator().manual_seed(seed + k) for k in range(n)]
+    common = dict(generator=generators, num_inference_steps=steps, guidance_scale=guidance)
+    low = stage_1(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, num_images_per_prompt=n,
+                  output_type="pt", **common).images
+    high = stage_2(image=low, prompt_embeds=prompt_embeds.repeat(n, 1, 1), negative_prompt_embeds=negative_embeds.repeat(n, 1, 1),
+                   output_type="pt", **common).images
+    return list(to_uint8(low)), list(to_uint8(high))
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """diffusers' post-processing: [-1, 1] -> clamp to [0, 1] -> round(255 x)."""
     array = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy()
