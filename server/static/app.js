@@ -255,6 +255,78 @@ function renderRegions() {
   $("regions-empty").hidden = state.regions.length > 0;
 }
 
+// ----------------------------------------------------------------------- brush
+
+// The brush both canvases paint with (paint-with-words' colour map, inpainting's mask): strokes
+// of discs into a grid {data, width, height} holding one value per canvas pixel, whatever size
+// the canvas is shown at.
+
+// A filled disc of `size` pixels across, centred at (cx, cy) in grid pixels: no antialiasing,
+// so every pixel holds exactly one value. Returns the box it may have touched, [x0, y0, x1, y1].
+function stamp(grid, cx, cy, size, value) {
+  const r = size / 2;
+  const x0 = Math.max(0, Math.floor(cx - r)), x1 = Math.min(grid.width - 1, Math.ceil(cx + r));
+  const y0 = Math.max(0, Math.floor(cy - r)), y1 = Math.min(grid.height - 1, Math.ceil(cy + r));
+  for (let y = y0; y <= y1; y++) {
+    for (let x = x0; x <= x1; x++) {
+      const dx = x + 0.5 - cx, dy = y + 0.5 - cy;
+      const inside = dx * dx + dy * dy <= r * r || (Math.floor(cx) === x && Math.floor(cy) === y);
+      if (inside) grid.data[y * grid.width + x] = value;
+    }
+  }
+  return [x0, y0, x1, y1];
+}
+
+// Paint strokes on `canvas` (pointer events: mouse, pen, touch) into `tool.grid()`:
+//   size()    the brush's diameter in grid pixels (read at every move)
+//   value()   what a stroke writes; null where nothing may be painted now (then refused() runs)
+//   changed(box)  after each move, with the box of grid pixels it may have changed
+//   ended()   once a stroke ends
+function attachBrush(canvas, tool) {
+  let last = null;   // the stroke's last point, null between strokes
+  let grid = null, value = null;
+  const toGrid = (e) => {
+    const rect = canvas.getBoundingClientRect();
+    return [(e.clientX - rect.left) / rect.width * grid.width, (e.clientY - rect.top) / rect.height * grid.height];
+  };
+  const paintTo = (p) => {
+    const size = tool.size();
+    const from = last || p;
+    const dist = Math.hypot(p[0] - from[0], p[1] - from[1]);
+    const steps = Math.max(1, Math.ceil(dist / Math.max(0.5, size / 4)));
+    const box = [Infinity, Infinity, -Infinity, -Infinity];
+    const grow = (b) => {
+      box[0] = Math.min(box[0], b[0]); box[1] = Math.min(box[1], b[1]);
+      box[2] = Math.max(box[2], b[2]); box[3] = Math.max(box[3], b[3]);
+    };
+    for (let k = 1; k <= steps; k++) {
+      const t = k / steps;
+      grow(stamp(grid, from[0] + (p[0] - from[0]) * t, from[1] + (p[1] - from[1]) * t, size, value));
+    }
+    if (!last) grow(stamp(grid, p[0], p[1], size, value));
+    last = p;
+    if (box[0] <= box[2] && box[1] <= box[3]) tool.changed(box);
+  };
+  canvas.addEventListener("pointerdown", (e) => {
+    grid = tool.grid();
+    value = grid ? tool.value() : null;
+    if (value === null) { tool.refused?.(); return; }
+    canvas.setPointerCapture(e.pointerId);
+    last = null;
+    paintTo(toGrid(e));
+    e.preventDefault();
+  });
+  canvas.addEventListener("pointermove", (e) => { if (last) paintTo(toGrid(e)); });
+  const stop = () => { if (last) { last = null; tool.ended(); } };
+  canvas.addEventListener("pointerup", stop);
+  canvas.addEventListener("pointercancel", stop);
+}
+
+// A range input whose value an <output> shows.
+function followSlider(inputId, outputId) {
+  $(inputId).addEventListener("input", () => { $(outputId).textContent = $(inputId).value; });
+}
+
 // ---------------------------------------------------------------------- canvas
 
 function hexRgb(hex) {
@@ -277,58 +349,16 @@ function drawCanvas() {
   $("paint").getContext("2d").putImageData(colorMapData([0, 0, 0, 0]), 0, 0);
 }
 
-// A filled disc of `size` pixels across, centred at (cx, cy) in canvas pixels: no antialiasing.
-function stamp(cx, cy, size, value) {
-  const r = size / 2;
-  const x0 = Math.max(0, Math.floor(cx - r)), x1 = Math.min(N - 1, Math.ceil(cx + r));
-  const y0 = Math.max(0, Math.floor(cy - r)), y1 = Math.min(N - 1, Math.ceil(cy + r));
-  for (let y = y0; y <= y1; y++) {
-    for (let x = x0; x <= x1; x++) {
-      const dx = x + 0.5 - cx, dy = y + 0.5 - cy;
-      const inside = dx * dx + dy * dy <= r * r || (Math.floor(cx) === x && Math.floor(cy) === y);
-      if (inside) state.labels[y * N + x] = value;
-    }
-  }
-}
-
 function setupCanvas() {
-  const canvas = $("paint");
-  let last = null;
-  const toCanvas = (e) => {
-    const rect = canvas.getBoundingClientRect();
-    return [(e.clientX - rect.left) / rect.width * N, (e.clientY - rect.top) / rect.height * N];
-  };
-  const paintTo = (p) => {
-    const erase = $("eraser").checked;
-    if (!erase && state.active === null) return;
-    const value = erase ? 0 : state.active;
-    const size = Number($("brush-size").value);
-    const from = last || p;
-    const dist = Math.hypot(p[0] - from[0], p[1] - from[1]);
-    const steps = Math.max(1, Math.ceil(dist / Math.max(0.5, size / 4)));
-    for (let k = 1; k <= steps; k++) {
-      const t = k / steps;
-      stamp(from[0] + (p[0] - from[0]) * t, from[1] + (p[1] - from[1]) * t, size, value);
-    }
-    if (!last) stamp(p[0], p[1], size, value);
-    last = p;
-    drawCanvas();
-  };
-  canvas.addEventListener("pointerdown", (e) => {
-    if (!$("eraser").checked && state.active === null) {
-      showFormError("Select words of the prompt and press “Paint …” first.");
-      return;
-    }
-    canvas.setPointerCapture(e.pointerId);
-    last = null;
-    paintTo(toCanvas(e));
-    e.preventDefault();
+  attachBrush($("paint"), {
+    grid: () => ({ data: state.labels, width: N, height: N }),
+    size: () => Number($("brush-size").value),
+    value: () => ($("eraser").checked ? 0 : state.active),
+    refused: () => showFormError("Select words of the prompt and press “Paint …” first."),
+    changed: () => drawCanvas(),
+    ended: () => renderRegions(),
   });
-  canvas.addEventListener("pointermove", (e) => { if (last) paintTo(toCanvas(e)); });
-  const stop = () => { if (last) { last = null; renderRegions(); } };
-  canvas.addEventListener("pointerup", stop);
-  canvas.addEventListener("pointercancel", stop);
-  $("brush-size").addEventListener("input", () => { $("brush-size-value").textContent = $("brush-size").value; });
+  followSlider("brush-size", "brush-size-value");
   $("clear-canvas").addEventListener("click", () => { state.labels.fill(0); drawCanvas(); renderRegions(); });
 }
 
@@ -386,6 +416,147 @@ function setupImageInput(inputId, previewId, clearId, key, onLoaded = null) {
 }
 
 let setStyle = () => {};  // set by init()
+let setMask = () => {};   // set by init(): state.mask, its preview and Remove button
+
+// ------------------------------------------------------------------ mask brush
+
+// Inpainting's mask painted over the init image, one value per pixel of it (1: repainted, white in
+// the PNG sent; 0: kept, black). It and an uploaded mask file are one mask: a file is loaded onto
+// the canvas (replacing the painting), a stroke on it edits that, and state.mask (what is sent)
+// becomes the painting's PNG at the init image's exact size once a stroke ends; nothing painted
+// sends no mask.
+const MASK_TINT = [58, 91, 217, 0.6]; // the page's accent, over the image where it is repainted
+const maskPaint = {
+  grid: null,       // {data: Uint8Array, width, height}: the init image's size; null without one
+  base: null,       // the init image's pixels (ImageData)
+  view: null,       // what the canvas shows: the image, tinted where painted (ImageData)
+  committed: null,  // the data URL of the last painting sent: its preview loading is no upload
+};
+
+function imagePixels(image, width, height) {
+  const c = document.createElement("canvas");
+  c.width = width;
+  c.height = height;
+  const ctx = c.getContext("2d");
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(image, 0, 0, width, height);
+  return ctx.getImageData(0, 0, width, height);
+}
+
+// Redraw the grid pixels in `box` ([x0, y0, x1, y1], inclusive; all of them without one).
+function drawMask(box = null) {
+  const { grid, base, view } = maskPaint;
+  if (!grid) return;
+  const [x0, y0, x1, y1] = box
+    ? [Math.max(0, box[0]), Math.max(0, box[1]), Math.min(grid.width - 1, box[2]), Math.min(grid.height - 1, box[3])]
+    : [0, 0, grid.width - 1, grid.height - 1];
+  if (x0 > x1 || y0 > y1) return;
+  const a = MASK_TINT[3];
+  for (let y = y0; y <= y1; y++) {
+    for (let x = x0; x <= x1; x++) {
+      const i = y * grid.width + x, o = 4 * i;
+      for (let c = 0; c < 3; c++) {
+        view.data[o + c] = grid.data[i] ? base.data[o + c] * (1 - a) + MASK_TINT[c] * a : base.data[o + c];
+      }
+      view.data[o + 3] = 255;
+    }
+  }
+  $("mask-canvas").getContext("2d").putImageData(view, 0, 0, x0, y0, x1 - x0 + 1, y1 - y0 + 1);
+}
+
+// The init image decoded: the canvas takes its size and shows it, with the mask there is.
+function maskInitLoaded(image) {
+  const width = image.naturalWidth, height = image.naturalHeight;
+  if (!width || !height) { maskInitCleared(); return; }
+  const canvas = $("mask-canvas");
+  canvas.width = width;
+  canvas.height = height;
+  // shown in a 256 px box (small images enlarged without blur), its pixels square
+  const scale = 256 / Math.max(width, height);
+  canvas.style.width = `${width * scale}px`;
+  canvas.style.height = `${height * scale}px`;
+  maskPaint.base = imagePixels(image, width, height);
+  maskPaint.view = new ImageData(width, height);
+  maskPaint.grid = { data: new Uint8Array(width * height), width, height };
+  const brush = $("mask-brush-size");
+  brush.max = Math.max(4, Math.round(Math.max(width, height) / 4));
+  brush.value = Math.max(1, Math.round(Math.max(width, height) / 16));
+  $("mask-brush-size-value").textContent = brush.value;
+  $("mask-painter").hidden = false;
+  const preview = $("mask-preview");
+  if (state.mask && preview.complete && preview.naturalWidth) maskFromImage(preview); else drawMask();
+}
+
+function maskInitCleared() {
+  maskPaint.grid = maskPaint.base = maskPaint.view = null;
+  $("mask-painter").hidden = true;
+}
+
+// An uploaded mask onto the canvas (the init image's size: another size is stretched to it, and
+// says so; painting then sends one of the right size). White (grey >= 50%) is repainted.
+function maskFromImage(image) {
+  const { grid } = maskPaint;
+  if (!grid) return;
+  const px = imagePixels(image, grid.width, grid.height).data;
+  for (let i = 0; i < grid.data.length; i++) {
+    grid.data[i] = 0.299 * px[4 * i] + 0.587 * px[4 * i + 1] + 0.114 * px[4 * i + 2] >= 127.5 ? 1 : 0;
+  }
+  drawMask();
+  const [w, h] = [image.naturalWidth, image.naturalHeight];
+  const slot = document.querySelector('[data-error-for="mask"]');
+  slot.textContent = w === grid.width && h === grid.height ? ""
+    : `The mask is ${w}x${h}; it must be the init image's size, ${grid.width}x${grid.height} (paint on it to make one).`;
+}
+
+// The painting as the mask sent: a black and white PNG of the init image's size, or no mask.
+function commitMask() {
+  const { grid } = maskPaint;
+  if (!grid) return;
+  if (!grid.data.includes(1)) { clearMask(); return; }
+  const img = new ImageData(grid.width, grid.height);
+  for (let i = 0; i < grid.data.length; i++) {
+    const v = grid.data[i] ? 255 : 0;
+    img.data.set([v, v, v, 255], 4 * i);
+  }
+  const c = document.createElement("canvas");
+  c.width = grid.width;
+  c.height = grid.height;
+  c.getContext("2d").putImageData(img, 0, 0);
+  maskPaint.committed = c.toDataURL("image/png");
+  $("mask-image").value = ""; // the file (if any) is replaced by its edit
+  document.querySelector('[data-error-for="mask"]').textContent = "";
+  setMask(maskPaint.committed);
+  followMaskStrength();
+}
+
+// No mask: neither a file nor a painting.
+function clearMask() {
+  $("mask-image").value = "";
+  setMask(null);
+  if (maskPaint.grid) { maskPaint.grid.data.fill(0); drawMask(); }
+  followMaskStrength();
+}
+
+function setupMaskPainter() {
+  attachBrush($("mask-canvas"), {
+    grid: () => maskPaint.grid,
+    size: () => Number($("mask-brush-size").value),
+    value: () => ($("mask-eraser").checked ? 0 : 1),
+    changed: (box) => drawMask(box),
+    ended: () => commitMask(),
+  });
+  followSlider("mask-brush-size", "mask-brush-size-value");
+  $("clear-mask-paint").addEventListener("click", clearMask);
+  $("clear-mask").addEventListener("click", clearMask);
+  $("invert-mask").addEventListener("click", () => {
+    if (!maskPaint.grid) return;
+    maskPaint.grid.data.forEach((v, i, data) => { data[i] = v ? 0 : 1; });
+    drawMask();
+    commitMask();
+  });
+  $("init-preview").addEventListener("error", maskInitCleared);
+  $("clear-init").addEventListener("click", maskInitCleared);
+}
 
 // ---------------------------------------------------------------------- errors
 
@@ -458,7 +629,7 @@ function buildRequest() {
   if (state.style) body.style_image = state.style.b64;
   if (state.init && !$("init-controls").hidden) {
     body.init_image = state.init.b64;
-    if (state.mask) body.mask = state.mask.b64;
+    if (state.mask && !$("mask-controls").hidden) body.mask = state.mask.b64;
     body.strength = Number($("strength").value);
   }
   for (const side of ["width", "height"]) {
@@ -705,7 +876,7 @@ async function applyCapabilities() {
       setUntouched($("steps"), request.steps.default);
     }
     if (request.guidance_scale) setUntouched($("guidance"), request.guidance_scale.default);
-    // Samplers only some models serve (ddim, pndm: imported checkpoints' diffusers schedulers).
+    // Samplers only some models serve (ddim, pndm, ddpm: imported checkpoints' diffusers schedulers).
     const samplerControl = $("sampler");
     for (const name of caps.samplers || []) {
       if (![...samplerControl.options].some((option) => option.value === name)) {
@@ -715,6 +886,8 @@ async function applyCapabilities() {
     if (request.sampler) setUntouched(samplerControl, request.sampler.default);
     if (caps.init_image) {
       $("init-controls").hidden = false;
+      // inpainting (a mask file or the mask brush) where the model takes a mask (absent: as img2img)
+      $("mask-controls").hidden = caps.mask === false;
       if (request.strength) {
         state.strengths = request.strength;
         setUntouched($("strength"), request.strength.default);
@@ -749,14 +922,19 @@ function init() {
   // img2img makes the init image's size (rounded down to the model's multiple), as the API does
   // without a size: the width and height fields take it, and the user may still change them.
   setupImageInput("init-image", "init-preview", "clear-init", "init", (image) => {
+    maskInitLoaded(image);
     for (const [side, pixels] of [["width", image.naturalWidth], ["height", image.naturalHeight]]) {
       const step = Number($(side).step) || 1;
       if (!$(`${side}-field`).hidden && pixels >= step) $(side).value = pixels - (pixels % step);
     }
   });
-  // inpainting's own default strength (diffusers' inpaint pipelines': 1) while the user has not set one
-  setupImageInput("mask-image", "mask-preview", "clear-mask", "mask", () => followMaskStrength());
-  $("clear-mask").addEventListener("click", () => followMaskStrength());
+  // inpainting's own default strength (diffusers' inpaint pipelines': 1) while the user has not set one;
+  // an uploaded file replaces the painting on the mask canvas (a painting's own preview does not)
+  setMask = setupImageInput("mask-image", "mask-preview", "clear-mask", "mask", (image) => {
+    if (image.src !== maskPaint.committed) maskFromImage(image);
+    followMaskStrength();
+  });
+  setupMaskPainter(); // after setupImageInput: its Remove also clears the painting
   $("strength").addEventListener("input", () => { $("strength").dataset.touched = "1"; });
   applyCapabilities();
   renderChips();

@@ -118,6 +118,36 @@ def test_script_and_page_agree_on_element_ids() -> None:
     assert {"prompt", "steps", "guidance_scale", "seed", "sampler", "style_image", "paint_with_words.color_map"} <= slots
 
 
+def test_mask_brush_shares_the_paint_brush_and_its_controls_are_labelled() -> None:
+    """The mask brush paints with the paint-with-words canvas's brush (one copy of it), sits with the
+    mask file (hidden with it for a model that takes no mask), and every control of it has a label
+    or an accessible name; its buttons are real buttons (keyboard-usable)."""
+    html = (STATIC_DIR / "index.html").read_text()
+    script = (STATIC_DIR / "app.js").read_text()
+    assert len(re.findall(r"\bfunction stamp\(", script)) == 1
+    assert len(re.findall(r"\bfunction attachBrush\(", script)) == 1
+    assert sorted(re.findall(r'attachBrush\(\$\("([^"]+)"\)', script)) == ["mask-canvas", "paint"]
+    assert script.count("setPointerCapture") == 1  # one pointer-stroke handler
+    # the painting is what the file upload fills: state.mask, sent as `mask`
+    assert re.search(r"body\.mask = state\.mask\.b64", script)
+    assert re.search(r'\$\("mask-controls"\)\.hidden = caps\.mask === false', script)
+
+    mask_controls = html[html.index('<div id="mask-controls">'):html.index('<label for="strength">')]
+    for element_id in ("mask-image", "mask-preview", "clear-mask", "mask-painter", "mask-canvas"):
+        assert f'id="{element_id}"' in mask_controls, element_id
+    for element_id in ("mask-brush-size", "mask-eraser"):
+        labelled = f'<label for="{element_id}"' in html or re.search(
+            rf'<label[^>]*>\s*<input id="{element_id}"', html
+        )
+        assert labelled, f"{element_id} has no label"
+    assert re.search(r'<canvas id="mask-canvas"[^>]*aria-label="[^"]+"', html)
+    for element_id in ("clear-mask-paint", "invert-mask", "clear-mask"):
+        assert re.search(rf'<button type="button" id="{element_id}"[^>]*>[^<]+</button>', html), element_id
+    # the painter is hidden until an init image is chosen, and [hidden] wins over its flex layout
+    assert re.search(r'<div id="mask-painter"[^>]*\bhidden\b', html)
+    assert re.search(r"\.mask-paint\[hidden\]\s*\{\s*display:\s*none", (STATIC_DIR / "style.css").read_text())
+
+
 # ---------------------------------------------------------------------- browser
 
 

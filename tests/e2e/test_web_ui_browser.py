@@ -417,3 +417,180 @@ def test_an_init_image_is_offered_where_the_model_takes_one_and_sent_with_its_st
         job = server.worker.jobs[-1]
         assert job["inputs"]["mask"] == mask.read_bytes() and job["params"]["strength"] == 1.0
         assert "inpainted" in driver.find_element("id", "result-caption").text
+
+
+# ------------------------------------------------------------------ mask brush
+
+INIT_RGB = (200, 30, 10)
+INIT_SIZE = (40, 24)  # the init image's width, height (the mask sent is this size)
+IMG2IMG_STRENGTH, INPAINT_STRENGTH = "0.8", "1"  # GET /v1/models request.strength: default, default_with_mask
+
+
+@pytest.fixture(scope="module")
+def live_sd(imported_sd_dir) -> Iterator[LiveServer]:
+    """The API serving the imported SD (GET /v1/models: init_image and mask)."""
+    from server.main import capabilities as read_capabilities
+
+    with LiveServer(capabilities=read_capabilities(imported_sd_dir), image_size=32, max_steps=60) as server:
+        yield server
+
+
+def png_file(path, image: Image.Image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def open_with_init_image(driver, server: LiveServer, init) -> None:
+    """The page with `init` chosen: the mask canvas shows it at its own size."""
+    open_page(driver, server.url)
+    wait_for(driver, lambda d: not d.execute_script("return document.getElementById('init-controls').hidden"), 10,
+             "no init-image control")
+    assert not driver.find_element("id", "mask-painter").is_displayed()  # no init image yet: nothing to paint on
+    driver.find_element("id", "more").click()
+    driver.find_element("id", "init-image").send_keys(str(init))
+    canvas = driver.find_element("id", "mask-canvas")
+    wait_for(driver, lambda d: canvas.is_displayed() and canvas.get_attribute("width") == str(INIT_SIZE[0]), 5,
+             "no mask canvas for the init image")
+    assert canvas.get_attribute("height") == str(INIT_SIZE[1])
+
+
+def mask_stroke(driver, points: list[tuple[float, float]], brush: int) -> None:
+    """A mouse drag through `points` (init-image pixels) on the mask canvas with a `brush`-pixel brush."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    set_value(driver, "mask-brush-size", str(brush))
+    canvas = driver.find_element("id", "mask-canvas")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", canvas)
+    width, height = int(canvas.get_attribute("width")), int(canvas.get_attribute("height"))
+    shown = canvas.size  # CSS pixels
+
+    def offset(x: float, y: float) -> tuple[int, int]:  # image px -> offset from the canvas centre
+        return round(x / width * shown["width"] - shown["width"] / 2), round(y / height * shown["height"] - shown["height"] / 2)
+
+    actions = ActionChains(driver, duration=10)
+    actions.move_to_element_with_offset(canvas, *offset(*points[0])).click_and_hold()
+    for point in points[1:]:
+        actions.move_to_element_with_offset(canvas, *offset(*point))
+    actions.release().perform()
+
+
+def canvas_pixel(driver, x: int, y: int) -> tuple[int, ...]:
+    return tuple(driver.execute_script(
+        "return [...document.getElementById('mask-canvas').getContext('2d').getImageData(arguments[0], arguments[1], 1, 1).data]",
+        x, y,
+    ))
+
+
+def distance_to_segment(a: tuple[float, float], b: tuple[float, float]) -> np.ndarray:
+    """Each init-image pixel centre's distance to the segment a-b, as [height, width]."""
+    ys, xs = np.mgrid[0 : INIT_SIZE[1], 0 : INIT_SIZE[0]] + 0.5
+    (ax, ay), (bx, by) = a, b
+    t = np.clip(((xs - ax) * (bx - ax) + (ys - ay) * (by - ay)) / ((bx - ax) ** 2 + (by - ay) ** 2), 0, 1)
+    return np.hypot(xs - (ax + t * (bx - ax)), ys - (ay + t * (by - ay)))
+
+
+def generate_job(driver, server: LiveServer) -> dict[str, Any]:
+    n_before = len(server.worker.jobs)
+    set_value(driver, "steps", "4")
+    driver.find_element("id", "generate").click()
+    assert finished_state(driver) == "succeeded"
+    assert len(server.worker.jobs) == n_before + 1
+    return server.worker.jobs[-1]
+
+
+def sent_mask(job: dict[str, Any]) -> np.ndarray:
+    """The mask the request carried: a PNG of the init image's size, only black and white."""
+    image = Image.open(io.BytesIO(job["inputs"]["mask"]))
+    assert (image.format, image.size) == ("PNG", INIT_SIZE)
+    grey = np.asarray(image.convert("L"))
+    assert set(np.unique(grey)) <= {0, 255}, np.unique(grey)
+    return grey == 255
+
+
+def test_a_mask_painted_on_the_init_image_is_sent_as_a_png_of_its_size(browser, live_sd, tmp_path) -> None:  # noqa: F811
+    """A stroke on the mask canvas (real mouse events) becomes the `mask`: white under the stroke,
+    black elsewhere, the init image's size; the eraser keeps pixels again; clearing sends no mask.
+    The strength follows inpainting's default while the user has not set one."""
+    driver = browser
+    init = png_file(tmp_path / "init.png", Image.new("RGB", INIT_SIZE, INIT_RGB))
+    open_with_init_image(driver, live_sd, init)
+    type_prompt(driver, "a red circle")
+    assert canvas_pixel(driver, 20, 12) == (*INIT_RGB, 255)  # the canvas shows the init image
+    assert driver.find_element("id", "strength").get_attribute("value") == IMG2IMG_STRENGTH
+    brush = driver.find_element("id", "mask-brush-size")
+    assert driver.find_element("css selector", 'label[for="mask-brush-size"]').is_displayed()
+    assert int(brush.get_attribute("max")) >= 6
+
+    # a horizontal stroke, 4 px wide, through the middle row
+    start, end = (8.0, 12.0), (32.0, 12.0)
+    mask_stroke(driver, [start, (20.0, 12.0), end], brush=4)
+    assert canvas_pixel(driver, 20, 12) != (*INIT_RGB, 255)  # tinted where painted
+    assert canvas_pixel(driver, 20, 2) == (*INIT_RGB, 255)
+    assert driver.find_element("id", "mask-preview").is_displayed()  # the mask to be sent, as a file's is
+    assert driver.find_element("id", "strength").get_attribute("value") == INPAINT_STRENGTH
+    job = generate_job(driver, live_sd)
+    white = sent_mask(job)
+    distance = distance_to_segment(start, end)
+    assert white[distance <= 1.4].all(), "unpainted pixels under the stroke"
+    assert not white[distance > 2.6].any(), "painted pixels away from the stroke"
+    assert job["params"]["strength"] == 1.0
+    assert job["inputs"]["init_image"] == init.read_bytes()
+    assert "inpainted" in driver.find_element("id", "result-caption").text
+
+    # the eraser (6 px) over the stroke's right part: those pixels are kept again
+    driver.find_element("id", "mask-eraser").click()
+    mask_stroke(driver, [(20.0, 12.0), (38.0, 12.0)], brush=6)
+    white = sent_mask(generate_job(driver, live_sd))
+    assert white[(distance <= 1.4) & (np.arange(INIT_SIZE[0]) < 16)].all()
+    assert not white[:, 18:].any() and not white[distance > 2.6].any()
+
+    # "Clear mask", from the keyboard: no mask is sent, the strength is img2img's again
+    from selenium.webdriver.common.keys import Keys
+
+    driver.find_element("id", "clear-mask-paint").send_keys(Keys.SPACE)
+    wait_for(driver, lambda d: not d.find_element("id", "mask-preview").is_displayed(), 5, "the mask was not cleared")
+    assert canvas_pixel(driver, 10, 12) == (*INIT_RGB, 255)
+    mask_stroke(driver, [(10.0, 12.0), (30.0, 12.0)], brush=6)  # still erasing: nothing painted
+    assert not driver.find_element("id", "mask-preview").is_displayed()
+    assert driver.find_element("id", "strength").get_attribute("value") == IMG2IMG_STRENGTH
+    job = generate_job(driver, live_sd)
+    assert "mask" not in job["inputs"]
+    assert job["params"]["strength"] == 0.8
+
+
+def test_an_uploaded_mask_and_the_painted_one_are_one_mask(browser, live_sd, tmp_path) -> None:  # noqa: F811
+    """A mask file replaces the painting and shows on the canvas (sent as uploaded); painting then
+    edits it (the file's white plus the stroke, at the init image's size); Remove clears both."""
+    driver = browser
+    init = png_file(tmp_path / "init.png", Image.new("RGB", INIT_SIZE, INIT_RGB))
+    right_half = np.zeros(INIT_SIZE[::-1], dtype=np.uint8)
+    right_half[:, 20:] = 255
+    mask = png_file(tmp_path / "mask.png", Image.fromarray(right_half, "L"))
+    open_with_init_image(driver, live_sd, init)
+    type_prompt(driver, "a red circle")
+
+    mask_stroke(driver, [(4.0, 4.0), (12.0, 4.0)], brush=4)  # replaced by the file below
+    assert canvas_pixel(driver, 8, 4) != (*INIT_RGB, 255)
+    driver.find_element("id", "mask-image").send_keys(str(mask))
+    wait_for(driver, lambda d: canvas_pixel(d, 30, 12) != (*INIT_RGB, 255), 5, "the mask file is not on the canvas")
+    assert canvas_pixel(driver, 8, 4) == (*INIT_RGB, 255)
+    assert driver.find_element("id", "strength").get_attribute("value") == INPAINT_STRENGTH
+    job = generate_job(driver, live_sd)
+    assert job["inputs"]["mask"] == mask.read_bytes()
+
+    # a stroke on the left half adds to the file's mask
+    start, end = (6.0, 12.0), (14.0, 12.0)
+    mask_stroke(driver, [start, end], brush=4)
+    white = sent_mask(generate_job(driver, live_sd))
+    assert white[:, 20:].all()
+    distance = distance_to_segment(start, end)
+    left = np.arange(INIT_SIZE[0]) < 20
+    assert white[(distance <= 1.4) & left].all() and not white[(distance > 2.6) & left].any()
+
+    # Remove (the file's button) clears the painting too
+    driver.find_element("id", "clear-mask").click()
+    assert canvas_pixel(driver, 30, 12) == canvas_pixel(driver, 10, 12) == (*INIT_RGB, 255)
+    assert driver.find_element("id", "strength").get_attribute("value") == IMG2IMG_STRENGTH
+    assert "mask" not in generate_job(driver, live_sd)["inputs"]
