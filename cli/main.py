@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", choices=spec.SAMPLERS, help=model_default % spec.DEFAULT_SAMPLER)
     gen.add_argument(
         "--karras-sigmas", dest="use_karras_sigmas", action=argparse.BooleanOptionalAction,
-        help="imported models with --sampler euler, dpmpp_2m or euler_a: --no-karras-sigmas samples on the scheduler's "
+        help="imported models with --sampler euler, dpmpp_2m, euler_a or unipc: --no-karras-sigmas samples on the scheduler's "
         "own sigmas (diffusers' schedulers by default; ddim, pndm and ddpm always do); default: the model's",
     )
     gen.add_argument("--style-image", help="reference image whose CLIP image embedding sets the style")

@@ -205,7 +205,7 @@ class ModelCapabilities:
             "seed": {"min": 0, "max": spec.MAX_SEED, "random": spec.RANDOM_SEED},
             "sampler": {"default": self.defaults.sampler},
             "sr_noise_level": None if self.sr_noise_level is None else asdict(self.sr_noise_level),
-            # false: the scheduler's own sigmas (euler, dpmpp_2m, euler_a; ddim, pndm and ddpm always); null where only Karras's apply
+            # false: the scheduler's own sigmas (euler, dpmpp_2m, euler_a, unipc; ddim, pndm and ddpm always); null where only Karras's apply
             "use_karras_sigmas": {"default": self.defaults.use_karras_sigmas} if self.scheduler_sigmas else None,
             # with an init_image (img2img): int(steps x strength) steps run; null where none is taken
             # (default_with_mask: inpainting's, diffusers' inpaint pipelines')

@@ -123,7 +123,9 @@ class TrainingScheduleConfig(_Strict):
     # sampler reproduces: its Karras end points, the timesteps its UNet calls
     # see and its initial noise scale (discrete.py). IF uses DPM-Solver++:
     # diffusers' Euler cannot take a learned-variance output.
-    karras_scheduler: Literal["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"] = "EulerDiscreteScheduler"
+    karras_scheduler: Literal[
+        "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"
+    ] = "EulerDiscreteScheduler"
     # False: the scheduler's own spaced sigmas instead of Karras's, as diffusers'
     # default EulerDiscreteScheduler (use_karras_sigmas=False); a request's choice
     # (discrete.request_schedule), with Euler or DPM++ 2M.

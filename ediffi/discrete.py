@@ -38,6 +38,12 @@ from ediffi.samplers import ScheduledSteps
 
 KARRAS_RHO = 7.0
 DPM_SOLVER = "DPMSolverMultistepScheduler"
+UNIPC = "UniPCMultistepScheduler"
+# The schedulers that space their timesteps, span their Karras schedule and scale their initial noise as
+# DPMSolverMultistepScheduler does (UniPC's set_timesteps is DPM-Solver's, but for rounding IF's timesteps).
+_DPM_LIKE = (DPM_SOLVER, UNIPC)
+#: The sampler whose diffusers scheduler sets a request's conventions, where it is not the checkpoint's own.
+_SAMPLER_SCHEDULERS = {"dpmpp_2m": DPM_SOLVER, "unipc": UNIPC}
 
 
 def training_alphas_cumprod(schedule: TrainingScheduleConfig) -> torch.Tensor:
@@ -71,7 +77,7 @@ def log_sigma_table(schedule: TrainingScheduleConfig) -> torch.Tensor:
     """The log sigma_t table `sigma_to_t` interpolates for the scheduler
     reproduced: float32 as Euler's arithmetic; DPM-Solver's float64 (its
     truncated IF timesteps depend on the last bit)."""
-    return _log_sigmas(schedule) if schedule.karras_scheduler == DPM_SOLVER else training_sigmas(schedule).log()
+    return _log_sigmas(schedule) if schedule.karras_scheduler in _DPM_LIKE else training_sigmas(schedule).log()
 
 
 def timestep_at(schedule: TrainingScheduleConfig, sigma: float, log_sigmas: torch.Tensor | None = None) -> float:
@@ -92,12 +98,14 @@ def request_schedule(
     (its set_timesteps): the Karras schedule spans the whole trained sigma
     range whatever the timestep_spacing, init_noise_sigma is 1 (it samples
     the VP x), and the timesteps it feeds the UNet are `_sigma_to_t(...)`
-    rounded to integers, where Euler's stay fractional. Euler and Heun keep
+    rounded to integers, where Euler's stay fractional; `unipc`, diffusers'
+    UniPCMultistepScheduler, the same conventions. Euler and Heun keep
     the checkpoint's own (Euler's for SD/SDXL, DPM-Solver's for IF).
     ``use_karras_sigmas=False`` (Euler and DPM++ 2M, checked by the request): the
     scheduler's own spaced sigmas, as diffusers' schedulers by default."""
-    if sampler == "dpmpp_2m" and schedule.karras_scheduler != DPM_SOLVER:
-        schedule = schedule.model_copy(update={"karras_scheduler": DPM_SOLVER})
+    scheduler = _SAMPLER_SCHEDULERS.get(sampler)
+    if scheduler is not None and schedule.karras_scheduler != scheduler:
+        schedule = schedule.model_copy(update={"karras_scheduler": scheduler})
     if schedule.use_karras_sigmas != use_karras_sigmas:
         schedule = schedule.model_copy(update={"use_karras_sigmas": use_karras_sigmas})
     return schedule
@@ -124,7 +132,7 @@ def inference_timesteps(schedule: TrainingScheduleConfig, steps: int) -> np.ndar
     without Karras sigmas, the timesteps the scheduler feeds the UNet, one per sigma.
     DPMSolverMultistepScheduler spaces steps + 1 points and drops the last, in integers."""
     n = schedule.num_train_timesteps
-    if schedule.karras_scheduler == DPM_SOLVER:
+    if schedule.karras_scheduler in _DPM_LIKE:
         if schedule.timestep_spacing == "linspace":
             spaced = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
         elif schedule.timestep_spacing == "leading":
@@ -212,7 +220,7 @@ def inference_sigmas(schedule: TrainingScheduleConfig, steps: int) -> torch.Tens
         # training sigmas at its spaced timesteps (linear interpolation in t), then 0.
         spaced = np.interp(inference_timesteps(schedule, steps), np.arange(0, len(sigmas)), sigmas)
         return torch.from_numpy(np.concatenate([spaced, [0.0]]).astype(np.float32)).double()
-    if schedule.karras_scheduler == DPM_SOLVER:
+    if schedule.karras_scheduler in _DPM_LIKE:
         sigma_min, sigma_max = float(sigmas[0]), float(sigmas[-1])
     else:
         spaced = np.interp(inference_timesteps(schedule, steps), np.arange(0, len(sigmas)), sigmas)
@@ -229,7 +237,7 @@ def initial_noise_scale(schedule: TrainingScheduleConfig, sigma_max: float) -> f
     DPM-Solver, which samples the variance-preserving x (init_noise_sigma 1,
     i.e. sqrt(sigma_max^2 + 1) here) -- diffusers conventions we reproduce so
     that seeds give the same pictures."""
-    if schedule.timestep_spacing == "leading" or schedule.karras_scheduler == DPM_SOLVER:
+    if schedule.timestep_spacing == "leading" or schedule.karras_scheduler in _DPM_LIKE:
         return math.sqrt(sigma_max**2 + 1)
     return sigma_max
 
@@ -239,11 +247,12 @@ def unet_timesteps(sigma: torch.Tensor, log_sigmas: torch.Tensor, schedule: Trai
     (`log_sigmas`: its `log_sigma_table`). Euler: the fractional t.
     DPM-Solver stores its timesteps as int64: rounded, except for the cosine
     schedule (IF), where it skips the rounding and the cast truncates
-    (diffusers' DPMSolverMultistepScheduler.set_timesteps)."""
+    (diffusers' DPMSolverMultistepScheduler.set_timesteps); UniPC always rounds."""
     t = sigma_to_t(sigma, log_sigmas)
     if schedule.karras_scheduler == "EulerDiscreteScheduler":
         return t
-    return t.trunc() if schedule.beta_schedule == "squaredcos_cap_v2" else t.round()
+    truncated = schedule.beta_schedule == "squaredcos_cap_v2" and schedule.karras_scheduler == DPM_SOLVER
+    return t.trunc() if truncated else t.round()
 
 
 def boundary_sigma(schedule: TrainingScheduleConfig, high_noise_frac: float) -> float:

@@ -216,6 +216,91 @@ class DPMPP2MSampler(Sampler):
         self.step += 1
 
 
+def _unipc_lambda(sigma: float) -> torch.Tensor:
+    """lambda = log(alpha_t) - log(sigma_t) of a VE sigma, in float32 as UniPCMultistepScheduler computes it
+    (alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha_t): -log sigma, inf at sigma = 0."""
+    s = torch.tensor(sigma, dtype=torch.float32)
+    alpha = 1 / (s**2 + 1) ** 0.5
+    return torch.log(alpha) - torch.log(s * alpha)
+
+
+class UniPCSampler(Sampler):
+    """UniPC (Zhao et al. 2023) as diffusers' UniPCMultistepScheduler runs it by default: data prediction
+    (predict_x0), the B(h) = e^h - 1 variant (bh2), order 2, lower order at the first and last steps. Each
+    step first corrects the state with the evaluation just made (UniC, eq. 8: the corrector reuses the
+    predictor's next evaluation, so it costs none), then predicts the next state (UniP, eq. 5), written
+    here for the variance-exploding x = x_vp / alpha_t, where the exponential integrator's factor
+    sigma_t / sigma_s of x_vp becomes sigma_next / sigma. A history that restarts (an expert boundary:
+    another diffusers pipeline, a fresh scheduler) drops the corrector and the order with it."""
+
+    order = 2
+
+    def __init__(self, x: torch.Tensor, sigmas: torch.Tensor, restart_below: Sequence[float] = ()):
+        super().__init__(x, sigmas, restart_below)
+        self._outputs: list[tuple[float, torch.Tensor]] = []  # (sigma, D) of the last `order` evaluations
+        self._last_sample: torch.Tensor | None = None  # the state the last prediction started from
+        self._last_order = 0  # that prediction's order (the corrector's)
+
+    def pending(self) -> Evaluation | None:
+        return None if self.done else Evaluation(self.x, self.sigmas[self.step])
+
+    def advance(self, denoised: torch.Tensor, variance: torch.Tensor | None = None) -> None:
+        i, sigma = self.step, self.sigmas[self.step]
+        if i > 0 and any(self.sigmas[i - 1] >= r > sigma for r in self.restart_below):
+            self._outputs, self._last_sample = [], None
+        x = self.x
+        if self._last_sample is not None:
+            x = self._corrected(denoised, sigma)
+        self._outputs = (self._outputs + [(sigma, denoised)])[-self.order:]
+        # lower_order_final: order 1 on the last step; warm-up: at most one more than the history behind it
+        order = min(self.order, self.steps - i, len(self._outputs))
+        self._last_sample, self._last_order = x, order
+        self.x = self._predicted(x, sigma, self.sigmas[i + 1], order)
+        self.step = i + 1
+
+    @staticmethod
+    def _phi(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h phi_1(-h) = e^-h - 1, B(-h) (bh2: the same), b_1, b_2): the right-hand sides of UniPC's
+        order conditions, divided by B(h), as the scheduler builds them for data prediction."""
+        hh = -h
+        h_phi_1 = torch.expm1(hh)
+        h_phi_k = h_phi_1 / hh - 1
+        b_1 = h_phi_k / h_phi_1
+        h_phi_k = h_phi_k / hh - 1 / 2
+        return h_phi_1, h_phi_1, b_1, h_phi_k * 2 / h_phi_1
+
+    def _predicted(self, x: torch.Tensor, sigma: float, sigma_next: float, order: int) -> torch.Tensor:
+        """UniP-2 (bh2) from sigma to sigma_next: x_next = (sigma_next / sigma) x - (e^-h - 1) m0 -
+        B(h) rho (m1 - m0) / r1, rho = 1/2 for order 2."""
+        m0 = self._outputs[-1][1]
+        lam, lam_next = _unipc_lambda(sigma), _unipc_lambda(sigma_next)
+        h = lam_next - lam
+        h_phi_1, b_h, _, _ = self._phi(h)
+        x_next = (sigma_next / sigma) * x - h_phi_1 * m0
+        if order == 2:
+            sigma_prev, m1 = self._outputs[-2]
+            r1 = (_unipc_lambda(sigma_prev) - lam) / h
+            x_next = x_next - b_h * 0.5 * ((m1 - m0) / r1)
+        return x_next
+
+    def _corrected(self, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+        """UniC (bh2) of the last step, from its start (``_last_sample`` at sigma_prev) to ``sigma`` with the
+        evaluation made there (``denoised``) as one more point: the order conditions R rho = b solved
+        for the last prediction's order (rho = 1/2 at order 1)."""
+        (sigma_prev, m0), x = self._outputs[-1], self._last_sample
+        lam, lam_prev = _unipc_lambda(sigma), _unipc_lambda(sigma_prev)
+        h = lam - lam_prev
+        h_phi_1, b_h, b_1, b_2 = self._phi(h)
+        corrected = (sigma / sigma_prev) * x - h_phi_1 * m0
+        if self._last_order == 1:
+            return corrected - b_h * 0.5 * (denoised - m0)
+        sigma_before, m1 = self._outputs[-2]
+        r1 = (_unipc_lambda(sigma_before) - lam_prev) / h
+        rho = torch.linalg.solve(torch.stack([torch.stack([torch.ones(()), torch.ones(())]), torch.stack([r1, torch.ones(())])]),
+                                 torch.stack([b_1, b_2]))
+        return corrected - b_h * (rho[0] * ((m1 - m0) / r1) + rho[1] * (denoised - m0))
+
+
 class EulerAncestralSampler(Sampler):
     """Euler ancestral: each step's fresh noise comes from ``noise(shape)`` (the request's per-image
     generators, continued after the initial noise, so a seed fixes the image, as diffusers' one
@@ -460,6 +545,7 @@ _SAMPLER_CLASSES: dict[str, type[Sampler]] = {
     "euler": EulerSampler,
     "heun": HeunSampler,
     "dpmpp_2m": DPMPP2MSampler,
+    "unipc": UniPCSampler,
 }
 _SCHEDULED_SAMPLER_CLASSES: dict[str, type[_VariancePreservingSampler]] = {"ddim": DDIMSampler, "pndm": PNDMSampler}
 

@@ -23,18 +23,19 @@ from ediffi.failure import InputError
 
 # --------------------------------------------------------------------- fields
 
-#: Samplers (``ediffi.samplers`` implements them). heun, euler, dpmpp_2m and euler_a (Euler
-#: ancestral, A1111's "Euler a": stochastic, its noise drawn from the image's seed) solve on the
+#: Samplers (``ediffi.samplers`` implements them). heun, euler, dpmpp_2m, euler_a (Euler
+#: ancestral, A1111's "Euler a": stochastic, its noise drawn from the image's seed) and unipc
+#: (diffusers' UniPCMultistepScheduler: bh2, order 2) solve on the
 #: Karras sigma schedule, or on an imported checkpoint's own spaced sigmas; ddim, pndm and ddpm
 #: reproduce diffusers' DDIMScheduler (eta 0), PNDMScheduler (PLMS, skip_prk_steps) and DDPMScheduler
 #: (ancestral, with IF's learned variance) on an imported checkpoint's own timesteps, and only there.
-SamplerName = Literal["heun", "euler", "dpmpp_2m", "euler_a", "ddim", "pndm", "ddpm"]
+SamplerName = Literal["heun", "euler", "dpmpp_2m", "euler_a", "unipc", "ddim", "pndm", "ddpm"]
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 DEFAULT_SAMPLER: SamplerName = "heun"
 #: The samplers that take ``use_karras_sigmas: false`` on an imported checkpoint: the diffusers
 #: schedulers reproduced on their own spaced sigmas (EulerDiscreteScheduler, DPMSolverMultistepScheduler,
-#: EulerAncestralDiscreteScheduler).
-SCHEDULER_SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "dpmpp_2m", "euler_a")
+#: EulerAncestralDiscreteScheduler, UniPCMultistepScheduler).
+SCHEDULER_SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "dpmpp_2m", "euler_a", "unipc")
 #: The samplers that exist only as a diffusers scheduler's own timesteps: imported checkpoints only,
 #: never with Karras's sigmas (``use_karras_sigmas`` left out means false for them).
 SCHEDULER_ONLY_SAMPLERS: tuple[str, ...] = ("ddim", "pndm", "ddpm")

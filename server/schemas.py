@@ -188,7 +188,7 @@ class GenerationOptions(NullMeansDefault):
         SamplerName | None,
         Field(
             description="heun, euler, dpmpp_2m, euler_a (Euler ancestral, A1111's \"Euler a\": its noise comes from "
-            "the seed): on the Karras sigma schedule, or an imported checkpoint's own sigmas; ddim, pndm (PLMS), ddpm: "
+            "the seed), unipc (diffusers' UniPCMultistepScheduler): on the Karras sigma schedule, or an imported checkpoint's own sigmas; ddim, pndm (PLMS), ddpm: "
             "diffusers' DDIMScheduler, PNDMScheduler and DDPMScheduler on an imported checkpoint's own timesteps. Absent: the "
             "model's default (GET /v1/models: samplers, request.sampler)."
         ),
@@ -250,9 +250,9 @@ class GenerationOptions(NullMeansDefault):
         bool | None,
         Field(
             strict=True,
-            description="Imported checkpoints with sampler euler, dpmpp_2m or euler_a: false samples on the "
-            "scheduler's own sigmas, as diffusers' EulerDiscreteScheduler, DPMSolverMultistepScheduler and "
-            "EulerAncestralDiscreteScheduler by default (diffusers' use_karras_sigmas); true: Karras's. ddim, "
+            description="Imported checkpoints with sampler euler, dpmpp_2m, euler_a or unipc: false samples on the "
+            "scheduler's own sigmas, as diffusers' EulerDiscreteScheduler, DPMSolverMultistepScheduler, "
+            "EulerAncestralDiscreteScheduler and UniPCMultistepScheduler by default (diffusers' use_karras_sigmas); true: Karras's. ddim, "
             "pndm and ddpm always step their own timesteps (false). Absent: the model's default with its default sampler, "
             "false with ddim, pndm or ddpm, else true (GET /v1/models: request.use_karras_sigmas; null there: Karras's only).",
         ),
@@ -451,7 +451,7 @@ class JobParams(BaseModel):
           "seed": int,                      # always set (picked by the API if the client sent none);
                                             # image k must use seed + k (GenerationRequest.image_seeds),
                                             # seed + n - 1 <= MAX_SEED
-          "sampler": "heun" | "euler" | "dpmpp_2m" | "euler_a" | "ddim" | "pndm" | "ddpm",
+          "sampler": "heun" | "euler" | "dpmpp_2m" | "euler_a" | "unipc" | "ddim" | "pndm" | "ddpm",
           "inputs": ["color_map"?, "init_image"?, "mask"?, "style_image"?],   # the job's byte inputs, sorted
           "paint_with_words": null | {"regions": [{"color": "#rrggbb", "phrase": str, "strength": float}]},
           "sr_noise_level": null | int,     # >= 0; the model checks its range (IF stage II)

@@ -193,7 +193,7 @@ def sampler_as_loaded(folder: PipelineFolder) -> str | None:
     reproduced: a plain EulerDiscreteScheduler (SDXL's) -> euler, EulerAncestralDiscreteScheduler ->
     euler_a, PNDMScheduler (SD 1.x's, PLMS with skip_prk_steps) -> pndm, DDIMScheduler (eta 0, no dynamic
     thresholding) -> ddim, DDPMScheduler (IF's, with its learned variance and thresholding) -> ddpm,
-    DPM-Solver++(2M) -> dpmpp_2m. Requests
+    DPM-Solver++(2M) -> dpmpp_2m, UniPC (bh2, order 2, its defaults) -> unipc. Requests
     then default to it with use_karras_sigmas false, so one that leaves the sampling fields out gets
     the image of the pipeline as loaded."""
     cfg = folder.config("scheduler", "scheduler_config.json")
@@ -227,6 +227,15 @@ def sampler_as_loaded(folder: PipelineFolder) -> str | None:
         and cfg.get("lambda_min_clipped", float("-inf")) == float("-inf")
     ):
         return "dpmpp_2m"
+    if (
+        loaded == "UniPCMultistepScheduler"
+        and cfg.get("solver_order", 2) == 2
+        and cfg.get("solver_type", "bh2") == "bh2"
+        and cfg.get("predict_x0", True)
+        and cfg.get("lower_order_final", True)
+        and not cfg.get("disable_corrector")
+    ):
+        return "unipc"
     return None
 
 

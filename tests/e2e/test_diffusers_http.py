@@ -62,7 +62,7 @@ def test_models_lists_capabilities(served_sdxl):
     assert [e["name"] for e in stage["experts"]] == ["base", "refiner"]
     assert stage["experts"][0]["sigma_lo"] == stage["experts"][1]["sigma_hi"] > 0
     assert caps["paint_with_words"] is True and caps["style_image"] is False
-    assert caps["samplers"] == ["heun", "euler", "dpmpp_2m", "euler_a", "ddim", "pndm", "ddpm"]
+    assert caps["samplers"] == ["heun", "euler", "dpmpp_2m", "euler_a", "unipc", "ddim", "pndm", "ddpm"]
 
 
 @pytest.mark.parametrize("sampler_name", ["Euler a", "DDIM", "PLMS"])

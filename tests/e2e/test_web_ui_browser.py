@@ -353,7 +353,7 @@ def test_a_sampler_only_the_served_model_has_is_offered_and_sent(browser, import
         wait_for(driver, lambda d: d.find_element("id", "sampler").get_attribute("value") == "pndm", 10,
                  "the model's default sampler did not reach the form")
         offered = driver.execute_script("return [...document.getElementById('sampler').options].map(o => o.value)")
-        assert offered == ["heun", "euler", "dpmpp_2m", "euler_a", "ddim", "pndm", "ddpm"]
+        assert offered == ["heun", "euler", "dpmpp_2m", "euler_a", "unipc", "ddim", "pndm", "ddpm"]
         set_value(driver, "steps", "2")
         type_prompt(driver, "a red circle")
         driver.find_element("id", "generate").click()

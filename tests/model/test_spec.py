@@ -56,7 +56,7 @@ def test_every_layer_offers_the_spec_samplers():
     from ediffi.samplers import SAMPLERS as implemented
     from server.schemas import GenerateRequest
 
-    assert implemented == spec.SAMPLERS == ("heun", "euler", "dpmpp_2m", "euler_a", "ddim", "pndm", "ddpm")
+    assert implemented == spec.SAMPLERS == ("heun", "euler", "dpmpp_2m", "euler_a", "unipc", "ddim", "pndm", "ddpm")
     api_schema = GenerateRequest.model_json_schema()["properties"]["sampler"]
     (named,) = [choice for choice in api_schema["anyOf"] if "enum" in choice]  # null: the default
     assert tuple(named["enum"]) == spec.SAMPLERS

@@ -225,7 +225,7 @@ def test_models_lists_what_a_client_may_send(sdxl_capabilities):
     assert [e["name"] for e in caps["stages"][0]["experts"]] == ["base", "refiner"]
     # What a client may send, with the server's limits.
     assert caps["max_side"] == MAX_SIDE
-    assert caps["samplers"] == ["heun", "euler", "dpmpp_2m", "euler_a", "ddim", "pndm", "ddpm"]
+    assert caps["samplers"] == ["heun", "euler", "dpmpp_2m", "euler_a", "unipc", "ddim", "pndm", "ddpm"]
     assert caps["request"] == {
         "n": {"default": 1, "min": 1, "max": 3},
         # StableDiffusionXLPipeline's own defaults: 50 steps (here within max_steps 40) and guidance 5,

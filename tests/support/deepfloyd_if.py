@@ -148,9 +148,9 @@ def dpmpp_2m_karras(pipe, karras: bool = True):
     return pipe
 
 
-def load_if_pipelines(checkpoints: TinyIF, karras: bool = True, scheduler_class=None):
+def load_if_pipelines(checkpoints: TinyIF, karras: bool = True, scheduler_class=None, **scheduler_options):
     """Both stages with DPM++ 2M (Karras's sigmas or, ``karras`` false, its own), or with
-    ``scheduler_class.from_config`` of each stage's scheduler config."""
+    ``scheduler_class.from_config`` of each stage's scheduler config (and ``scheduler_options``)."""
     from diffusers import IFPipeline, IFSuperResolutionPipeline
 
     stage_1 = IFPipeline.from_pretrained(checkpoints.stage_1, local_files_only=True)
@@ -161,7 +161,8 @@ def load_if_pipelines(checkpoints: TinyIF, karras: bool = True, scheduler_class=
         for stage in (stage_1, stage_2):
             # IF's pipelines pass a learned-variance output on whole to a scheduler whose config says
             # variance_type "learned_range" (from_config carries the key over); DDIM and PNDM take eps only.
-            stage.scheduler = scheduler_class.from_config({**stage.scheduler.config, "variance_type": "fixed_small"})
+            stage.scheduler = scheduler_class.from_config({**stage.scheduler.config, "variance_type": "fixed_small"},
+                                                          **scheduler_options)
         return stage_1, stage_2
     return dpmpp_2m_karras(stage_1, karras), dpmpp_2m_karras(stage_2, karras)
 
@@ -169,13 +170,13 @@ def load_if_pipelines(checkpoints: TinyIF, karras: bool = True, scheduler_class=
 @torch.no_grad()
 def diffusers_if_images(
     checkpoints: TinyIF, prompt: str, seed: int, steps: int, guidance: float, negative_prompt: str | None = None,
-    noise_level: int | None = None, karras: bool = True, scheduler_class=None,
+    noise_level: int | None = None, karras: bool = True, scheduler_class=None, **scheduler_options,
 ):
     """(stage I image, stage II image) as 8-bit arrays from diffusers' IF
     example: one CPU generator seeded with `seed` passed to both stages, the
     prompt encoded once by stage I, stage I's raw output ("pt") upscaled by
     stage II at its default noise level (unless `noise_level` is given)."""
-    stage_1, stage_2 = load_if_pipelines(checkpoints, karras, scheduler_class)
+    stage_1, stage_2 = load_if_pipelines(checkpoints, karras, scheduler_class, **scheduler_options)
     prompt_embeds, negative_embeds = stage_1.encode_prompt(prompt, negative_prompt=negative_prompt, clean_caption=False)
     generator = torch.Generator().manual_seed(seed)
     common = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, generator=generator,
