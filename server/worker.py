@@ -38,6 +38,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from PIL import Image
+from pydantic import ValidationError
 
 from ediffi.failure import Failure, FailureKind, InputError
 from ediffi.spec import Region
@@ -72,6 +73,13 @@ class ActiveJob:
     engine_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Claimed but not handed to the engine yet (loading inputs): it counts against the engine's room.
     in_engine: bool = False
+
+
+def unreadable_params(error: ValidationError) -> Failure:
+    """An invalid-input failure naming the first field of a job's parameters this worker cannot read."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "params"
+    return Failure.invalid_input(field, f"this worker cannot take it ({first['msg']}): is it older than the API?")
 
 
 def build_request(params: JobParams, inputs: dict[str, bytes]) -> GenerationRequest:
@@ -251,7 +259,13 @@ class Worker:
             record = await self.queue.get(job.job_id)
             if record is not None:
                 self.metrics.observe_job_started(record)
-            params = JobParams.model_validate(job.params)
+            try:
+                params = JobParams.model_validate(job.params)
+            except ValidationError as exc:
+                # A job this worker's version cannot read (a newer API's sampler, field or schema version,
+                # met during a rolling upgrade): the request's fault, named, not an internal error.
+                await self._finish(job, "failed", unreadable_params(exc))
+                return
             inputs = {}
             for name in job.input_names:
                 data = await self.queue.load_input(job.job_id, name)

@@ -131,3 +131,40 @@ def test_a_worker_stops_even_when_a_queue_call_turns_its_cancellation_into_an_er
         assert asyncio.run(scenario()) < 10
     finally:
         engine.stop()
+
+
+def test_a_job_whose_parameters_this_worker_cannot_read_fails_naming_the_field(tiny_model, redis_url, redis_key_prefix):
+    """A newer API's job (a sampler this worker's version does not know) fails as invalid input naming
+    `sampler`, not as an internal error (before: FailureKind.INTERNAL, which also says nothing to the
+    client); a job beside it still succeeds."""
+    from ediffi.failure import FailureKind
+
+    settings = Settings(redis_url=redis_url, worker_slots=2, heartbeat_interval_s=0.2)
+    engine = tiny_engine(tiny_model)
+    engine.start()
+
+    async def scenario():
+        queue = make_queue(settings, key_prefix=redis_key_prefix)
+        worker = Worker(settings, queue, engine, Metrics(), shutdown_grace_s=5.0)
+        base = {"prompt": PROMPT, "n": 1, "steps": 2, "guidance_scale": 3.0, "seed": 0}
+        unknown = await queue.submit({**base, "sampler": "lms_from_the_future"}, {}, 1)
+        known = await queue.submit({**base, "sampler": "euler"}, {}, 1)
+        run = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            records = [await queue.get(r.id) for r in (unknown, known)]
+            if all(record.status.is_terminal for record in records):
+                break
+            await asyncio.sleep(0.05)
+        worker.stop()
+        await run
+        await queue.close()
+        return records
+
+    try:
+        refused, served = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert refused.status == JobStatus.FAILED and served.status == JobStatus.SUCCEEDED
+    assert refused.failure.kind == FailureKind.INVALID_INPUT and refused.failure.field == "sampler", refused.failure
+    assert "older than the API" in refused.failure.message
