@@ -23,6 +23,23 @@ def tiny_engine(model, **config) -> Engine:
     return Engine(TorchBackend(model, max_batch=8), EngineConfig(max_rows_per_tick=None, **config))
 
 
+async def run_until_terminal(worker: Worker, queue, submitted: list, timeout_s: float) -> list:
+    """Run ``worker`` until every submitted job is terminal (or ``timeout_s``), stop it, close the
+    queue; the jobs' last records."""
+    run = asyncio.create_task(worker.run())
+    deadline = time.monotonic() + timeout_s
+    records = []
+    while time.monotonic() < deadline:
+        records = [await queue.get(r.id) for r in submitted]
+        if all(record.status.is_terminal for record in records):
+            break
+        await asyncio.sleep(0.05)
+    worker.stop()
+    await run
+    await queue.close()
+    return records
+
+
 def test_free_capacity_is_the_admission_limit_less_what_the_engine_holds(tiny_model):
     engine = tiny_engine(tiny_model, max_active_requests=3)
     assert engine.free_capacity() == 3
@@ -73,18 +90,7 @@ def test_worker_claims_no_more_jobs_than_the_engine_can_take(tiny_model, redis_u
             )
             for seed in range(jobs)
         ]
-        run = asyncio.create_task(worker.run())
-        deadline = time.monotonic() + 120
-        statuses: list[JobStatus] = []
-        while time.monotonic() < deadline:
-            statuses = [(await queue.get(r.id)).status for r in records]
-            if all(status.is_terminal for status in statuses):
-                break
-            await asyncio.sleep(0.05)
-        worker.stop()
-        await run
-        await queue.close()
-        return statuses
+        return [record.status for record in await run_until_terminal(worker, queue, records, timeout_s=120)]
 
     try:
         statuses = asyncio.run(scenario())
@@ -149,17 +155,7 @@ def test_a_job_whose_parameters_this_worker_cannot_read_fails_naming_the_field(t
         base = {"prompt": PROMPT, "n": 1, "steps": 2, "guidance_scale": 3.0, "seed": 0}
         unknown = await queue.submit({**base, "sampler": "lms_from_the_future"}, {}, 1)
         known = await queue.submit({**base, "sampler": "euler"}, {}, 1)
-        run = asyncio.create_task(worker.run())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            records = [await queue.get(r.id) for r in (unknown, known)]
-            if all(record.status.is_terminal for record in records):
-                break
-            await asyncio.sleep(0.05)
-        worker.stop()
-        await run
-        await queue.close()
-        return records
+        return await run_until_terminal(worker, queue, [unknown, known], timeout_s=60)
 
     try:
         refused, served = asyncio.run(scenario())
