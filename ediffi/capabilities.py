@@ -254,9 +254,8 @@ def ddpm_error(config: ModelConfig) -> str | None:
     for stage in config.stages:
         if stage.schedule is None:
             continue
-        learned = any(e.is_discrete and e.network.learned_variance for e in stage.experts)
         try:
-            stage.schedule.ddpm_variance_type(learned)
+            stage.schedule.ddpm_variance_type(stage.learned_variance)
         except spec.InputError as exc:
             return exc.message
     return None

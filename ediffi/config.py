@@ -73,6 +73,10 @@ class UNetConfig(_Strict):
         return v
 
 
+#: DDPMScheduler's variance_type values.
+VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
+
+
 class TrainingScheduleConfig(_Strict):
     """A discrete-time checkpoint's training noise schedule (the diffusers
     scheduler config fields that fix its sigmas and its inference timesteps)."""
@@ -101,9 +105,19 @@ class TrainingScheduleConfig(_Strict):
     # DDPM: the variance of its ancestral step (DDPMScheduler's variance_type); None: the config names
     # none, the class default fixed_small (learned_range for a UNet that predicts its variance: a model
     # directory imported before the field was written).
-    variance_type: Literal[
-        "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"
-    ] | None = None
+    variance_type: VarianceType | None = None
+
+    # The diffusers scheduler (with use_karras_sigmas) whose conventions the
+    # sampler reproduces: its Karras end points, the timesteps its UNet calls
+    # see and its initial noise scale (discrete.py). IF uses DPM-Solver++:
+    # diffusers' Euler cannot take a learned-variance output.
+    karras_scheduler: Literal[
+        "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"
+    ] = "EulerDiscreteScheduler"
+    # False: the scheduler's own spaced sigmas instead of Karras's, as diffusers'
+    # default EulerDiscreteScheduler (use_karras_sigmas=False); a request's choice
+    # (discrete.request_schedule), with Euler or DPM++ 2M.
+    use_karras_sigmas: bool = True
 
     def ddpm_variance_type(self, learned_variance: bool) -> str:
         """The variance_type DDPMScheduler.from_config(the checkpoint's config) steps with: the config's,
@@ -119,17 +133,6 @@ class TrainingScheduleConfig(_Strict):
             raise spec.InputError("sampler", f"ddpm: this checkpoint's variance_type {kind!r} needs a UNet that "
                                              "predicts its variance, and this one does not")
         return kind
-    # The diffusers scheduler (with use_karras_sigmas) whose conventions the
-    # sampler reproduces: its Karras end points, the timesteps its UNet calls
-    # see and its initial noise scale (discrete.py). IF uses DPM-Solver++:
-    # diffusers' Euler cannot take a learned-variance output.
-    karras_scheduler: Literal[
-        "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"
-    ] = "EulerDiscreteScheduler"
-    # False: the scheduler's own spaced sigmas instead of Karras's, as diffusers'
-    # default EulerDiscreteScheduler (use_karras_sigmas=False); a request's choice
-    # (discrete.request_schedule), with Euler or DPM++ 2M.
-    use_karras_sigmas: bool = True
 
 
 class DynamicThresholdingConfig(_Strict):
@@ -271,6 +274,11 @@ class StageConfig(_Strict):
     def is_discrete(self) -> bool:
         """Its experts are discrete-time (diffusers) checkpoints."""
         return self.experts[0].is_discrete
+
+    @property
+    def learned_variance(self) -> bool:
+        """Its UNets predict their variance too (IF), which ddpm steps with."""
+        return any(e.is_discrete and e.network.learned_variance for e in self.experts)
 
     @property
     def schedule(self) -> TrainingScheduleConfig | None:

@@ -189,8 +189,7 @@ def stage_scheduled_steps(stage: StageConfig, steps: int, sampler: str) -> Sched
     if stage.schedule is None:
         raise InputError("sampler", f"{sampler!r} is for imported diffusers checkpoints; stage {stage.name!r} is not one")
     v_prediction = any(e.is_discrete and e.network.prediction_type == "v_prediction" for e in stage.experts)
-    learned_variance = any(e.is_discrete and e.network.learned_variance for e in stage.experts)
-    return scheduled_steps(stage.schedule, sampler, steps, v_prediction, stage.dynamic_thresholding, learned_variance)
+    return scheduled_steps(stage.schedule, sampler, steps, v_prediction, stage.dynamic_thresholding, stage.learned_variance)
 
 
 @dataclass

@@ -296,8 +296,8 @@ class UniPCSampler(Sampler):
             return corrected - b_h * 0.5 * (denoised - m0)
         sigma_before, m1 = self._outputs[-2]
         r1 = (_unipc_lambda(sigma_before) - lam_prev) / h
-        rho = torch.linalg.solve(torch.stack([torch.stack([torch.ones(()), torch.ones(())]), torch.stack([r1, torch.ones(())])]),
-                                 torch.stack([b_1, b_2]))
+        one = torch.ones(())
+        rho = torch.linalg.solve(torch.stack([torch.stack([one, one]), torch.stack([r1, one])]), torch.stack([b_1, b_2]))
         return corrected - b_h * (rho[0] * ((m1 - m0) / r1) + rho[1] * (denoised - m0))
 
 

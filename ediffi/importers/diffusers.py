@@ -40,6 +40,7 @@ from ediffi.config import (
     StageConfig,
     T5TextEncoderConfig,
     TrainingScheduleConfig,
+    VarianceType,
 )
 from ediffi.discrete import boundary_sigma, noise_level_sigma, training_sigmas
 
@@ -175,8 +176,7 @@ def schedule_of(folder: PipelineFolder) -> tuple[TrainingScheduleConfig, str]:
     prediction = cfg.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction", "sample"):
         raise DiffusersImportError(f"{folder.root}/scheduler: prediction_type {prediction!r} is not supported")
-    variance_types = get_args(TrainingScheduleConfig.model_fields["variance_type"].annotation)[0]
-    if cfg.get("variance_type") is not None and cfg["variance_type"] not in get_args(variance_types):
+    if cfg.get("variance_type") is not None and cfg["variance_type"] not in get_args(VarianceType):
         raise DiffusersImportError(f"{folder.root}/scheduler: variance_type {cfg['variance_type']!r} is not supported")
     return TrainingScheduleConfig(**_schedule_fields(cfg)), prediction
 

@@ -538,3 +538,11 @@ def test_variance_type_disagreeing_with_the_unet_is_refused(tiny_if, tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(DiffusersImportError, match="disagree about a learned variance"):
         import_diffusers(stage_1, tmp_path / "out")
+
+
+def test_a_variance_type_diffusers_does_not_name_is_refused_naming_it(tiny_if, tmp_path):
+    stage_1 = _copy(tiny_if.stage_1, tmp_path)
+    path = stage_1 / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "variance_type": "learned_sideways"}))
+    with pytest.raises(DiffusersImportError, match="variance_type 'learned_sideways' is not supported"):
+        import_diffusers(stage_1, tmp_path / "out")
