@@ -555,10 +555,10 @@ class RequestRun:
             return
         n = self.request.n
         variance = None
-        channels = self.sampler.x.shape[1]
-        if denoised.shape[1] > channels:
-            # A UNet that learns its variance (IF): [D | predicted variance]; the variance of the
+        if self.stage.learned_variance:
+            # A UNet that learns its variance (IF) returns [D | predicted variance]; the variance of the
             # conditional rows, as IF's pipelines keep the text branch's.
+            channels = self.sampler.x.shape[1]
             denoised, variance = denoised[:, :channels], denoised[:n, channels:]
         if self.cond.guided:
             denoised = classifier_free_guidance(denoised[:n], denoised[n:], self.cond.guidance_scale.to(denoised))
